@@ -1,0 +1,34 @@
+"""composer-thaw: freezing, rotation and low-rank adaptation algorithms for MosaicML Composer.
+
+Example:
+    >>> from composer import Trainer
+    >>> from algorithms import RegexFreeze
+    >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep',
+    ...                   algorithms=[RegexFreeze(trainable=['lm_head', 'model.layers.3'])])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = '0.1.0'
+
+# Public name -> sub-package; imported on first use so `import algorithms` stays light.
+_PUBLIC = {
+    'LayerFreezing': 'algorithms.layer_freezing',
+    'freeze_layers': 'algorithms.layer_freezing',
+    'RegexFreeze': 'algorithms.regex_freeze',
+    'apply_regex_freeze': 'algorithms.regex_freeze',
+    'HiFTRotation': 'algorithms.hift_rotation',
+    'LoRAInject': 'algorithms.lora_inject',
+    'apply_lora': 'algorithms.lora_inject',
+}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,0 +1,62 @@
+"""What every algorithm of this package shares: a ``repr`` that evals back, versioned checkpoint state.
+
+Example:
+    >>> class MyFreeze(ConfigRepr, Algorithm):
+    ...     def __init__(self, patterns: list[str], lr_scale: float = 1.0):
+    ...         self.patterns, self.lr_scale = patterns, lr_scale
+    >>> repr(MyFreeze(['lm_head']))
+    "MyFreeze(patterns=['lm_head'])"
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+__all__ = ['STATE_VERSION_KEY', 'ConfigRepr', 'check_state_version', 'init_arguments']
+
+STATE_VERSION_KEY = 'thaw_state_version'
+
+
+def init_arguments(obj: Any) -> dict[str, Any]:
+    """The constructor arguments of ``obj`` that differ from their defaults, read from same-named attributes."""
+    arguments = {}
+    for name, parameter in inspect.signature(type(obj).__init__).parameters.items():
+        if name == 'self' or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        value = getattr(obj, name)
+        if parameter.default is parameter.empty or value != parameter.default:
+            arguments[name] = value
+    return arguments
+
+
+class ConfigRepr:
+    """Mixin: ``repr`` is the constructor call (keyword arguments that differ from defaults), so
+    ``eval(repr(algorithm))`` rebuilds an equal algorithm, and ``==`` compares configurations.
+
+    The constructor must store each argument under an attribute of the same name.
+    """
+
+    def __repr__(self) -> str:
+        arguments = ', '.join(f'{name}={value!r}' for name, value in init_arguments(self).items())
+        return f'{type(self).__name__}({arguments})'
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and init_arguments(self) == init_arguments(other)
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
+
+
+def check_state_version(algorithm: str, state: dict[str, Any], supported: int) -> None:
+    """Raise a clear error when checkpointed algorithm state has a version this code cannot read.
+
+    State without a version key is accepted as the current version (written before versions existed).
+    """
+    version = state.get(STATE_VERSION_KEY, supported)
+    if version != supported:
+        raise ValueError(
+            f'{algorithm} checkpoint state has version {version!r}, but this composer-thaw reads version {supported}. '
+            'Load the checkpoint with the composer-thaw release that wrote it, or exclude the algorithm with '
+            f'`load_exclude_algorithms=[{algorithm!r}]`.',
+        )

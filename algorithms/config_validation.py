@@ -1,0 +1,137 @@
+"""Check plain-data configuration (from YAML) against Python type annotations, with errors users can act on.
+
+Example:
+    >>> check_value('optimizer.lr', 'fast', float)
+    Traceback (most recent call last):
+    ConfigError: optimizer.lr = 'fast': expected a number (float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Mapping, Union, get_args, get_origin
+
+__all__ = ['ConfigError', 'check_value', 'describe_type', 'from_mapping']
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. ``str()`` is one paragraph naming the key, the value and what is valid."""
+
+    def __init__(self, key: str, value: Any, problem: str):
+        self.key, self.value, self.problem = key, value, problem
+        super().__init__(f'{key} = {value!r}: {problem}')
+
+
+def describe_type(annotation: Any) -> str:
+    """A short human description of an annotation: ``'a number (float)'``, ``"one of 'a', 'b'"``."""
+    origin = get_origin(annotation)
+    if annotation is Any:
+        return 'any value'
+    if annotation is type(None):
+        return 'null'
+    if annotation is bool:
+        return 'true or false'
+    if annotation is int:
+        return 'an integer'
+    if annotation is float:
+        return 'a number (float)'
+    if annotation is str:
+        return 'a string'
+    if origin is Literal:
+        return 'one of ' + ', '.join(repr(a) for a in get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return ' or '.join(describe_type(a) for a in get_args(annotation))
+    if origin in (list, tuple, typing.Sequence, _abc_sequence()):
+        args = get_args(annotation)
+        return f'a list of {describe_type(args[0])}' if args else 'a list'
+    if origin in (dict, typing.Mapping, _abc_mapping()):
+        args = get_args(annotation)
+        return f'a mapping of {describe_type(args[0])} to {describe_type(args[1])}' if args else 'a mapping'
+    if dataclasses.is_dataclass(annotation):
+        return f'a mapping with keys {", ".join(f.name for f in dataclasses.fields(annotation))}'
+    return getattr(annotation, '__name__', str(annotation))
+
+
+def _abc_sequence():
+    import collections.abc
+    return collections.abc.Sequence
+
+
+def _abc_mapping():
+    import collections.abc
+    return collections.abc.Mapping
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    origin = get_origin(annotation)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in get_args(annotation))
+    if origin in (list, tuple, typing.Sequence, _abc_sequence()):
+        args = [a for a in get_args(annotation) if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and (not args or all(_matches(v, args[0]) for v in value))
+    if origin in (dict, typing.Mapping, _abc_mapping()):
+        args = get_args(annotation)
+        return isinstance(value, Mapping) and (
+            not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()))
+    if dataclasses.is_dataclass(annotation):
+        return isinstance(value, Mapping)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # annotations we cannot check (callables, protocols) are left to the consumer
+
+
+def check_value(key: str, value: Any, annotation: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` fits ``annotation``."""
+    if not _matches(value, annotation):
+        raise ConfigError(key, value, f'expected {describe_type(annotation)}.')
+
+
+def from_mapping(cls: type, data: Any, key: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking unknown keys, missing keys and types (recursively)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(key, data, f'expected {describe_type(cls)}.')
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        from algorithms.parameter_selection import closest_names
+
+        bad = unknown[0]
+        suggestion = closest_names(str(bad), list(fields), n=1)
+        raise ConfigError(
+            f'{key}.{bad}' if key else str(bad), data[bad],
+            f'unknown key {bad!r}' + (f' (did you mean {suggestion[0]!r}?)' if suggestion else '') +
+            f'; valid keys{" under " + key if key else ""}: {", ".join(fields)}.',
+        )
+    values = {}
+    for name, field in fields.items():
+        path = f'{key}.{name}' if key else name
+        if name not in data:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ConfigError(path, None, f'missing required key; expected {describe_type(hints[name])}.')
+            continue
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            values[name] = from_mapping(annotation, data[name], path)
+        else:
+            check_value(path, data[name], annotation)
+            values[name] = data[name]
+    return cls(**values)

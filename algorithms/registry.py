@@ -1,0 +1,144 @@
+"""One registry of algorithm names for recipes: ours, Composer's built-ins, and third parties' entry points.
+
+Names are snake_case, as in llm-foundry recipes (``gradient_clipping``, ``ema``, ``lora_inject``). Ours take
+precedence; Composer's own ``LayerFreezing`` is ``composer_layer_freezing``. A third-party package adds
+algorithms with an entry point in the group ``composer_thaw.algorithms``::
+
+    [options.entry_points]
+    composer_thaw.algorithms =
+        my_algorithm = my_package.algorithms:MyAlgorithm
+
+Example:
+    >>> algorithm = build_algorithm('gradient_clipping', {'clipping_type': 'norm', 'clipping_threshold': 1.0})
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.metadata import entry_points
+from typing import Any, Callable, Mapping, get_type_hints
+
+from composer.core import Algorithm
+
+from algorithms.config_validation import ConfigError, check_value, describe_type
+
+__all__ = ['ENTRY_POINT_GROUP', 'AlgorithmEntry', 'algorithm_registry', 'build_algorithm', 'our_algorithm_names']
+
+ENTRY_POINT_GROUP = 'composer_thaw.algorithms'
+
+# name -> "module:Class"; imported only when used.
+_OURS = {
+    'layer_freezing': 'algorithms.layer_freezing:LayerFreezing',
+    'regex_freeze': 'algorithms.regex_freeze:RegexFreeze',
+    'hift_rotation': 'algorithms.hift_rotation:HiFTRotation',
+    'lora_inject': 'algorithms.lora_inject:LoRAInject',
+}
+_COMPOSER_RENAMES = {'LayerFreezing': 'composer_layer_freezing'}
+
+
+@dataclass(frozen=True)
+class AlgorithmEntry:
+    """A registered algorithm: its recipe name, where it comes from, and how to load its class."""
+
+    name: str
+    source: str  # 'composer-thaw', 'composer', or the distribution that declared the entry point
+    target: str  # "module:Class"
+
+    def load(self) -> type[Algorithm]:
+        module_name, _, attribute = self.target.partition(':')
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def implemented(self) -> bool:
+        """Whether the module exists (an import error inside it is raised on :meth:`load`, not hidden)."""
+        return importlib.util.find_spec(self.target.partition(':')[0]) is not None
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r'(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])', '_', name).lower()
+
+
+@lru_cache(maxsize=1)
+def algorithm_registry() -> Mapping[str, AlgorithmEntry]:
+    """All known algorithm names. Our algorithms not yet implemented in this release are left out."""
+    import composer.algorithms as composer_algorithms
+
+    registry: dict[str, AlgorithmEntry] = {}
+    for class_name in composer_algorithms.__all__:
+        obj = getattr(composer_algorithms, class_name)
+        if inspect.isclass(obj) and issubclass(obj, Algorithm):
+            name = _COMPOSER_RENAMES.get(class_name, _snake_case(class_name))
+            registry[name] = AlgorithmEntry(name, 'composer', f'composer.algorithms:{class_name}')
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        source = entry_point.dist.name if entry_point.dist is not None else 'entry point'
+        registry[entry_point.name] = AlgorithmEntry(entry_point.name, source, entry_point.value)
+    for name, target in _OURS.items():
+        entry = AlgorithmEntry(name, 'composer-thaw', target)
+        if entry.implemented():
+            registry[name] = entry
+    return registry
+
+
+def our_algorithm_names() -> list[str]:
+    """Names of this package's algorithms that are implemented."""
+    return [name for name, entry in algorithm_registry().items() if entry.source == 'composer-thaw']
+
+
+def _constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    return {
+        name: parameter for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if name != 'self' and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    }
+
+
+def build_algorithm(name: str, kwargs: Mapping[str, Any] | None, where: str = 'algorithms') -> Algorithm:
+    """Instantiate the algorithm registered as ``name`` from plain-data ``kwargs``.
+
+    Unknown names, unknown keyword arguments and values of the wrong type raise :class:`ConfigError` naming the
+    key, the value and the valid choices; errors raised by the algorithm's own validation are re-raised as
+    :class:`ConfigError` with the key path prefixed.
+    """
+    registry = algorithm_registry()
+    if name not in registry:
+        from algorithms.parameter_selection import closest_names
+
+        suggestions = closest_names(name, sorted(registry), n=3)
+        raise ConfigError(
+            f'{where}.{name}', name,
+            f'unknown algorithm. Did you mean {" or ".join(map(repr, suggestions))}? Known algorithms: '
+            f'{", ".join(sorted(registry))}.',
+        )
+    kwargs = dict(kwargs or {})
+    cls = registry[name].load()
+    parameters = _constructor_parameters(cls)
+    try:
+        hints = get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: fall back to the algorithm's own checks
+        hints = {}
+    for key, value in kwargs.items():
+        if key not in parameters:
+            raise ConfigError(
+                f'{where}.{name}.{key}', value,
+                f'{cls.__name__} has no option {key!r}; valid options: {", ".join(parameters) or "(none)"}.',
+            )
+        if key in hints:
+            check_value(f'{where}.{name}.{key}', value, hints[key])
+    missing = [key for key, p in parameters.items() if p.default is p.empty and key not in kwargs]
+    if missing:
+        raise ConfigError(
+            f'{where}.{name}', kwargs,
+            f'{cls.__name__} needs {", ".join(f"{k} ({describe_type(hints.get(k, Any))})" for k in missing)}.',
+        )
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f'{where}.{name}', kwargs, str(error)) from error
+
+
+def algorithm_factory(name: str) -> Callable[..., Algorithm]:
+    """The class registered under ``name`` (for code that builds algorithms itself)."""
+    return algorithm_registry()[name].load()
