@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
@@ -58,10 +57,6 @@ class AlgorithmEntry:
         return importlib.util.find_spec(self.target.partition(':')[0]) is not None
 
 
-def _snake_case(name: str) -> str:
-    return re.sub(r'(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])', '_', name).lower()
-
-
 @lru_cache(maxsize=1)
 def algorithm_registry() -> Mapping[str, AlgorithmEntry]:
     """All known algorithm names. Our algorithms not yet implemented in this release are left out."""
@@ -71,7 +66,7 @@ def algorithm_registry() -> Mapping[str, AlgorithmEntry]:
     for class_name in composer_algorithms.__all__:
         obj = getattr(composer_algorithms, class_name)
         if inspect.isclass(obj) and issubclass(obj, Algorithm):
-            name = _COMPOSER_RENAMES.get(class_name, _snake_case(class_name))
+            name = _COMPOSER_RENAMES.get(class_name, obj.__module__.split('.')[2])  # its folder, as llm-foundry names it
             registry[name] = AlgorithmEntry(name, 'composer', f'composer.algorithms:{class_name}')
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         source = entry_point.dist.name if entry_point.dist is not None else 'entry point'
