@@ -9,11 +9,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from typing import Any, Literal, Mapping, Union, get_args, get_origin
 
-__all__ = ['ConfigError', 'check_value', 'describe_type', 'from_mapping']
+__all__ = ['ConfigError', 'check_call_kwargs', 'check_value', 'describe_type', 'from_mapping']
 
 
 class ConfigError(ValueError):
@@ -135,3 +136,29 @@ def from_mapping(cls: type, data: Any, key: str) -> Any:
             check_value(path, data[name], annotation)
             values[name] = data[name]
     return cls(**values)
+
+
+def check_call_kwargs(where: str, cls: type, kwargs: Mapping[str, Any]) -> None:
+    """Check ``kwargs`` against ``cls.__init__``: unknown names, missing required ones, and annotated types."""
+    parameters = {
+        name: parameter for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if name != 'self' and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    }
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: leave type checks to the class itself
+        hints = {}
+    for key, value in kwargs.items():
+        if key not in parameters:
+            raise ConfigError(
+                f'{where}.{key}', value,
+                f'{cls.__name__} has no option {key!r}; valid options: {", ".join(parameters) or "(none)"}.',
+            )
+        if key in hints:
+            check_value(f'{where}.{key}', value, hints[key])
+    missing = [key for key, p in parameters.items() if p.default is p.empty and key not in kwargs]
+    if missing:
+        raise ConfigError(
+            where, dict(kwargs),
+            f'{cls.__name__} needs {", ".join(f"{k} ({describe_type(hints.get(k, Any))})" for k in missing)}.',
+        )

@@ -20,11 +20,11 @@ import inspect
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
-from typing import Any, Callable, Mapping, get_type_hints
+from typing import Any, Callable, Mapping
 
 from composer.core import Algorithm
 
-from algorithms.config_validation import ConfigError, check_value, describe_type
+from algorithms.config_validation import ConfigError, check_call_kwargs
 
 __all__ = ['ENTRY_POINT_GROUP', 'AlgorithmEntry', 'algorithm_registry', 'build_algorithm', 'our_algorithm_names']
 
@@ -83,13 +83,6 @@ def our_algorithm_names() -> list[str]:
     return [name for name, entry in algorithm_registry().items() if entry.source == 'composer-thaw']
 
 
-def _constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
-    return {
-        name: parameter for name, parameter in inspect.signature(cls.__init__).parameters.items()
-        if name != 'self' and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
-    }
-
-
 def build_algorithm(name: str, kwargs: Mapping[str, Any] | None, where: str = 'algorithms') -> Algorithm:
     """Instantiate the algorithm registered as ``name`` from plain-data ``kwargs``.
 
@@ -109,25 +102,7 @@ def build_algorithm(name: str, kwargs: Mapping[str, Any] | None, where: str = 'a
         )
     kwargs = dict(kwargs or {})
     cls = registry[name].load()
-    parameters = _constructor_parameters(cls)
-    try:
-        hints = get_type_hints(cls.__init__)
-    except Exception:  # unresolvable annotations: fall back to the algorithm's own checks
-        hints = {}
-    for key, value in kwargs.items():
-        if key not in parameters:
-            raise ConfigError(
-                f'{where}.{name}.{key}', value,
-                f'{cls.__name__} has no option {key!r}; valid options: {", ".join(parameters) or "(none)"}.',
-            )
-        if key in hints:
-            check_value(f'{where}.{name}.{key}', value, hints[key])
-    missing = [key for key, p in parameters.items() if p.default is p.empty and key not in kwargs]
-    if missing:
-        raise ConfigError(
-            f'{where}.{name}', kwargs,
-            f'{cls.__name__} needs {", ".join(f"{k} ({describe_type(hints.get(k, Any))})" for k in missing)}.',
-        )
+    check_call_kwargs(f'{where}.{name}', cls, kwargs)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as error:

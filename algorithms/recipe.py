@@ -1,0 +1,241 @@
+"""YAML training recipes: schema, loading, ``--set`` overrides and validation before anything is built.
+
+A recipe names the model, data, optimizer, scheduler, duration, evaluation, loggers and an ``algorithms:``
+mapping in llm-foundry's style::
+
+    model: {name: minilm}
+    data: {name: stdlib-docs, max_seq_len: 64}
+    optimizer: {name: adamw, lr: 1.0e-4, weight_decay: 0.01}
+    max_duration: 2ep
+    algorithms:
+      gradient_clipping: {clipping_type: norm, clipping_threshold: 1.0}
+
+Example:
+    >>> recipe = load_recipe('yamls/demo.yaml', overrides=['max_duration=1ep'])
+    >>> recipe.model.name
+    'minilm'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
+
+import yaml
+
+from algorithms.config_validation import ConfigError, from_mapping
+
+__all__ = [
+    'DataConfig',
+    'ModelConfig',
+    'OptimizerConfig',
+    'Recipe',
+    'SchedulerConfig',
+    'apply_overrides',
+    'load_recipe',
+    'recipe_from_mapping',
+    'recipe_to_mapping',
+]
+
+LOGGER_NAMES = ('console', 'file', 'tensorboard', 'wandb', 'mlflow')
+
+
+@dataclass
+class ModelConfig:
+    """``minilm``: the embedded all-MiniLM-L6-v2 classifier; ``hf``: a local checkpoint at ``path``;
+    ``tiny-decoder``: the built-in randomly initialized causal LM."""
+
+    name: Literal['minilm', 'hf', 'tiny-decoder'] = 'minilm'
+    path: Optional[str] = None
+    arch: Literal['llama', 'gpt2'] = 'llama'
+    num_layers: int = 4
+    hidden_size: int = 64
+    num_heads: int = 4
+    tie_word_embeddings: bool = False
+    dropout: Optional[float] = None
+
+
+@dataclass
+class DataConfig:
+    """``stdlib-docs``: 6-class docstring classification; ``python-topics``: language modelling text."""
+
+    name: Literal['stdlib-docs', 'python-topics'] = 'stdlib-docs'
+    max_seq_len: int = 64
+    max_per_class: int = 280
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal['adamw', 'adam', 'sgd', 'adagrad', 'decoupled_adamw', 'decoupled_sgdw'] = 'adamw'
+    lr: float = 5.0e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+    momentum: float = 0.0
+    no_decay_bias_and_norm: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal['constant', 'linear_with_warmup', 'cosine_with_warmup'] = 'linear_with_warmup'
+    t_warmup: str = '0.06dur'
+    alpha_f: float = 0.0
+
+
+@dataclass
+class Recipe:
+    """A whole training run. Durations and intervals are Composer time strings (``2ep``, ``100ba``, ``0.5dur``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    algorithms: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
+    loggers: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
+    seed: int = 17
+    run_name: Optional[str] = None
+    max_duration: Union[str, int] = '2ep'
+    eval_interval: Union[str, int] = '1ep'
+    global_train_batch_size: int = 32
+    device_train_microbatch_size: Optional[int] = None
+    eval_batch_size: int = 64
+    device: Optional[Literal['cpu', 'gpu']] = None
+    precision: Optional[Literal['fp32', 'amp_fp16', 'amp_bf16']] = None
+    progress_bar: bool = True
+    save_folder: Optional[str] = None
+    save_interval: Union[str, int] = '1ep'
+    load_path: Optional[str] = None
+    autoresume: bool = False
+    summary_path: Optional[str] = None
+
+
+def _check_time(key: str, value: Union[str, int]) -> None:
+    from composer.core import Time
+
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(key, value, 'expected a non-negative duration.')
+        return
+    try:
+        Time.from_timestring(value)
+    except ValueError:
+        raise ConfigError(key, value, "expected a Composer time string such as '2ep', '100ba', '1000sp' or '0.5dur'.")
+
+
+def _check_positive(key: str, value: Optional[Union[int, float]]) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(key, value, 'expected a positive number.')
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Check everything that can be checked without building the model: values, files, algorithm options."""
+    for key in ('max_duration', 'eval_interval', 'save_interval'):
+        _check_time(key, getattr(recipe, key))
+    _check_time('scheduler.t_warmup', recipe.scheduler.t_warmup)
+    for key in ('global_train_batch_size', 'device_train_microbatch_size', 'eval_batch_size'):
+        _check_positive(key, getattr(recipe, key))
+    for key in ('lr', 'eps'):
+        _check_positive(f'optimizer.{key}', getattr(recipe.optimizer, key))
+    for key in ('max_seq_len', 'max_per_class', 'max_train_samples', 'max_eval_samples'):
+        _check_positive(f'data.{key}', getattr(recipe.data, key))
+    if recipe.optimizer.weight_decay < 0:
+        raise ConfigError('optimizer.weight_decay', recipe.optimizer.weight_decay, 'expected a number >= 0.')
+    if len(recipe.optimizer.betas) != 2 or not all(0 <= b < 1 for b in recipe.optimizer.betas):
+        raise ConfigError('optimizer.betas', recipe.optimizer.betas, 'expected two numbers in [0, 1).')
+    if recipe.model.dropout is not None and not 0 <= recipe.model.dropout < 1:
+        raise ConfigError('model.dropout', recipe.model.dropout, 'expected a number in [0, 1) or null.')
+
+    model = recipe.model
+    if model.name == 'hf':
+        if model.path is None:
+            raise ConfigError('model.path', None, "model.name 'hf' needs model.path: a local Hugging Face checkpoint directory.")
+        if not (Path(model.path) / 'config.json').is_file():
+            raise ConfigError(
+                'model.path', model.path,
+                'no Hugging Face checkpoint there (expected a directory containing config.json). Use a local path, '
+                "or model.name 'minilm' for the embedded all-MiniLM-L6-v2.",
+            )
+    elif model.path is not None:
+        raise ConfigError('model.path', model.path, f"only model.name 'hf' takes a path; model.name is {model.name!r}.")
+    if model.name == 'tiny-decoder' and recipe.data.name != 'python-topics':
+        raise ConfigError('data.name', recipe.data.name, "model 'tiny-decoder' is a language model: use data.name 'python-topics'.")
+    if model.name != 'tiny-decoder' and recipe.data.name == 'python-topics':
+        raise ConfigError('data.name', recipe.data.name, "a classifier needs a classification task: use data.name 'stdlib-docs'.")
+    for key in ('num_layers', 'hidden_size', 'num_heads'):
+        _check_positive(f'model.{key}', getattr(model, key))
+
+    if recipe.load_path is not None and '://' not in recipe.load_path and not Path(recipe.load_path).exists():
+        raise ConfigError('load_path', recipe.load_path, 'no checkpoint file there.')
+    for name in recipe.loggers:
+        if name not in LOGGER_NAMES:
+            raise ConfigError(f'loggers.{name}', name, f'unknown logger; valid loggers: {", ".join(LOGGER_NAMES)}.')
+
+    from algorithms.registry import build_algorithm
+
+    for name, kwargs in recipe.algorithms.items():
+        build_algorithm(name, kwargs)
+
+
+def recipe_from_mapping(data: Any) -> Recipe:
+    """Build and validate a :class:`Recipe` from parsed YAML."""
+    recipe = from_mapping(Recipe, data, '')
+    validate_recipe(recipe)
+    return recipe
+
+
+def recipe_to_mapping(recipe: Recipe) -> dict[str, Any]:
+    """Plain data (for YAML) that :func:`recipe_from_mapping` turns back into an equal recipe."""
+    return dataclasses.asdict(recipe)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 loader that also reads ``5e-5`` (no dot) as a float, as YAML 1.2 and every user expects."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r'^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$'),
+    list('-+0123456789'),
+)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``path.to.key=value`` overrides (values parsed as YAML) to a recipe mapping, in place."""
+    for override in overrides:
+        path, sep, raw = override.partition('=')
+        if not sep or not path:
+            raise ConfigError('--set', override, 'expected path.to.key=value, e.g. optimizer.lr=1e-4.')
+        node = data
+        keys = path.split('.')
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(path, override, f'{key!r} holds {child!r}, not a mapping, so it has no sub-keys.')
+            node = child
+        node[keys[-1]] = _parse_yaml(raw)
+    return data
+
+
+def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply ``--set`` overrides, and validate it; raise :class:`ConfigError` if invalid."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError('recipe', str(path), 'no such file.')
+    try:
+        data = _parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError('recipe', str(path), f'not valid YAML: {error}')
+    if not isinstance(data, Mapping):
+        raise ConfigError('recipe', str(path), 'expected a YAML mapping at the top level.')
+    return recipe_from_mapping(apply_overrides(dict(data), overrides))

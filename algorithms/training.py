@@ -1,0 +1,322 @@
+"""Turn a validated :class:`~algorithms.recipe.Recipe` into a Composer ``Trainer``, run it, and summarize it.
+
+Example:
+    >>> recipe = load_recipe('yamls/demo.yaml', overrides=['max_duration=10ba'])
+    >>> summary = run_recipe(recipe)
+    >>> print(format_summary(summary))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from composer import Callback, Event, Logger, State, Trainer
+from composer.utils import dist, reproducibility
+from torch import nn
+
+from algorithms.algorithm_state import ConfigRepr
+from algorithms.config_validation import ConfigError, check_call_kwargs
+from algorithms.optimizer_surgery import training_state_bytes
+from algorithms.parameter_selection import user_module
+from algorithms.recipe import DataConfig, ModelConfig, OptimizerConfig, Recipe, SchedulerConfig
+
+__all__ = ['RunSummary', 'TrainingSummary', 'build_trainer', 'format_summary', 'run_recipe']
+
+
+def build_model(config: ModelConfig, num_labels: Optional[int]):
+    """The recipe's model as a :class:`composer.models.HuggingFaceModel`."""
+    from algorithms import models
+
+    if config.name == 'tiny-decoder':
+        return models.tiny_decoder(
+            arch=config.arch,
+            num_layers=config.num_layers,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            tie_word_embeddings=config.tie_word_embeddings,
+        )
+    assert num_labels is not None
+    path = models.embedded_minilm_path() if config.name == 'minilm' else config.path
+    return models.hf_classifier(path, num_labels=num_labels, dropout=config.dropout)
+
+
+@dataclass(frozen=True)
+class RecipeData:
+    train_dataloader: torch.utils.data.DataLoader
+    eval_dataloader: torch.utils.data.DataLoader
+    num_labels: Optional[int]
+    majority_rate: Optional[float]
+
+
+def build_data(config: DataConfig, tokenizer, train_batch_size: int, eval_batch_size: int) -> RecipeData:
+    """Train and eval loaders for the recipe's built-in data set (batch sizes are per process)."""
+    from algorithms import data
+
+    if config.name == 'stdlib-docs':
+        train, eval_ = data.stdlib_docs_examples(max_per_class=config.max_per_class)
+        train, eval_ = train[:config.max_train_samples], eval_[:config.max_eval_samples]
+        train_set = data.ClassificationDataset(train, tokenizer, config.max_seq_len)
+        eval_set = data.ClassificationDataset(eval_, tokenizer, config.max_seq_len)
+        counts = torch.bincount(torch.tensor([e.label for e in eval_]), minlength=len(data.STDLIB_DOCS_CLASSES))
+        num_labels, majority = len(data.STDLIB_DOCS_CLASSES), counts.max().item() / max(len(eval_), 1)
+    else:
+        train_texts, eval_texts = data.python_topics_corpus()
+        train_set = data.LanguageModelingDataset(train_texts, tokenizer, config.max_seq_len, config.max_train_samples)
+        eval_set = data.LanguageModelingDataset(eval_texts, tokenizer, config.max_seq_len, config.max_eval_samples)
+        num_labels, majority = None, None
+    return RecipeData(
+        data.build_dataloader(train_set, tokenizer, train_batch_size, shuffle=True, drop_last=True),
+        data.build_dataloader(eval_set, tokenizer, eval_batch_size, shuffle=False, drop_last=False),
+        num_labels,
+        majority,
+    )
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """The recipe's optimizer; with ``no_decay_bias_and_norm``, 1-D parameters form a second group without decay."""
+    import composer.optim
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.no_decay_bias_and_norm and config.weight_decay > 0:
+        groups: list[dict[str, Any]] = [
+            {'params': [p for p in params if p.ndim >= 2]},
+            {'params': [p for p in params if p.ndim < 2], 'weight_decay': 0.0},
+        ]
+    else:
+        groups = [{'params': params}]
+    betas = tuple(config.betas)
+    common = {'lr': config.lr, 'weight_decay': config.weight_decay}
+    if config.name == 'adamw':
+        return torch.optim.AdamW(groups, betas=betas, eps=config.eps, **common)
+    if config.name == 'adam':
+        return torch.optim.Adam(groups, betas=betas, eps=config.eps, **common)
+    if config.name == 'decoupled_adamw':
+        return composer.optim.DecoupledAdamW(groups, betas=betas, eps=config.eps, **common)
+    if config.name == 'sgd':
+        return torch.optim.SGD(groups, momentum=config.momentum, **common)
+    if config.name == 'decoupled_sgdw':
+        return composer.optim.DecoupledSGDW(groups, momentum=config.momentum, **common)
+    return torch.optim.Adagrad(groups, eps=config.eps, **common)
+
+
+def build_scheduler(config: SchedulerConfig):
+    from composer.optim import ConstantScheduler, CosineAnnealingWithWarmupScheduler, LinearWithWarmupScheduler
+
+    if config.name == 'constant':
+        return ConstantScheduler()
+    if config.name == 'linear_with_warmup':
+        return LinearWithWarmupScheduler(t_warmup=config.t_warmup, alpha_f=config.alpha_f)
+    return CosineAnnealingWithWarmupScheduler(t_warmup=config.t_warmup, alpha_f=config.alpha_f)
+
+
+def _logger_classes() -> dict[str, type]:
+    from composer import loggers
+
+    return {
+        'console': loggers.ConsoleLogger,
+        'file': loggers.FileLogger,
+        'tensorboard': loggers.TensorboardLogger,
+        'wandb': loggers.WandBLogger,
+        'mlflow': loggers.MLFlowLogger,
+    }
+
+
+def build_loggers(config: dict[str, Optional[dict[str, Any]]]) -> list:
+    classes = _logger_classes()
+    built = []
+    for name, kwargs in config.items():
+        check_call_kwargs(f'loggers.{name}', classes[name], kwargs or {})
+        built.append(classes[name](**(kwargs or {})))
+    return built
+
+
+def parameter_checksum(model: nn.Module) -> str:
+    """SHA-256 over every parameter's bytes in name order: equal checksums mean bit-identical parameters."""
+    digest = hashlib.sha256()
+    for name, param in sorted(user_module(model).named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class RunSummary:
+    """What a run cost and achieved. Bytes are the peak over training batches on this process."""
+
+    total_params: int = 0
+    trainable_params: int = 0
+    param_bytes: int = 0
+    grad_bytes: int = 0
+    optimizer_state_bytes: int = 0
+    peak_memory_bytes: int = 0
+    samples_per_second: float = 0.0
+    train_batches: int = 0
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    majority_rate: Optional[float] = None
+    world_size: int = 1
+    algorithms: list[str] = field(default_factory=list)
+    param_checksums: list[str] = field(default_factory=list)
+
+    @property
+    def training_state_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_state_bytes
+
+
+def _peak_memory_bytes(on_gpu: bool) -> int:
+    if on_gpu:
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class TrainingSummary(Callback):
+    """Records training-state bytes (peak over batches), trainable parameters and training throughput."""
+
+    def __init__(self) -> None:
+        self.summary = RunSummary()
+        self._batch_started = 0.0
+        self._train_seconds = 0.0
+        self._samples = 0
+        self.last_eval_batch: Optional[int] = None
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        self._batch_started = time.perf_counter()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self._train_seconds += time.perf_counter() - self._batch_started
+        model = state.model
+        counts = training_state_bytes(model, state.optimizers)
+        s = self.summary
+        s.param_bytes = max(s.param_bytes, counts.params)
+        s.grad_bytes = max(s.grad_bytes, counts.grads)
+        s.optimizer_state_bytes = max(s.optimizer_state_bytes, counts.optimizer_state)
+        s.total_params = sum(p.numel() for p in model.parameters())
+        s.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        s.train_batches = int(state.timestamp.batch)
+        self._samples = int(state.timestamp.sample)
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        self.last_eval_batch = int(state.timestamp.batch)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        s = self.summary
+        s.samples_per_second = self._samples / self._train_seconds if self._train_seconds else 0.0
+        s.peak_memory_bytes = _peak_memory_bytes(state.device.name == 'gpu')
+
+
+def build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData]:
+    """Build model, data, optimizer, algorithms and the Trainer for ``recipe`` (already validated)."""
+    from algorithms.models import load_tokenizer
+    from algorithms.registry import build_algorithm
+
+    world_size = dist.get_world_size()
+    if recipe.global_train_batch_size % world_size:
+        raise ConfigError(
+            'global_train_batch_size', recipe.global_train_batch_size,
+            f'must be divisible by the number of processes ({world_size}).',
+        )
+    algorithms = [build_algorithm(name, kwargs) for name, kwargs in recipe.algorithms.items()]
+    reproducibility.seed_all(recipe.seed)
+    tokenizer = load_tokenizer(recipe.model.path if recipe.model.name == 'hf' else None)
+    data = build_data(recipe.data, tokenizer, recipe.global_train_batch_size // world_size, recipe.eval_batch_size)
+    model = build_model(recipe.model, data.num_labels)
+    optimizer = build_optimizer(model, recipe.optimizer)
+    summary = TrainingSummary()
+    trainer = Trainer(
+        model=model,
+        train_dataloader=data.train_dataloader,
+        eval_dataloader=data.eval_dataloader,
+        eval_interval=recipe.eval_interval,
+        max_duration=recipe.max_duration,
+        optimizers=optimizer,
+        schedulers=build_scheduler(recipe.scheduler),
+        algorithms=algorithms,
+        callbacks=[summary],
+        loggers=build_loggers(recipe.loggers),
+        device=recipe.device,
+        precision=recipe.precision,
+        device_train_microbatch_size=recipe.device_train_microbatch_size,
+        seed=recipe.seed,
+        run_name=recipe.run_name,
+        progress_bar=recipe.progress_bar,
+        log_to_console=False,
+        save_folder=recipe.save_folder,
+        save_interval=recipe.save_interval,
+        save_overwrite=True,
+        load_path=recipe.load_path,
+        autoresume=recipe.autoresume,
+        python_log_level=None,
+    )
+    summary.summary.majority_rate = data.majority_rate
+    summary.summary.algorithms = [repr(a) if isinstance(a, ConfigRepr) else type(a).__name__ for a in algorithms]
+    return trainer, summary, data
+
+
+def _metric_values(trainer: Trainer) -> dict[str, float]:
+    values = {}
+    for evaluator, metrics in trainer.state.eval_metrics.items():
+        for name, metric in metrics.items():
+            values[f'{evaluator}/{name}'] = float(metric.compute())
+    return values
+
+
+def run_recipe(recipe: Recipe) -> RunSummary:
+    """Train ``recipe`` and return its :class:`RunSummary` (on every rank; checksums gathered from all ranks)."""
+    trainer, callback, _ = build_trainer(recipe)
+    with warnings.catch_warnings():
+        # The last eval batch is smaller than the eval batch size; Composer says so on every evaluation.
+        warnings.filterwarnings('ignore', message='Cannot split tensor of length')
+        trainer.fit()
+    if callback.last_eval_batch != int(trainer.state.timestamp.batch):
+        trainer.eval()
+    summary = callback.summary
+    summary.eval_metrics = _metric_values(trainer)
+    summary.world_size = dist.get_world_size()
+    summary.param_checksums = dist.all_gather_object(parameter_checksum(trainer.state.model))
+    trainer.close()
+    if recipe.summary_path and dist.get_global_rank() == 0:
+        Path(recipe.summary_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(recipe.summary_path).write_text(json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ('B', 'KiB', 'MiB', 'GiB'):
+        if n < 1024 or unit == 'GiB':
+            return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
+        n /= 1024
+    return f'{n:.1f} GiB'
+
+
+def format_summary(summary: RunSummary) -> str:
+    """The end-of-run table."""
+    rows = [
+        ('algorithms', ', '.join(summary.algorithms) or '(none: full fine-tuning)'),
+        ('processes', str(summary.world_size)),
+        ('total parameters', f'{summary.total_params:,}'),
+        ('trainable parameters', f'{summary.trainable_params:,} ({summary.trainable_params / max(summary.total_params, 1):.1%})'),
+        ('training-state bytes', _format_bytes(summary.training_state_bytes)),
+        ('  parameters', _format_bytes(summary.param_bytes)),
+        ('  gradients', _format_bytes(summary.grad_bytes)),
+        ('  optimizer state', _format_bytes(summary.optimizer_state_bytes)),
+        ('peak memory (process)', _format_bytes(summary.peak_memory_bytes)),
+        ('train samples/s', f'{summary.samples_per_second:.1f}'),
+        ('train batches', str(summary.train_batches)),
+    ]
+    for name, value in summary.eval_metrics.items():
+        shown = f'{value:.2%}' if 'Accuracy' in name else f'{value:.4f}'
+        rows.append((name, shown))
+    if summary.majority_rate is not None:
+        rows.append(('majority-class rate', f'{summary.majority_rate:.2%}'))
+    width = max(len(name) for name, _ in rows)
+    lines = [f'| {"metric".ljust(width)} | value', f'|{"-" * (width + 2)}|{"-" * 40}']
+    lines += [f'| {name.ljust(width)} | {value}' for name, value in rows]
+    return '\n'.join(lines)
