@@ -54,7 +54,8 @@ class AlgorithmEntry:
 
     def implemented(self) -> bool:
         """Whether the module exists (an import error inside it is raised on :meth:`load`, not hidden)."""
-        return importlib.util.find_spec(self.target.partition(':')[0]) is not None
+        spec = importlib.util.find_spec(self.target.partition(':')[0])
+        return spec is not None and spec.origin is not None  # a folder without __init__.py is not a release
 
 
 @lru_cache(maxsize=1)
