@@ -1,0 +1,23 @@
+"""Progressive layer freezing that frees optimizer memory, skips frozen backward and resumes from checkpoints."""
+
+from algorithms.layer_freezing.layer_freezing import (
+    EXAMPLES,
+    FreezeSchedule,
+    LayerFreezing,
+    freeze_layers,
+    freeze_units,
+    linear_schedule,
+)
+from algorithms.layer_freezing.units import FreezeUnit, freezable_units, parameters_to_freeze
+
+__all__ = [
+    'EXAMPLES',
+    'FreezeSchedule',
+    'FreezeUnit',
+    'LayerFreezing',
+    'freezable_units',
+    'freeze_layers',
+    'freeze_units',
+    'linear_schedule',
+    'parameters_to_freeze',
+]
