@@ -4,7 +4,7 @@
   from one standard-library package (``asyncio``, ``email``, ``http``, ``logging``, ``unittest``, ``xml``),
   labelled by that package. The split is by a hash of the text, so it is fixed whatever the order of discovery.
 * :func:`python_topics_corpus`: the Python reference documentation topics in ``pydoc_data.topics``, for
-  causal language modelling, split by topic.
+  causal language modelling, split by a hash of the text.
 
 Both feed :func:`build_dataloader`, which uses Composer's distributed sampler so multi-process runs split the
 data and resumed runs replay it exactly.
@@ -117,12 +117,12 @@ def stdlib_docs_examples(max_per_class: int = 280) -> tuple[tuple[TextExample, .
 
 @lru_cache(maxsize=None)
 def python_topics_corpus() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The Python documentation topics as ``(train_texts, eval_texts)``, split by a hash of the topic name."""
+    """The Python documentation topics as ``(train_texts, eval_texts)``: distinct texts, split by a hash of the text."""
     from pydoc_data.topics import topics
 
     train, eval_ = [], []
-    for name in sorted(topics):
-        (eval_ if _is_eval(name) else train).append(topics[name])
+    for text in sorted(set(topics.values()), key=_digest):
+        (eval_ if _is_eval(text) else train).append(text)
     return tuple(train), tuple(eval_)
 
 

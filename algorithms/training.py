@@ -160,6 +160,7 @@ class RunSummary:
     peak_memory_bytes: int = 0
     samples_per_second: float = 0.0
     train_batches: int = 0
+    batches_run: int = 0  # in this process: fewer than train_batches when resumed from a checkpoint
     eval_metrics: dict[str, float] = field(default_factory=dict)
     majority_rate: Optional[float] = None
     world_size: int = 1
@@ -201,6 +202,7 @@ class TrainingSummary(Callback):
         s.total_params = sum(p.numel() for p in model.parameters())
         s.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         s.train_batches = int(state.timestamp.batch)
+        s.batches_run += 1
         self._samples = int(state.timestamp.sample)
 
     def eval_end(self, state: State, logger: Logger) -> None:

@@ -1,0 +1,7 @@
+"""Test-wide settings: offline Hugging Face, one thread per process, deterministic torch."""
+
+import os
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')

@@ -1,0 +1,56 @@
+"""Small builders shared by tests: tiny models, loaders and Trainer runs on CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from composer import Trainer
+from composer.utils import reproducibility
+
+from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
+from algorithms.models import load_tokenizer, tiny_decoder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lm_loader(batch_size: int = 4, max_seq_len: int = 32, max_blocks: int = 64, split: int = 0):
+    """A loader over the built-in language-modelling corpus (split 0 = train, 1 = eval)."""
+    tokenizer = load_tokenizer()
+    dataset = LanguageModelingDataset(python_topics_corpus()[split], tokenizer, max_seq_len, max_blocks)
+    return build_dataloader(dataset, tokenizer, batch_size, shuffle=split == 0, drop_last=split == 0)
+
+
+def seeded_tiny_decoder(seed: int = 0, **kwargs: Any):
+    """``tiny_decoder`` initialized from ``seed``: the same call gives bit-identical weights."""
+    reproducibility.seed_all(seed)
+    return tiny_decoder(**{'hidden_size': 32, 'num_layers': 4, 'num_heads': 4, **kwargs})
+
+
+def cpu_trainer(model, algorithms: Sequence = (), optimizer=None, max_duration: str = '6ba', **kwargs: Any) -> Trainer:
+    """A quiet, seeded CPU Trainer on the LM corpus with AdamW unless told otherwise."""
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    options = dict(
+        train_dataloader=lm_loader(),
+        max_duration=max_duration,
+        device='cpu',
+        progress_bar=False,
+        log_to_console=False,
+        seed=17,
+    )
+    options.update(kwargs)
+    return Trainer(model=model, optimizers=optimizer, algorithms=list(algorithms), **options)
+
+
+def run_thaw(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the ``thaw`` CLI in a subprocess (as a user would), capturing output."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    return subprocess.run(
+        [sys.executable, '-m', 'algorithms.cli', *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )

@@ -1,0 +1,77 @@
+"""Recipes are validated whole before any model is built, and round-trip through plain data."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from algorithms.cli import EXIT_INVALID, main
+from algorithms.config_validation import ConfigError
+from algorithms.recipe import Recipe, load_recipe, recipe_from_mapping, recipe_to_mapping
+from support import REPO, run_thaw
+
+RECIPES = sorted((REPO / 'yamls').glob('*.yaml'))
+
+
+@pytest.mark.parametrize('path', RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_is_valid_and_round_trips(path):
+    recipe = load_recipe(path)
+    assert recipe_from_mapping(recipe_to_mapping(recipe)) == recipe
+
+
+def test_overrides_reach_nested_keys_and_parse_values_as_yaml():
+    recipe = load_recipe(REPO / 'yamls/demo.yaml', ['optimizer.lr=3e-4', 'max_duration=5ba', 'data.max_seq_len=32'])
+    assert recipe.optimizer.lr == 3e-4
+    assert recipe.max_duration == '5ba'
+    assert recipe.data.max_seq_len == 32
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / 'recipe.yaml'
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+BAD_RECIPES = {
+    'misspelled algorithm': ('algorithms: {gradient_cliping: {}}', 'algorithms.gradient_cliping',
+                             "Did you mean 'gradient_clipping'"),
+    'missing model path': ('model: {name: hf, path: /nowhere/model}', 'model.path', 'expected a directory containing config.json'),
+    'string for a number': ('optimizer: {lr: fast}', 'optimizer.lr', 'expected a number (float)'),
+    'unknown top-level key': ('max_durration: 1ep', 'max_durration', "did you mean 'max_duration'"),
+    'bad algorithm option type': ('algorithms: {gradient_clipping: {clipping_type: norm, clipping_threshold: high}}',
+                                  'algorithms.gradient_clipping.clipping_threshold', 'expected a number'),
+    'bad duration': ('max_duration: forever', 'max_duration', "Composer time string such as '2ep'"),
+    'unknown logger': ('loggers: {slack: {}}', 'loggers.slack', 'valid loggers: console, file'),
+    'missing checkpoint': ('load_path: /nowhere/ckpt.pt', 'load_path', 'no checkpoint file there'),
+    'model and data mismatch': ('model: {name: tiny-decoder}', 'data.name', "use data.name 'python-topics'"),
+}
+
+
+@pytest.mark.parametrize('case', BAD_RECIPES, ids=list(BAD_RECIPES))
+def test_bad_recipe_exits_2_with_one_message_naming_key_and_fix(case, tmp_path, capsys):
+    text, key, fragment = BAD_RECIPES[case]
+    assert main(['run', str(_write(tmp_path, text))]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err.startswith(f'thaw: invalid recipe: {key} = ')
+    assert fragment in err
+    assert err.count('\n') == 1 and 'Traceback' not in err
+
+
+def test_missing_recipe_file_and_bad_override_are_errors(tmp_path, capsys):
+    assert main(['run', str(tmp_path / 'absent.yaml')]) == EXIT_INVALID
+    assert 'no such file' in capsys.readouterr().err
+    assert main(['run', str(REPO / 'yamls/demo.yaml'), '--set', 'optimizer']) == EXIT_INVALID
+    assert 'expected path.to.key=value' in capsys.readouterr().err
+
+
+def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
+    result = run_thaw('run', str(_write(tmp_path, 'algorithms: {lora_injetc: {r: 8}}')))
+    assert result.returncode == EXIT_INVALID
+    assert 'Traceback' not in result.stderr
+    assert 'algorithms.lora_injetc' in result.stderr and 'Known algorithms:' in result.stderr
+
+
+def test_defaults_are_a_valid_recipe():
+    assert recipe_from_mapping({}) == Recipe()
+    with pytest.raises(ConfigError):
+        recipe_from_mapping({'global_train_batch_size': 0})

@@ -1,0 +1,58 @@
+"""A recipe trains end to end under Composer and reports what it cost."""
+
+import pytest
+
+from algorithms.recipe import load_recipe
+from algorithms.training import format_summary, run_recipe
+from support import REPO
+
+SMALL = ['max_duration=4ba', 'global_train_batch_size=8', 'eval_batch_size=32', 'data.max_train_samples=64',
+         'data.max_eval_samples=32', 'progress_bar=false']
+
+
+def test_demo_recipe_runs_end_to_end_and_summarizes(tmp_path):
+    summary = run_recipe(load_recipe(REPO / 'yamls/demo.yaml', SMALL + [f'summary_path={tmp_path}/s.json']))
+    assert summary.train_batches == 4
+    assert summary.total_params == summary.trainable_params > 22_000_000
+    assert summary.param_bytes == 4 * summary.total_params
+    # AdamW keeps two fp32 moments per element (plus a scalar step per tensor)
+    assert 2 * summary.param_bytes <= summary.optimizer_state_bytes < 2 * summary.param_bytes + 4096
+    assert 0.0 <= summary.eval_metrics['eval/MulticlassAccuracy'] <= 1.0
+    assert summary.samples_per_second > 0 and summary.peak_memory_bytes > summary.training_state_bytes
+    table = format_summary(summary)
+    for row in ('total parameters', 'trainable parameters', 'training-state bytes', 'peak memory', 'samples/s',
+                'eval/MulticlassAccuracy', 'majority-class rate'):
+        assert row in table
+    assert (tmp_path / 's.json').exists()
+
+
+def test_decoder_recipe_trains_and_reports_perplexity():
+    summary = run_recipe(load_recipe(REPO / 'yamls/demo.yaml', SMALL + [
+        'model.name=tiny-decoder', 'data.name=python-topics', 'data.max_seq_len=32', 'algorithms={}']))
+    assert summary.eval_metrics['eval/LanguagePerplexity'] > 1.0
+
+
+@pytest.mark.multiprocess
+def test_two_processes_split_data_and_end_with_identical_parameters(tmp_path):
+    from support import run_thaw
+    import json
+
+    summary_path = tmp_path / 'summary.json'
+    result = run_thaw('run', 'yamls/demo.yaml', '--nproc', '2', *[f'--set={o}' for o in SMALL],
+                      f'--set=summary_path={summary_path}')
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary['world_size'] == 2
+    assert len(summary['param_checksums']) == 2
+    assert summary['param_checksums'][0] == summary['param_checksums'][1]
+
+
+def test_a_resumed_recipe_replays_the_data_and_ends_bit_identical(tmp_path):
+    decoder = ['model.name=tiny-decoder', 'data.name=python-topics', 'data.max_seq_len=32', 'algorithms={}',
+               'max_duration=6ba', 'global_train_batch_size=4', 'data.max_train_samples=40', 'data.max_eval_samples=8',
+               'progress_bar=false', 'eval_interval=100ba']
+    straight = run_recipe(load_recipe(REPO / 'yamls/demo.yaml', decoder))
+    run_recipe(load_recipe(REPO / 'yamls/demo.yaml', decoder + [f'save_folder={tmp_path}', 'save_interval=2ba']))
+    resumed = run_recipe(load_recipe(REPO / 'yamls/demo.yaml', decoder + [f'load_path={tmp_path}/ep0-ba4-rank0.pt']))
+    assert (resumed.batches_run, resumed.train_batches) == (2, 6)
+    assert resumed.param_checksums == straight.param_checksums
