@@ -1,0 +1,47 @@
+"""LoRAInject: low-rank adapters (LoRA, DoRA, rsLoRA, PiSSA) injected as Composer model surgery, interchangeable
+with PEFT's adapter files.
+
+Example:
+    >>> from algorithms.lora_inject import LoRAInject, apply_lora
+    >>> summary = apply_lora(model, optimizer, r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])
+"""
+
+from algorithms.lora_inject.config import DEFAULT_TARGET_MODULES, LoRAConfig
+from algorithms.lora_inject.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
+from algorithms.lora_inject.lora_inject import (
+    EXAMPLES,
+    LoRAInject,
+    LoRASummary,
+    apply_lora,
+    lora_config_of,
+    merge_adapters,
+    unmerge_adapters,
+)
+from algorithms.lora_inject.peft_format import (
+    adapter_state_dict,
+    export_merged,
+    load_adapter,
+    load_adapter_state_dict,
+    save_adapter,
+)
+
+__all__ = [
+    'DEFAULT_TARGET_MODULES',
+    'EXAMPLES',
+    'LoRAConfig',
+    'LoRAConv',
+    'LoRAEmbedding',
+    'LoRAInject',
+    'LoRALayer',
+    'LoRALinear',
+    'LoRASummary',
+    'adapter_state_dict',
+    'apply_lora',
+    'export_merged',
+    'load_adapter',
+    'load_adapter_state_dict',
+    'lora_config_of',
+    'merge_adapters',
+    'save_adapter',
+    'unmerge_adapters',
+]

@@ -1,0 +1,219 @@
+"""What to adapt and how: :class:`LoRAConfig`, validated on construction.
+
+Target selection follows PEFT's rules, so a PEFT ``adapter_config.json`` means the same thing here:
+
+* ``target_modules`` as a list: a module is a target if its name equals an entry or ends with ``'.' + entry``
+  (``'q_proj'`` matches ``model.layers.0.self_attn.q_proj``).
+* ``target_modules`` as a string: a regex that must match the whole module name, or the shorthand ``'all-linear'``
+  (every ``nn.Linear`` and GPT-2 ``Conv1D`` except the output head).
+* ``target_modules=None``: the default for the model's ``config.model_type`` (PEFT's mapping, see
+  :data:`DEFAULT_TARGET_MODULES`).
+* ``rank_pattern`` / ``alpha_pattern``: ``{pattern: value}``; the first pattern ``p`` for which
+  ``re.match(rf'(.*\\.)?({p})$', name)`` holds gives that module its own rank / alpha.
+
+Module names are relative to the user's model (``user_module(model)``), as PEFT sees them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, Optional, Union
+
+__all__ = [
+    'ALL_LINEAR',
+    'DEFAULT_TARGET_MODULES',
+    'InitMethod',
+    'BiasMode',
+    'LoRAConfig',
+    'pattern_value',
+]
+
+ALL_LINEAR = 'all-linear'
+
+InitMethod = Literal['kaiming', 'gaussian', 'pissa']
+BiasMode = Literal['none', 'all', 'lora_only']
+
+# Default targets per Hugging Face ``config.model_type``: the same choices as PEFT's
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (query and value projections of attention).
+DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    'bart': ('q_proj', 'v_proj'),
+    'bert': ('query', 'value'),
+    'bloom': ('query_key_value',),
+    'codegen': ('qkv_proj',),
+    'deberta': ('in_proj',),
+    'deberta-v2': ('query_proj', 'value_proj'),
+    'electra': ('query', 'value'),
+    'falcon': ('query_key_value',),
+    'gemma': ('q_proj', 'v_proj'),
+    'gemma2': ('q_proj', 'v_proj'),
+    'gemma3_text': ('q_proj', 'v_proj'),
+    'gpt2': ('c_attn',),
+    'gpt_bigcode': ('c_attn',),
+    'gpt_neo': ('q_proj', 'v_proj'),
+    'gpt_neox': ('query_key_value',),
+    'gptj': ('q_proj', 'v_proj'),
+    'layoutlm': ('query', 'value'),
+    'llama': ('q_proj', 'v_proj'),
+    'llama4': ('q_proj', 'v_proj'),
+    'mistral': ('q_proj', 'v_proj'),
+    'mixtral': ('q_proj', 'v_proj'),
+    'mpt': ('Wqkv',),
+    'mt5': ('q', 'v'),
+    'opt': ('q_proj', 'v_proj'),
+    'phi': ('q_proj', 'v_proj', 'fc1', 'fc2'),
+    'qwen2': ('q_proj', 'v_proj'),
+    'qwen3': ('q_proj', 'v_proj'),
+    'roberta': ('query', 'value'),
+    'stablelm': ('q_proj', 'v_proj'),
+    't5': ('q', 'v'),
+    'xlm-roberta': ('query', 'value'),
+}
+
+
+def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """The value of the first pattern in ``patterns`` matching the end of module ``name`` (PEFT's rule)."""
+    for pattern, value in patterns.items():
+        if re.match(rf'(.*\.)?({pattern})$', name):
+            return value
+    return default
+
+
+def _check_positive_number(key: str, value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f'{key}={value!r} is invalid: {what} must be a positive number.')
+
+
+def _check_rank(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f'{key}={value!r} is invalid: the rank must be a positive integer (e.g. 8).')
+
+
+def _check_regex(key: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f'{key}={pattern!r} is not a valid regular expression: {error}.') from error
+
+
+@dataclass
+class LoRAConfig:
+    """Configuration of low-rank adapters (field names and meanings as in PEFT's ``LoraConfig``).
+
+    Args:
+        r: rank of each adapter (``r > 0``).
+        lora_alpha: scale numerator: the update is ``lora_alpha / r * B @ A`` (``lora_alpha / sqrt(r)`` with rsLoRA).
+        target_modules: list of names / name suffixes, a full-match regex, ``'all-linear'``, or ``None`` for the
+            default of the model's ``model_type``.
+        layers_to_transform: only adapt targets inside these block indices (``model.layers.<i>.``).
+        layers_pattern: name of the block container (``'layers'``, ``'h'``) for ``layers_to_transform``; by default
+            the index after any ``<name>.<i>.`` is used, as in PEFT.
+        rank_pattern: per-target rank overrides ``{pattern: r}``.
+        alpha_pattern: per-target alpha overrides ``{pattern: alpha}``.
+        lora_dropout: dropout on the adapter's input, in ``[0, 1)``.
+        use_rslora: scale by ``lora_alpha / sqrt(r)`` (rank-stabilized LoRA).
+        use_dora: weight-decomposed LoRA (DoRA): a trainable magnitude per output channel.
+        init: ``'kaiming'`` (A Kaiming-uniform, B zero: the model is unchanged at step 0), ``'gaussian'`` (A normal
+            with std ``1/r``, B zero) or ``'pissa'`` (A, B from the top-r singular vectors; the base weight becomes the
+            residual).
+        bias: which biases train: ``'none'``, ``'all'``, or ``'lora_only'`` (biases of adapted modules).
+        modules_to_save: modules trained in full besides the adapters (e.g. ``['classifier']``), matched like
+            ``target_modules`` lists. They are never adapted.
+        enable_slices: fused projections adapted per slice, ``{pattern: [True, False, True]}``: the output features
+            are split into equal slices and only the enabled slices get an adapter (loralib's ``MergedLinear``), e.g.
+            ``{'c_attn': [True, False, True]}`` adapts query and value of GPT-2's fused ``c_attn``. Patterns match as in
+            ``rank_pattern``. Such adapters cannot be written in PEFT's format.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: Optional[Union[list[str], str]] = None
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[str] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: InitMethod = 'kaiming'
+    bias: BiasMode = 'none'
+    modules_to_save: Optional[list[str]] = None
+    enable_slices: dict[str, list[bool]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_rank('r', self.r)
+        _check_positive_number('lora_alpha', self.lora_alpha, 'lora_alpha')
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or not (
+                0 <= self.lora_dropout < 1):
+            raise ValueError(f'lora_dropout={self.lora_dropout!r} is invalid: it must be a number in [0, 1).')
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if targets.lower() != ALL_LINEAR:
+                _check_regex('target_modules', targets)
+        elif targets is not None:
+            if isinstance(targets, (set, tuple)):
+                self.target_modules = targets = sorted(targets)
+            if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+                raise ValueError(
+                    f'target_modules={targets!r} is invalid: give a non-empty list of module names, a regex string, '
+                    f"'{ALL_LINEAR}', or None for the default of the model type.",
+                )
+        layers = self.layers_to_transform
+        if layers is not None:
+            indices = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+            if not isinstance(indices, list) or not indices or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+                raise ValueError(
+                    f'layers_to_transform={layers!r} is invalid: give a block index or a non-empty list of block '
+                    'indices (integers >= 0).',
+                )
+        if self.layers_pattern is not None:
+            if layers is None:
+                raise ValueError(
+                    f'layers_pattern={self.layers_pattern!r} needs layers_to_transform: it only says where block '
+                    'indices are in module names.',
+                )
+            _check_regex('layers_pattern', self.layers_pattern)
+        for pattern, rank in self.rank_pattern.items():
+            _check_regex(f'rank_pattern[{pattern!r}]', pattern)
+            _check_rank(f'rank_pattern[{pattern!r}]', rank)
+        for pattern, alpha in self.alpha_pattern.items():
+            _check_regex(f'alpha_pattern[{pattern!r}]', pattern)
+            _check_positive_number(f'alpha_pattern[{pattern!r}]', alpha, 'alpha')
+        if self.init not in ('kaiming', 'gaussian', 'pissa'):
+            raise ValueError(f"init={self.init!r} is invalid: choose 'kaiming', 'gaussian' or 'pissa'.")
+        if self.bias not in ('none', 'all', 'lora_only'):
+            raise ValueError(f"bias={self.bias!r} is invalid: choose 'none', 'all' or 'lora_only'.")
+        if self.modules_to_save is not None and (not isinstance(self.modules_to_save, list) or not all(
+                isinstance(m, str) and m for m in self.modules_to_save)):
+            raise ValueError(f'modules_to_save={self.modules_to_save!r} is invalid: give a list of module names.')
+        for pattern, slices in self.enable_slices.items():
+            _check_regex(f'enable_slices[{pattern!r}]', pattern)
+            if not isinstance(slices, list) or len(slices) < 2 or not all(isinstance(s, bool) for s in slices) or \
+                    not any(slices):
+                raise ValueError(
+                    f'enable_slices[{pattern!r}]={slices!r} is invalid: give one boolean per slice (at least two), '
+                    'with at least one True, e.g. [True, False, True] for query and value of a fused qkv.',
+                )
+        if self.use_dora and self.enable_slices:
+            raise ValueError('use_dora=True cannot be combined with enable_slices: DoRA needs the whole weight.')
+        if self.init == 'pissa' and self.enable_slices:
+            raise ValueError("init='pissa' cannot be combined with enable_slices.")
+
+    def rank_of(self, name: str) -> int:
+        return pattern_value(self.rank_pattern, name, self.r)
+
+    def alpha_of(self, name: str) -> float:
+        return pattern_value(self.alpha_pattern, name, self.lora_alpha)
+
+    def slices_of(self, name: str) -> Optional[tuple[bool, ...]]:
+        slices = pattern_value(self.enable_slices, name, None)
+        return None if slices is None else tuple(slices)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

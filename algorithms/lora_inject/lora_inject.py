@@ -1,0 +1,294 @@
+"""LoRA as Composer model surgery: :func:`apply_lora` (functional) and :class:`LoRAInject` (the algorithm).
+
+Example:
+    >>> from composer import Trainer
+    >>> from algorithms.lora_inject import LoRAInject
+    >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep',
+    ...                   algorithms=[LoRAInject(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])])
+
+Resuming: Composer only re-applies its own surgery algorithms on checkpoint load, so pass the same
+``LoRAInject(...)`` to the Trainer that loads a checkpoint written with it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+import torch
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+from composer.utils import dist
+from torch import nn
+
+from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
+from algorithms.lora_inject.config import LoRAConfig
+from algorithms.lora_inject.injection import adapter_layers, check_not_peft, inject, plan_injection
+from algorithms.lora_inject.layers import LoRALayer
+from algorithms.optimizer_surgery import Optimizers, add_params, group_index_of, remove_params, single_optimizer
+from algorithms.parameter_selection import user_module
+
+log = logging.getLogger(__name__)
+
+__all__ = ['EXAMPLES', 'LoRAInject', 'LoRASummary', 'apply_lora', 'lora_config_of', 'merge_adapters',
+           'trainable_parameter_names', 'unmerge_adapters']
+
+# Valid on tiny_decoder('llama', num_layers=4); the conformance suite runs each.
+EXAMPLES: tuple[dict[str, Any], ...] = (
+    {'r': 4, 'lora_alpha': 8, 'target_modules': ['q_proj', 'v_proj']},
+    {'r': 4, 'lora_alpha': 4, 'target_modules': 'all-linear', 'use_dora': True, 'layers_to_transform': [2, 3]},
+    {'r': 2, 'lora_alpha': 4, 'target_modules': ['embed_tokens', 'o_proj'], 'use_rslora': True,
+     'rank_pattern': {'o_proj': 4}, 'bias': 'all'},
+)
+
+_CONFIG_ATTRIBUTE = 'thaw_lora_config'  # set on the user's model once adapters are injected
+
+
+@dataclass(frozen=True)
+class LoRASummary:
+    """What :func:`apply_lora` did."""
+
+    adapted: tuple[str, ...]  # names of the adapted modules
+    trainable_params: int  # elements that train: adapters, modules_to_save, trainable biases
+    total_params: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+
+def lora_config_of(model: nn.Module) -> Optional[LoRAConfig]:
+    """The configuration the model's adapters were injected with, or ``None``."""
+    return getattr(user_module(model), _CONFIG_ATTRIBUTE, None)
+
+
+def trainable_parameter_names(root: nn.Module, config: LoRAConfig) -> list[str]:
+    """Names (in ``root``) of the parameters that train under ``config``, once adapters are injected."""
+    layers = adapter_layers(root)
+    saved = tuple(f'{name}.' for name in _saved_modules(root, config))
+    lora_biases = {f'{name}.base_layer.bias' for name in layers}
+    names = []
+    for name, _ in root.named_parameters():
+        owner, _, leaf = name.rpartition('.')
+        if owner in layers and leaf in layers[owner].adapter_parameters():
+            names.append(name)
+        elif name.startswith(saved):
+            names.append(name)
+        elif config.bias == 'all' and leaf == 'bias':
+            names.append(name)
+        elif config.bias == 'lora_only' and name in lora_biases:
+            names.append(name)
+    return names
+
+
+def _saved_modules(root: nn.Module, config: LoRAConfig) -> list[str]:
+    from algorithms.lora_inject.injection import matches_name
+
+    entries = config.modules_to_save or []
+    names: list[str] = []
+    for name, _ in root.named_modules():
+        if name and matches_name(name, entries) and not any(name.startswith(n + '.') for n in names):
+            names.append(name)
+    return names
+
+
+def apply_lora(
+    model: nn.Module,
+    optimizers: Optional[Optimizers] = None,
+    config: Optional[LoRAConfig] = None,
+    **config_kwargs: Any,
+) -> LoRASummary:
+    """Inject low-rank adapters into ``model``, freeze the rest, and move the optimizer onto the adapters.
+
+    Everything is checked before the first module is replaced: on error, model and optimizer are unchanged.
+    Afterwards each adapter parameter sits in the param group of the base weight it adapts (so weight-decay groups
+    and schedulers keep working); the frozen base parameters are out of the optimizer and hold no optimizer state.
+    Applying the same configuration again changes nothing.
+
+    Args:
+        model: a Hugging Face model, a Composer ``HuggingFaceModel``, or any ``nn.Module`` (DDP-wrapped or not). Module
+            names in the configuration are relative to the user's model (``user_module(model)``).
+        optimizers: the optimizer (at most one) to update; ``None`` when there is none yet.
+        config: a :class:`LoRAConfig`; or pass its fields as keyword arguments.
+
+    Returns:
+        A :class:`LoRASummary`.
+
+    Raises:
+        ValueError: on an invalid configuration, a target that matches nothing or has an unsupported type, a model
+            already adapted with another configuration, or a PEFT model.
+    """
+    if config is None:
+        config = LoRAConfig(**config_kwargs)
+    elif config_kwargs:
+        raise TypeError('Pass either config or its fields as keyword arguments, not both.')
+    root = user_module(model)
+    check_not_peft(model, root)
+    optimizer = single_optimizer(optimizers)
+    existing = getattr(root, _CONFIG_ATTRIBUTE, None)
+    if existing is not None and existing != config:
+        raise ValueError(
+            f'The model already has LoRA adapters with another configuration ({existing}); requested {config}. '
+            'Apply LoRA once per model.',
+        )
+    plan = plan_injection(root, config)
+
+    # ---- from here on nothing can fail on user input ----
+    groups = group_index_of(optimizer) if optimizer is not None else {}
+    group_of_target = {}
+    for target in plan.targets:
+        base = root.get_submodule(target.name)
+        owned = [id(p) for p in base.parameters()]
+        group_of_target[target.name] = next((groups[i] for i in owned if i in groups), 0)
+    created = inject(root, plan, config)
+    setattr(root, _CONFIG_ATTRIBUTE, config)
+
+    trainable = set(trainable_parameter_names(root, config))
+    named = dict(root.named_parameters())
+    frozen = [p for name, p in named.items() if name not in trainable]
+    for param in frozen:
+        param.requires_grad_(False)
+    for name in trainable:
+        named[name].requires_grad_(True)
+    if optimizer is not None:
+        remove_params(optimizer, frozen)
+        present = set(group_index_of(optimizer))
+        additions: dict[int, list[torch.Tensor]] = {}
+        for layer_name, layer in created.items():
+            new_params = list(layer.adapter_parameters().values())
+            additions.setdefault(group_of_target[layer_name], []).extend(new_params)
+            present |= {id(p) for p in new_params}
+        for name in sorted(trainable):  # e.g. modules_to_save the user had left out of the optimizer
+            if id(named[name]) not in present:
+                additions.setdefault(0, []).append(named[name])
+        if additions and optimizer.param_groups:
+            order = {id(p): index for index, p in enumerate(root.parameters())}
+            add_params(optimizer, additions, order)
+
+    if getattr(root, 'is_gradient_checkpointing', False) and hasattr(root, 'enable_input_require_grads'):
+        # Re-entrant checkpointing only back-propagates into blocks whose inputs require grad; the embeddings are frozen.
+        root.enable_input_require_grads()
+
+    layers = adapter_layers(root)
+    trainable_numel = sum(p.numel() for p in root.parameters() if p.requires_grad)
+    total_numel = sum(p.numel() for p in root.parameters())
+    log.info('LoRA: adapted %d modules; %d of %d parameters train.', len(layers), trainable_numel, total_numel)
+    return LoRASummary(tuple(layers), trainable_numel, total_numel)
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (for inference or export); the forward pass uses the base alone."""
+    for layer in adapter_layers(user_module(model)).values():
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Undo :func:`merge_adapters` (exact up to the rounding of the weights' dtype)."""
+    for layer in adapter_layers(user_module(model)).values():
+        layer.unmerge()
+
+
+class LoRAInject(ConfigRepr, Algorithm):
+    """Low-rank adapters (LoRA, DoRA, rsLoRA, PiSSA) injected at ``Event.INIT``.
+
+    The arguments are those of :class:`~algorithms.lora_inject.config.LoRAConfig`, plus:
+
+    Args:
+        save_adapter_to: at ``Event.FIT_END``, write the adapter in PEFT's format (``adapter_config.json`` +
+            ``adapter_model.safetensors``) to this directory.
+        save_merged_to: at ``Event.FIT_END``, write the merged model as a plain Hugging Face checkpoint
+            (``save_pretrained`` layout) to this directory.
+
+    Resume a checkpoint written with ``LoRAInject`` by passing the same ``LoRAInject`` to the new Trainer: Composer
+    re-applies only its own surgery algorithms automatically.
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        lora_alpha: float = 8,
+        target_modules: Optional[Union[list[str], str]] = None,
+        layers_to_transform: Optional[Union[list[int], int]] = None,
+        layers_pattern: Optional[str] = None,
+        rank_pattern: Optional[dict[str, int]] = None,
+        alpha_pattern: Optional[dict[str, float]] = None,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init: Literal['kaiming', 'gaussian', 'pissa'] = 'kaiming',
+        bias: Literal['none', 'all', 'lora_only'] = 'none',
+        modules_to_save: Optional[list[str]] = None,
+        enable_slices: Optional[dict[str, list[bool]]] = None,
+        save_adapter_to: Optional[str] = None,
+        save_merged_to: Optional[str] = None,
+    ):
+        self.r, self.lora_alpha, self.target_modules = r, lora_alpha, target_modules
+        self.layers_to_transform, self.layers_pattern = layers_to_transform, layers_pattern
+        self.rank_pattern, self.alpha_pattern = rank_pattern, alpha_pattern
+        self.lora_dropout, self.use_rslora, self.use_dora = lora_dropout, use_rslora, use_dora
+        self.init, self.bias, self.modules_to_save, self.enable_slices = init, bias, modules_to_save, enable_slices
+        self.save_adapter_to, self.save_merged_to = save_adapter_to, save_merged_to
+        for key in ('save_adapter_to', 'save_merged_to'):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f'{key}={value!r} is invalid: give a directory path (string) or None.')
+        self.config = LoRAConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            target_modules=target_modules,
+            layers_to_transform=layers_to_transform,
+            layers_pattern=layers_pattern,
+            rank_pattern=dict(rank_pattern or {}),
+            alpha_pattern=dict(alpha_pattern or {}),
+            lora_dropout=lora_dropout,
+            use_rslora=use_rslora,
+            use_dora=use_dora,
+            init=init,
+            bias=bias,
+            modules_to_save=modules_to_save,
+            enable_slices=dict(enable_slices or {}),
+        )
+        self._events = (Event.INIT, Event.FIT_END) if save_adapter_to or save_merged_to else (Event.INIT,)
+
+    @staticmethod
+    def required_on_load() -> bool:
+        return True
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in self._events
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            summary = apply_lora(state.model, state.optimizers, self.config)
+            logger.log_metrics({
+                'lora_inject/adapted_modules': len(summary.adapted),
+                'lora_inject/trainable_params': summary.trainable_params,
+                'lora_inject/trainable_fraction': summary.trainable_fraction,
+            })
+            return
+        from algorithms.lora_inject.peft_format import export_merged, save_adapter
+
+        if dist.get_global_rank() == 0:
+            if self.save_adapter_to:
+                save_adapter(state.model, self.save_adapter_to)
+            if self.save_merged_to:
+                export_merged(state.model, self.save_merged_to)
+        dist.barrier()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {STATE_VERSION_KEY: 1, 'config': self.config.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_version('LoRAInject', state, supported=1)
+        saved = state.get('config')
+        if saved is not None and LoRAConfig(**saved) != self.config:
+            differences = {
+                key: (value, getattr(self.config, key))
+                for key, value in saved.items()
+                if getattr(self.config, key) != value
+            }
+            raise ValueError(
+                'The checkpoint was trained with a different LoRAInject configuration; (checkpoint, now) per field: '
+                f'{differences}. Resume with the configuration it was trained with.',
+            )

@@ -1,0 +1,382 @@
+"""Adapters on disk in PEFT's format, and the merged model as a plain Hugging Face checkpoint.
+
+PEFT's format is a directory with ``adapter_config.json`` (a ``LoraConfig``) and ``adapter_model.safetensors``
+whose keys are ``base_model.model.<module>.<tensor>``:
+
+==========================  =======================================  ==========================================
+our parameter               PEFT key (Linear, Conv1D, Conv)           PEFT key (Embedding)
+==========================  =======================================  ==========================================
+``<module>.lora_A``         ``<module>.lora_A.weight``                ``<module>.lora_embedding_A``
+``<module>.lora_B``         ``<module>.lora_B.weight``                ``<module>.lora_embedding_B``
+``<module>.lora_magnitude`` ``<module>.lora_magnitude_vector``        ``<module>.lora_magnitude_vector``
+==========================  =======================================  ==========================================
+
+Other trained tensors (``modules_to_save``, biases) keep their names (``classifier.weight``,
+``<module>.base_layer.bias``), as PEFT writes them. ``peft.PeftModel.from_pretrained(base, directory)`` loads what
+:func:`save_adapter` writes, and :func:`load_adapter` loads what PEFT's ``save_pretrained`` writes.
+
+Per-slice fused adapters (``enable_slices``) cannot be written in PEFT's format; for them :func:`save_adapter`
+writes our own format: ``thaw_lora_config.json`` (``{"format": "composer-thaw-lora", "version": 1, "config":
+<LoRAConfig fields>, "adapted_modules": [...]}``) and ``adapter_model.safetensors`` with our parameter names
+(``<module>.lora_A``, ``<module>.lora_B``, ...), no prefix. ``lora_A`` stacks the enabled slices' ``A_i``
+(``(n_enabled * r, in)``) and ``lora_B`` their ``B_i`` (``(n_enabled * out / n_slices, r)``).
+
+PiSSA: training changes the base weights (they hold the residual). By default :func:`save_adapter` rewrites a PiSSA
+adapter for the original, unmodified base, as PEFT's ``path_initial_model_for_weight_conversion`` does: rank ``2r``
+with ``A' = [A; A0]``, ``B' = [B, -B0]`` (``A0``, ``B0`` the initial adapter), so ``base + adapter'`` equals
+``residual + adapter``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from algorithms.lora_inject.config import LoRAConfig
+from algorithms.lora_inject.injection import adapter_layers
+from algorithms.lora_inject.layers import LoRAEmbedding, LoRALayer, LoRALinear, is_conv1d_transposed
+from algorithms.lora_inject.lora_inject import (
+    LoRASummary,
+    apply_lora,
+    lora_config_of,
+    merge_adapters,
+    trainable_parameter_names,
+)
+from algorithms.optimizer_surgery import Optimizers
+from algorithms.parameter_selection import user_module
+
+__all__ = [
+    'ADAPTER_CONFIG_NAME',
+    'ADAPTER_WEIGHTS_NAME',
+    'THAW_CONFIG_NAME',
+    'adapter_state_dict',
+    'config_from_peft',
+    'export_merged',
+    'load_adapter',
+    'load_adapter_state_dict',
+    'peft_config_dict',
+    'save_adapter',
+]
+
+ADAPTER_CONFIG_NAME = 'adapter_config.json'
+ADAPTER_WEIGHTS_NAME = 'adapter_model.safetensors'
+THAW_CONFIG_NAME = 'thaw_lora_config.json'
+THAW_FORMAT = 'composer-thaw-lora'
+PEFT_PREFIX = 'base_model.model.'
+
+# PEFT LoraConfig fields this package cannot honour when loading; loading refuses adapters that set them.
+_UNSUPPORTED_PEFT_FIELDS = {
+    'exclude_modules': None,
+    'layer_replication': None,
+    'lora_bias': False,
+    'trainable_token_indices': None,
+    'use_qalora': False,
+    'target_parameters': None,
+}
+
+
+def _peft_names(layer: LoRALayer) -> dict[str, str]:
+    """Our attribute name -> PEFT's key suffix for ``layer``'s adapter tensors."""
+    if isinstance(layer, LoRAEmbedding):
+        names = {'lora_A': 'lora_embedding_A', 'lora_B': 'lora_embedding_B'}
+    else:
+        names = {'lora_A': 'lora_A.weight', 'lora_B': 'lora_B.weight'}
+    if layer.use_dora:
+        names['lora_magnitude'] = 'lora_magnitude_vector'
+    return names
+
+
+def _is_sliced(layers: dict[str, LoRALayer]) -> bool:
+    return any(getattr(layer, 'enabled_slices', None) is not None for layer in layers.values())
+
+
+def _is_pissa(layer: LoRALayer) -> bool:
+    return hasattr(layer, 'pissa_initial_A')
+
+
+def _adapted_root(model: nn.Module) -> tuple[nn.Module, LoRAConfig, dict[str, LoRALayer]]:
+    root = user_module(model)
+    config = lora_config_of(root)
+    layers = adapter_layers(root)
+    if config is None or not layers:
+        raise ValueError(f'{type(root).__name__} has no LoRA adapters: apply_lora (or LoRAInject) first.')
+    return root, config, layers
+
+
+def adapter_state_dict(model: nn.Module, convert_pissa: bool = True) -> dict[str, torch.Tensor]:
+    """The trained tensors under PEFT's key names (``base_model.model.`` prefix included), detached copies."""
+    root, config, layers = _adapted_root(model)
+    if _is_sliced(layers):
+        raise ValueError('Per-slice adapters (enable_slices) have no PEFT representation; use save_adapter, which '
+                         f'writes them in the {THAW_FORMAT} format.')
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        tensors = {attr: getattr(layer, attr).detach() for attr in _peft_names(layer)}
+        if convert_pissa and _is_pissa(layer):
+            tensors['lora_A'] = torch.cat([tensors['lora_A'], layer.pissa_initial_A], dim=0)
+            tensors['lora_B'] = torch.cat([tensors['lora_B'], -layer.pissa_initial_B], dim=1)
+        for attr, suffix in _peft_names(layer).items():
+            state[f'{PEFT_PREFIX}{name}.{suffix}'] = tensors[attr].clone().contiguous()
+    named = dict(root.named_parameters())
+    for name in trainable_parameter_names(root, config):
+        owner, _, leaf = name.rpartition('.')
+        if owner in layers and leaf in layers[owner].adapter_parameters():
+            continue
+        state[PEFT_PREFIX + name] = named[name].detach().clone().contiguous()
+    return state
+
+
+def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = None,
+                     convert_pissa: bool = True) -> dict[str, Any]:
+    """The ``adapter_config.json`` content: a PEFT ``LoraConfig`` naming exactly the adapted modules."""
+    root, config, layers = _adapted_root(model)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(root, 'config', None), '_name_or_path', None) or None
+    r, alpha = config.r, config.lora_alpha
+    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
+    if convert_pissa and any(_is_pissa(layer) for layer in layers.values()):
+        # rank doubles; alpha grows so that the scaling (alpha / r, or alpha / sqrt(r) with rsLoRA) is unchanged
+        grow = math.sqrt(2) if config.use_rslora else 2
+        r, alpha = 2 * r, alpha * grow
+        rank_pattern = {key: 2 * value for key, value in rank_pattern.items()}
+        alpha_pattern = {key: value * grow for key, value in alpha_pattern.items()}
+    saved = [name for name in _saved_module_names(root, config)]
+    return {
+        'peft_type': 'LORA',
+        'task_type': None,
+        'base_model_name_or_path': base_model_name_or_path,
+        'revision': None,
+        'inference_mode': True,
+        'r': r,
+        'lora_alpha': alpha,
+        'target_modules': sorted(layers),
+        'lora_dropout': config.lora_dropout,
+        'fan_in_fan_out': any(is_conv1d_transposed(layer.base_layer) for layer in layers.values()),
+        'bias': config.bias,
+        'use_rslora': config.use_rslora,
+        'use_dora': config.use_dora,
+        'modules_to_save': saved or None,
+        'init_lora_weights': True,
+        'layers_to_transform': None,
+        'layers_pattern': None,
+        'rank_pattern': rank_pattern,
+        'alpha_pattern': alpha_pattern,
+    }
+
+
+def _saved_module_names(root: nn.Module, config: LoRAConfig) -> list[str]:
+    from algorithms.lora_inject.lora_inject import _saved_modules
+
+    return _saved_modules(root, config)
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: Union[str, os.PathLike],
+    base_model_name_or_path: Optional[str] = None,
+    convert_pissa: bool = True,
+) -> Path:
+    """Write the adapter to ``directory`` in PEFT's format (our own format for per-slice adapters).
+
+    Args:
+        model: a model adapted by :func:`apply_lora` / ``LoRAInject``.
+        directory: created if missing.
+        base_model_name_or_path: recorded in ``adapter_config.json`` (default: the model config's ``_name_or_path``).
+        convert_pissa: write a PiSSA adapter for the original base (see the module docstring); ``False`` writes it
+            for the residual base as it is in memory.
+    """
+    from safetensors.torch import save_file
+
+    root, config, layers = _adapted_root(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if _is_sliced(layers):
+        named = dict(root.named_parameters())
+        state = {name: named[name].detach().clone().contiguous() for name in trainable_parameter_names(root, config)}
+        meta = {'format': THAW_FORMAT, 'version': 1, 'config': config.to_dict(), 'adapted_modules': sorted(layers)}
+        (directory / THAW_CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    else:
+        state = adapter_state_dict(root, convert_pissa=convert_pissa)
+        meta = peft_config_dict(root, base_model_name_or_path, convert_pissa=convert_pissa)
+        (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    save_file({k: v.cpu() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS_NAME), metadata={'format': 'pt'})
+    return directory
+
+
+def config_from_peft(peft_config: dict[str, Any], root: Optional[nn.Module] = None) -> LoRAConfig:
+    """Our :class:`LoRAConfig` for a PEFT ``adapter_config.json`` (as a dict).
+
+    ``modules_to_save`` entries that match no module of ``root`` are dropped (PEFT adds ``'classifier'`` and
+    ``'score'`` for every sequence classifier).
+
+    Raises:
+        ValueError: for a non-LoRA adapter or LoRA options this package does not implement.
+    """
+    if peft_config.get('peft_type', 'LORA') != 'LORA':
+        raise ValueError(f"The adapter is a {peft_config.get('peft_type')!r} adapter; only LoRA adapters load.")
+    for key, default in _UNSUPPORTED_PEFT_FIELDS.items():
+        value = peft_config.get(key, default)
+        if value not in (default, [], {}, None, False):
+            raise ValueError(f'The adapter sets {key}={value!r}, which LoRAInject does not implement.')
+    init = peft_config.get('init_lora_weights', True)
+    if isinstance(init, str) and init not in ('gaussian',):
+        raise ValueError(
+            f'The adapter was initialised with init_lora_weights={init!r}: its base weights were changed, so it only '
+            'fits the modified base. Save it from PEFT with `path_initial_model_for_weight_conversion` to get an '
+            'adapter for the original base.',
+        )
+    targets = peft_config.get('target_modules')
+    if isinstance(targets, (set, tuple)):
+        targets = list(targets)
+    layers_pattern = peft_config.get('layers_pattern')
+    if isinstance(layers_pattern, list):
+        layers_pattern = '(' + '|'.join(layers_pattern) + ')' if layers_pattern else None
+    saved = peft_config.get('modules_to_save')
+    if saved and root is not None:
+        from algorithms.lora_inject.injection import matches_name
+
+        names = [name for name, _ in root.named_modules()]
+        saved = [entry for entry in saved if any(matches_name(name, [entry]) for name in names)] or None
+    layers = peft_config.get('layers_to_transform')
+    return LoRAConfig(
+        r=peft_config.get('r', 8),
+        lora_alpha=peft_config.get('lora_alpha', 8),
+        target_modules=targets,
+        layers_to_transform=layers if layers not in ([], None) else None,
+        layers_pattern=layers_pattern if layers not in ([], None) else None,
+        rank_pattern=dict(peft_config.get('rank_pattern') or {}),
+        alpha_pattern=dict(peft_config.get('alpha_pattern') or {}),
+        lora_dropout=peft_config.get('lora_dropout', 0.0),
+        use_rslora=bool(peft_config.get('use_rslora', False)),
+        use_dora=bool(peft_config.get('use_dora', False)),
+        init='gaussian' if init == 'gaussian' else 'kaiming',
+        bias=peft_config.get('bias', 'none'),
+        modules_to_save=saved,
+    )
+
+
+def _our_name(key: str, layers: dict[str, LoRALayer]) -> str:
+    """Our parameter name for a PEFT key (prefix already removed)."""
+    for name, layer in layers.items():
+        if key.startswith(name + '.'):
+            suffix = key[len(name) + 1:]
+            for attr, peft_suffix in _peft_names(layer).items():
+                if suffix == peft_suffix:
+                    return f'{name}.{attr}'
+    if '.original_module.' in key:
+        return ''  # PEFT's frozen copy of a module to save: nothing to load
+    return key.replace('.modules_to_save.', '.')
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], peft_keys: bool = True) -> None:
+    """Copy adapter tensors (PEFT's keys, or ours with ``peft_keys=False``) into an adapted model.
+
+    Every adapter tensor of the model must be present and every tensor must fit: a shape that differs (an adapter
+    trained on another base, or with another rank) raises before anything is copied.
+    """
+    root, config, layers = _adapted_root(model)
+    named = dict(root.named_parameters())
+    assignments: dict[str, torch.Tensor] = {}
+    unexpected, mismatched = [], []
+    for key, tensor in state.items():
+        if peft_keys:
+            key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            name = _our_name(key, layers)
+            if not name:
+                continue
+        else:
+            name = key
+        if name not in named:
+            unexpected.append(key)
+        elif named[name].shape != tensor.shape:
+            mismatched.append(f'{name}: adapter {tuple(tensor.shape)}, model {tuple(named[name].shape)}')
+        else:
+            assignments[name] = tensor
+    expected = [f'{name}.{attr}' for name, layer in layers.items() for attr in layer.adapter_parameters()]
+    missing = [name for name in expected if name not in assignments]
+    problems = []
+    if mismatched:
+        problems.append('shapes differ (was the adapter trained on another base model or with another rank?): ' +
+                        '; '.join(mismatched))
+    if unexpected:
+        problems.append(f'tensors for parameters the model does not have: {unexpected[:10]}')
+    if missing:
+        problems.append(f'adapter tensors missing from the file: {missing[:10]}')
+    if problems:
+        raise ValueError(f'Cannot load the adapter into {type(root).__name__}: ' + ' | '.join(problems))
+    with torch.no_grad():
+        for name, tensor in assignments.items():
+            named[name].copy_(tensor.to(named[name].dtype))
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: Union[str, os.PathLike],
+    optimizers: Optional[Optimizers] = None,
+) -> LoRASummary:
+    """Adapt ``model`` as the adapter in ``directory`` says and load its tensors (PEFT's format or ours).
+
+    The model must be the plain base (or already adapted with the same configuration). ``optimizers``, if given,
+    are updated as in :func:`apply_lora`.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    root = user_module(model)
+    if (directory / THAW_CONFIG_NAME).exists():
+        meta = json.loads((directory / THAW_CONFIG_NAME).read_text())
+        if meta.get('format') != THAW_FORMAT or meta.get('version') != 1:
+            raise ValueError(f'{directory / THAW_CONFIG_NAME} is not a {THAW_FORMAT} version 1 file.')
+        config, peft_keys = LoRAConfig(**meta['config']), False
+    elif (directory / ADAPTER_CONFIG_NAME).exists():
+        config, peft_keys = config_from_peft(json.loads((directory / ADAPTER_CONFIG_NAME).read_text()), root), True
+    else:
+        raise FileNotFoundError(f'{directory} has neither {ADAPTER_CONFIG_NAME} nor {THAW_CONFIG_NAME}.')
+    weights = directory / ADAPTER_WEIGHTS_NAME
+    if weights.exists():
+        state = load_file(str(weights))
+    elif (directory / 'adapter_model.bin').exists():
+        state = torch.load(directory / 'adapter_model.bin', map_location='cpu', weights_only=True)
+    else:
+        raise FileNotFoundError(f'{directory} has no {ADAPTER_WEIGHTS_NAME}.')
+    summary = apply_lora(model, optimizers, config)
+    load_adapter_state_dict(model, state, peft_keys=peft_keys)
+    return summary
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapted model's weights with every adapter merged in, under the base model's own names."""
+    root, _, layers = _adapted_root(model)
+    was_merged = {name: layer.merged for name, layer in layers.items()}
+    merge_adapters(root)
+    try:
+        adapter_keys = tuple(f'.{attr}' for attr in ('lora_A', 'lora_B', 'lora_magnitude', 'pissa_initial_A',
+                                                      'pissa_initial_B'))
+        state = {
+            key.replace('.base_layer.', '.'): value.detach().clone()
+            for key, value in root.state_dict().items() if not key.endswith(adapter_keys)
+        }
+    finally:
+        for name, layer in layers.items():
+            if not was_merged[name]:
+                layer.unmerge()
+    return state
+
+
+def export_merged(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
+    """Write the merged model as a plain Hugging Face checkpoint (``save_pretrained`` layout) to ``directory``.
+
+    The model in memory keeps its adapters, unmerged. Load the result with ``AutoModel*.from_pretrained(directory)``.
+    """
+    root, _, _ = _adapted_root(model)
+    if not hasattr(root, 'save_pretrained'):
+        raise TypeError(f'{type(root).__name__} has no save_pretrained: export_merged needs a Hugging Face model.')
+    directory = Path(directory)
+    root.save_pretrained(str(directory), state_dict=merged_state_dict(root), safe_serialization=True)
+    return directory

@@ -1,0 +1,63 @@
+"""Optimizer surgery: adapters join their base weight's param group; the base leaves with no state left behind."""
+
+from __future__ import annotations
+
+import torch
+
+from algorithms.lora_inject import apply_lora
+from algorithms.lora_inject.injection import adapter_layers
+from algorithms.models import tiny_decoder
+
+
+def _model_and_grouped_optimizer():
+    torch.manual_seed(0)
+    model = tiny_decoder('llama', num_layers=2, hidden_size=32, num_heads=2).model
+    decay = [p for n, p in model.named_parameters() if 'mlp' in n or 'self_attn.q_proj' in n]
+    ids = {id(p) for p in decay}
+    no_decay = [p for p in model.parameters() if id(p) not in ids]
+    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, 'weight_decay': 0.0}],
+                                  lr=1e-3)
+    ids = torch.randint(0, 1000, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()  # every base parameter now has Adam state
+    optimizer.zero_grad()
+    return model, optimizer
+
+
+def test_adapters_join_the_param_group_of_the_weight_they_adapt():
+    model, optimizer = _model_and_grouped_optimizer()
+    apply_lora(model, optimizer, r=2, target_modules=['q_proj', 'v_proj', 'up_proj'])
+    groups = [{id(p) for p in g['params']} for g in optimizer.param_groups]
+    for name, layer in adapter_layers(model).items():
+        expected = 0 if ('q_proj' in name or 'mlp' in name) else 1
+        for param in layer.adapter_parameters().values():
+            assert id(param) in groups[expected], name
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert set().union(*groups) == trainable
+
+
+def test_frozen_base_leaves_the_optimizer_with_no_state():
+    model, optimizer = _model_and_grouped_optimizer()
+    apply_lora(model, optimizer, r=2, target_modules=['q_proj'])
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g['params']}
+    for param in model.parameters():
+        if not param.requires_grad:
+            assert id(param) not in in_optimizer
+            assert param not in optimizer.state
+            assert param.grad is None
+    assert len(optimizer.param_groups) == 2  # groups are kept (schedulers index them), possibly empty
+
+
+def test_a_step_after_surgery_changes_only_adapters():
+    model, optimizer = _model_and_grouped_optimizer()
+    apply_lora(model, optimizer, r=2, target_modules=['q_proj', 'embed_tokens'], use_dora=True)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    for _ in range(2):
+        ids = torch.randint(0, 1000, (2, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    named = dict(model.named_parameters())
+    assert all(torch.equal(named[n], value) for n, value in frozen.items())  # weight decay never reaches the base
+    assert all(named[n].grad is None for n in frozen)
+    assert any(layer.lora_B.abs().sum() > 0 for layer in adapter_layers(model).values())
