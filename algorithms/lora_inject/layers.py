@@ -132,21 +132,30 @@ class LoRALayer(nn.Module):
         return self.lora_magnitude / norm
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapter into the base weight. Merging a merged layer does nothing."""
-        if self.merged:
-            return
+    def merged_weight(self) -> torch.Tensor:
+        """A new tensor: the base weight with the adapter folded in (the layer itself is not changed)."""
         if is_quantized(self.base_layer):
             raise NotImplementedError(
                 f'Cannot merge into the quantized {type(self.base_layer).__name__}: dequantize the base first.')
         weight = self.base_layer.weight
         delta = self.delta_weight().to(weight.dtype)
+        if not self.use_dora:
+            return weight + delta
+        factor = self._as_weight_factor(self.lora_magnitude / self._column_norm(weight + delta)).to(weight.dtype)
+        return factor * (weight + delta)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight. Merging a merged layer does nothing."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        merged = self.merged_weight()
         if self.use_dora:
-            factor = self._as_weight_factor(self.lora_magnitude / self._column_norm(weight + delta)).to(weight.dtype)
-            self._merge_factor = factor
-            weight.copy_(factor * (weight + delta))
-        else:
-            weight.add_(delta)
+            delta = self.delta_weight().to(weight.dtype)
+            self._merge_factor = self._as_weight_factor(self.lora_magnitude / self._column_norm(weight + delta)).to(
+                weight.dtype)
+        weight.copy_(merged)
         self.merged = True
 
     @torch.no_grad()

@@ -45,7 +45,6 @@ from algorithms.lora_inject.lora_inject import (
     LoRASummary,
     apply_lora,
     lora_config_of,
-    merge_adapters,
     trainable_parameter_names,
 )
 from algorithms.optimizer_surgery import Optimizers
@@ -351,28 +350,24 @@ def load_adapter(
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapted model's weights with every adapter merged in, under the base model's own names."""
+    """The adapted model's weights with every adapter merged in, under the base model's own names.
+
+    The model is not changed (merged weights are new tensors).
+    """
     root, _, layers = _adapted_root(model)
-    was_merged = {name: layer.merged for name, layer in layers.items()}
-    merge_adapters(root)
-    try:
-        adapter_keys = tuple(f'.{attr}' for attr in ('lora_A', 'lora_B', 'lora_magnitude', 'pissa_initial_A',
-                                                      'pissa_initial_B'))
-        state = {
-            key.replace('.base_layer.', '.'): value.detach().clone()
-            for key, value in root.state_dict().items() if not key.endswith(adapter_keys)
-        }
-    finally:
-        for name, layer in layers.items():
-            if not was_merged[name]:
-                layer.unmerge()
-    return state
+    merged = {f'{name}.base_layer.weight': layer.merged_weight() for name, layer in layers.items() if not layer.merged}
+    adapter_keys = tuple(f'.{attr}' for attr in ('lora_A', 'lora_B', 'lora_magnitude', 'pissa_initial_A',
+                                                  'pissa_initial_B'))
+    return {
+        key.replace('.base_layer.', '.'): merged.get(key, value).detach()
+        for key, value in root.state_dict().items() if not key.endswith(adapter_keys)
+    }
 
 
 def export_merged(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
     """Write the merged model as a plain Hugging Face checkpoint (``save_pretrained`` layout) to ``directory``.
 
-    The model in memory keeps its adapters, unmerged. Load the result with ``AutoModel*.from_pretrained(directory)``.
+    The model in memory is not changed. Load the result with ``AutoModel*.from_pretrained(directory)``.
     """
     root, _, _ = _adapted_root(model)
     if not hasattr(root, 'save_pretrained'):
