@@ -14,6 +14,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
+from composer.algorithms import EMA
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from torch import nn
@@ -224,15 +225,17 @@ class RegexFreeze(ConfigRepr, Algorithm):
         self._model: Optional[nn.Module] = None
         self._optimizers: Optional[Optimizers] = None
         self._frozen_rows: dict[nn.Parameter, tuple[tuple[int, int], ...]] = {}
+        self._syncs_ema = False  # whether Composer's EMA runs alongside: then its copies of frozen rows are corrected
 
     def match(self, event: Event, state: State) -> bool:
         if event in (Event.INIT, Event.AFTER_LOAD):
             return True
-        return event in self._EMA_SYNC_EVENTS and bool(self._frozen_rows)
+        return self._syncs_ema and event in self._EMA_SYNC_EVENTS
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
         if event in (Event.INIT, Event.AFTER_LOAD):
             self._apply_to(state.model, state.optimizers)
+            self._syncs_ema = bool(self._frozen_rows) and any(isinstance(a, EMA) for a in state.algorithms)
             assert self.selection is not None
             if event == Event.INIT:
                 logger.log_metrics({
