@@ -127,6 +127,21 @@ def freeze_layers(
         as Composer's function returns them.
     """
     _check_arguments(freeze_start, freeze_level, granularity, schedule)
+    freeze_depth, freeze_percentage, _ = _freeze_by_schedule(
+        model, optimizers, current_duration, freeze_start, freeze_level, granularity, schedule)
+    return freeze_depth, freeze_percentage
+
+
+def _freeze_by_schedule(
+    model: torch.nn.Module,
+    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]],
+    current_duration: float,
+    freeze_start: float,
+    freeze_level: float,
+    granularity: Granularity,
+    schedule: Optional[FreezeSchedule],
+) -> tuple[int, float, list[FreezeUnit]]:
+    """:func:`freeze_layers` without argument checks; also returns the freezable units it found."""
     root = user_module(model)
     units = freezable_units(root, granularity)
     freeze_percentage = (schedule or linear_schedule)(current_duration, freeze_start, freeze_level)
@@ -138,7 +153,7 @@ def freeze_layers(
         'Layer freezing (freeze_start=%s, freeze_level=%s): %d of %d %s units frozen (%.1f%%).',
         freeze_start, freeze_level, freeze_depth, len(units), granularity, freeze_percentage * 100,
     )
-    return freeze_depth, freeze_percentage
+    return freeze_depth, freeze_percentage, units
 
 
 class LayerFreezing(ConfigRepr, Algorithm):
@@ -164,6 +179,8 @@ class LayerFreezing(ConfigRepr, Algorithm):
         interval: ``'epoch'``, or a number of batches between freezing updates.
         schedule: ``schedule(elapsed, freeze_start, freeze_level) -> fraction``; Composer's linear one if None.
     """
+
+    events = (Event.INIT, Event.EPOCH_END, Event.BATCH_END)  # every event it may act at, whatever the options
 
     def __init__(
         self,
@@ -198,6 +215,8 @@ class LayerFreezing(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
+            if state.fsdp_config is not None:
+                raise NotImplementedError('LayerFreezing does not support FSDP (its param groups hold flat parameters).')
             # Find the units now, so a model that cannot be frozen fails before training; keep the state so that
             # load_state_dict (which only receives the checkpoint) can re-freeze the model before the optimizer loads.
             self._state = state
@@ -206,14 +225,14 @@ class LayerFreezing(ConfigRepr, Algorithm):
                 self._refreeze(self._loaded_units)
                 self._loaded_units = None
             return
-        freeze_depth, freeze_percentage = freeze_layers(
+        freeze_depth, freeze_percentage, self._units = _freeze_by_schedule(
             state.model,
             state.optimizers,
-            current_duration=self._elapsed(state),
-            freeze_start=self.freeze_start,
-            freeze_level=self.freeze_level,
-            granularity=self.granularity,
-            schedule=self.schedule,
+            self._elapsed(state),
+            self.freeze_start,
+            self.freeze_level,
+            self.granularity,
+            self.schedule,
         )
         self._units_frozen = max(self._units_frozen, freeze_depth)
         model = user_module(state.model)
@@ -257,6 +276,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
     def _refreeze(self, unit_names: list[str]) -> None:
         """Freeze the units a checkpoint recorded; they must be a prefix of this model's freezable units."""
         assert self._state is not None
+        self._units = freezable_units(user_module(self._state.model), self.granularity)  # after any INIT surgery
         expected = [unit.name for unit in self._units[:len(unit_names)]]
         if unit_names != expected:
             raise ValueError(

@@ -96,10 +96,12 @@ def freezable_units(model: nn.Module, granularity: Granularity = 'leaf') -> list
     else:
         raise ValueError(f'granularity={granularity!r} is not supported; choose one of {list(GRANULARITIES)}.')
     if len(units) < 2:
+        what = ('the embeddings and each repeated block' if granularity == 'block' else
+                'the modules holding parameters, except the last one (never frozen)')
         raise ValueError(
             f'{type(model).__name__} has {len(units)} freezable unit(s) at granularity={granularity!r} '
-            f'({[u.name for u in units]}); layer freezing needs at least 2 (the last module is never frozen). '
-            + ("Try granularity='leaf'." if granularity == 'block' else 'Use a model with more layers.'),
+            f'({[u.name for u in units]}); layer freezing needs at least 2. Units are {what}. '
+            + ("Try granularity='leaf'." if granularity == 'block' else 'Use a model with more parameterized layers.'),
         )
     return units
 
