@@ -221,6 +221,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
             # load_state_dict (which only receives the checkpoint) can re-freeze the model before the optimizer loads.
             self._state = state
             self._units = freezable_units(user_module(state.model), self.granularity)
+            self._units_frozen = 0  # a new trainer (this instance may have served another one)
             if self._loaded_units is not None:
                 self._refreeze(self._loaded_units)
                 self._loaded_units = None
