@@ -278,13 +278,13 @@ class LoRALinear(LoRALayer):
         dropped = self.lora_dropout(x)
         hidden = F.linear(dropped, lora_A)
         if self.enabled_slices is not None:
-            updates = iter(self._slice_updates(hidden))
+            updates = iter(self._slice_updates(hidden * self.scaling))
             shape = (*hidden.shape[:-1], self.slice_size)
             update = torch.cat([next(updates) if on else hidden.new_zeros(shape) for on in self.enabled_slices], -1)
-            return result + (update * self.scaling).to(result.dtype)
+            return result + update.to(result.dtype)
+        if not self.use_dora:  # scale the rank-r hidden, not the wider output
+            return result + F.linear(hidden * self.scaling, lora_B).to(result.dtype)
         update = F.linear(hidden, lora_B)
-        if not self.use_dora:
-            return result + (update * self.scaling).to(result.dtype)
         scale = self._dora_scale()
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             bias = getattr(self.base_layer, 'bias', None)
@@ -332,7 +332,7 @@ class LoRAEmbedding(LoRALayer):
             return result
         base = self.base_layer
         hidden = F.embedding(x, self.lora_A.T, padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)
-        update = hidden @ self.lora_B.T * self.scaling
+        update = (hidden * self.scaling) @ self.lora_B.T
         if not self.use_dora:
             return result + update.to(result.dtype)
         scale = self._dora_scale()
@@ -391,9 +391,9 @@ class LoRAConv(LoRALayer):
         x = x.to(self.lora_A.dtype)
         dropped = self.lora_dropout(x)
         hidden = self._conv(dropped, self.lora_A, None, base.stride, base.padding, base.dilation)
+        if not self.use_dora:  # scale the rank-r hidden, not the wider output
+            return result + self._conv(hidden * self.scaling, self.lora_B).to(result.dtype)
         update = self._conv(hidden, self.lora_B)
-        if not self.use_dora:
-            return result + (update * self.scaling).to(result.dtype)
         scale = self._dora_scale()
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             bias = base.bias

@@ -1,0 +1,237 @@
+"""LoRAInject benchmark: step time and training-state bytes next to PEFT and loralib; LoRA vs full fine-tuning.
+
+1. Step time (forward, backward, AdamW step) and training-state bytes (parameters + gradients + optimizer state)
+   of LoRA r=8 on ``q_proj``/``v_proj`` of the built-in LLaMA-style decoder, the same base and batch for all three
+   implementations: ours (``apply_lora``), PEFT (``get_peft_model``) and loralib (``loralib.Linear`` swapped in,
+   ``mark_only_lora_as_trainable``). Steps are interleaved across the three so machine load hits all alike; the
+   median is reported. Ratios are to PEFT.
+2. Demo accuracy: all-MiniLM-L6-v2 on the built-in docstring classification task (6 classes), one epoch through
+   Composer's Trainer, with ``LoRAInject(r=8, target_modules=['query', 'value'], modules_to_save=['classifier'])``
+   and with full fine-tuning.
+
+Run ``python -m benchmarks.lora_bench`` (under 2 minutes on one CPU thread). Prints a Markdown table and writes
+``benchmarks/results/lora_inject.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+if __package__ in (None, ''):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from algorithms.lora_inject import apply_lora  # noqa: E402
+from algorithms.models import tiny_decoder  # noqa: E402
+from algorithms.optimizer_surgery import training_state_bytes  # noqa: E402
+from algorithms.parameter_selection import user_module  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / 'results' / 'lora_inject.json'
+TARGETS = ['q_proj', 'v_proj']
+
+
+def build_base(args: argparse.Namespace) -> nn.Module:
+    torch.manual_seed(0)
+    composer_model = tiny_decoder('llama', num_layers=args.layers, hidden_size=args.hidden, num_heads=4,
+                                  max_seq_len=args.seq)
+    return user_module(composer_model).to(args.device)
+
+
+def ours(base: nn.Module, args: argparse.Namespace) -> nn.Module:
+    model = copy.deepcopy(base)
+    apply_lora(model, r=args.r, lora_alpha=2 * args.r, target_modules=TARGETS)
+    return model
+
+
+def peft_model(base: nn.Module, args: argparse.Namespace) -> nn.Module:
+    import peft
+
+    config = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=TARGETS, lora_dropout=0.0)
+    return peft.get_peft_model(copy.deepcopy(base), config)
+
+
+def loralib_model(base: nn.Module, args: argparse.Namespace) -> nn.Module:
+    import loralib
+
+    model = copy.deepcopy(base)
+    for name, module in list(model.named_modules()):
+        if name.rsplit('.', 1)[-1] in TARGETS:
+            layer = loralib.Linear(module.in_features, module.out_features, r=args.r, lora_alpha=2 * args.r,
+                                   bias=module.bias is not None).to(module.weight.device)
+            layer.load_state_dict(module.state_dict(), strict=False)
+            parent, _, child = name.rpartition('.')
+            setattr(model.get_submodule(parent), child, layer)
+    loralib.mark_only_lora_as_trainable(model)
+    return model
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=False)  # keep gradients allocated, so training-state bytes count them
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    optimizer.step()
+
+
+def _time(fn: Callable[[], Any], device: str) -> float:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def efficiency_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    base = build_base(args)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 30000, (args.batch, args.seq), generator=generator).to(args.device)
+    builders = {'composer-thaw LoRAInject': ours, 'PEFT 0.16 LoRA': peft_model, 'loralib 0.1.2': loralib_model}
+    models = {name: build(base, args) for name, build in builders.items()}
+    optimizers = {name: adamw(model) for name, model in models.items()}
+    for name in models:  # warm up: allocations, optimizer state
+        train_step(models[name], optimizers[name], ids)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name in models:
+            times[name].append(_time(lambda: train_step(models[name], optimizers[name], ids), args.device))
+    rows = []
+    for name, model in models.items():
+        state = training_state_bytes(model, optimizers[name])
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rows.append({
+            'implementation': name,
+            'trainable_params': trainable,
+            'median_step_seconds': statistics.median(times[name]),
+            'training_state_bytes': state.total,
+            'param_bytes': state.params,
+            'grad_bytes': state.grads,
+            'optimizer_state_bytes': state.optimizer_state,
+        })
+    reference = next(row for row in rows if row['implementation'].startswith('PEFT'))
+    for row in rows:
+        row['step_time_vs_peft'] = row['median_step_seconds'] / reference['median_step_seconds']
+        row['state_bytes_vs_peft'] = row['training_state_bytes'] / reference['training_state_bytes']
+    return rows
+
+
+def accuracy_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from composer import Trainer
+    from composer.utils import reproducibility
+
+    from algorithms.data import ClassificationDataset, STDLIB_DOCS_CLASSES, build_dataloader, stdlib_docs_examples
+    from algorithms.lora_inject import LoRAInject
+    from algorithms.models import load_tokenizer, minilm_classifier
+
+    tokenizer = load_tokenizer()
+    train, evaluation = stdlib_docs_examples()
+    train, evaluation = train[:args.train_examples], evaluation[:args.eval_examples]
+    variants = {
+        'LoRA r=8 (query, value) + classifier': ([LoRAInject(r=8, lora_alpha=16, target_modules=['query', 'value'],
+                                                              modules_to_save=['classifier'])], args.lora_lr),
+        'full fine-tuning': ([], args.full_lr),
+    }
+    rows = []
+    for name, (algorithms, lr) in variants.items():
+        reproducibility.seed_all(0)
+        model = minilm_classifier(num_labels=len(STDLIB_DOCS_CLASSES), dropout=0.0)
+        train_loader = build_dataloader(ClassificationDataset(train, tokenizer, args.cls_seq), tokenizer, 16, True, True)
+        eval_loader = build_dataloader(ClassificationDataset(evaluation, tokenizer, args.cls_seq), tokenizer, 32,
+                                       False, False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        trainer = Trainer(model=model, train_dataloader=train_loader, eval_dataloader=eval_loader,
+                          optimizers=optimizer, algorithms=algorithms, max_duration='1ep', eval_interval='1ep',
+                          device='cpu', progress_bar=False, log_to_console=False, seed=0)
+        start = time.perf_counter()
+        trainer.fit()
+        seconds = time.perf_counter() - start
+        metrics = trainer.state.eval_metrics['eval']
+        accuracy = float(next(iter(metrics.values())).compute())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rows.append({'variant': name, 'lr': lr, 'trainable_params': trainable, 'eval_accuracy': accuracy,
+                     'fit_seconds': seconds})
+    return rows
+
+
+def markdown(config: dict[str, Any], efficiency: list[dict[str, Any]], accuracy: list[dict[str, Any]]) -> str:
+    mib = 2 ** 20
+    lines = [
+        f"LLaMA-style decoder, hidden {config['hidden']}, {config['layers']} layers, batch {config['batch']} x "
+        f"{config['seq']} tokens, LoRA r={config['r']} on q_proj/v_proj, AdamW, device {config['device']}, "
+        f"{config['threads']} CPU thread(s), torch {config['torch']}.",
+        '',
+        f"| implementation | trainable params | step time (median of {config['rounds']}) | vs PEFT | training state "
+        '(params + grads + optimizer) | vs PEFT |',
+        '|---|---|---|---|---|---|',
+    ]
+    for row in efficiency:
+        lines.append(
+            f"| {row['implementation']} | {row['trainable_params']:,} | {row['median_step_seconds'] * 1000:.1f} ms | "
+            f"{row['step_time_vs_peft']:.3f}x | {row['training_state_bytes'] / mib:.2f} MiB | "
+            f"{row['state_bytes_vs_peft']:.4f}x |")
+    if accuracy:
+        lines += [
+            '',
+            f"all-MiniLM-L6-v2, docstring classification (6 classes), {config['train_examples']} training examples, "
+            f"1 epoch, {config['eval_examples']} eval examples:",
+            '',
+            '| variant | lr | trainable params | eval accuracy | fit seconds |',
+            '|---|---|---|---|---|',
+        ]
+        for row in accuracy:
+            lines.append(f"| {row['variant']} | {row['lr']:g} | {row['trainable_params']:,} | "
+                         f"{row['eval_accuracy']:.1%} | {row['fit_seconds']:.1f} |")
+    return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--hidden', type=int, default=256)
+    parser.add_argument('--layers', type=int, default=4)
+    parser.add_argument('--seq', type=int, default=128)
+    parser.add_argument('--batch', type=int, default=4)
+    parser.add_argument('--r', type=int, default=8)
+    parser.add_argument('--rounds', type=int, default=15)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--train-examples', type=int, default=480)
+    parser.add_argument('--eval-examples', type=int, default=256)
+    parser.add_argument('--cls-seq', type=int, default=64)
+    parser.add_argument('--lora-lr', type=float, default=2e-3)
+    parser.add_argument('--full-lr', type=float, default=1e-4)
+    parser.add_argument('--skip-accuracy', action='store_true')
+    parser.add_argument('--output', type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    warnings.filterwarnings('ignore')
+    config = {**{k: v for k, v in vars(args).items() if k != 'output'}, 'threads': torch.get_num_threads(),
+              'torch': torch.__version__}
+    efficiency = efficiency_rows(args)
+    accuracy = [] if args.skip_accuracy else accuracy_rows(args)
+    print(markdown(config, efficiency, accuracy))
+    result = {'config': config, 'efficiency': efficiency, 'accuracy': accuracy}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=1) + '\n')
+    print(f'\nWrote {args.output}')
+    return result
+
+
+if __name__ == '__main__':
+    main()
