@@ -165,3 +165,12 @@ def test_preview_table():
     assert lines[-1].split()[:3] == ['total', '6,624', '1,974,048']
     assert 'trainable' in lines[-1]
     assert all(p.requires_grad for p in model.parameters()), 'the preview changes nothing'
+
+
+def test_tied_weights_are_matched_under_each_name():
+    model = support.seeded_tiny_decoder(num_layers=2, tie_word_embeddings=True)
+    optimizer = torch.optim.AdamW(model.parameters())
+    selection = apply_regex_freeze(model, optimizer, trainable=['lm_head.weight[0:10]'])
+    assert 'lm_head.weight' not in selection  # reported under its first name
+    assert selection['model.embed_tokens.weight'].trainable_rows == ((0, 10),)
+    assert user_module(model).lm_head.weight.requires_grad
