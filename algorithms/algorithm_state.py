@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-__all__ = ['STATE_VERSION_KEY', 'ConfigRepr', 'check_state_version', 'init_arguments']
+__all__ = ['STATE_VERSION_KEY', 'ConfigRepr', 'check_state_version', 'eval_repr', 'init_arguments']
 
 STATE_VERSION_KEY = 'thaw_state_version'
 
@@ -60,3 +60,11 @@ def check_state_version(algorithm: str, state: dict[str, Any], supported: int) -
             'Load the checkpoint with the composer-thaw release that wrote it, or exclude the algorithm with '
             f'`load_exclude_algorithms=[{algorithm!r}]`.',
         )
+
+
+def eval_repr(text: str) -> Any:
+    """Rebuild an algorithm from its ``repr`` (e.g. recorded in a checkpoint) using this package's public names."""
+    import algorithms
+
+    namespace = {name: getattr(algorithms, name) for name in algorithms.__all__}
+    return eval(text, {'__builtins__': {}}, namespace)  # noqa: S307 - reprs of our own algorithms

@@ -149,8 +149,11 @@ class LanguageModelingDataset(Dataset):
 
     def __init__(self, texts: Sequence[str], tokenizer, max_seq_len: int, max_blocks: int | None = None):
         ids: list[int] = []
+        needed = None if max_blocks is None else max_blocks * max_seq_len
         for text in texts:
-            ids += tokenizer(text, add_special_tokens=False)['input_ids'] + [tokenizer.sep_token_id]
+            if needed is not None and len(ids) >= needed:
+                break
+            ids += tokenizer(text, add_special_tokens=False, verbose=False)['input_ids'] + [tokenizer.sep_token_id]
         usable = len(ids) // max_seq_len * max_seq_len
         self.blocks = torch.tensor(ids[:usable], dtype=torch.long).view(-1, max_seq_len)
         if max_blocks is not None:

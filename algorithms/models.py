@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -48,11 +49,16 @@ def _offline() -> None:
 
 
 def load_tokenizer(path: Optional[str | Path] = None):
-    """The tokenizer of a local checkpoint (the embedded MiniLM's when ``path`` is None)."""
+    """The tokenizer of a local checkpoint (the embedded MiniLM's when ``path`` is None); loaded once per path."""
+    return _load_tokenizer(str(path or embedded_minilm_path()))
+
+
+@lru_cache(maxsize=8)
+def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     _offline()
-    return AutoTokenizer.from_pretrained(str(path or embedded_minilm_path()))
+    return AutoTokenizer.from_pretrained(path)
 
 
 def hf_classifier(path: str | Path, num_labels: int, dropout: Optional[float] = None) -> HuggingFaceModel:

@@ -175,10 +175,15 @@ def validate_recipe(recipe: Recipe) -> None:
         if name not in LOGGER_NAMES:
             raise ConfigError(f'loggers.{name}', name, f'unknown logger; valid loggers: {", ".join(LOGGER_NAMES)}.')
 
+    from algorithms.checkpointing import check_checkpoint_algorithms
     from algorithms.registry import build_algorithm
 
-    for name, kwargs in recipe.algorithms.items():
-        build_algorithm(name, kwargs)
+    built = [build_algorithm(name, kwargs) for name, kwargs in recipe.algorithms.items()]
+    if recipe.load_path is not None and Path(recipe.load_path).is_file():
+        try:
+            check_checkpoint_algorithms(recipe.load_path, built)
+        except ValueError as error:
+            raise ConfigError('algorithms', list(recipe.algorithms), str(error))
 
 
 def recipe_from_mapping(data: Any) -> Recipe:

@@ -1,0 +1,57 @@
+"""Which of our algorithms a Composer checkpoint needs, checked before a resumed run trains.
+
+Composer re-adds only its own ``required_on_load`` algorithms when it loads a checkpoint. Resuming a run that
+used one of ours without it would train the wrong parameters or load adapter weights nowhere, so the recipe
+runner refuses it, naming the missing algorithms; Python users can call :func:`check_checkpoint_algorithms`
+themselves, or rebuild the algorithms with :func:`algorithms_in_checkpoint`.
+
+Example:
+    >>> check_checkpoint_algorithms('runs/ep1-ba100-rank0.pt', [RegexFreeze(trainable=['lm_head'])])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import torch
+from composer.core import Algorithm
+
+from algorithms.algorithm_state import eval_repr
+
+__all__ = ['algorithms_in_checkpoint', 'check_checkpoint_algorithms', 'recorded_algorithms']
+
+
+def _our_class_names() -> dict[str, str]:
+    from algorithms.registry import algorithm_registry
+
+    return {
+        entry.target.partition(':')[2]: name for name, entry in algorithm_registry().items()
+        if entry.source == 'composer-thaw'
+    }
+
+
+def recorded_algorithms(path: Union[str, Path]) -> list[tuple[str, dict[str, Any]]]:
+    """``(class name, state)`` of each algorithm recorded in a Composer checkpoint file."""
+    checkpoint = torch.load(str(path), map_location='cpu', weights_only=False)
+    return list(checkpoint.get('state', {}).get('algorithms', []))
+
+
+def algorithms_in_checkpoint(path: Union[str, Path]) -> list[Algorithm]:
+    """Rebuild the composer-thaw algorithms a checkpoint was trained with, from their recorded ``repr``."""
+    ours = _our_class_names()
+    return [eval_repr(state['repr']) for class_name, state in recorded_algorithms(path) if class_name in ours]
+
+
+def check_checkpoint_algorithms(path: Union[str, Path], algorithms: Sequence[Algorithm]) -> None:
+    """Raise ``ValueError`` naming each composer-thaw algorithm the checkpoint used that ``algorithms`` lacks."""
+    present = {type(a).__name__ for a in algorithms}
+    ours = _our_class_names()
+    missing = [(name, state) for name, state in recorded_algorithms(path) if name in ours and name not in present]
+    if missing:
+        listed = ', '.join(state.get('repr', name) for name, state in missing)
+        raise ValueError(
+            f'checkpoint {str(path)!r} was trained with {listed}, which this run does not use. Composer restores only '
+            'its own algorithms; add them (recipe key `algorithms:` or `Trainer(algorithms=[...])`, e.g. '
+            '`algorithms.checkpointing.algorithms_in_checkpoint(path)`), or load weights only.',
+        )
