@@ -8,9 +8,10 @@ Example:
 
 from algorithms.regex_freeze.patterns import ParameterPattern, Selection, TensorSelection, select_parameters
 from algorithms.regex_freeze.preview import freeze_preview
-from algorithms.regex_freeze.regex_freeze import EXAMPLES, RegexFreeze, apply_regex_freeze
+from algorithms.regex_freeze.regex_freeze import BAD_EXAMPLES, EXAMPLES, RegexFreeze, apply_regex_freeze
 
 __all__ = [
+    'BAD_EXAMPLES',
     'EXAMPLES',
     'ParameterPattern',
     'RegexFreeze',

@@ -35,7 +35,7 @@ from algorithms.regex_freeze.row_freezing import RowFreezer, sync_ema_frozen_row
 
 log = logging.getLogger(__name__)
 
-__all__ = ['EXAMPLES', 'RegexFreeze', 'apply_regex_freeze']
+__all__ = ['BAD_EXAMPLES', 'EXAMPLES', 'RegexFreeze', 'apply_regex_freeze']
 
 STATE_VERSION = 1
 
@@ -44,6 +44,15 @@ EXAMPLES: tuple[dict[str, Any], ...] = (
     {'trainable': ['lm_head', 'model.layers.3']},
     {'trainable': ['model.embed_tokens.weight[0:100]', 'model.norm']},
     {'frozen': ['model.embed_tokens', 'lm_head']},
+)
+
+# Bad configurations and a fragment of the error each gives (on the same model), before anything changes.
+BAD_EXAMPLES: tuple[tuple[dict[str, Any], str], ...] = (
+    ({'trainable': ['lm_haed']}, "trainable pattern 'lm_haed'"),
+    ({'frozen': ['model.layers.9']}, "frozen pattern 'model.layers.9'"),
+    ({'trainable': ['model.embed_tokens.weight[30000:40000]']}, 'which has 30522 rows'),
+    ({'trainable': ['lm_head.weight[5:5]']}, 'empty row range'),
+    ({'trainable': ['lm_head.weight[1:2:3]']}, 'malformed row range'),
 )
 
 Optimizers = Union[Optimizer, Sequence[Optimizer]]
@@ -183,9 +192,13 @@ def _frozen_rows_by_param(model: nn.Module, selection: Selection) -> dict[nn.Par
 class RegexFreeze(ConfigRepr, Algorithm):
     """Train exactly the parameters (and tensor rows) that patterns name; everything else is frozen for real.
 
-    Runs on :attr:`.Event.INIT` (the optimizer exists, no step has been taken, before checkpoint loading and DDP)
-    and again on :attr:`.Event.AFTER_LOAD` and when its checkpoint state is loaded (both idempotent). With
-    Composer's EMA it also keeps EMA's copy of frozen rows exact at the events where EMA updates or swaps weights.
+    At :attr:`.Event.INIT` it only takes note of the model and optimizer, so that surgery algorithms running at
+    INIT (Composer's Factorize, LoRAInject), wherever they sit in the list, have changed the model first. It
+    freezes when its checkpoint state is loaded (Composer loads algorithm state after the model weights and
+    before the optimizer state, so the optimizer's structure matches the checkpoint's) and at
+    :attr:`.Event.AFTER_LOAD`. Both come before DDP wraps the model and before the first optimizer step, and
+    applying again is idempotent. With Composer's EMA it also keeps EMA's copy of frozen rows exact at the
+    events where EMA updates or swaps weights.
 
     Args:
         trainable: patterns of what to train; ``None`` (default) means every parameter, for use with ``frozen``.
@@ -201,6 +214,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
         Event.BATCH_END, Event.EPOCH_END, Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT, Event.ITERATION_CHECKPOINT,
         Event.EVAL_START, Event.FIT_END,
     })
+    events = (Event.INIT, Event.AFTER_LOAD, *sorted(_EMA_SYNC_EVENTS, key=lambda e: e.value))  # every event it acts at
 
     def __init__(
         self,
@@ -233,16 +247,18 @@ class RegexFreeze(ConfigRepr, Algorithm):
         return self._syncs_ema and event in self._EMA_SYNC_EVENTS
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
-        if event in (Event.INIT, Event.AFTER_LOAD):
+        if event == Event.INIT:
+            self._model, self._optimizers = state.model, state.optimizers
+            return None
+        if event == Event.AFTER_LOAD:
             self._apply_to(state.model, state.optimizers)
             self._syncs_ema = bool(self._frozen_rows) and any(isinstance(a, EMA) for a in state.algorithms)
             assert self.selection is not None
-            if event == Event.INIT:
-                logger.log_metrics({
-                    'regex_freeze/trainable_params': self.selection.trainable_params,
-                    'regex_freeze/total_params': self.selection.total_params,
-                    'regex_freeze/trainable_fraction': self.selection.trainable_fraction,
-                })
+            logger.log_metrics({
+                'regex_freeze/trainable_params': self.selection.trainable_params,
+                'regex_freeze/total_params': self.selection.total_params,
+                'regex_freeze/trainable_fraction': self.selection.trainable_fraction,
+            })
             return None
         sync_ema_frozen_rows(state.model, state.algorithms, self._frozen_rows)
         return None
@@ -264,7 +280,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
         check_state_version('RegexFreeze', state, STATE_VERSION)
         saved = state.get('trainable_rows')
         if self._model is None:
-            return  # not applied yet: Event.INIT will apply it
+            return  # not part of a Trainer yet: Event.AFTER_LOAD will apply it
         current = select_parameters(
             user_module(self._model), self._trainable_patterns, self._frozen_patterns, self.syntax).as_plain_data()
         if saved is not None and saved != current:
