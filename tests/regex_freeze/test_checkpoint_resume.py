@@ -68,3 +68,20 @@ def test_load_weights_only_starts_a_new_phase_with_new_patterns(tmp_path):
     for name, value in final.items():
         if not name.startswith('model.layers.2.'):
             assert torch.equal(value, saved[f'model.{name}']), name
+
+
+def test_resuming_a_plain_checkpoint_drops_the_frozen_tensors_state(tmp_path):
+    """A checkpoint of a run without RegexFreeze loads fully; the frozen tensors then leave the optimizer."""
+    _, plain = _trainer([], tmp_path / 'plain')
+    plain.fit(duration='5ba')
+    saved = torch.load(tmp_path / 'plain' / 'ep0-ba5-rank0.pt', map_location='cpu', weights_only=False)['state']['model']
+    algorithm = RegexFreeze(trainable=TRAINABLE, frozen=FROZEN)
+    model, resumed = _trainer([algorithm], tmp_path / 'resumed', load_path=str(tmp_path / 'plain' / 'ep0-ba5-rank0.pt'))
+    resumed.fit()
+    final = full_parameters(model)
+    assert torch.equal(final['model.layers.0.mlp.up_proj.weight'], saved['model.model.layers.0.mlp.up_proj.weight'])
+    assert torch.equal(final['model.embed_tokens.weight'][2000:], saved['model.model.embed_tokens.weight'][2000:])
+    assert not torch.equal(final['model.layers.1.mlp.up_proj.weight'], saved['model.model.layers.1.mlp.up_proj.weight'])
+    params = dict(user_module(model).named_parameters())
+    assert {id(p) for p in resumed.state.optimizers[0].state} == {
+        id(params[name]) for name in algorithm.selection.as_plain_data()}
