@@ -1,6 +1,8 @@
 """The ``thaw`` command.
 
     thaw run yamls/demo.yaml [--set optimizer.lr=1e-4 ...] [--nproc N]
+    thaw freeze-preview yamls/regex_freeze.yaml          # what the recipe's regex_freeze would train
+    thaw freeze-preview minilm --pattern classifier --pattern 'bert.encoder.layer.5'
     thaw algorithms                      # list registered algorithm names
 
 Invalid recipes exit with code 2 and one paragraph naming the key, the bad value and what is valid.
@@ -29,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                      help='override a recipe value (dotted path; value parsed as YAML); repeatable')
     run.add_argument('--nproc', type=int, default=1, help='number of processes (Composer launcher; gloo on CPU)')
+    preview = commands.add_parser('freeze-preview', help='show what RegexFreeze patterns would train')
+    preview.add_argument('source', help="a recipe (.yaml), 'minilm', 'tiny-decoder', or a local Hugging Face checkpoint")
+    preview.add_argument('--pattern', dest='trainable', action='append', default=None, metavar='PATTERN',
+                         help='a trainable pattern (repeatable); default: the recipe\'s regex_freeze.trainable')
+    preview.add_argument('--frozen', action='append', default=None, metavar='PATTERN', help='a frozen pattern')
+    preview.add_argument('--syntax', choices=['axolotl', 'regex'], default=None)
     commands.add_parser('algorithms', help='list the algorithm names a recipe can use')
     return parser
 
@@ -62,6 +70,38 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preview(args: argparse.Namespace) -> int:
+    """Print the freeze preview for a recipe's model (and its regex_freeze options) or a named model."""
+    from pathlib import Path
+
+    from algorithms.data import STDLIB_DOCS_CLASSES
+    from algorithms.recipe import ModelConfig, load_recipe
+    from algorithms.regex_freeze import freeze_preview
+    from algorithms.training import build_model
+
+    options: dict = {}
+    if args.source.endswith(('.yaml', '.yml')):
+        recipe = load_recipe(args.source)
+        config = recipe.model
+        options = dict(recipe.algorithms.get('regex_freeze') or {})
+    elif args.source in ('minilm', 'tiny-decoder'):
+        config = ModelConfig(name=args.source)
+    elif (Path(args.source) / 'config.json').is_file():
+        config = ModelConfig(name='hf', path=args.source)
+    else:
+        raise ConfigError('source', args.source, "expected a recipe (.yaml), 'minilm', 'tiny-decoder', or a directory "
+                          'with a Hugging Face config.json.')
+    for key in ('trainable', 'frozen', 'syntax'):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    model = build_model(config, num_labels=len(STDLIB_DOCS_CLASSES))
+    try:
+        print(freeze_preview(model, options.get('trainable'), options.get('frozen'), options.get('syntax', 'axolotl')))
+    except ValueError as error:
+        raise ConfigError('--pattern', options.get('trainable'), str(error))
+    return 0
+
+
 def _list_algorithms() -> int:
     from algorithms.registry import algorithm_registry
 
@@ -75,6 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == 'run':
             return _run(args)
+        if args.command == 'freeze-preview':
+            return _preview(args)
         return _list_algorithms()
     except ConfigError as error:
         print(f'thaw: invalid recipe: {error}', file=sys.stderr)

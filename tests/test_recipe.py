@@ -75,3 +75,15 @@ def test_defaults_are_a_valid_recipe():
     assert recipe_from_mapping({}) == Recipe()
     with pytest.raises(ConfigError):
         recipe_from_mapping({'global_train_batch_size': 0})
+
+
+def test_freeze_preview_shows_what_a_recipe_would_train(capsys):
+    assert main(['freeze-preview', str(REPO / 'yamls/regex_freeze_minilm.yaml')]) == 0
+    table = capsys.readouterr().out
+    assert 'bert.encoder.layer.5.output.dense' in table and 'bert.encoder.layer.4.output.dense' in table
+    assert 'total' in table and '% trainable' in table
+
+
+def test_freeze_preview_of_a_pattern_that_matches_nothing_exits_2(capsys):
+    assert main(['freeze-preview', 'tiny-decoder', '--pattern', 'lm_haed']) == EXIT_INVALID
+    assert "Closest parameter names: 'lm_head.weight'" in capsys.readouterr().err

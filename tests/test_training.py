@@ -56,3 +56,17 @@ def test_a_resumed_recipe_replays_the_data_and_ends_bit_identical(tmp_path):
     resumed = run_recipe(load_recipe(REPO / 'yamls/demo.yaml', decoder + [f'load_path={tmp_path}/ep0-ba4-rank0.pt']))
     assert (resumed.batches_run, resumed.train_batches) == (2, 6)
     assert resumed.param_checksums == straight.param_checksums
+
+
+RECIPES = sorted((REPO / 'yamls').glob('*.yaml'))
+REDUCED = ['max_duration=2ba', 'global_train_batch_size=4', 'eval_batch_size=8', 'data.max_train_samples=16',
+           'data.max_eval_samples=8', 'eval_interval=2ba', 'progress_bar=false']
+
+
+@pytest.mark.parametrize('path', RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_trains_on_a_reduced_duration(path):
+    summary = run_recipe(load_recipe(path, REDUCED))
+    assert summary.train_batches == 2
+    assert summary.eval_metrics
+    if load_recipe(path).algorithms.keys() & {'lora_inject', 'regex_freeze'}:
+        assert summary.trainable_params < summary.total_params
