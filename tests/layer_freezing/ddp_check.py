@@ -27,13 +27,7 @@ from algorithms.data import LanguageModelingDataset, build_dataloader, python_to
 from algorithms.layer_freezing import LayerFreezing  # noqa: E402
 from algorithms.models import load_tokenizer, tiny_decoder  # noqa: E402
 from algorithms.parameter_selection import user_module  # noqa: E402
-
-
-def params_digest(model) -> str:
-    digest = hashlib.sha256()
-    for _, param in sorted(user_module(model).named_parameters()):
-        digest.update(param.detach().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+from algorithms.training import parameter_checksum  # noqa: E402
 
 
 class Checks(Callback):
@@ -52,7 +46,7 @@ class Checks(Callback):
             1 for p in user_module(state.model).parameters() if not p.requires_grad and p.grad is not None)
 
     def batch_end(self, state, logger):
-        digests = dist.all_gather_object(params_digest(state.model))
+        digests = dist.all_gather_object(parameter_checksum(state.model))
         self.ranks_identical.append(len(set(digests)) == 1)
         self.frozen_counts.append(sum(1 for p in user_module(state.model).parameters() if not p.requires_grad))
 
@@ -90,8 +84,8 @@ def main() -> None:
     resumed, resumed_checks = train(folder, os.path.join(folder, 'ep0-ba4-rank0.pt'), seed=1)
 
     batch_digests = dist.all_gather_object(checks.first_batch_digest)
-    final = dist.all_gather_object(params_digest(uninterrupted))
-    final_resumed = dist.all_gather_object(params_digest(resumed))
+    final = dist.all_gather_object(parameter_checksum(uninterrupted))
+    final_resumed = dist.all_gather_object(parameter_checksum(resumed))
     result = {
         'world_size': dist.get_world_size(),
         'ranks_read_different_data': len(set(batch_digests)) == dist.get_world_size(),

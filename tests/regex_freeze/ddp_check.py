@@ -11,7 +11,6 @@ Rank 0 writes the findings as JSON to the path given as the first argument.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -27,17 +26,11 @@ from composer.utils import dist, reproducibility  # noqa: E402
 from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus  # noqa: E402
 from algorithms.models import load_tokenizer, tiny_decoder  # noqa: E402
 from algorithms.parameter_selection import user_module  # noqa: E402
+from algorithms.training import parameter_checksum  # noqa: E402
 from algorithms.regex_freeze import RegexFreeze  # noqa: E402
 
 TRAINABLE = ['model.embed_tokens.weight[1000:2500]', 'lm_head.weight[1000:2500]', 'model.layers.1']
 FROZEN = ['model.layers.1.mlp.up_proj.weight[0:16]']
-
-
-def params_digest(model) -> str:
-    digest = hashlib.sha256()
-    for _, param in sorted(user_module(model).named_parameters()):
-        digest.update(param.detach().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class RanksIdentical(Callback):
@@ -50,7 +43,7 @@ class RanksIdentical(Callback):
             self.first_batches = dist.all_gather_object(state.batch['input_ids'][:, :8].tolist())
 
     def batch_end(self, state, logger):
-        self.identical.append(len(set(dist.all_gather_object(params_digest(state.model)))) == 1)
+        self.identical.append(len(set(dist.all_gather_object(parameter_checksum(state.model)))) == 1)
 
 
 def build(save_folder, load_path=None):
@@ -88,7 +81,7 @@ def main(out_path: str, checkpoint_dir: str) -> None:
     optimizer = trainer.state.optimizers[0]
     trainable_ids = {id(params[name]) for name, t in selection.items() if t.trainable_rows}
     state_only_trainable = {id(p) for p in optimizer.state} == trainable_ids
-    uninterrupted = params_digest(model)
+    uninterrupted = parameter_checksum(model)
     first_batches = check.first_batches
     identical = check.identical
     trainer.close()
@@ -105,7 +98,7 @@ def main(out_path: str, checkpoint_dir: str) -> None:
         'trainable_rows_moved': all(dist.all_gather_object(bool(trainable_moved))),
         'optimizer_state_only_for_trainable': all(dist.all_gather_object(state_only_trainable)),
         'resumed_ranks_identical_after_every_batch': len(resumed_check.identical) == 3 and all(resumed_check.identical),
-        'resumed_equals_uninterrupted': all(dist.all_gather_object(params_digest(resumed_model) == uninterrupted)),
+        'resumed_equals_uninterrupted': all(dist.all_gather_object(parameter_checksum(resumed_model) == uninterrupted)),
     }
     resumed.close()
     if dist.get_global_rank() == 0:
