@@ -91,6 +91,9 @@ class LoRALayer(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
         self._merge_factor: Optional[torch.Tensor] = None  # DoRA: the scale applied at merge time, for unmerge
+        self._plain_load_prefix: Optional[str] = None  # set while a state dict written without LoRA loads
+        self.register_load_state_dict_pre_hook(_map_plain_base_keys)
+        self.register_load_state_dict_post_hook(_finish_plain_load)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -119,11 +122,26 @@ class LoRALayer(nn.Module):
         names = ('lora_A', 'lora_B', 'lora_magnitude') if self.use_dora else ('lora_A', 'lora_B')
         return {name: getattr(self, name) for name in names}
 
-    def _init_magnitude(self) -> None:
+    @torch.no_grad()
+    def _magnitude_of_weight(self) -> torch.Tensor:
+        """DoRA's initial magnitude: the channel norms of the base weight with the adapter's update added."""
         weight = self.base_layer.weight.detach().to(self.lora_A.dtype)
-        with torch.no_grad():
-            magnitude = self._column_norm(weight + self.delta_weight().to(weight.dtype))
-        self.lora_magnitude = nn.Parameter(magnitude)
+        return self._column_norm(weight + self.delta_weight().to(weight.dtype))
+
+    def _init_magnitude(self) -> None:
+        self.lora_magnitude = nn.Parameter(self._magnitude_of_weight())
+
+    @torch.no_grad()
+    def adopt_loaded_base(self) -> None:
+        """Re-derive what depends on the base weight after weights written without LoRA were loaded into it.
+
+        The adapters keep their values (at initialisation: the update is zero) and the layer computes what the
+        loaded base computes: a merged layer counts as unmerged (the loaded weight has no update in it), DoRA's
+        magnitude becomes the loaded weight's channel norms, PiSSA is computed again from the loaded weight.
+        """
+        self.merged, self._merge_factor = False, None
+        if self.use_dora:
+            self.lora_magnitude.copy_(self._magnitude_of_weight())
 
     def _dora_scale(self) -> torch.Tensor:
         """``m / ||W + scaling * B A||`` per channel, the norm treated as a constant (DoRA paper, section 4.3)."""
@@ -230,6 +248,10 @@ class LoRALinear(LoRALayer):
     def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
 
+    @property
+    def is_pissa(self) -> bool:
+        return 'pissa_initial_A' in self._buffers
+
     @torch.no_grad()
     def _pissa_init(self) -> None:
         """A, B from the top-r singular triplets of W; W keeps the residual, so the output is unchanged."""
@@ -242,8 +264,21 @@ class LoRALinear(LoRALayer):
         residual = full - self.scaling * self.lora_B.to(torch.float32) @ self.lora_A.to(torch.float32)
         weight.copy_(self._weight_out_in(residual).to(weight.dtype))
         # Kept so the trained adapter can be rewritten for the original (unmodified) base: see peft_format.py.
-        self.register_buffer('pissa_initial_A', self.lora_A.detach().clone())
-        self.register_buffer('pissa_initial_B', self.lora_B.detach().clone())
+        if self.is_pissa:
+            self.pissa_initial_A.copy_(self.lora_A)
+            self.pissa_initial_B.copy_(self.lora_B)
+        else:
+            self.register_buffer('pissa_initial_A', self.lora_A.detach().clone())
+            self.register_buffer('pissa_initial_B', self.lora_B.detach().clone())
+
+    @torch.no_grad()
+    def adopt_loaded_base(self) -> None:
+        """As :meth:`LoRALayer.adopt_loaded_base`; with PiSSA, A, B and the residual are computed from the loaded
+        weight (the principal directions of the weights being fine-tuned, not of those the model was built with)."""
+        self.merged, self._merge_factor = False, None
+        if self.is_pissa:
+            self._pissa_init()
+        super().adopt_loaded_base()
 
     def _slice_updates(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         """The per-slice outputs ``B_i (A_i x)`` of enabled slices from ``hidden = A x`` (all slices' A stacked)."""
@@ -401,6 +436,35 @@ class LoRAConv(LoRALayer):
         else:
             plain = self._conv(dropped, base.weight.to(dropped.dtype), None, base.stride, base.padding, base.dilation)
         return result + ((scale - 1) * plain + scale * update * self.scaling).to(result.dtype)
+
+
+def _map_plain_base_keys(layer: LoRALayer, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook: accept a state dict written without LoRA (a plain model's, or a checkpoint of a
+    run without LoRAInject), whose base tensors are at ``<prefix>weight`` rather than ``<prefix>base_layer.weight``.
+
+    Only when the state dict has ``<prefix>weight`` and nothing under ``<prefix>base_layer.``: the base layer's keys
+    are moved under ``base_layer.``, and :func:`_finish_plain_load` then accepts the adapter's own tensors as
+    missing. A state dict written with LoRA is left alone, so one lacking its adapters still fails a strict load.
+    """
+    base_prefix = prefix + 'base_layer.'
+    layer._plain_load_prefix = None
+    if prefix + 'weight' not in state_dict or any(key.startswith(base_prefix) for key in state_dict):
+        return
+    own = {prefix + name for name in (*layer._parameters, *layer._buffers)}
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in own]:
+        state_dict[base_prefix + key[len(prefix):]] = state_dict.pop(key)
+    layer._plain_load_prefix = prefix
+
+
+def _finish_plain_load(layer: LoRALayer, incompatible_keys: Any) -> None:
+    """Load-state-dict post-hook (after the base layer loaded): the adapter's tensors were not in a plain state
+    dict, so they are not missing; re-derive what depends on the base weight (:meth:`LoRALayer.adopt_loaded_base`)."""
+    prefix, layer._plain_load_prefix = layer._plain_load_prefix, None
+    if prefix is None:
+        return
+    own = {prefix + name for name in (*layer._parameters, *layer._buffers)}
+    incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if key not in own]
+    layer.adopt_loaded_base()
 
 
 def adapter_class_for(module: nn.Module) -> Optional[type[LoRALayer]]:
