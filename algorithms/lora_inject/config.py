@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 __all__ = [
     'ALL_LINEAR',
@@ -90,7 +90,26 @@ def _check_rank(key: str, value: Any) -> None:
         raise ValueError(f'{key}={value!r} is invalid: the rank must be a positive integer (e.g. 8).')
 
 
+def _check_bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f'{key}={value!r} is invalid: it must be a bool (True or False).')
+
+
+def _check_choice(key: str, value: Any, choice_type: Any) -> None:
+    choices = get_args(choice_type)
+    if not isinstance(value, str) or value not in choices:
+        listed = ', '.join(repr(c) for c in choices)
+        raise ValueError(f'{key}={value!r} is invalid: choose one of {listed}.')
+
+
+def _check_mapping(key: str, value: Any, what: str) -> None:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise TypeError(f'{key}={value!r} is invalid: give a dict {{pattern: {what}}} with regex strings as keys.')
+
+
 def _check_regex(key: str, pattern: str) -> None:
+    if not isinstance(pattern, str):
+        raise TypeError(f'{key}={pattern!r} is invalid: it must be a regular expression (a string).')
     try:
         re.compile(pattern)
     except re.error as error:
@@ -169,22 +188,30 @@ class LoRAConfig:
                     'indices (integers >= 0).',
                 )
         if self.layers_pattern is not None:
+            if not isinstance(self.layers_pattern, str):
+                raise TypeError(
+                    f'layers_pattern={self.layers_pattern!r} is invalid: give the name of the block container as a '
+                    "string (e.g. 'layers' or 'h'), or None.",
+                )
             if layers is None:
                 raise ValueError(
                     f'layers_pattern={self.layers_pattern!r} needs layers_to_transform: it only says where block '
                     'indices are in module names.',
                 )
             _check_regex('layers_pattern', self.layers_pattern)
+        _check_mapping('rank_pattern', self.rank_pattern, 'rank')
+        _check_mapping('alpha_pattern', self.alpha_pattern, 'alpha')
+        _check_mapping('enable_slices', self.enable_slices, '[True, False, ...]')
         for pattern, rank in self.rank_pattern.items():
             _check_regex(f'rank_pattern[{pattern!r}]', pattern)
             _check_rank(f'rank_pattern[{pattern!r}]', rank)
         for pattern, alpha in self.alpha_pattern.items():
             _check_regex(f'alpha_pattern[{pattern!r}]', pattern)
             _check_positive_number(f'alpha_pattern[{pattern!r}]', alpha, 'alpha')
-        if self.init not in ('kaiming', 'gaussian', 'pissa'):
-            raise ValueError(f"init={self.init!r} is invalid: choose 'kaiming', 'gaussian' or 'pissa'.")
-        if self.bias not in ('none', 'all', 'lora_only'):
-            raise ValueError(f"bias={self.bias!r} is invalid: choose 'none', 'all' or 'lora_only'.")
+        _check_bool('use_rslora', self.use_rslora)
+        _check_bool('use_dora', self.use_dora)
+        _check_choice('init', self.init, InitMethod)
+        _check_choice('bias', self.bias, BiasMode)
         if self.modules_to_save is not None and (not isinstance(self.modules_to_save, list) or not all(
                 isinstance(m, str) and m for m in self.modules_to_save)):
             raise ValueError(f'modules_to_save={self.modules_to_save!r} is invalid: give a list of module names.')

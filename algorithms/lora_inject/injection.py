@@ -203,6 +203,22 @@ def _check_target(name: str, module: nn.Module, config: LoRAConfig, r: int, slic
     return layer_class
 
 
+def _check_has_adaptable_modules(root: nn.Module, candidates: dict[str, nn.Module]) -> None:
+    """Refuse a model LoRA cannot adapt at all, saying why (instead of a target error with nothing to suggest)."""
+    if any(isinstance(m, LoRALayer) or adapter_class_for(m) is not None for m in candidates.values()):
+        return
+    if not any(True for _ in root.parameters()):
+        raise ValueError(
+            f'{type(root).__name__} has no parameters, so LoRA has nothing to adapt: LoRAInject adds adapters to the '
+            f'weights of layers ({", ".join(SUPPORTED_TYPES)}). Pass the model that holds the layers to fine-tune.',
+        )
+    owners = sorted({type(m).__name__ for m in root.modules() if any(True for _ in m.parameters(recurse=False))})
+    raise ValueError(
+        f'{type(root).__name__} has no module of a type LoRA can adapt: its parameters belong to {", ".join(owners)}; '
+        f'LoRAInject adapts {", ".join(SUPPORTED_TYPES)}.',
+    )
+
+
 def plan_injection(root: nn.Module, config: LoRAConfig) -> InjectionPlan:
     """Decide what :func:`inject` will do, raising on any problem before anything changes.
 
@@ -210,6 +226,7 @@ def plan_injection(root: nn.Module, config: LoRAConfig) -> InjectionPlan:
     twice is applying once).
     """
     candidates = _candidate_modules(root)
+    _check_has_adaptable_modules(root, candidates)
     saved: list[str] = []
     for entry in config.modules_to_save or []:
         found = [name for name in candidates if matches_name(name, [entry])]

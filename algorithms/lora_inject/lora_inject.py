@@ -13,8 +13,9 @@ Resuming: Composer only re-applies its own surgery algorithms on checkpoint load
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 from composer.core import Algorithm, Event, State
@@ -31,8 +32,8 @@ from algorithms.parameter_selection import user_module
 
 log = logging.getLogger(__name__)
 
-__all__ = ['EXAMPLES', 'LoRAInject', 'LoRASummary', 'apply_lora', 'lora_config_of', 'merge_adapters',
-           'trainable_parameter_names', 'unmerge_adapters']
+__all__ = ['EXAMPLES', 'LoRAInject', 'LoRASummary', 'apply_lora', 'check_no_conflicting_algorithms', 'lora_config_of',
+           'merge_adapters', 'trainable_parameter_names', 'unmerge_adapters']
 
 # Valid on tiny_decoder('llama', num_layers=4); the conformance suite runs each.
 EXAMPLES: tuple[dict[str, Any], ...] = (
@@ -189,6 +190,38 @@ def unmerge_adapters(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def check_no_conflicting_algorithms(algorithms: Sequence[Algorithm], config: LoRAConfig) -> None:
+    """Refuse algorithms that would override what LoRA trains (before LoRA changes anything).
+
+    ``RegexFreeze`` decides on its own which parameters train, after LoRA's surgery: it would freeze the adapters
+    (they match none of its ``trainable`` patterns) or ask to train LoRA's frozen base. LoRA itself says what trains
+    besides the adapters: whole modules with ``modules_to_save``, biases with ``bias``.
+    """
+    from algorithms.regex_freeze import RegexFreeze
+
+    for algorithm in algorithms:
+        if isinstance(algorithm, RegexFreeze):
+            # plain module names among its trainable patterns ('lm_head', 'model.norm.weight' -> 'model.norm')
+            plain = [p for p in algorithm.trainable or [] if re.fullmatch(r'[\w.]+', p)]
+            named = [re.sub(r'\.(weight|bias)$', '', p) for p in plain]
+            saved = list(dict.fromkeys([*(config.modules_to_save or []), *named])) or ['lm_head']
+            raise ValueError(
+                f'LoRAInject cannot be combined with {algorithm!r}: both decide which parameters train, and '
+                'RegexFreeze would freeze the LoRA adapters (they match none of its trainable patterns) or train '
+                "LoRA's frozen base weights. To train modules in full next to the adapters, name them in LoRAInject "
+                f'and drop RegexFreeze: LoRAInject(..., modules_to_save={saved!r}) trains those whole modules (e.g. '
+                "a head) next to the adapters, with the rest of the base frozen; bias='all' or 'lora_only' trains "
+                'biases.',
+            )
+
+
+def _copy_of_mapping(value: Any) -> Any:
+    """A copy of a ``{pattern: value}`` argument (``{}`` for ``None``); LoRAConfig refuses other types."""
+    if value is None:
+        return {}
+    return dict(value) if isinstance(value, dict) else value
+
+
 class LoRAInject(ConfigRepr, Algorithm):
     """Low-rank adapters (LoRA, DoRA, rsLoRA, PiSSA) injected at ``Event.INIT``.
 
@@ -201,8 +234,15 @@ class LoRAInject(ConfigRepr, Algorithm):
             (``save_pretrained`` layout) to this directory.
 
     Resume a checkpoint written with ``LoRAInject`` by passing the same ``LoRAInject`` to the new Trainer: Composer
-    re-applies only its own surgery algorithms automatically.
+    re-applies only its own surgery algorithms automatically. A checkpoint written without LoRA (a plain run) loads
+    with ``load_weights_only=True``: its weights become the base weights and the adapters start at their
+    initialisation (see :class:`~algorithms.lora_inject.layers.LoRALayer`).
+
+    ``RegexFreeze`` in the same Trainer is refused (at ``Event.INIT``, before anything changes): it would override
+    what LoRA trains. Train extra modules in full with ``modules_to_save``, biases with ``bias``.
     """
+
+    events: tuple[Event, ...] = (Event.INIT, Event.FIT_END)  # FIT_END only with save_adapter_to / save_merged_to
 
     def __init__(
         self,
@@ -239,27 +279,27 @@ class LoRAInject(ConfigRepr, Algorithm):
             target_modules=target_modules,
             layers_to_transform=layers_to_transform,
             layers_pattern=layers_pattern,
-            rank_pattern=dict(rank_pattern or {}),
-            alpha_pattern=dict(alpha_pattern or {}),
+            rank_pattern=_copy_of_mapping(rank_pattern),
+            alpha_pattern=_copy_of_mapping(alpha_pattern),
             lora_dropout=lora_dropout,
             use_rslora=use_rslora,
             use_dora=use_dora,
             init=init,
             bias=bias,
             modules_to_save=modules_to_save,
-            enable_slices=dict(enable_slices or {}),
+            enable_slices=_copy_of_mapping(enable_slices),
         )
-        self._events = (Event.INIT, Event.FIT_END) if save_adapter_to or save_merged_to else (Event.INIT,)
 
     @staticmethod
     def required_on_load() -> bool:
         return True
 
     def match(self, event: Event, state: State) -> bool:
-        return event in self._events
+        return event in self.events and (event == Event.INIT or bool(self.save_adapter_to or self.save_merged_to))
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
+            check_no_conflicting_algorithms(state.algorithms, self.config)
             summary = apply_lora(state.model, state.optimizers, self.config)
             logger.log_metrics({
                 'lora_inject/adapted_modules': len(summary.adapted),

@@ -204,3 +204,14 @@ def test_the_algorithm_repr_evals_back_and_is_equal():
     algorithm = LoRAInject(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], rank_pattern={'v_proj': 2})
     assert eval(repr(algorithm)) == algorithm
     assert LoRAInject.required_on_load()
+
+
+@pytest.mark.parametrize('model, message', [
+    (nn.Flatten(), r'Flatten has no parameters, so LoRA has nothing to adapt'),
+    (nn.Sequential(nn.LayerNorm(4), nn.GELU()),
+     r'no module of a type LoRA can adapt: its parameters belong to LayerNorm'),
+])
+def test_a_model_without_adaptable_layers_is_named_as_such(model, message):
+    with pytest.raises(ValueError, match=message) as error:
+        apply_lora(model, r=2, target_modules=['q_proj'])
+    assert '[]' not in str(error.value)

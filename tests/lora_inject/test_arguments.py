@@ -1,0 +1,78 @@
+"""Constructor arguments are checked on construction (wrong type or unknown choice: an error naming the argument),
+and the algorithm declares exactly the events it can act at."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Literal, get_args, get_origin
+
+import pytest
+from composer.core import Event
+
+from algorithms.lora_inject import LoRAInject
+
+WRONG = {
+    'r': '8',
+    'lora_alpha': 'sixteen',
+    'target_modules': {'q_proj': True},
+    'layers_to_transform': 'all',
+    'layers_pattern': ['layers'],
+    'rank_pattern': ['q_proj', 4],
+    'alpha_pattern': 3.5,
+    'lora_dropout': '0.1',
+    'use_rslora': {'not': 'valid'},
+    'use_dora': 'yes',
+    'init': 3,
+    'bias': None,
+    'modules_to_save': 'lm_head',
+    'enable_slices': [True, False, True],
+    'save_adapter_to': 3,
+    'save_merged_to': ['out'],
+}
+
+
+def test_every_constructor_argument_has_a_wrong_type_case():
+    assert set(WRONG) == set(inspect.signature(LoRAInject.__init__).parameters) - {'self'}
+
+
+@pytest.mark.parametrize('argument', sorted(WRONG))
+def test_a_wrong_type_is_refused_naming_the_argument(argument):
+    with pytest.raises((TypeError, ValueError), match=rf'^{argument}=') as error:
+        LoRAInject(**{'r': 4, 'target_modules': ['q_proj'], argument: WRONG[argument]})
+    assert 'is invalid' in str(error.value)
+
+
+@pytest.mark.parametrize('argument', ['use_rslora', 'use_dora'])
+@pytest.mark.parametrize('value', [1, 0, 'true', None])
+def test_flags_must_be_bools(argument, value):
+    with pytest.raises(TypeError, match=rf'{argument}=.* must be a bool'):
+        LoRAInject(**{argument: value})
+
+
+@pytest.mark.parametrize('argument', ['init', 'bias'])
+def test_an_unknown_choice_lists_every_valid_one(argument):
+    annotation = typing.get_type_hints(LoRAInject.__init__)[argument]
+    assert get_origin(annotation) is Literal
+    with pytest.raises(ValueError) as error:
+        LoRAInject(**{argument: 'no-such-choice'})
+    assert argument in str(error.value)
+    assert all(repr(choice) in str(error.value) for choice in get_args(annotation))
+
+
+@pytest.mark.parametrize('argument, value, message', [
+    ('rank_pattern', {3: 4}, r'rank_pattern=\{3: 4\} is invalid: give a dict'),
+    ('alpha_pattern', {'q_proj': 'x'}, r"alpha_pattern\['q_proj'\]='x' is invalid"),
+    ('enable_slices', {'c_attn': 'TFT'}, r"enable_slices\['c_attn'\]='TFT' is invalid"),
+])
+def test_pattern_mappings_are_checked_key_and_value(argument, value, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        LoRAInject(**{argument: value})
+
+
+def test_events_are_exactly_those_match_accepts():
+    saving = LoRAInject(r=4, target_modules=['q_proj'], save_adapter_to='out')
+    plain = LoRAInject(r=4, target_modules=['q_proj'])
+    assert set(LoRAInject.events) == {Event.INIT, Event.FIT_END}
+    assert {event for event in Event if saving.match(event, None)} == set(LoRAInject.events)
+    assert {event for event in Event if plain.match(event, None)} == {Event.INIT}
