@@ -1,0 +1,32 @@
+"""HiFTRotation: hierarchical full-parameter fine-tuning, one group of units per step, inactive optimizer state offloaded.
+
+Example:
+    >>> from algorithms.hift_rotation import HiFTRotation, rotation_preview
+    >>> print(rotation_preview(model, group_size=2))
+    >>> trainer = Trainer(..., algorithms=[HiFTRotation(group_size=2, strategy='random')])
+"""
+
+from algorithms.hift_rotation.hift_rotation import (
+    BAD_EXAMPLES,
+    EXAMPLES,
+    GroupRotation,
+    HiFTRotation,
+    check_rotation_options,
+)
+from algorithms.hift_rotation.preview import rotation_preview
+from algorithms.hift_rotation.queue import STRATEGIES, GroupQueue
+from algorithms.hift_rotation.units import RotationPlan, plan_rotation, rotation_units
+
+__all__ = [
+    'BAD_EXAMPLES',
+    'EXAMPLES',
+    'STRATEGIES',
+    'GroupQueue',
+    'GroupRotation',
+    'HiFTRotation',
+    'RotationPlan',
+    'check_rotation_options',
+    'plan_rotation',
+    'rotation_preview',
+    'rotation_units',
+]
