@@ -78,7 +78,7 @@ def test_defaults_are_a_valid_recipe():
 
 
 def test_freeze_preview_shows_what_a_recipe_would_train(capsys):
-    assert main(['freeze-preview', str(REPO / 'yamls/regex_freeze_minilm.yaml')]) == 0
+    assert main(['freeze-preview', str(REPO / 'yamls/demo.yaml')]) == 0
     table = capsys.readouterr().out
     assert 'bert.encoder.layer.5.output.dense' in table and 'bert.encoder.layer.4.output.dense' in table
     assert 'total' in table and '% trainable' in table
