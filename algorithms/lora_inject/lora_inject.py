@@ -26,14 +26,15 @@ from torch import nn
 from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
 from algorithms.lora_inject.config import LoRAConfig
 from algorithms.lora_inject.injection import adapter_layers, check_not_peft, inject, plan_injection
-from algorithms.lora_inject.layers import LoRALayer
+from algorithms.lora_inject.layers import LoRALayer, adapter_class_for
 from algorithms.optimizer_surgery import Optimizers, add_params, group_index_of, remove_params, single_optimizer
 from algorithms.parameter_selection import user_module
 
 log = logging.getLogger(__name__)
 
-__all__ = ['EXAMPLES', 'LoRAInject', 'LoRASummary', 'apply_lora', 'check_no_conflicting_algorithms', 'lora_config_of',
-           'merge_adapters', 'trainable_parameter_names', 'unmerge_adapters']
+__all__ = ['EXAMPLES', 'LoRAInject', 'LoRASummary', 'apply_lora', 'check_no_conflicting_algorithms',
+           'freeze_outside_adapters', 'lora_config_of', 'merge_adapters', 'trainable_parameter_names',
+           'unmerge_adapters']
 
 # Valid on tiny_decoder('llama', num_layers=4); the conformance suite runs each.
 EXAMPLES: tuple[dict[str, Any], ...] = (
@@ -124,6 +125,15 @@ def apply_lora(
         config = LoRAConfig(**config_kwargs)
     elif config_kwargs:
         raise TypeError('Pass either config or its fields as keyword arguments, not both.')
+    summary = _inject_adapters(model, optimizers, config)
+    freeze_outside_adapters(model, optimizers)
+    return summary
+
+
+def _inject_adapters(model: nn.Module, optimizers: Optional[Optimizers], config: LoRAConfig) -> LoRASummary:
+    """:func:`apply_lora` but for taking the frozen parameters out of the optimizer: they stay there, with
+    ``requires_grad=False``, until :func:`freeze_outside_adapters` (so surgery that runs in between, such as
+    Composer's Factorize, finds the parameters it replaces in the optimizer)."""
     root = user_module(model)
     check_not_peft(model, root)
     optimizer = single_optimizer(optimizers)
@@ -153,7 +163,6 @@ def apply_lora(
     for name in trainable:
         named[name].requires_grad_(True)
     if optimizer is not None:
-        remove_params(optimizer, frozen)
         present = set(group_index_of(optimizer))
         additions: dict[int, list[torch.Tensor]] = {}
         for layer_name, layer in created.items():
@@ -176,6 +185,48 @@ def apply_lora(
     total_numel = sum(p.numel() for p in root.parameters())
     log.info('LoRA: adapted %d modules; %d of %d parameters train.', len(layers), trainable_numel, total_numel)
     return LoRASummary(tuple(layers), trainable_numel, total_numel)
+
+
+def freeze_outside_adapters(model: nn.Module, optimizers: Optional[Optimizers] = None) -> list[str]:
+    """Freeze every parameter the model's LoRA configuration does not train, for real: ``requires_grad=False``, out
+    of the optimizer's param groups and state. Never unfreezes anything.
+
+    :func:`apply_lora` ends with it; ``LoRAInject`` calls it at ``Event.BEFORE_LOAD``, after all INIT-time surgery,
+    so that parameters another algorithm created in the meantime (e.g. Composer's Factorize replacing a frozen base
+    layer) are frozen too.
+
+    Returns:
+        The names of the parameters frozen.
+    """
+    root = user_module(model)
+    config = lora_config_of(root)
+    if config is None:
+        raise ValueError(f'{type(root).__name__} has no LoRA adapters: apply_lora (or LoRAInject) first.')
+    trainable = set(trainable_parameter_names(root, config))
+    frozen = {name: p for name, p in root.named_parameters() if name not in trainable}
+    for param in frozen.values():
+        param.requires_grad_(False)
+    optimizer = single_optimizer(optimizers)
+    if optimizer is not None:
+        remove_params(optimizer, frozen.values())
+    return list(frozen)
+
+
+def _check_base_layers_kept(root: nn.Module, config: LoRAConfig, save_merged: bool) -> None:
+    """After INIT-time surgery by other algorithms: a base layer replaced by a type LoRA cannot adapt (Factorize's
+    ``FactorizedLinear``) still works under plain LoRA (its forward is used as is), but has no weight for DoRA or for
+    merging."""
+    replaced = {name: type(layer.base_layer).__name__ for name, layer in adapter_layers(root).items()
+                if adapter_class_for(layer.base_layer) is None}
+    if replaced and (config.use_dora or save_merged):
+        what = 'use_dora=True needs' if config.use_dora else 'save_merged_to needs'
+        raise ValueError(
+            f'Another algorithm replaced base layers of LoRA adapters ({replaced}); {what} their weight matrix. '
+            'Leave these modules out of the other algorithm, or out of LoRA (put LoRAInject after it and choose '
+            'target_modules that it did not replace).',
+        )
+    if replaced:
+        log.info('LoRA: base layers replaced by another algorithm after injection (kept frozen): %s', replaced)
 
 
 def merge_adapters(model: nn.Module) -> None:
@@ -242,7 +293,9 @@ class LoRAInject(ConfigRepr, Algorithm):
     what LoRA trains. Train extra modules in full with ``modules_to_save``, biases with ``bias``.
     """
 
-    events: tuple[Event, ...] = (Event.INIT, Event.FIT_END)  # FIT_END only with save_adapter_to / save_merged_to
+    # INIT: inject (frozen parameters get requires_grad=False); BEFORE_LOAD, after all INIT-time surgery: take the
+    # frozen parameters out of the optimizer; FIT_END: only with save_adapter_to / save_merged_to.
+    events: tuple[Event, ...] = (Event.INIT, Event.BEFORE_LOAD, Event.FIT_END)
 
     def __init__(
         self,
@@ -295,17 +348,21 @@ class LoRAInject(ConfigRepr, Algorithm):
         return True
 
     def match(self, event: Event, state: State) -> bool:
-        return event in self.events and (event == Event.INIT or bool(self.save_adapter_to or self.save_merged_to))
+        return event in self.events and (event != Event.FIT_END or bool(self.save_adapter_to or self.save_merged_to))
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             check_no_conflicting_algorithms(state.algorithms, self.config)
-            summary = apply_lora(state.model, state.optimizers, self.config)
+            summary = _inject_adapters(state.model, state.optimizers, self.config)
             logger.log_metrics({
                 'lora_inject/adapted_modules': len(summary.adapted),
                 'lora_inject/trainable_params': summary.trainable_params,
                 'lora_inject/trainable_fraction': summary.trainable_fraction,
             })
+            return
+        if event == Event.BEFORE_LOAD:
+            _check_base_layers_kept(user_module(state.model), self.config, bool(self.save_merged_to))
+            freeze_outside_adapters(state.model, state.optimizers)
             return
         from algorithms.lora_inject.peft_format import export_merged, save_adapter
 

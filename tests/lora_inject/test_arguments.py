@@ -73,6 +73,6 @@ def test_pattern_mappings_are_checked_key_and_value(argument, value, message):
 def test_events_are_exactly_those_match_accepts():
     saving = LoRAInject(r=4, target_modules=['q_proj'], save_adapter_to='out')
     plain = LoRAInject(r=4, target_modules=['q_proj'])
-    assert set(LoRAInject.events) == {Event.INIT, Event.FIT_END}
+    assert set(LoRAInject.events) == {Event.INIT, Event.BEFORE_LOAD, Event.FIT_END}
     assert {event for event in Event if saving.match(event, None)} == set(LoRAInject.events)
-    assert {event for event in Event if plain.match(event, None)} == {Event.INIT}
+    assert {event for event in Event if plain.match(event, None)} == {Event.INIT, Event.BEFORE_LOAD}

@@ -48,3 +48,43 @@ def test_the_suggested_modules_to_save_trains_adapters_and_head_and_keeps_the_ba
         'lm_head.weight'}
     for name, param in hf.named_parameters():
         assert torch.equal(param, start[name]) == (name not in trains), name
+
+
+def _two_group_adamw(model):
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{'params': decay}, {'params': rest, 'weight_decay': 0.0}], lr=3e-3, weight_decay=0.1)
+
+
+def _factorize():
+    from composer.algorithms import Factorize
+
+    return Factorize(factorize_convs=False, min_features=16, latent_features=8)
+
+
+def test_surgery_after_lora_at_init_finds_the_frozen_base_in_the_optimizer_and_it_stays_frozen():
+    # LoRA takes its frozen parameters out of the optimizer at BEFORE_LOAD, after all INIT-time surgery: Factorize
+    # (after LoRA in the list) replaces frozen linear layers, base layers included, and its new factors are frozen.
+    model = seeded_tiny_decoder(num_layers=2)
+    hf = user_module(model)
+    optimizer = _two_group_adamw(model)
+    trainer = cpu_trainer(model, [LoRAInject(**LORA), _factorize()], optimizer=optimizer, max_duration='3ba')
+    layers = adapter_layers(hf)
+    assert type(layers['model.layers.0.self_attn.q_proj'].base_layer).__name__ == 'FactorizedLinear'
+    adapters = {f'{name}.{leaf}' for name in layers for leaf in ('lora_A', 'lora_B')}
+    assert {n for n, p in hf.named_parameters() if p.requires_grad} == adapters
+    assert {id(p) for g in optimizer.param_groups for p in g['params']} == {
+        id(p) for n, p in hf.named_parameters() if n in adapters}
+    start = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    trainer.fit()
+    for name, param in hf.named_parameters():
+        if name not in adapters:
+            assert torch.equal(param, start[name]), name
+    assert all(not torch.equal(p, start[n]) for n, p in hf.named_parameters() if n.endswith('lora_B'))
+
+
+def test_dora_over_a_base_layer_another_algorithm_replaced_is_refused_before_training():
+    model = seeded_tiny_decoder(num_layers=2)
+    with pytest.raises(ValueError, match=r'replaced base layers of LoRA adapters .*use_dora=True needs their weight'):
+        cpu_trainer(model, [LoRAInject(**LORA, use_dora=True), _factorize()], optimizer=_two_group_adamw(model),
+                    max_duration='1ba')
