@@ -1,0 +1,119 @@
+"""Run under ``composer -n 2``: HiFTRotation under DDP keeps ranks bit-identical and resumes exactly.
+
+One launch checks, on 2 CPU processes (gloo), each rank reading different data, with the ``random`` strategy:
+* both ranks train the same group at every step (the order is seeded by the rank-zero seed);
+* after every batch all parameters are bit-identical on both ranks (each group is all-reduced once active);
+* inactive parameters never hold a gradient after backward;
+* a run resumed at world size 2 mid-pass ends bit-identical to the uninterrupted one;
+* the pitfall: if the inactive groups are already frozen when DDP wraps the model, ranks drift apart.
+Rank 0 writes the findings as JSON to the path given as the first argument.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+
+import torch  # noqa: E402
+from composer import Callback, Trainer  # noqa: E402
+from composer.utils import dist  # noqa: E402
+
+from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus  # noqa: E402
+from algorithms.hift_rotation import GroupRotation, HiFTRotation  # noqa: E402
+from algorithms.models import load_tokenizer, tiny_decoder  # noqa: E402
+from algorithms.parameter_selection import user_module  # noqa: E402
+
+
+def params_digest(model) -> str:
+    digest = hashlib.sha256()
+    for _, param in sorted(user_module(model).named_parameters()):
+        digest.update(param.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Checks(Callback):
+    def __init__(self):
+        self.first_batch_digest = None
+        self.ranks_identical = []
+        self.same_group = []
+        self.inactive_grads = 0
+
+    def after_dataloader(self, state, logger):
+        if self.first_batch_digest is None:
+            self.first_batch_digest = hashlib.sha256(state.batch['input_ids'].numpy().tobytes()).hexdigest()
+
+    def batch_start(self, state, logger):
+        trainable = [n for n, p in user_module(state.model).named_parameters() if p.requires_grad]
+        self.same_group.append(len({tuple(t) for t in dist.all_gather_object(trainable)}) == 1)
+
+    def after_train_batch(self, state, logger):  # gradients are all-reduced by now
+        self.inactive_grads += sum(
+            1 for p in user_module(state.model).parameters() if not p.requires_grad and p.grad is not None)
+
+    def batch_end(self, state, logger):
+        self.ranks_identical.append(len(set(dist.all_gather_object(params_digest(state.model)))) == 1)
+
+
+def train(save_folder, load_path, seed, duration='2ep'):
+    tokenizer = load_tokenizer()
+    dataset = LanguageModelingDataset(python_topics_corpus()[0], tokenizer, max_seq_len=32, max_blocks=24)
+    loader = build_dataloader(dataset, tokenizer, batch_size=2, shuffle=True, drop_last=True)  # 6 batches per rank
+    torch.manual_seed(seed)
+    model = tiny_decoder('llama', num_layers=3, hidden_size=32, num_heads=4)
+    checks = Checks()
+    Trainer(
+        model=model,
+        train_dataloader=loader,
+        max_duration=duration,
+        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
+        algorithms=[HiFTRotation(group_size=2, strategy='random')],
+        callbacks=[checks],
+        device='cpu',
+        progress_bar=False,
+        log_to_console=False,
+        seed=17,
+        save_folder=save_folder if load_path is None else None,
+        save_interval='4ba',
+        load_path=load_path,
+    ).fit()
+    return model, checks
+
+
+def main() -> None:
+    out_path = sys.argv[1]
+    folder = sys.argv[2] if len(sys.argv) > 2 else tempfile.mkdtemp()
+    uninterrupted, checks = train(folder, None, seed=0)
+    dist.barrier()
+    resumed, resumed_checks = train(folder, os.path.join(folder, 'ep0-ba4-rank0.pt'), seed=1)
+
+    # the pitfall: keep the inactive groups frozen while DDP wraps the model
+    GroupRotation.require_grad_everywhere = lambda self: None
+    _, pitfall = train(None, None, seed=0, duration='8ba')
+
+    batch_digests = dist.all_gather_object(checks.first_batch_digest)
+    final = dist.all_gather_object(params_digest(uninterrupted))
+    final_resumed = dist.all_gather_object(params_digest(resumed))
+    result = {
+        'world_size': dist.get_world_size(),
+        'ranks_read_different_data': len(set(batch_digests)) == dist.get_world_size(),
+        'batches': len(checks.ranks_identical),
+        'same_group_on_every_rank': all(checks.same_group + resumed_checks.same_group),
+        'ranks_identical_after_every_batch': all(checks.ranks_identical),
+        'inactive_params_with_grad': checks.inactive_grads + resumed_checks.inactive_grads,
+        'resumed_ranks_identical_after_every_batch': all(resumed_checks.ranks_identical),
+        'resumed_equals_uninterrupted': final == final_resumed and len(set(final)) == 1,
+        'frozen_at_wrap_ranks_identical_per_batch': pitfall.ranks_identical,
+    }
+    if dist.get_global_rank() == 0:
+        with open(out_path, 'w') as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
