@@ -1,0 +1,217 @@
+"""The conformance suite's cases and its one way of running an algorithm under Composer's Trainer.
+
+Cases come from the registry: every implemented algorithm of ours and every third-party algorithm registered
+under the ``composer_thaw.algorithms`` entry point, each example config it declares in its module's
+``EXAMPLES``. A new algorithm is covered as soon as it is registered with examples.
+
+The tiny task: the built-in LLaMA-style decoder (hidden 32, 4 blocks) on 16 blocks of 32 tokens of the Python
+topics corpus; 4 batches of 4 sequences per epoch (the global batch is split across processes).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from composer import Trainer
+from composer.core import Algorithm
+from composer.utils import dist, reproducibility
+
+from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
+from algorithms.models import load_tokenizer, tiny_decoder
+from algorithms.parameter_selection import user_module
+from algorithms.registry import algorithm_registry, build_algorithm
+
+GLOBAL_BATCH = 4
+TRAIN_BLOCKS = 16
+SEQ_LEN = 32
+MODEL_SEED = 0
+TRAIN_SEED = 17
+
+
+@dataclass(frozen=True)
+class Case:
+    """One algorithm with one of its example configurations."""
+
+    name: str
+    index: int
+    kwargs: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return f'{self.name}[{self.index}]'
+
+    def build(self) -> Algorithm:
+        return build_algorithm(self.name, self.kwargs)
+
+    @property
+    def cls(self) -> type[Algorithm]:
+        return algorithm_registry()[self.name].load()
+
+
+def covered_names() -> list[str]:
+    """Every registered algorithm that is not Composer's own: ours and third parties' (entry points)."""
+    return sorted(name for name, entry in algorithm_registry().items() if entry.source != 'composer')
+
+
+def algorithm_module(name: str):
+    """The module that defines the algorithm registered as ``name`` (it declares EXAMPLES, maybe BAD_EXAMPLES)."""
+    return importlib.import_module(algorithm_registry()[name].load().__module__)
+
+
+def examples_of(name: str) -> tuple[dict[str, Any], ...]:
+    examples = getattr(algorithm_module(name), 'EXAMPLES', ())
+    if not examples:
+        raise AssertionError(f'{name} declares no EXAMPLES next to its class: the conformance suite cannot cover it.')
+    return tuple(examples)
+
+
+def all_cases() -> list[Case]:
+    return [Case(name, i, dict(kwargs)) for name in covered_names() for i, kwargs in enumerate(examples_of(name))]
+
+
+def first_cases() -> list[Case]:
+    """One case per algorithm (for the expensive checks)."""
+    return [case for case in all_cases() if case.index == 0]
+
+
+def ids(cases: Sequence[Case]) -> list[str]:
+    return [case.id for case in cases]
+
+
+def lm_loader(split: int = 0, blocks: int = TRAIN_BLOCKS):
+    tokenizer = load_tokenizer()
+    dataset = LanguageModelingDataset(python_topics_corpus()[split], tokenizer, SEQ_LEN, blocks)
+    return build_dataloader(dataset, tokenizer, GLOBAL_BATCH // dist.get_world_size(), shuffle=split == 0,
+                            drop_last=split == 0)
+
+
+def tiny_model():
+    reproducibility.seed_all(MODEL_SEED)
+    return tiny_decoder('llama', num_layers=4, hidden_size=32, num_heads=4)
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{'params': decay}, {'params': no_decay, 'weight_decay': 0.0}], lr=3e-3, weight_decay=0.1)
+
+
+def make_trainer(
+    algorithms: Sequence[Algorithm],
+    max_duration: str = '3ep',
+    model=None,
+    **kwargs: Any,
+) -> Trainer:
+    model = model if model is not None else tiny_model()
+    optimizers = kwargs.pop('optimizers', None) or adamw(model)
+    options = dict(
+        train_dataloader=lm_loader(),
+        eval_dataloader=lm_loader(split=1, blocks=4),
+        eval_interval='1ep',
+        max_duration=max_duration,
+        device='cpu',
+        progress_bar=False,
+        log_to_console=False,
+        seed=TRAIN_SEED,
+        save_overwrite=True,
+    )
+    options.update(kwargs)
+    return Trainer(model=model, optimizers=optimizers, algorithms=list(algorithms), **options)
+
+
+def parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in user_module(trainer.state.model).named_parameters()}
+
+
+def optimizer_state(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimizer's state keyed by parameter name (so two trainers' states can be compared)."""
+    names = {id(p): name for name, p in user_module(trainer.state.model).named_parameters()}
+    optimizer = trainer.state.optimizers[0]
+    return {
+        names[id(p)]: {k: v.detach().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        for p, state in optimizer.state.items()
+    }
+
+
+@dataclass
+class RunResult:
+    params: dict[str, torch.Tensor]
+    optimizer_state: dict[str, dict[str, torch.Tensor]]
+    batches_run: int = 0
+    events: set = field(default_factory=set)  # events at which our algorithm's apply ran
+    loss_before: float = 0.0
+    loss_after: float = 0.0
+    algorithm_state: dict[str, Any] = field(default_factory=dict)
+    eval_loss: float = 0.0
+
+
+def fixed_batch_loss(model) -> float:
+    batch = next(iter(lm_loader(split=1, blocks=4)))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = float(model.loss(model(batch), batch))
+    model.train(was_training)
+    return loss
+
+
+def run(case: Case, max_duration: str = '3ep', extra: Sequence[Algorithm] = (), first: bool = True,
+        **kwargs: Any) -> RunResult:
+    """Train ``case`` (plus ``extra`` algorithms, ours first unless ``first=False``) and return the end state."""
+    algorithm = case.build()
+    events: set = set()
+    original_apply = algorithm.apply
+
+    def recording_apply(event, state, logger):
+        events.add(event)
+        return original_apply(event, state, logger)
+
+    algorithm.apply = recording_apply  # instance attribute: the class and other instances are untouched
+    algorithms = [algorithm, *extra] if first else [*extra, algorithm]
+    trainer = make_trainer(algorithms, max_duration=max_duration, **kwargs)
+    start = int(trainer.state.timestamp.batch)
+    loss_before = fixed_batch_loss(trainer.state.model)
+    trainer.fit()
+    result = RunResult(
+        parameters(trainer),
+        optimizer_state(trainer),
+        int(trainer.state.timestamp.batch) - start,
+        events,
+        loss_before,
+        fixed_batch_loss(trainer.state.model),
+        algorithm.state_dict(),
+        float(trainer.state.eval_metrics['eval']['LanguageCrossEntropy'].compute())
+        if trainer.state.eval_metrics else 0.0,
+    )
+    trainer.close()
+    return result
+
+
+_BASELINES: dict[str, RunResult] = {}
+
+
+def baseline(case: Case) -> RunResult:
+    """The uninterrupted default run of ``case``, computed once per session and shared by the checks."""
+    if case.id not in _BASELINES:
+        _BASELINES[case.id] = run(case)
+    return _BASELINES[case.id]
+
+
+def assert_same_state(actual: RunResult, expected: RunResult, atol: Optional[float] = None) -> None:
+    """Bit-identical parameters and optimizer state (or within ``atol``)."""
+    assert actual.params.keys() == expected.params.keys()
+    for name, value in expected.params.items():
+        if atol is None:
+            assert torch.equal(actual.params[name], value), f'parameter {name} differs'
+        else:
+            torch.testing.assert_close(actual.params[name], value, atol=atol, rtol=0, msg=f'parameter {name} differs')
+    assert actual.optimizer_state.keys() == expected.optimizer_state.keys(), 'optimizer state covers other parameters'
+    for name, state in expected.optimizer_state.items():
+        for key, value in state.items():
+            if atol is None:
+                assert torch.equal(actual.optimizer_state[name][key], value), f'optimizer state {name}.{key} differs'
+            else:
+                torch.testing.assert_close(actual.optimizer_state[name][key], value, atol=atol, rtol=1e-4)
