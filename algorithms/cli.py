@@ -4,6 +4,7 @@
     thaw freeze-preview yamls/regex_freeze.yaml          # what the recipe's regex_freeze would train
     thaw freeze-preview minilm --pattern classifier --pattern 'bert.encoder.layer.5'
     thaw algorithms                      # list registered algorithm names
+    thaw estimate --model-config llama-7b --algorithm full --algorithm 'lora_inject={r: 16}'
 
 Invalid recipes exit with code 2 and one paragraph naming the key, the bad value and what is valid.
 """
@@ -38,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument('--frozen', action='append', default=None, metavar='PATTERN', help='a frozen pattern')
     preview.add_argument('--syntax', choices=['axolotl', 'regex'], default=None)
     commands.add_parser('algorithms', help='list the algorithm names a recipe can use')
+    estimate = commands.add_parser('estimate', help='predict training-state bytes for a model size and algorithms')
+    estimate.add_argument('--model-config', required=True,
+                          help="a config.json (or its folder), 'minilm', 'tiny-decoder', 'gpt2', 'llama-7b', ...")
+    estimate.add_argument('--algorithm', action='append', default=[], metavar='NAME[={OPTIONS}]',
+                          help="e.g. full, 'lora_inject={r: 16}', 'hift_rotation={group_size: 4}'; repeatable")
+    estimate.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
+                          help='change a config value, e.g. num_hidden_layers=8; repeatable')
+    estimate.add_argument('--optimizer', default='adamw', help='adamw (default), adam, sgd or adagrad')
+    estimate.add_argument('--dtype', default='float32', help='float32 (default), bfloat16 or float16')
     return parser
 
 
@@ -110,6 +120,13 @@ def _list_algorithms() -> int:
     return 0
 
 
+def _estimate(args: argparse.Namespace) -> int:
+    from algorithms.memory_estimate import estimate_report
+
+    print(estimate_report(args.model_config, args.algorithm, args.overrides, args.optimizer, args.dtype))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -117,6 +134,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run(args)
         if args.command == 'freeze-preview':
             return _preview(args)
+        if args.command == 'estimate':
+            return _estimate(args)
         return _list_algorithms()
     except ConfigError as error:
         print(f'thaw: invalid recipe: {error}', file=sys.stderr)

@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +37,7 @@ from algorithms.layer_freezing import freezable_units, freeze_layers, freeze_uni
 from algorithms.models import tiny_decoder  # noqa: E402
 from algorithms.optimizer_surgery import optimizer_state_bytes  # noqa: E402
 from algorithms.parameter_selection import user_module  # noqa: E402
+from benchmarks.measure import adamw, interleaved_times, train_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'layer_freezing.json'
 
@@ -52,16 +52,6 @@ def build_model(args: argparse.Namespace) -> nn.Module:
 def make_batch(args: argparse.Namespace) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     return torch.randint(1000, 30000, (args.batch, args.seq), generator=generator)
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    optimizer.step()
-
-
-def adamw(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
 
 
 def frozen_share(model: nn.Module) -> float:
@@ -100,12 +90,6 @@ def memory_rows(args: argparse.Namespace, ids: torch.Tensor) -> list[dict[str, A
     return rows
 
 
-def _time(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def step_time_rows(args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Any]:
     """Median step times: full fine-tuning, half the blocks frozen, and the pieces of the ideal."""
     full = build_model(args)
@@ -135,12 +119,8 @@ def step_time_rows(args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Any
         'forward_no_grad_unfrozen_part': lambda: forward_no_grad(rest),
         'unfrozen_part_step': lambda: train_step(rest, rest_optimizer, ids),
     }
-    for fn in measurements.values():  # warm up (allocations, optimizer state)
-        fn()
-    times: dict[str, list[float]] = {key: [] for key in measurements}
-    for _ in range(args.rounds):  # interleaved, so load from other processes hits every measurement alike
-        for key, fn in measurements.items():
-            times[key].append(_time(fn))
+    # Warm-up (allocations, optimizer state), then interleaved, so load from other processes hits all alike.
+    times = interleaved_times(measurements, args.rounds)
     median = {key: statistics.median(values) for key, values in times.items()}
     ideal = median['forward_no_grad_all'] - median['forward_no_grad_unfrozen_part'] + median['unfrozen_part_step']
     return {

@@ -41,6 +41,8 @@ from algorithms.lora_inject import apply_lora  # noqa: E402
 from algorithms.models import tiny_decoder  # noqa: E402
 from algorithms.optimizer_surgery import training_state_bytes  # noqa: E402
 from algorithms.parameter_selection import user_module  # noqa: E402
+from benchmarks.measure import adamw, interleaved_times, train_step  # noqa: E402
+from benchmarks.methods import swap_in_loralib  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'lora_inject.json'
 TARGETS = ['q_proj', 'v_proj']
@@ -67,38 +69,11 @@ def peft_model(base: nn.Module, args: argparse.Namespace) -> nn.Module:
 
 
 def loralib_model(base: nn.Module, args: argparse.Namespace) -> nn.Module:
-    import loralib
-
-    model = copy.deepcopy(base)
-    for name, module in list(model.named_modules()):
-        if name.rsplit('.', 1)[-1] in TARGETS:
-            layer = loralib.Linear(module.in_features, module.out_features, r=args.r, lora_alpha=2 * args.r,
-                                   bias=module.bias is not None).to(module.weight.device)
-            layer.load_state_dict(module.state_dict(), strict=False)
-            parent, _, child = name.rpartition('.')
-            setattr(model.get_submodule(parent), child, layer)
-    loralib.mark_only_lora_as_trainable(model)
-    return model
+    return swap_in_loralib(copy.deepcopy(base), TARGETS, r=args.r, lora_alpha=2 * args.r)
 
 
-def adamw(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> None:
-    optimizer.zero_grad(set_to_none=False)  # keep gradients allocated, so training-state bytes count them
-    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    optimizer.step()
-
-
-def _time(fn: Callable[[], Any], device: str) -> float:
-    if device == 'cuda':
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == 'cuda':
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+def lm_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> None:
+    train_step(model, optimizer, ids, set_to_none=False)  # keep gradients allocated, so state bytes count them
 
 
 def efficiency_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -108,12 +83,8 @@ def efficiency_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     builders = {'composer-thaw LoRAInject': ours, 'PEFT 0.16 LoRA': peft_model, 'loralib 0.1.2': loralib_model}
     models = {name: build(base, args) for name, build in builders.items()}
     optimizers = {name: adamw(model) for name, model in models.items()}
-    for name in models:  # warm up: allocations, optimizer state
-        train_step(models[name], optimizers[name], ids)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name in models:
-            times[name].append(_time(lambda: train_step(models[name], optimizers[name], ids), args.device))
+    steps = {name: (lambda name=name: lm_step(models[name], optimizers[name], ids)) for name in models}
+    times = interleaved_times(steps, args.rounds, args.device)  # warm-up step first: allocations, optimizer state
     rows = []
     for name, model in models.items():
         state = training_state_bytes(model, optimizers[name])
@@ -156,12 +127,7 @@ def layer_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         layers[name](x).square().mean().backward()
         optimizers[name].step()
 
-    for name in layers:
-        step(name)
-    times: dict[str, list[float]] = {name: [] for name in layers}
-    for _ in range(3 * args.rounds):
-        for name in layers:
-            times[name].append(_time(lambda: step(name), args.device))
+    times = interleaved_times({name: (lambda name=name: step(name)) for name in layers}, 3 * args.rounds, args.device)
     median = {name: statistics.median(values) for name, values in times.items()}
     return [{'implementation': name, 'median_step_seconds': seconds,
              'step_time_vs_peft': seconds / median['PEFT 0.16 LoRA']} for name, seconds in median.items()]

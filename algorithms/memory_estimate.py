@@ -1,0 +1,378 @@
+"""Predict training-state bytes (parameters, gradients, optimizer state) for any model size and algorithm.
+
+The model is built from its config on the ``meta`` device, so a 7B model costs no memory and every shape is exact;
+each algorithm's own functional form (``apply_lora``, ``apply_regex_freeze``, ``freeze_layers``, HiFT's rotation
+plan) then decides what trains, exactly as in a real run. Only the bytes are counted here: activations, the
+framework and the allocator come on top (the benchmark measures those).
+
+Example:
+    >>> config = load_model_config('llama-7b')
+    >>> rows = [estimate_training_state(config, 'full'), estimate_training_state(config, 'lora_inject', {'r': 16})]
+    >>> print(format_estimates(rows))
+
+From the command line: ``thaw estimate --model-config llama-7b --algorithm full --algorithm 'lora_inject={r: 16}'
+--algorithm 'hift_rotation={group_size: 4}'``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from algorithms.config_validation import ConfigError
+
+__all__ = [
+    'BUILTIN_CONFIGS',
+    'ESTIMATED_ALGORITHMS',
+    'MemoryEstimate',
+    'OPTIMIZER_STATE',
+    'estimate_training_state',
+    'format_estimates',
+    'load_model_config',
+    'meta_model',
+    'spec_of',
+]
+
+# Hugging Face config dicts of well-known models, so sizes can be estimated without a download.
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
+    'gpt2': {'model_type': 'gpt2', 'n_embd': 768, 'n_layer': 12, 'n_head': 12, 'vocab_size': 50257,
+             'n_positions': 1024},
+    'llama-7b': {'model_type': 'llama', 'hidden_size': 4096, 'intermediate_size': 11008, 'num_hidden_layers': 32,
+                 'num_attention_heads': 32, 'num_key_value_heads': 32, 'vocab_size': 32000,
+                 'max_position_embeddings': 4096},
+    'llama-2-13b': {'model_type': 'llama', 'hidden_size': 5120, 'intermediate_size': 13824, 'num_hidden_layers': 40,
+                    'num_attention_heads': 40, 'num_key_value_heads': 40, 'vocab_size': 32000,
+                    'max_position_embeddings': 4096},
+    'mistral-7b': {'model_type': 'mistral', 'hidden_size': 4096, 'intermediate_size': 14336, 'num_hidden_layers': 32,
+                   'num_attention_heads': 32, 'num_key_value_heads': 8, 'vocab_size': 32000,
+                   'max_position_embeddings': 32768},
+}
+# Also built in, from this package: 'minilm' (the embedded checkpoint's config, 6-class head) and 'tiny-decoder'.
+_PACKAGE_MODELS = ('minilm', 'tiny-decoder')
+
+# Optimizer -> (state tensors per parameter, bytes of per-parameter scalars such as Adam's float32 ``step``).
+OPTIMIZER_STATE: dict[str, tuple[int, int]] = {
+    'adamw': (2, 4),
+    'adam': (2, 4),
+    'sgd': (1, 0),  # with momentum; plain SGD keeps no state
+    'adagrad': (1, 4),
+}
+OptimizerName = Literal['adamw', 'adam', 'sgd', 'adagrad']
+
+ESTIMATED_ALGORITHMS = ('full', 'layer_freezing', 'regex_freeze', 'lora_inject', 'hift_rotation')
+
+_ENCODER_TYPES = ('bert', 'roberta', 'distilbert', 'deberta', 'deberta-v2', 'electra', 'xlm-roberta')
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A Hugging Face config and the head to build on it."""
+
+    config: Any  # transformers.PretrainedConfig
+    task: Literal['causal-lm', 'sequence-classification']
+    name: str
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted bytes on the training device, plus optimizer state held elsewhere (HiFT's offloaded state)."""
+
+    algorithm: str
+    options: dict[str, Any]
+    total_params: int
+    trainable_params: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_state_bytes: int
+    offloaded_state_bytes: int = 0
+    note: str = ''
+
+    @property
+    def training_state_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_state_bytes
+
+
+def _tiny_decoder_config() -> dict[str, Any]:
+    # The defaults of algorithms.models.tiny_decoder('llama'); the vocabulary is the embedded tokenizer's.
+    return {'model_type': 'llama', 'hidden_size': 64, 'intermediate_size': 128, 'num_hidden_layers': 4,
+            'num_attention_heads': 4, 'num_key_value_heads': 4, 'vocab_size': 30522, 'max_position_embeddings': 128,
+            'pad_token_id': 0, 'tie_word_embeddings': False}
+
+
+def load_model_config(source: Union[str, Path, Mapping[str, Any]], overrides: Optional[Mapping[str, Any]] = None,
+                      num_labels: int = 6) -> ModelSpec:
+    """A :class:`ModelSpec` from a built-in name, a ``config.json`` (or its folder), or a config dict.
+
+    Args:
+        source: ``'minilm'``, ``'tiny-decoder'``, one of :data:`BUILTIN_CONFIGS`, a path, or a dict with ``model_type``.
+        overrides: config values to change (e.g. ``{'num_hidden_layers': 8}``).
+        num_labels: classes of the head for encoder models (the built-in task has 6).
+
+    Raises:
+        ConfigError: an unknown name, a missing file, or a config Hugging Face cannot read.
+    """
+    from transformers import AutoConfig
+
+    name = str(source) if not isinstance(source, Mapping) else source.get('_name_or_path', 'config')
+    if isinstance(source, Mapping):
+        data = dict(source)
+    elif source == 'minilm':
+        from algorithms.models import embedded_minilm_path
+
+        data = json.loads((embedded_minilm_path() / 'config.json').read_text())
+    elif source == 'tiny-decoder':
+        data = _tiny_decoder_config()
+    elif source in BUILTIN_CONFIGS:
+        data = dict(BUILTIN_CONFIGS[str(source)])
+    else:
+        path = Path(source)
+        if path.is_dir():
+            path = path / 'config.json'
+        if not path.is_file():
+            raise ConfigError('--model-config', str(source), 'expected a local config.json (or its folder) or one of '
+                              f'{", ".join(map(repr, (*_PACKAGE_MODELS, *BUILTIN_CONFIGS)))}.')
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ConfigError('--model-config', str(source), f'not valid JSON: {error}.') from error
+    data.update(overrides or {})
+    model_type = data.pop('model_type', None)
+    if not model_type:
+        raise ConfigError('--model-config', name, "the config has no 'model_type' (e.g. 'llama', 'bert').")
+    try:
+        config = AutoConfig.for_model(model_type, **data)
+    except (ValueError, TypeError) as error:
+        raise ConfigError('--model-config', name, str(error)) from error
+    architectures = ' '.join(getattr(config, 'architectures', None) or [])
+    encoder = model_type in _ENCODER_TYPES or 'SequenceClassification' in architectures
+    if encoder:
+        config.num_labels = num_labels
+    return ModelSpec(config, 'sequence-classification' if encoder else 'causal-lm', name)
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    """The :class:`ModelSpec` of a built model (Composer-wrapped or not), to estimate exactly what it trains."""
+    from algorithms.parameter_selection import user_module
+
+    root = user_module(model)
+    task = 'sequence-classification' if 'SequenceClassification' in type(root).__name__ else 'causal-lm'
+    return ModelSpec(copy.deepcopy(root.config), task, type(root).__name__)
+
+
+def meta_model(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of ``spec`` on the ``meta`` device: exact shapes, no memory."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if spec.task == 'causal-lm' else AutoModelForSequenceClassification
+    with torch.device('meta'):
+        model = cls.from_config(spec.config, torch_dtype=dtype)
+    return model
+
+
+def _unique_params(params) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for param in params:
+        seen.setdefault(id(param), param)
+    return list(seen.values())
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _state_bytes(params, optimizer: str) -> int:
+    tensors, scalars = OPTIMIZER_STATE[optimizer]
+    return sum(tensors * p.numel() * p.element_size() + scalars for p in params)
+
+
+def _trainable(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return _unique_params(p for group in optimizer.param_groups for p in group['params'] if p.requires_grad)
+
+
+def _validate(algorithm: str, options: Mapping[str, Any]) -> None:
+    """Check options the way a recipe would (unknown keys, wrong types, the algorithm's own validation)."""
+    if algorithm not in ESTIMATED_ALGORITHMS:
+        raise ConfigError('--algorithm', algorithm, f'not estimated; choose one of {", ".join(ESTIMATED_ALGORITHMS)}.')
+    if algorithm == 'full':
+        if options:
+            raise ConfigError('--algorithm full', dict(options), 'full fine-tuning takes no options.')
+        return
+    from algorithms.registry import algorithm_registry, build_algorithm
+
+    if algorithm not in algorithm_registry():
+        raise ConfigError('--algorithm', algorithm, 'this algorithm is not installed in this version.')
+    build_algorithm(algorithm, dict(options), where='--algorithm')
+
+
+def _hift_rotation(model: nn.Module, optimizer: torch.optim.Optimizer, options: Mapping[str, Any], opt_name: str):
+    """Resident (largest group + always-trainable units) and offloaded state under HiFT's rotation."""
+    from itertools import combinations
+
+    from algorithms.hift_rotation import GroupQueue, plan_rotation
+
+    if options.get('lora'):
+        raise ConfigError('--algorithm hift_rotation', dict(options), 'lora=true is not estimated; estimate '
+                          'lora_inject instead (the rotation only lowers its small adapter state further).')
+    group_size = options.get('group_size', 1)
+    plan = plan_rotation(model, optimizer, group_size, options.get('freeze'), options.get('always_trainable'),
+                         options.get('groups'))
+    named = dict(model.named_parameters())
+    unit_params = [_unique_params(named[n] for n in unit.parameter_names) for unit in plan.units]
+    always = [p for i in plan.always for p in unit_params[i]]
+    strategy = options.get('strategy', 'down2up')
+    if strategy == 'random':  # any group can come up: the largest possible one bounds the resident share
+        candidates = combinations(plan.rotating, group_size) if len(plan.rotating) <= 12 else [
+            tuple(sorted(plan.rotating, key=lambda i: -_bytes(unit_params[i]))[:group_size])]
+        groups = list(candidates)
+    else:  # every group the queue visits, until it comes back to its start
+        queue = GroupQueue(plan.rotating, group_size, strategy)
+        groups = [queue.next_group()[0] for _ in range(max(1, len(plan.rotating)) * max(1, plan.groups_per_pass))]
+    largest = max(groups, key=lambda g: _bytes(p for i in g for p in unit_params[i]))
+    resident = _unique_params([*always, *(p for i in largest for p in unit_params[i])])
+    rotating = _unique_params(p for i in plan.rotating for p in unit_params[i])
+    all_trainable = _unique_params([*always, *rotating])
+    offload = options.get('offload', True)
+    resident_state = _state_bytes(all_trainable if not offload else resident, opt_name)
+    offloaded = _state_bytes(all_trainable, opt_name) - resident_state
+    note = (f'largest group: {", ".join(plan.names(largest))}; other groups\' optimizer state '
+            f'{"offloaded to the host" if offload else "kept on the device"} once visited')
+    return resident, resident_state, offloaded, note
+
+
+def estimate_training_state(
+    model: Union[ModelSpec, str, Mapping[str, Any]],
+    algorithm: str = 'full',
+    options: Optional[Mapping[str, Any]] = None,
+    optimizer: OptimizerName = 'adamw',
+    dtype: torch.dtype = torch.float32,
+) -> MemoryEstimate:
+    """Predicted peak training-state bytes of ``algorithm`` (with ``options``) on ``model``.
+
+    * ``full``: every parameter trains.
+    * ``lora_inject``, ``regex_freeze``: what the functional form leaves trainable (row-range tensors keep full-size
+      state, as in a real run).
+    * ``layer_freezing``: the state once ``freeze_level`` is reached (end of training); before freezing starts the
+      run holds the ``full`` state.
+    * ``hift_rotation``: parameters, plus gradients and optimizer state of the always-trainable units and of the
+      largest group; the other groups' state is reported as offloaded (host memory).
+
+    Raises:
+        ConfigError: an unknown algorithm or optimizer, or options the algorithm rejects for this model.
+    """
+    options = dict(options or {})
+    spec = model if isinstance(model, ModelSpec) else load_model_config(model)
+    if optimizer not in OPTIMIZER_STATE:
+        raise ConfigError('--optimizer', optimizer, f'choose one of {", ".join(OPTIMIZER_STATE)}.')
+    _validate(algorithm, options)
+    root = meta_model(spec, dtype)
+    torch_optimizer = torch.optim.SGD(root.parameters(), lr=0.1)  # only its param groups are used
+    note, offloaded = '', 0
+    try:
+        if algorithm == 'lora_inject':
+            from algorithms.lora_inject import apply_lora
+
+            apply_lora(root, torch_optimizer, **options)
+        elif algorithm == 'regex_freeze':
+            from algorithms.regex_freeze import apply_regex_freeze
+
+            apply_regex_freeze(root, torch_optimizer, **options)
+        elif algorithm == 'layer_freezing':
+            from algorithms.layer_freezing import freeze_layers
+
+            depth, _ = freeze_layers(root, torch_optimizer, 1.0, options.get('freeze_start', 0.5),
+                                         options.get('freeze_level', 1.0), options.get('granularity', 'leaf'))
+            note = f'at the end of training ({depth} units frozen); before freezing starts: the full row'
+        if algorithm == 'hift_rotation':
+            trainable, state_bytes, offloaded, note = _hift_rotation(root, torch_optimizer, options, optimizer)
+        else:
+            trainable = _trainable(torch_optimizer)
+            state_bytes = _state_bytes(trainable, optimizer)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(f'--algorithm {algorithm}', options, str(error)) from error
+    params = _unique_params(root.parameters())
+    return MemoryEstimate(
+        algorithm=algorithm,
+        options=options,
+        total_params=sum(p.numel() for p in params),
+        trainable_params=sum(p.numel() for p in trainable),
+        param_bytes=_bytes(params),
+        grad_bytes=_bytes(trainable),
+        optimizer_state_bytes=state_bytes,
+        offloaded_state_bytes=offloaded,
+        note=note,
+    )
+
+
+def _human(n: float) -> str:
+    for unit in ('B', 'KiB', 'MiB', 'GiB'):
+        if abs(n) < 1024 or unit == 'GiB':
+            return f'{int(n)} B' if unit == 'B' else f'{n:.2f} {unit}'
+        n /= 1024
+    return f'{n:.2f} GiB'
+
+
+def format_estimates(rows: list[MemoryEstimate], title: str = '') -> str:
+    """A Markdown table of estimates, with each row's total relative to the first row."""
+    lines = [title, ''] if title else []
+    lines += ['| algorithm | trainable params | params | grads | optimizer state | training state | vs first '
+              '| offloaded | note |', '|---|---|---|---|---|---|---|---|---|']
+    reference = rows[0].training_state_bytes if rows else 1
+    for row in rows:
+        options = ', '.join(f'{k}={v!r}' for k, v in row.options.items())
+        label = f'{row.algorithm}({options})' if options else row.algorithm
+        lines.append(
+            f'| {label} | {row.trainable_params:,} ({row.trainable_params / max(row.total_params, 1):.2%}) | '
+            f'{_human(row.param_bytes)} | {_human(row.grad_bytes)} | {_human(row.optimizer_state_bytes)} | '
+            f'{_human(row.training_state_bytes)} | {row.training_state_bytes / reference:.3f}x | '
+            f'{_human(row.offloaded_state_bytes) if row.offloaded_state_bytes else "-"} | {row.note} |')
+    return '\n'.join(lines)
+
+
+def parse_algorithm(text: str) -> tuple[str, dict[str, Any]]:
+    """``'lora_inject={r: 16}'`` -> ``('lora_inject', {'r': 16})``; a bare name has no options."""
+    import yaml
+
+    name, _, options = text.partition('=')
+    name = name.strip()
+    if not options.strip():
+        return name, {}
+    try:
+        value = yaml.safe_load(options)
+    except yaml.YAMLError as error:
+        raise ConfigError('--algorithm', text, f'the options after "=" are not valid YAML: {error}.') from error
+    if not isinstance(value, dict):
+        raise ConfigError('--algorithm', text, "expected NAME or NAME={key: value, ...}, e.g. 'lora_inject={r: 16}'.")
+    return name, value
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, value = text.partition('=')
+    if not sep or not key.strip():
+        raise ConfigError('--set', text, 'expected KEY=VALUE, e.g. num_hidden_layers=8.')
+    return key.strip(), yaml.safe_load(value)
+
+
+_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def estimate_report(model_config: str, algorithms: list[str], overrides: list[str] = (), optimizer: str = 'adamw',
+                    dtype: str = 'float32') -> str:
+    """The ``thaw estimate`` table: one row per ``NAME[={options}]`` in ``algorithms`` (``full`` if none)."""
+    if dtype not in _DTYPES:
+        raise ConfigError('--dtype', dtype, f'choose one of {", ".join(_DTYPES)}.')
+    spec = load_model_config(model_config, dict(_parse_override(o) for o in overrides))
+    rows = [estimate_training_state(spec, name, options, optimizer, _DTYPES[dtype])
+            for name, options in map(parse_algorithm, algorithms or ['full'])]
+    title = (f'{spec.name} ({spec.config.model_type}, {rows[0].total_params:,} parameters), {optimizer}, {dtype}: '
+             'predicted training-state bytes on the training device (activations not included)')
+    return format_estimates(rows, title)

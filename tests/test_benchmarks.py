@@ -1,0 +1,44 @@
+"""The benchmark runner works end to end on a minimal configuration, peers included, and writes its reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import support
+
+sys.path.insert(0, str(support.REPO))  # the benchmarks package lives at the repository root
+
+from benchmarks import report, run  # noqa: E402
+from benchmarks.methods import METHODS, Method  # noqa: E402
+
+
+def test_minimal_run_measures_every_method_and_writes_table_json_and_plots(tmp_path, monkeypatch):
+    missing = Method('missing_peer', 'a peer that is not installed', 'peer', lambda task, device: None,
+                     requires=('no_such_package_xyz',))
+    monkeypatch.setattr(run, 'METHODS', (*METHODS, missing))
+
+    result = run.run(quick=True, repeats=2, batches=2, tasks=['decoder-s'], rss_check=False, log=lambda *_: None,
+                     methods=['full', 'lora_inject', 'peft_lora', 'regex_freeze', 'hift_package', 'badam',
+                              'missing_peer'])
+    paths = report.write(result, tmp_path)
+
+    rows = {row['method']: row for row in result['tasks'][0]['rows']}
+    assert set(rows) == {'full', 'lora_inject', 'peft_lora', 'regex_freeze', 'hift_package', 'badam', 'missing_peer'}
+    assert rows['missing_peer'] == {**rows['missing_peer'], 'available': False,
+                                    'reason': 'no_such_package_xyz is not installed'}
+    for key in ('full', 'lora_inject', 'peft_lora', 'hift_package', 'badam'):
+        row = rows[key]
+        assert row['repeats'] == 2 and len(row['losses']) == 2 and row['step_seconds']['median'] > 0
+        assert row['peak_memory_growth']['median'] > 0 and row['eval_metric'] > 0
+    full_state = sum(rows['full']['peak_state'].values())
+    assert rows['lora_inject']['vs_full']['state_bytes'] == sum(rows['lora_inject']['peak_state'].values()) / full_state
+    assert rows['lora_inject']['vs_peer']['state_bytes'] <= 1.0  # no more than PEFT holds
+    assert all(abs(e['relative_error']) < 1e-9 for e in result['tasks'][0]['estimator'])
+
+    table = (tmp_path / 'latest.md').read_text()
+    assert '| ours: LoRAInject r=8 (peer: peft_lora) |' in table
+    assert 'not run: no_such_package_xyz is not installed' in table
+    assert json.loads((tmp_path / 'latest.json').read_text())['tasks'][0]['key'] == 'decoder-s'
+    assert {p.name for p in paths} >= {'memory.png', 'loss.png', 'latest.json', 'latest.md'}
+    assert (tmp_path / 'memory.png').read_bytes()[:4] == b'\x89PNG'

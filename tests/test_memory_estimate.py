@@ -1,0 +1,146 @@
+"""The memory estimator: exact against a real run's tensors, close to the process's real memory growth, usable from
+the CLI for any model size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import support
+import torch
+
+from algorithms.config_validation import ConfigError
+from algorithms.memory_estimate import estimate_training_state, load_model_config, spec_of
+from algorithms.optimizer_surgery import training_state_bytes
+from algorithms.parameter_selection import user_module
+
+sys.path.insert(0, str(support.REPO))  # the benchmarks package lives at the repository root
+
+HAS_HIFT = importlib.util.find_spec('algorithms.hift_rotation') is not None
+
+CASES = [
+    ('full', {}),
+    ('lora_inject', {'r': 4, 'lora_alpha': 8, 'target_modules': ['q_proj', 'v_proj']}),
+    ('regex_freeze', {'trainable': ['lm_head', 'model.layers.3', 'model.embed_tokens.weight[0:100]']}),
+    ('layer_freezing', {'freeze_start': 0.0, 'freeze_level': 0.5, 'granularity': 'block'}),
+]
+
+
+def _apply(model, optimizer, algorithm, options):
+    if algorithm == 'lora_inject':
+        from algorithms.lora_inject import apply_lora
+        apply_lora(model, optimizer, **options)
+    elif algorithm == 'regex_freeze':
+        from algorithms.regex_freeze import apply_regex_freeze
+        apply_regex_freeze(model, optimizer, **options)
+    elif algorithm == 'layer_freezing':
+        from algorithms.layer_freezing import freeze_layers
+        freeze_layers(model, optimizer, 1.0, **options)
+
+
+@pytest.mark.parametrize('algorithm,options', CASES, ids=[c[0] for c in CASES])
+def test_prediction_equals_the_bytes_after_a_real_step(algorithm, options):
+    model = user_module(support.seeded_tiny_decoder())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _apply(model, optimizer, algorithm, options)
+    ids = torch.randint(0, 1000, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+
+    measured = training_state_bytes(model, optimizer)
+    predicted = estimate_training_state(spec_of(model), algorithm, options)
+
+    assert (predicted.param_bytes, predicted.grad_bytes, predicted.optimizer_state_bytes) == \
+        (measured.params, measured.grads, measured.optimizer_state)
+    assert predicted.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_prediction_matches_process_memory_growth_on_a_32m_parameter_decoder():
+    """Independent of the estimator's tensor count: RSS growth of the first backward and the first optimizer step."""
+    from benchmarks import estimator_check
+
+    checks = estimator_check.run_checks(hidden=384, layers=6, cases=estimator_check.CASES[:2])
+
+    for check in checks:
+        assert check.params > 30e6
+        assert check.within_tolerance, estimator_check.markdown(checks, 384, 6)
+
+
+@pytest.mark.skipif(not HAS_HIFT, reason='algorithms.hift_rotation is not in this checkout')
+def test_hift_rotation_keeps_only_the_largest_group_resident():
+    spec = load_model_config('tiny-decoder')
+    full = estimate_training_state(spec, 'full')
+    rotation = estimate_training_state(spec, 'hift_rotation', {'group_size': 1})
+
+    assert rotation.param_bytes == full.param_bytes
+    assert rotation.grad_bytes < full.grad_bytes
+    assert rotation.optimizer_state_bytes + rotation.offloaded_state_bytes == full.optimizer_state_bytes
+
+
+def test_7b_sizes_come_from_the_config_without_memory():
+    spec = load_model_config('llama-7b')
+    full = estimate_training_state(spec, 'full')
+    lora = estimate_training_state(spec, 'lora_inject', {'r': 16, 'target_modules': ['q_proj', 'v_proj']})
+
+    assert full.total_params == 6_738_415_616
+    assert full.training_state_bytes == 16 * full.total_params + 4 * (2 + 9 * 32 + 1)  # + one Adam step per tensor
+    assert lora.trainable_params == 32 * 2 * 16 * (4096 + 4096)
+    assert lora.training_state_bytes < 0.26 * full.training_state_bytes
+
+
+def test_a_local_config_json_with_overrides(tmp_path):
+    path = tmp_path / 'config.json'
+    path.write_text(json.dumps({'model_type': 'gpt2', 'n_embd': 64, 'n_layer': 2, 'n_head': 2, 'vocab_size': 1000}))
+
+    spec = load_model_config(tmp_path, overrides={'n_layer': 3})
+
+    assert spec.task == 'causal-lm' and spec.config.n_layer == 3
+    assert estimate_training_state(spec, 'full', optimizer='sgd').optimizer_state_bytes == \
+        estimate_training_state(spec, 'full').grad_bytes
+
+
+@pytest.mark.parametrize('source,fragment', [
+    ('no-such-model', "'minilm', 'tiny-decoder'"),
+    ({'hidden_size': 8}, "no 'model_type'"),
+])
+def test_unknown_model_configs_name_what_is_valid(source, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_model_config(source)
+
+
+@pytest.mark.parametrize('algorithm,options,fragment', [
+    ('no_such', {}, 'choose one of full'),
+    ('lora_inject', {'r': 0}, 'r=0'),
+    ('lora_inject', {'rank': 8}, 'rank'),
+    ('regex_freeze', {'trainable': ['lm_haed']}, 'lm_haed'),
+    ('full', {'r': 1}, 'takes no options'),
+])
+def test_bad_algorithms_or_options_raise_config_error(algorithm, options, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        estimate_training_state('tiny-decoder', algorithm, options)
+
+
+def test_cli_prints_one_row_per_algorithm(capsys):
+    from algorithms.cli import main
+
+    code = main(['estimate', '--model-config', 'tiny-decoder', '--set', 'num_hidden_layers=2', '--algorithm', 'full',
+                 '--algorithm', 'lora_inject={r: 8, target_modules: [q_proj, v_proj]}'])
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert '| full | 3,' in out and "| lora_inject(r=8, target_modules=['q_proj', 'v_proj']) |" in out
+
+
+@pytest.mark.parametrize('args', [
+    ['--model-config', 'llama-7b', '--algorithm', 'lora_inject={r: -1}'],
+    ['--model-config', 'llama-7b', '--algorithm', 'lora_inject=[1, 2]'],
+    ['--model-config', 'nowhere/config.json'],
+    ['--model-config', 'gpt2', '--dtype', 'float8'],
+])
+def test_cli_invalid_input_exits_2_with_one_line(args, capsys):
+    from algorithms.cli import main
+
+    assert main(['estimate', *args]) == 2
+    assert capsys.readouterr().err.count('\n') == 1
