@@ -25,6 +25,14 @@ $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/thaw run yamls/demo.yaml
 
+# Every method next to full fine-tuning and its peers; tables, JSON and plots in benchmarks/results/.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+# The same in under 5 minutes on 2 CPU cores; refreshes the benchmark section of README.md.
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.run --quick --update-readme
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 

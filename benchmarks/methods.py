@@ -441,7 +441,12 @@ METHODS: tuple[Method, ...] = (
            requires=('algorithms.hift_rotation',),
            estimate=('hift_rotation', lambda t: {'group_size': 1})),
     Method('hift_package', 'hift 0.0.5 (grouping + rotation)', 'peer', _hift_package, requires=('hift',),
-           how="Composer Trainer; hift's grouping, HiFTrainer's per-step rotation in a callback"),
+           how="`import hift` fails on transformers 4.53 (it imports the removed `is_torch_tpu_available`), so "
+               "its grouping module (`hift/registerCallBack.py`) is loaded by file and what `HiFTrainer."
+               "update_parameter_state` does before each step is repeated in a Composer callback (group_element=1, "
+               "down2up); like hift, it keeps every visited group's optimizer state in the optimizer"),
     Method('badam', 'BAdam BlockOptimizer, switch every step', 'peer', _badam, requires=('badam',),
-           how="Composer Trainer; BlockOptimizer as the optimizer (closure run before its step)"),
+           how='`BlockOptimizer` (switch_block_every=1, ascending, to rotate like HiFT within the budget) is the '
+               "Trainer's optimizer, in a subclass that runs Composer's closure before BAdam's step; BAdam copies "
+               'the active block to fp32 and calls `gc.collect()` at every switch'),
 )

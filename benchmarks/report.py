@@ -87,6 +87,14 @@ def markdown(result: dict[str, Any]) -> str:
         '(LayerFreezing: Composer LayerFreezing; RegexFreeze: a hand-written requires_grad freeze; LoRAInject: PEFT; '
         'HiFTRotation: the hift package).',
     ]
+    notes = {}
+    for task in result['tasks']:
+        for row in task['rows']:
+            if row.get('how', 'Composer Trainer') != 'Composer Trainer':
+                notes[row['label']] = row['how']
+    if notes:
+        parts += ['', 'How peers run where the plain way does not work: every method runs in Composer\'s Trainer;']
+        parts += [f'- {label}: {how}.' for label, how in notes.items()]
     for task in result['tasks']:
         parts += ['', task_table(task)]
     if result.get('rss_check'):
@@ -112,12 +120,15 @@ def plot_memory(result: dict[str, Any], path: Path) -> Path:
             values = [r['peak_state'][key] / MIB for r in rows]
             ax.barh(labels, values, left=bottom, color=color, label=key.replace('_', ' '))
             bottom = [b + v for b, v in zip(bottom, values)]
+        ends = [sum(r['last_state'].values()) / MIB for r in rows]
+        ax.plot(ends, labels, 'k|', markersize=16, markeredgewidth=2, label='total after the last batch')
         ax.invert_yaxis()
         ax.set_xlabel('MiB (peak training state)')
         ax.set_title(task['key'], fontsize=10)
-    axes[0][0].legend(loc='lower right', fontsize=8)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc='lower center', ncol=4, fontsize=9)
     fig.suptitle('Training-state bytes per method (* = composer-thaw)', fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
