@@ -19,12 +19,12 @@ def test_minimal_run_measures_every_method_and_writes_table_json_and_plots(tmp_p
     monkeypatch.setattr(run, 'METHODS', (*METHODS, missing))
 
     result = run.run(quick=True, repeats=2, batches=2, tasks=['decoder-s'], rss_check=False, log=lambda *_: None,
-                     methods=['full', 'lora_inject', 'peft_lora', 'regex_freeze', 'hift_package', 'badam',
+                     methods=['full', 'lora_inject', 'peft_lora', 'hift_package', 'badam',
                               'missing_peer'])
     paths = report.write(result, tmp_path)
 
     rows = {row['method']: row for row in result['tasks'][0]['rows']}
-    assert set(rows) == {'full', 'lora_inject', 'peft_lora', 'regex_freeze', 'hift_package', 'badam', 'missing_peer'}
+    assert set(rows) == {'full', 'lora_inject', 'peft_lora', 'hift_package', 'badam', 'missing_peer'}
     assert rows['missing_peer'] == {**rows['missing_peer'], 'available': False,
                                     'reason': 'no_such_package_xyz is not installed'}
     for key in ('full', 'lora_inject', 'peft_lora', 'hift_package', 'badam'):
