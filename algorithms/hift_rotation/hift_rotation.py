@@ -357,6 +357,21 @@ class GroupRotation:
             param.grad = None
 
 
+def _refuse_other_freezing(algorithms: Sequence[Algorithm]) -> None:
+    """Raise if another algorithm also decides which parameters train: together they would undo each other."""
+    from algorithms.layer_freezing import LayerFreezing
+    from algorithms.regex_freeze import RegexFreeze
+
+    others = [type(a).__name__ for a in algorithms if isinstance(a, (LayerFreezing, RegexFreeze))]
+    if others:
+        raise ValueError(
+            f'HiFTRotation cannot be combined with {", ".join(others)}: both decide which parameters train, so the '
+            'rotation would train parameters the other froze, or the other would freeze the active group. Restrict '
+            'the rotation instead: HiFTRotation(freeze=[unit indices]) leaves units out, always_trainable=[...] keeps '
+            'units on, groups=[regexes] names the groups; with LoRA use LoRAInject + HiFTRotation(lora=True).',
+        )
+
+
 class HiFTRotation(ConfigRepr, Algorithm):
     """HiFT as a Composer algorithm: all parameters train, one group of units per step, the rest offloaded.
 
@@ -423,6 +438,7 @@ class HiFTRotation(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.BEFORE_LOAD:
+            _refuse_other_freezing(state.algorithms)
             if state.fsdp_config is not None:
                 raise NotImplementedError('HiFTRotation does not support FSDP (its param groups hold flat parameters).')
             if self.rotation is not None:
