@@ -112,7 +112,7 @@ def _preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list_algorithms() -> int:
+def _list_algorithms(args: argparse.Namespace) -> int:
     from algorithms.registry import algorithm_registry
 
     for name, entry in sorted(algorithm_registry().items()):
@@ -129,16 +129,12 @@ def _estimate(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {'run': _run, 'freeze-preview': _preview, 'estimate': _estimate, 'algorithms': _list_algorithms}
     try:
-        if args.command == 'run':
-            return _run(args)
-        if args.command == 'freeze-preview':
-            return _preview(args)
-        if args.command == 'estimate':
-            return _estimate(args)
-        return _list_algorithms()
+        return commands[args.command](args)
     except ConfigError as error:
-        print(f'thaw: invalid recipe: {error}', file=sys.stderr)
+        what = 'recipe' if args.command == 'run' else 'input'
+        print(f'thaw {args.command}: invalid {what}: {error}', file=sys.stderr)
         return EXIT_INVALID
 
 

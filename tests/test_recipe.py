@@ -52,7 +52,7 @@ def test_bad_recipe_exits_2_with_one_message_naming_key_and_fix(case, tmp_path, 
     text, key, fragment = BAD_RECIPES[case]
     assert main(['run', str(_write(tmp_path, text))]) == EXIT_INVALID
     err = capsys.readouterr().err
-    assert err.startswith(f'thaw: invalid recipe: {key} = ')
+    assert err.startswith(f'thaw run: invalid recipe: {key} = ')
     assert fragment in err
     assert err.count('\n') == 1 and 'Traceback' not in err
 
