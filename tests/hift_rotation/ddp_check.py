@@ -11,7 +11,6 @@ Rank 0 writes the findings as JSON to the path given as the first argument.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -21,43 +20,27 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
 import torch  # noqa: E402
-from composer import Callback, Trainer  # noqa: E402
+from composer import Trainer  # noqa: E402
 from composer.utils import dist  # noqa: E402
 
 from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus  # noqa: E402
 from algorithms.hift_rotation import GroupRotation, HiFTRotation  # noqa: E402
 from algorithms.models import load_tokenizer, tiny_decoder  # noqa: E402
 from algorithms.parameter_selection import user_module  # noqa: E402
+from rank_checks import RankChecks  # noqa: E402
+from algorithms.training import parameter_checksum  # noqa: E402
 
 
-def params_digest(model) -> str:
-    digest = hashlib.sha256()
-    for _, param in sorted(user_module(model).named_parameters()):
-        digest.update(param.detach().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+class Checks(RankChecks):
+    """RankChecks plus whether every rank trains the same group at each step."""
 
-
-class Checks(Callback):
     def __init__(self):
-        self.first_batch_digest = None
-        self.ranks_identical = []
+        super().__init__()
         self.same_group = []
-        self.inactive_grads = 0
-
-    def after_dataloader(self, state, logger):
-        if self.first_batch_digest is None:
-            self.first_batch_digest = hashlib.sha256(state.batch['input_ids'].numpy().tobytes()).hexdigest()
 
     def batch_start(self, state, logger):
         trainable = [n for n, p in user_module(state.model).named_parameters() if p.requires_grad]
         self.same_group.append(len({tuple(t) for t in dist.all_gather_object(trainable)}) == 1)
-
-    def after_train_batch(self, state, logger):  # gradients are all-reduced by now
-        self.inactive_grads += sum(
-            1 for p in user_module(state.model).parameters() if not p.requires_grad and p.grad is not None)
-
-    def batch_end(self, state, logger):
-        self.ranks_identical.append(len(set(dist.all_gather_object(params_digest(state.model)))) == 1)
 
 
 def train(save_folder, load_path, seed, duration='2ep'):
@@ -97,15 +80,15 @@ def main() -> None:
     _, pitfall = train(None, None, seed=0, duration='8ba')
 
     batch_digests = dist.all_gather_object(checks.first_batch_digest)
-    final = dist.all_gather_object(params_digest(uninterrupted))
-    final_resumed = dist.all_gather_object(params_digest(resumed))
+    final = dist.all_gather_object(parameter_checksum(uninterrupted))
+    final_resumed = dist.all_gather_object(parameter_checksum(resumed))
     result = {
         'world_size': dist.get_world_size(),
         'ranks_read_different_data': len(set(batch_digests)) == dist.get_world_size(),
         'batches': len(checks.ranks_identical),
         'same_group_on_every_rank': all(checks.same_group + resumed_checks.same_group),
         'ranks_identical_after_every_batch': all(checks.ranks_identical),
-        'inactive_params_with_grad': checks.inactive_grads + resumed_checks.inactive_grads,
+        'inactive_params_with_grad': checks.frozen_grads + resumed_checks.frozen_grads,
         'resumed_ranks_identical_after_every_batch': all(resumed_checks.ranks_identical),
         'resumed_equals_uninterrupted': final == final_resumed and len(set(final)) == 1,
         'frozen_at_wrap_ranks_identical_per_batch': pitfall.ranks_identical,

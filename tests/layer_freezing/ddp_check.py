@@ -10,7 +10,6 @@ Rank 0 writes the findings as JSON to the path given as the first argument.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -20,34 +19,26 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
 import torch  # noqa: E402
-from composer import Callback, Trainer  # noqa: E402
+from composer import Trainer  # noqa: E402
 from composer.utils import dist  # noqa: E402
 
 from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus  # noqa: E402
 from algorithms.layer_freezing import LayerFreezing  # noqa: E402
 from algorithms.models import load_tokenizer, tiny_decoder  # noqa: E402
 from algorithms.parameter_selection import user_module  # noqa: E402
+from rank_checks import RankChecks  # noqa: E402
 from algorithms.training import parameter_checksum  # noqa: E402
 
 
-class Checks(Callback):
+class Checks(RankChecks):
+    """RankChecks plus how many parameters are frozen after each batch."""
+
     def __init__(self):
-        self.first_batch_digest = None
-        self.ranks_identical = []
-        self.frozen_grads = 0
+        super().__init__()
         self.frozen_counts = []
 
-    def after_dataloader(self, state, logger):
-        if self.first_batch_digest is None:
-            self.first_batch_digest = hashlib.sha256(state.batch['input_ids'].numpy().tobytes()).hexdigest()
-
-    def after_train_batch(self, state, logger):  # gradients are all-reduced by now
-        self.frozen_grads += sum(
-            1 for p in user_module(state.model).parameters() if not p.requires_grad and p.grad is not None)
-
     def batch_end(self, state, logger):
-        digests = dist.all_gather_object(parameter_checksum(state.model))
-        self.ranks_identical.append(len(set(digests)) == 1)
+        super().batch_end(state, logger)
         self.frozen_counts.append(sum(1 for p in user_module(state.model).parameters() if not p.requires_grad))
 
 

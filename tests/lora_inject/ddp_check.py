@@ -11,7 +11,6 @@ Rank 0 writes the findings as JSON to the path given as the first argument.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -20,42 +19,21 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
 import torch  # noqa: E402
-from composer import Callback, Trainer  # noqa: E402
+from composer import Trainer  # noqa: E402
 from composer.utils import dist  # noqa: E402
 
 from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus  # noqa: E402
 from algorithms.lora_inject import LoRAInject  # noqa: E402
 from algorithms.models import load_tokenizer, tiny_decoder  # noqa: E402
 from algorithms.parameter_selection import user_module  # noqa: E402
+from rank_checks import RankChecks  # noqa: E402
+from algorithms.training import parameter_checksum  # noqa: E402
 
 OPTIONS = dict(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'embed_tokens'], use_dora=True,
                modules_to_save=['lm_head'])
 
 
-def params_digest(model) -> str:
-    digest = hashlib.sha256()
-    for _, param in sorted(user_module(model).named_parameters()):
-        digest.update(param.detach().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
-
-class Checks(Callback):
-    def __init__(self):
-        self.first_batch_digest = None
-        self.ranks_identical = []
-        self.frozen_grads = 0
-
-    def after_dataloader(self, state, logger):
-        if self.first_batch_digest is None:
-            self.first_batch_digest = hashlib.sha256(state.batch['input_ids'].numpy().tobytes()).hexdigest()
-
-    def after_train_batch(self, state, logger):
-        self.frozen_grads += sum(
-            1 for p in user_module(state.model).parameters() if not p.requires_grad and p.grad is not None)
-
-    def batch_end(self, state, logger):
-        digests = dist.all_gather_object(params_digest(state.model))
-        self.ranks_identical.append(len(set(digests)) == 1)
 
 
 def train(folder: str, load_path: str | None, seed: int):
@@ -65,7 +43,7 @@ def train(folder: str, load_path: str | None, seed: int):
     torch.manual_seed(seed)
     model = tiny_decoder('llama', num_layers=2, hidden_size=32, num_heads=4)
     base = {n: p.detach().clone() for n, p in user_module(model).named_parameters()}
-    checks = Checks()
+    checks = RankChecks()
     Trainer(
         model=model,
         train_dataloader=loader,
@@ -102,7 +80,7 @@ def main() -> None:
             'base_unchanged': base_unchanged,
             'frozen_params_with_grad': checks.frozen_grads,
             'resumed_ranks_identical_after_every_batch': all(resumed_checks.ranks_identical),
-            'resumed_equals_uninterrupted': params_digest(resumed) == params_digest(model),
+            'resumed_equals_uninterrupted': parameter_checksum(resumed) == parameter_checksum(model),
             'adapter_saved': os.path.exists(os.path.join(folder, 'adapter', 'adapter_model.safetensors')),
         }
         with open(out, 'w') as f:

@@ -19,7 +19,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
 import torch  # noqa: E402
-from composer import Callback, Trainer  # noqa: E402
+from composer import Trainer  # noqa: E402
 from composer.algorithms import GradientClipping  # noqa: E402
 from composer.utils import dist, reproducibility  # noqa: E402
 
@@ -28,22 +28,10 @@ from algorithms.models import load_tokenizer, tiny_decoder  # noqa: E402
 from algorithms.parameter_selection import user_module  # noqa: E402
 from algorithms.training import parameter_checksum  # noqa: E402
 from algorithms.regex_freeze import RegexFreeze  # noqa: E402
+from rank_checks import RankChecks  # noqa: E402
 
 TRAINABLE = ['model.embed_tokens.weight[1000:2500]', 'lm_head.weight[1000:2500]', 'model.layers.1']
 FROZEN = ['model.layers.1.mlp.up_proj.weight[0:16]']
-
-
-class RanksIdentical(Callback):
-    def __init__(self):
-        self.identical = []
-        self.first_batches = None
-
-    def after_dataloader(self, state, logger):
-        if self.first_batches is None:
-            self.first_batches = dist.all_gather_object(state.batch['input_ids'][:, :8].tolist())
-
-    def batch_end(self, state, logger):
-        self.identical.append(len(set(dist.all_gather_object(parameter_checksum(state.model)))) == 1)
 
 
 def build(save_folder, load_path=None):
@@ -52,7 +40,7 @@ def build(save_folder, load_path=None):
     tokenizer = load_tokenizer()
     dataset = LanguageModelingDataset(python_topics_corpus()[0], tokenizer, max_seq_len=32, max_blocks=64)
     loader = build_dataloader(dataset, tokenizer, batch_size=4, shuffle=True, drop_last=True)
-    check = RanksIdentical()
+    check = RankChecks()
     trainer = Trainer(
         model=model, train_dataloader=loader, max_duration='6ba', device='cpu', progress_bar=False,
         log_to_console=False, seed=17, device_train_microbatch_size=2,
@@ -82,8 +70,8 @@ def main(out_path: str, checkpoint_dir: str) -> None:
     trainable_ids = {id(params[name]) for name, t in selection.items() if t.trainable_rows}
     state_only_trainable = {id(p) for p in optimizer.state} == trainable_ids
     uninterrupted = parameter_checksum(model)
-    first_batches = check.first_batches
-    identical = check.identical
+    different_data = check.ranks_read_different_data()
+    identical = check.ranks_identical
     trainer.close()
 
     dist.barrier()
@@ -92,12 +80,12 @@ def main(out_path: str, checkpoint_dir: str) -> None:
     resumed.fit()
     result = {
         'world_size': dist.get_world_size(),
-        'ranks_read_different_data': first_batches[0] != first_batches[1],
+        'ranks_read_different_data': different_data,
         'ranks_identical_after_every_batch': len(identical) == 6 and all(identical),
         'frozen_elements_exact_on_every_rank': all(dist.all_gather_object(bool(frozen_exact))),
         'trainable_rows_moved': all(dist.all_gather_object(bool(trainable_moved))),
         'optimizer_state_only_for_trainable': all(dist.all_gather_object(state_only_trainable)),
-        'resumed_ranks_identical_after_every_batch': len(resumed_check.identical) == 3 and all(resumed_check.identical),
+        'resumed_ranks_identical_after_every_batch': len(resumed_check.ranks_identical) == 3 and all(resumed_check.ranks_identical),
         'resumed_equals_uninterrupted': all(dist.all_gather_object(parameter_checksum(resumed_model) == uninterrupted)),
     }
     resumed.close()
