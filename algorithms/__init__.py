@@ -22,6 +22,7 @@ _PUBLIC = {
     'RegexFreeze': 'algorithms.regex_freeze',
     'apply_regex_freeze': 'algorithms.regex_freeze',
     'HiFTRotation': 'algorithms.hift_rotation',
+    'apply_hift_rotation': 'algorithms.hift_rotation',
     'LoRAInject': 'algorithms.lora_inject',
     'apply_lora': 'algorithms.lora_inject',
 }

@@ -11,6 +11,7 @@ from algorithms.hift_rotation.hift_rotation import (
     EXAMPLES,
     GroupRotation,
     HiFTRotation,
+    apply_hift_rotation,
     check_rotation_options,
 )
 from algorithms.hift_rotation.preview import rotation_preview
@@ -25,6 +26,7 @@ __all__ = [
     'GroupRotation',
     'HiFTRotation',
     'RotationPlan',
+    'apply_hift_rotation',
     'check_rotation_options',
     'plan_rotation',
     'rotation_preview',

@@ -357,6 +357,26 @@ class GroupRotation:
             param.grad = None
 
 
+def apply_hift_rotation(
+    model: nn.Module,
+    optimizers: Union[Optimizer, Sequence[Optimizer]],
+    **options: Any,
+) -> GroupRotation:
+    """Start HiFT on ``model`` without a Trainer: the first group trains, the others are frozen and offloaded.
+
+    Returns the :class:`GroupRotation`; call its ``before_step()`` before every optimizer step (forward and
+    backward of all microbatches of that step come after it). ``options`` are :class:`GroupRotation`'s.
+
+    Example:
+        >>> rotation = apply_hift_rotation(model, optimizer, group_size=2, strategy='up2down')
+        >>> for batch in loader:
+        ...     rotation.before_step()
+        ...     loss_fn(model(batch)).backward()
+        ...     optimizer.step(); optimizer.zero_grad()
+    """
+    return GroupRotation(model, optimizers, **options)
+
+
 def _refuse_other_freezing(algorithms: Sequence[Algorithm]) -> None:
     """Raise if another algorithm also decides which parameters train: together they would undo each other."""
     from algorithms.layer_freezing import LayerFreezing
