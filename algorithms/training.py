@@ -150,7 +150,8 @@ def parameter_checksum(model: nn.Module) -> str:
 
 @dataclass
 class RunSummary:
-    """What a run cost and achieved. Bytes are the peak over training batches on this process."""
+    """What a run cost and achieved. Bytes are those of the training batch with the most training state (its
+    parameters + gradients + optimizer state), on this process; samples/s counts every process's samples."""
 
     total_params: int = 0
     trainable_params: int = 0
@@ -186,24 +187,26 @@ class TrainingSummary(Callback):
         self._batch_started = 0.0
         self._train_seconds = 0.0
         self._samples = 0
+        self._first_sample: Optional[int] = None
         self.last_eval_batch: Optional[int] = None
 
     def batch_start(self, state: State, logger: Logger) -> None:
         self._batch_started = time.perf_counter()
+        if self._first_sample is None:  # a resumed run starts past zero
+            self._first_sample = int(state.timestamp.sample)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         self._train_seconds += time.perf_counter() - self._batch_started
         model = state.model
         counts = training_state_bytes(model, state.optimizers)
         s = self.summary
-        s.param_bytes = max(s.param_bytes, counts.params)
-        s.grad_bytes = max(s.grad_bytes, counts.grads)
-        s.optimizer_state_bytes = max(s.optimizer_state_bytes, counts.optimizer_state)
+        if counts.total >= s.training_state_bytes:  # the split of the peak batch, so the parts add up to it
+            s.param_bytes, s.grad_bytes, s.optimizer_state_bytes = counts.params, counts.grads, counts.optimizer_state
         s.total_params = sum(p.numel() for p in model.parameters())
         s.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         s.train_batches = int(state.timestamp.batch)
         s.batches_run += 1
-        self._samples = int(state.timestamp.sample)
+        self._samples = int(state.timestamp.sample) - (self._first_sample or 0)
 
     def eval_end(self, state: State, logger: Logger) -> None:
         self.last_eval_batch = int(state.timestamp.batch)
