@@ -87,3 +87,18 @@ def test_freeze_preview_shows_what_a_recipe_would_train(capsys):
 def test_freeze_preview_of_a_pattern_that_matches_nothing_exits_2(capsys):
     assert main(['freeze-preview', 'tiny-decoder', '--pattern', 'lm_haed']) == EXIT_INVALID
     assert "Closest parameter names: 'lm_head.weight'" in capsys.readouterr().err
+
+
+def test_resuming_without_the_checkpoints_algorithm_is_refused_by_name(tmp_path, capsys):
+    from algorithms.training import run_recipe
+
+    decoder = ['model.name=tiny-decoder', 'data.name=python-topics', 'data.max_seq_len=32', 'max_duration=2ba',
+               'global_train_batch_size=4', 'data.max_train_samples=16', 'data.max_eval_samples=4',
+               'progress_bar=false', 'algorithms={regex_freeze: {trainable: [lm_head]}}']
+    run_recipe(load_recipe(REPO / 'yamls/demo.yaml', decoder + [f'save_folder={tmp_path}', 'save_interval=2ba']))
+    checkpoint = tmp_path / 'ep0-ba2-rank0.pt'
+    resume = [o.replace('algorithms={regex_freeze: {trainable: [lm_head]}}', 'algorithms={}') for o in decoder]
+    args = ['run', str(REPO / 'yamls/demo.yaml'), *[f'--set={o}' for o in resume + [f'load_path={checkpoint}']]]
+    assert main(args) == EXIT_INVALID
+    assert "RegexFreeze(trainable=['lm_head'])" in capsys.readouterr().err
+    load_recipe(REPO / 'yamls/demo.yaml', decoder + [f'load_path={checkpoint}'])  # with it: valid
