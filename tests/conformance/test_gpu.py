@@ -14,3 +14,13 @@ FIRST = first_cases()
 def test_trains_on_gpu_with_bf16(case):
     result = run(case, device='gpu', precision='amp_bf16')
     assert result.batches_run == 12 and result.loss_after < result.loss_before
+
+
+FSDP_CASES = [case for case in FIRST if case.name in ('lora_inject', 'regex_freeze')]
+
+
+@pytest.mark.parametrize('case', FSDP_CASES, ids=ids(FSDP_CASES))
+def test_trains_under_fsdp_with_original_parameters(case):
+    result = run(case, device='gpu', precision='amp_bf16',
+                 parallelism_config={'fsdp': {'use_orig_params': True, 'sharding_strategy': 'FULL_SHARD'}})
+    assert result.batches_run == 12 and result.loss_after < result.loss_before
