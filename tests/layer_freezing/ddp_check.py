@@ -26,8 +26,8 @@ from algorithms.data import LanguageModelingDataset, build_dataloader, python_to
 from algorithms.layer_freezing import LayerFreezing  # noqa: E402
 from algorithms.models import load_tokenizer, tiny_decoder  # noqa: E402
 from algorithms.parameter_selection import user_module  # noqa: E402
-from rank_checks import RankChecks  # noqa: E402
 from algorithms.training import parameter_checksum  # noqa: E402
+from rank_checks import RankChecks  # noqa: E402
 
 
 class Checks(RankChecks):

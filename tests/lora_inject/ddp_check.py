@@ -26,14 +26,12 @@ from algorithms.data import LanguageModelingDataset, build_dataloader, python_to
 from algorithms.lora_inject import LoRAInject  # noqa: E402
 from algorithms.models import load_tokenizer, tiny_decoder  # noqa: E402
 from algorithms.parameter_selection import user_module  # noqa: E402
-from rank_checks import RankChecks  # noqa: E402
 from algorithms.training import parameter_checksum  # noqa: E402
+from rank_checks import RankChecks  # noqa: E402
+
 
 OPTIONS = dict(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'embed_tokens'], use_dora=True,
                modules_to_save=['lm_head'])
-
-
-
 
 
 def train(folder: str, load_path: str | None, seed: int):

@@ -30,6 +30,7 @@ from algorithms.training import parameter_checksum  # noqa: E402
 from algorithms.regex_freeze import RegexFreeze  # noqa: E402
 from rank_checks import RankChecks  # noqa: E402
 
+
 TRAINABLE = ['model.embed_tokens.weight[1000:2500]', 'lm_head.weight[1000:2500]', 'model.layers.1']
 FROZEN = ['model.layers.1.mlp.up_proj.weight[0:16]']
 
