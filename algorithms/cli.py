@@ -67,6 +67,9 @@ def _run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # validates everything before any model is built
     if args.nproc < 1:
         raise ConfigError('--nproc', args.nproc, 'expected a positive number of processes.')
+    if recipe.global_train_batch_size % args.nproc:
+        raise ConfigError('global_train_batch_size', recipe.global_train_batch_size,
+                          f'must be divisible by the number of processes (--nproc {args.nproc}).')
     if args.nproc > 1:
         return _launch(args.recipe, args.overrides, args.nproc)
 

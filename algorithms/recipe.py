@@ -240,7 +240,10 @@ def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe
     try:
         data = _parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError('recipe', str(path), f'not valid YAML: {error}')
+        mark = getattr(error, 'problem_mark', None)
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        problem = getattr(error, 'problem', None) or str(error).splitlines()[0]
+        raise ConfigError('recipe', str(path), f'not valid YAML{where}: {problem}.')
     if not isinstance(data, Mapping):
         raise ConfigError('recipe', str(path), 'expected a YAML mapping at the top level.')
     return recipe_from_mapping(apply_overrides(dict(data), overrides))

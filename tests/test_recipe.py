@@ -102,3 +102,11 @@ def test_resuming_without_the_checkpoints_algorithm_is_refused_by_name(tmp_path,
     assert main(args) == EXIT_INVALID
     assert "RegexFreeze(trainable=['lm_head'])" in capsys.readouterr().err
     load_recipe(REPO / 'yamls/demo.yaml', decoder + [f'load_path={checkpoint}'])  # with it: valid
+
+
+def test_broken_yaml_and_indivisible_batch_are_one_line_errors(tmp_path, capsys):
+    assert main(['run', str(_write(tmp_path, 'model: {name: minilm'))]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert 'not valid YAML at line 1, column 21' in err and err.count('\n') == 1
+    assert main(['run', str(REPO / 'yamls/demo.yaml'), '--nproc', '2', '--set', 'global_train_batch_size=3']) == 2
+    assert 'must be divisible by the number of processes (--nproc 2)' in capsys.readouterr().err
