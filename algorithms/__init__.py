@@ -10,7 +10,6 @@ Example:
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Any
 
 __version__ = '0.1.0'
@@ -27,14 +26,7 @@ _PUBLIC = {
     'apply_lora': 'algorithms.lora_inject',
 }
 
-
-
-def _released(module: str) -> bool:
-    spec = importlib.util.find_spec(module)
-    return spec is not None and spec.origin is not None
-
-
-__all__ = [name for name, module in _PUBLIC.items() if _released(module)]
+__all__ = list(_PUBLIC)
 
 
 def __getattr__(name: str) -> Any:

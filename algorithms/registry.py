@@ -15,12 +15,11 @@ Example:
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from composer.core import Algorithm
 
@@ -52,15 +51,10 @@ class AlgorithmEntry:
         module_name, _, attribute = self.target.partition(':')
         return getattr(importlib.import_module(module_name), attribute)
 
-    def implemented(self) -> bool:
-        """Whether the module exists (an import error inside it is raised on :meth:`load`, not hidden)."""
-        spec = importlib.util.find_spec(self.target.partition(':')[0])
-        return spec is not None and spec.origin is not None  # a folder without __init__.py is not a release
-
 
 @lru_cache(maxsize=1)
 def algorithm_registry() -> Mapping[str, AlgorithmEntry]:
-    """All known algorithm names. Our algorithms not yet implemented in this release are left out."""
+    """All known algorithm names."""
     import composer.algorithms as composer_algorithms
 
     registry: dict[str, AlgorithmEntry] = {}
@@ -73,14 +67,12 @@ def algorithm_registry() -> Mapping[str, AlgorithmEntry]:
         source = entry_point.dist.name if entry_point.dist is not None else 'entry point'
         registry[entry_point.name] = AlgorithmEntry(entry_point.name, source, entry_point.value)
     for name, target in _OURS.items():
-        entry = AlgorithmEntry(name, 'composer-thaw', target)
-        if entry.implemented():
-            registry[name] = entry
+        registry[name] = AlgorithmEntry(name, 'composer-thaw', target)
     return registry
 
 
 def our_algorithm_names() -> list[str]:
-    """Names of this package's algorithms that are implemented."""
+    """Names of this package's algorithms."""
     return [name for name, entry in algorithm_registry().items() if entry.source == 'composer-thaw']
 
 
@@ -108,8 +100,3 @@ def build_algorithm(name: str, kwargs: Mapping[str, Any] | None, where: str = 'a
         return cls(**kwargs)
     except (ValueError, TypeError) as error:
         raise ConfigError(f'{where}.{name}', kwargs, str(error)) from error
-
-
-def algorithm_factory(name: str) -> Callable[..., Algorithm]:
-    """The class registered under ``name`` (for code that builds algorithms itself)."""
-    return algorithm_registry()[name].load()

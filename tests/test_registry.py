@@ -18,8 +18,9 @@ def test_composer_algorithms_resolve_under_their_folder_names():
     assert 'low_precision_layernorm' in table and 'gated_linear_units' in table
 
 
-def test_our_algorithms_take_their_names_once_implemented():
+def test_our_four_algorithms_take_their_names():
     table = registry.algorithm_registry()
+    assert registry.our_algorithm_names() == ['layer_freezing', 'regex_freeze', 'hift_rotation', 'lora_inject']
     for name in registry.our_algorithm_names():
         assert table[name].source == 'composer-thaw'
         assert table[name].load().__module__.startswith(f'algorithms.{name}')
