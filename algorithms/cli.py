@@ -3,6 +3,7 @@
     thaw run yamls/demo.yaml [--set optimizer.lr=1e-4 ...] [--nproc N]
     thaw freeze-preview yamls/regex_freeze.yaml          # what the recipe's regex_freeze would train
     thaw freeze-preview minilm --pattern classifier --pattern 'bert.encoder.layer.5'
+    thaw hift-preview yamls/hift_minilm.yaml              # HiFT's units and the order it trains them in
     thaw algorithms                      # list registered algorithm names
     thaw estimate --model-config llama-7b --algorithm full --algorithm 'lora_inject={r: 16}'
 
@@ -15,7 +16,7 @@ import argparse
 import os
 import subprocess
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from algorithms.config_validation import ConfigError
 
@@ -38,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
                          help='a trainable pattern (repeatable); default: the recipe\'s regex_freeze.trainable')
     preview.add_argument('--frozen', action='append', default=None, metavar='PATTERN', help='a frozen pattern')
     preview.add_argument('--syntax', choices=['axolotl', 'regex'], default=None)
+    hift = commands.add_parser('hift-preview', help="show HiFTRotation's units and the order it trains them in")
+    hift.add_argument('source', help="a recipe (.yaml), 'minilm', 'tiny-decoder', or a local Hugging Face checkpoint")
+    hift.add_argument('--group-size', type=int, default=None, help='units per group')
+    hift.add_argument('--strategy', choices=['down2up', 'up2down', 'random'], default=None)
+    hift.add_argument('--freeze', type=int, action='append', default=None, metavar='INDEX', help='a unit never trained')
+    hift.add_argument('--always-trainable', action='append', default=None, metavar='REGEX',
+                      help='units (by name) trained at every step')
+    hift.add_argument('--groups', action='append', default=None, metavar='REGEX', help='explicit units (regexes)')
     commands.add_parser('algorithms', help='list the algorithm names a recipe can use')
     estimate = commands.add_parser('estimate', help='predict training-state bytes for a model size and algorithms')
     estimate.add_argument('--model-config', required=True,
@@ -83,35 +92,57 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preview(args: argparse.Namespace) -> int:
-    """Print the freeze preview for a recipe's model (and its regex_freeze options) or a named model."""
+def _model_and_recipe_options(source: str, algorithm: str) -> tuple[Any, dict[str, Any]]:
+    """The model a preview is about and the recipe's options for ``algorithm`` (empty unless ``source`` is a recipe)."""
     from pathlib import Path
 
     from algorithms.data import STDLIB_DOCS_CLASSES
     from algorithms.recipe import ModelConfig, load_recipe
-    from algorithms.regex_freeze import freeze_preview
     from algorithms.training import build_model
 
-    options: dict = {}
-    if args.source.endswith(('.yaml', '.yml')):
-        recipe = load_recipe(args.source)
+    options: dict[str, Any] = {}
+    if source.endswith(('.yaml', '.yml')):
+        recipe = load_recipe(source)
         config = recipe.model
-        options = dict(recipe.algorithms.get('regex_freeze') or {})
-    elif args.source in ('minilm', 'tiny-decoder'):
-        config = ModelConfig(name=args.source)
-    elif (Path(args.source) / 'config.json').is_file():
-        config = ModelConfig(name='hf', path=args.source)
+        options = dict(recipe.algorithms.get(algorithm) or {})
+    elif source in ('minilm', 'tiny-decoder'):
+        config = ModelConfig(name=source)
+    elif (Path(source) / 'config.json').is_file():
+        config = ModelConfig(name='hf', path=source)
     else:
-        raise ConfigError('source', args.source, "expected a recipe (.yaml), 'minilm', 'tiny-decoder', or a directory "
+        raise ConfigError('source', source, "expected a recipe (.yaml), 'minilm', 'tiny-decoder', or a directory "
                           'with a Hugging Face config.json.')
-    for key in ('trainable', 'frozen', 'syntax'):
-        if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
-    model = build_model(config, num_labels=len(STDLIB_DOCS_CLASSES))
+    return build_model(config, num_labels=len(STDLIB_DOCS_CLASSES)), options
+
+
+def _override(options: dict[str, Any], args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
+    return {**options, **{key: getattr(args, key) for key in keys if getattr(args, key) is not None}}
+
+
+def _preview(args: argparse.Namespace) -> int:
+    """Print what RegexFreeze would train on a recipe's model (with its regex_freeze options) or a named model."""
+    from algorithms.regex_freeze import freeze_preview
+
+    model, options = _model_and_recipe_options(args.source, 'regex_freeze')
+    options = _override(options, args, ('trainable', 'frozen', 'syntax'))
     try:
         print(freeze_preview(model, options.get('trainable'), options.get('frozen'), options.get('syntax', 'axolotl')))
     except ValueError as error:
         raise ConfigError('--pattern', options.get('trainable'), str(error))
+    return 0
+
+
+def _hift_preview(args: argparse.Namespace) -> int:
+    """Print HiFTRotation's units and the groups its first passes visit (with the recipe's hift_rotation options)."""
+    from algorithms.hift_rotation import rotation_preview
+
+    model, options = _model_and_recipe_options(args.source, 'hift_rotation')
+    options = _override(options, args, ('group_size', 'strategy', 'freeze', 'always_trainable', 'groups'))
+    keys = ('group_size', 'strategy', 'freeze', 'always_trainable', 'groups')
+    try:
+        print(rotation_preview(model, **{key: options[key] for key in keys if key in options}))
+    except (TypeError, ValueError) as error:
+        raise ConfigError('hift_rotation', options, str(error))
     return 0
 
 
@@ -132,7 +163,8 @@ def _estimate(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {'run': _run, 'freeze-preview': _preview, 'estimate': _estimate, 'algorithms': _list_algorithms}
+    commands = {'run': _run, 'freeze-preview': _preview, 'hift-preview': _hift_preview, 'estimate': _estimate,
+                'algorithms': _list_algorithms}
     try:
         return commands[args.command](args)
     except ConfigError as error:

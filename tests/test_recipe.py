@@ -110,3 +110,11 @@ def test_broken_yaml_and_indivisible_batch_are_one_line_errors(tmp_path, capsys)
     assert 'not valid YAML at line 1, column 21' in err and err.count('\n') == 1
     assert main(['run', str(REPO / 'yamls/demo.yaml'), '--nproc', '2', '--set', 'global_train_batch_size=3']) == 2
     assert 'must be divisible by the number of processes (--nproc 2)' in capsys.readouterr().err
+
+
+def test_hift_preview_shows_the_recipes_units_and_order(capsys):
+    assert main(['hift-preview', str(REPO / 'yamls/hift_minilm.yaml')]) == 0
+    table = capsys.readouterr().out
+    assert 'always trainable' in table and 'group 7: bert.embeddings' in table  # up2down: embeddings last
+    assert main(['hift-preview', 'tiny-decoder', '--group-size', '9']) == EXIT_INVALID
+    assert 'use group_size between 1 and 7' in capsys.readouterr().err
