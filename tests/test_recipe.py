@@ -4,6 +4,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from algorithms.cli import EXIT_INVALID, main
 from algorithms.config_validation import ConfigError
@@ -45,6 +46,8 @@ BAD_RECIPES = {
     'missing checkpoint': ('load_path: /nowhere/ckpt.pt', 'load_path', 'no checkpoint file there'),
     'model and data mismatch': ('model: {name: tiny-decoder}', 'data.name', "use data.name 'python-topics'"),
 }
+if not torch.cuda.is_available():
+    BAD_RECIPES['gpu without CUDA'] = ('device: gpu', 'device', 'no CUDA device is visible')
 
 
 @pytest.mark.parametrize('case', BAD_RECIPES, ids=list(BAD_RECIPES))
