@@ -147,11 +147,13 @@ def validate_recipe(recipe: Recipe) -> None:
         raise ConfigError('optimizer.weight_decay', recipe.optimizer.weight_decay, 'expected a number >= 0.')
     if len(recipe.optimizer.betas) != 2 or not all(0 <= b < 1 for b in recipe.optimizer.betas):
         raise ConfigError('optimizer.betas', recipe.optimizer.betas, 'expected two numbers in [0, 1).')
-    if recipe.device == 'gpu':
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            raise ConfigError('device', 'gpu', 'no CUDA device is visible on this machine; use cpu, or null to pick.')
+    if recipe.device == 'gpu' and not torch.cuda.is_available():
+        raise ConfigError('device', 'gpu', 'no CUDA device is visible on this machine; use cpu, or null to pick.')
+    on_cpu = recipe.device == 'cpu' or (recipe.device is None and not torch.cuda.is_available())
+    if on_cpu and recipe.precision not in (None, 'fp32'):
+        raise ConfigError('precision', recipe.precision, "mixed precision needs a GPU; on CPU use 'fp32' (or null).")
     if recipe.model.dropout is not None and not 0 <= recipe.model.dropout < 1:
         raise ConfigError('model.dropout', recipe.model.dropout, 'expected a number in [0, 1) or null.')
 

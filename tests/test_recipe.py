@@ -48,6 +48,7 @@ BAD_RECIPES = {
 }
 if not torch.cuda.is_available():
     BAD_RECIPES['gpu without CUDA'] = ('device: gpu', 'device', 'no CUDA device is visible')
+    BAD_RECIPES['mixed precision on CPU'] = ('precision: amp_bf16', 'precision', "on CPU use 'fp32'")
 
 
 @pytest.mark.parametrize('case', BAD_RECIPES, ids=list(BAD_RECIPES))
