@@ -232,6 +232,13 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData]
     reproducibility.seed_all(recipe.seed)
     tokenizer = load_tokenizer(recipe.model.path if recipe.model.name == 'hf' else None)
     data = build_data(recipe.data, tokenizer, recipe.global_train_batch_size // world_size, recipe.eval_batch_size)
+    if len(data.train_dataloader) == 0:  # batches drop the remainder, so a too small set would train nothing
+        examples = len(data.train_dataloader.dataset)
+        raise ConfigError(
+            'global_train_batch_size', recipe.global_train_batch_size,
+            f'the training set has only {examples} examples (data.max_train_samples={recipe.data.max_train_samples}), '
+            'too few for one batch; lower the batch size or use more data.',
+        )
     model = build_model(recipe.model, data.num_labels)
     optimizer = build_optimizer(model, recipe.optimizer)
     summary = TrainingSummary()

@@ -122,3 +122,9 @@ def test_hift_preview_shows_the_recipes_units_and_order(capsys):
     assert 'always trainable' in table and 'group 7: bert.embeddings' in table  # up2down: embeddings last
     assert main(['hift-preview', 'tiny-decoder', '--group-size', '9']) == EXIT_INVALID
     assert 'use group_size between 1 and 7' in capsys.readouterr().err
+
+
+def test_a_training_set_smaller_than_one_batch_is_refused_before_the_model_is_built(capsys):
+    overrides = ['--set', 'data.max_train_samples=8', '--set', 'progress_bar=false']
+    assert main(['run', str(REPO / 'yamls/demo.yaml'), *overrides]) == EXIT_INVALID
+    assert 'the training set has only 8 examples' in capsys.readouterr().err
