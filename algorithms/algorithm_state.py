@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-__all__ = ['STATE_VERSION_KEY', 'ConfigRepr', 'check_state_version', 'eval_repr', 'init_arguments']
+__all__ = ['STATE_VERSION_KEY', 'ConfigRepr', 'check_state_version', 'eval_repr', 'init_arguments', 'refuse_duplicates']
 
 STATE_VERSION_KEY = 'thaw_state_version'
 
@@ -68,3 +68,13 @@ def eval_repr(text: str) -> Any:
 
     namespace = {name: getattr(algorithms, name) for name in algorithms.__all__}
     return eval(text, {'__builtins__': {}}, namespace)  # noqa: S307 - reprs of our own algorithms
+
+
+def refuse_duplicates(algorithm: Any, algorithms: Any, advice: str) -> None:
+    """Raise if ``algorithms`` (the Trainer's list) holds more than one algorithm of ``algorithm``'s class.
+
+    Two instances would each decide on their own what trains, the later silently overriding the earlier.
+    """
+    count = sum(type(other) is type(algorithm) for other in algorithms)
+    if count > 1:
+        raise ValueError(f'{type(algorithm).__name__} appears {count} times in the algorithms list; {advice}')

@@ -28,7 +28,7 @@ from composer.utils import dist
 from torch import nn
 from torch.optim import Optimizer
 
-from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
+from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
 from algorithms.hift_rotation.queue import STRATEGIES, GroupQueue, Strategy
 from algorithms.hift_rotation.units import RotationPlan, plan_rotation
 from algorithms.optimizer_surgery import (
@@ -458,6 +458,7 @@ class HiFTRotation(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.BEFORE_LOAD:
+            refuse_duplicates(self, state.algorithms, 'give one HiFTRotation (one rotation decides what trains).')
             _refuse_other_freezing(state.algorithms)
             if state.fsdp_config is not None:
                 raise NotImplementedError('HiFTRotation does not support FSDP (its param groups hold flat parameters).')

@@ -24,7 +24,7 @@ from composer.loggers import Logger
 from composer.utils import ensure_tuple
 from torch.optim import Optimizer
 
-from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
+from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
 from algorithms.layer_freezing.units import (
     GRANULARITIES,
     FreezeUnit,
@@ -215,6 +215,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
+            refuse_duplicates(self, state.algorithms, 'give one LayerFreezing (its schedule decides everything frozen).')
             if state.fsdp_config is not None:
                 raise NotImplementedError('LayerFreezing does not support FSDP (its param groups hold flat parameters).')
             # Find the units now, so a model that cannot be frozen fails before training; keep the state so that

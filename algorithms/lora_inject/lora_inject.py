@@ -23,7 +23,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
-from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
+from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
 from algorithms.lora_inject.config import LoRAConfig
 from algorithms.lora_inject.injection import adapter_layers, check_not_peft, inject, plan_injection
 from algorithms.lora_inject.layers import LoRALayer, adapter_class_for
@@ -352,6 +352,8 @@ class LoRAInject(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
+            refuse_duplicates(self, state.algorithms, 'give one LoRAInject (rank_pattern and alpha_pattern set '
+                              'per-target ranks).')
             check_no_conflicting_algorithms(state.algorithms, self.config)
             summary = _inject_adapters(state.model, state.optimizers, self.config)
             logger.log_metrics({

@@ -20,7 +20,7 @@ from composer.loggers import Logger
 from torch import nn
 from torch.optim import Optimizer
 
-from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
+from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
 from algorithms.optimizer_surgery import add_params, group_index_of, remove_params, single_optimizer
 from algorithms.parameter_selection import user_module
 from algorithms.regex_freeze.patterns import (
@@ -248,6 +248,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
         if event == Event.INIT:
+            refuse_duplicates(self, state.algorithms, 'give one RegexFreeze with all the trainable and frozen patterns.')
             self._model, self._optimizers = state.model, state.optimizers
             return None
         if event == Event.AFTER_LOAD:

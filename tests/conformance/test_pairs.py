@@ -8,13 +8,14 @@ construction with an error that says what to do instead — never silent wrong t
 | RegexFreeze + LayerFreezing | RegexFreeze's frozen tensors stay bit-identical; freezing grows on top |
 | LoRAInject + RegexFreeze | refused: use LoRAInject(modules_to_save=[...]) for extra trainable modules |
 | HiFTRotation + RegexFreeze or LayerFreezing | refused: both decide which parameters train |
+| any algorithm of ours listed twice | refused: the later would silently override the earlier |
 """
 
 import pytest
 import torch
 
 from algorithms.registry import build_algorithm, our_algorithm_names
-from conformance.harness import make_trainer, parameters
+from conformance.harness import adamw, first_cases, ids, make_trainer, parameters, tiny_model
 
 LORA = ('lora_inject', {'r': 4, 'lora_alpha': 8, 'target_modules': ['q_proj', 'v_proj']})
 HIFT_LORA = ('hift_rotation', {'group_size': 2, 'lora': True})
@@ -76,3 +77,13 @@ def test_incompatible_pairs_are_refused_before_training(pair, order):
     algorithms = [_build(first), _build(second)]
     with pytest.raises(ValueError, match=fragment):
         make_trainer(algorithms if order == 'listed' else algorithms[::-1])
+
+
+@pytest.mark.parametrize('case', first_cases(), ids=ids(first_cases()))
+def test_an_algorithm_listed_twice_is_refused_before_training(case):
+    model = tiny_model()
+    optimizer = adamw(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=f'{case.cls.__name__} appears 2 times'):
+        make_trainer([case.build(), case.build()], model=model, optimizers=optimizer)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
