@@ -71,14 +71,12 @@ def _launch(recipe: str, overrides: Sequence[str], nproc: int) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from algorithms.recipe import load_recipe
+    from algorithms.recipe import check_processes, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # validates everything before any model is built
     if args.nproc < 1:
         raise ConfigError('--nproc', args.nproc, 'expected a positive number of processes.')
-    if recipe.global_train_batch_size % args.nproc:
-        raise ConfigError('global_train_batch_size', recipe.global_train_batch_size,
-                          f'must be divisible by the number of processes (--nproc {args.nproc}).')
+    check_processes(recipe, args.nproc, f'--nproc {args.nproc}')
     if args.nproc > 1:
         return _launch(args.recipe, args.overrides, args.nproc)
 
@@ -137,8 +135,8 @@ def _hift_preview(args: argparse.Namespace) -> int:
     from algorithms.hift_rotation import rotation_preview
 
     model, options = _model_and_recipe_options(args.source, 'hift_rotation')
-    options = _override(options, args, ('group_size', 'strategy', 'freeze', 'always_trainable', 'groups'))
     keys = ('group_size', 'strategy', 'freeze', 'always_trainable', 'groups')
+    options = _override(options, args, keys)
     try:
         print(rotation_preview(model, **{key: options[key] for key in keys if key in options}))
     except (TypeError, ValueError) as error:

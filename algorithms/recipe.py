@@ -35,6 +35,7 @@ __all__ = [
     'Recipe',
     'SchedulerConfig',
     'apply_overrides',
+    'check_processes',
     'load_recipe',
     'recipe_from_mapping',
     'recipe_to_mapping',
@@ -191,6 +192,13 @@ def validate_recipe(recipe: Recipe) -> None:
             check_checkpoint_algorithms(recipe.load_path, built)
         except ValueError as error:
             raise ConfigError('algorithms', list(recipe.algorithms), str(error))
+
+
+def check_processes(recipe: Recipe, processes: int, described_as: str) -> None:
+    """Raise unless ``global_train_batch_size`` splits evenly across ``processes`` (named ``described_as``)."""
+    if recipe.global_train_batch_size % processes:
+        raise ConfigError('global_train_batch_size', recipe.global_train_batch_size,
+                          f'must be divisible by the number of processes ({described_as}).')
 
 
 def recipe_from_mapping(data: Any) -> Recipe:

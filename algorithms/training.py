@@ -27,7 +27,7 @@ from algorithms.algorithm_state import ConfigRepr
 from algorithms.config_validation import ConfigError, check_call_kwargs
 from algorithms.optimizer_surgery import training_state_bytes
 from algorithms.parameter_selection import user_module
-from algorithms.recipe import DataConfig, ModelConfig, OptimizerConfig, Recipe, SchedulerConfig
+from algorithms.recipe import DataConfig, ModelConfig, OptimizerConfig, Recipe, SchedulerConfig, check_processes
 
 __all__ = ['RunSummary', 'TrainingSummary', 'build_trainer', 'format_summary', 'run_recipe']
 
@@ -223,11 +223,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData]
     from algorithms.registry import build_algorithm
 
     world_size = dist.get_world_size()
-    if recipe.global_train_batch_size % world_size:
-        raise ConfigError(
-            'global_train_batch_size', recipe.global_train_batch_size,
-            f'must be divisible by the number of processes ({world_size}).',
-        )
+    check_processes(recipe, world_size, str(world_size))
     algorithms = [build_algorithm(name, kwargs) for name, kwargs in recipe.algorithms.items()]
     reproducibility.seed_all(recipe.seed)
     tokenizer = load_tokenizer(recipe.model.path if recipe.model.name == 'hf' else None)
