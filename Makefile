@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench bench-quick clean
+.PHONY: install demo test test-fast bench bench-quick bench-sharded clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ bench: $(STAMP)
 # The same in under 5 minutes on 2 CPU cores; refreshes the benchmark section of README.md.
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick --update-readme
+
+# Per-process bytes of every algorithm at world size 2, replicated (DDP) and sharded (FSDP2), with the estimates.
+bench-sharded: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/composer -n 2 -m benchmarks.sharded
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

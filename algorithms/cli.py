@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                           help='change a config value, e.g. num_hidden_layers=8; repeatable')
     estimate.add_argument('--optimizer', default='adamw', help='adamw (default), adam, sgd or adagrad')
     estimate.add_argument('--dtype', default='float32', help='float32 (default), bfloat16 or float16')
+    estimate.add_argument('--world-size', type=int, default=1, metavar='N',
+                          help='processes the model is sharded over with FSDP2 (default 1: unsharded, or DDP)')
     return parser
 
 
@@ -155,7 +157,8 @@ def _list_algorithms(args: argparse.Namespace) -> int:
 def _estimate(args: argparse.Namespace) -> int:
     from algorithms.memory_estimate import estimate_report
 
-    print(estimate_report(args.model_config, args.algorithm, args.overrides, args.optimizer, args.dtype))
+    print(estimate_report(args.model_config, args.algorithm, args.overrides, args.optimizer, args.dtype,
+                          args.world_size))
     return 0
 
 

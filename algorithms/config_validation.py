@@ -103,6 +103,17 @@ def check_value(key: str, value: Any, annotation: Any) -> None:
         raise ConfigError(key, value, f'expected {describe_type(annotation)}.')
 
 
+def _nested_dataclass(annotation: Any) -> Any:
+    """The dataclass ``annotation`` is, or that ``Optional[...]`` of it holds; ``None`` otherwise."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        classes = [arg for arg in get_args(annotation) if dataclasses.is_dataclass(arg)]
+        if len(classes) == 1 and type(None) in get_args(annotation):
+            return classes[0]
+    return None
+
+
 def from_mapping(cls: type, data: Any, key: str) -> Any:
     """Build dataclass ``cls`` from a mapping, checking unknown keys, missing keys and types (recursively)."""
     if data is None:
@@ -130,8 +141,9 @@ def from_mapping(cls: type, data: Any, key: str) -> Any:
                 raise ConfigError(path, None, f'missing required key; expected {describe_type(hints[name])}.')
             continue
         annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
-            values[name] = from_mapping(annotation, data[name], path)
+        nested = _nested_dataclass(annotation)
+        if nested is not None and (data[name] is not None or nested is annotation):
+            values[name] = from_mapping(nested, data[name], path)
         else:
             check_value(path, data[name], annotation)
             values[name] = data[name]

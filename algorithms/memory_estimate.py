@@ -182,13 +182,21 @@ def _unique_params(params) -> list[torch.Tensor]:
     return list(seen.values())
 
 
-def _bytes(params) -> int:
-    return sum(p.numel() * p.element_size() for p in params)
+def _shard_numel(param: torch.Tensor, world_size: int) -> int:
+    """Elements of ``param`` on the rank holding the most of it when FSDP2 shards dim 0 over ``world_size`` ranks
+    (``torch.chunk``: the first ranks get ``ceil(rows / world_size)`` rows)."""
+    if world_size == 1 or param.ndim == 0 or param.shape[0] == 0:
+        return param.numel()
+    return -(-param.shape[0] // world_size) * (param.numel() // param.shape[0])
 
 
-def _state_bytes(params, optimizer: str) -> int:
+def _bytes(params, world_size: int = 1) -> int:
+    return sum(_shard_numel(p, world_size) * p.element_size() for p in params)
+
+
+def _state_bytes(params, optimizer: str, world_size: int = 1) -> int:
     tensors, scalars = OPTIMIZER_STATE[optimizer]
-    return sum(tensors * p.numel() * p.element_size() + scalars for p in params)
+    return sum(tensors * _shard_numel(p, world_size) * p.element_size() + scalars for p in params)
 
 
 def _trainable(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -210,7 +218,8 @@ def _validate(algorithm: str, options: Mapping[str, Any]) -> None:
     build_algorithm(algorithm, dict(options), where='--algorithm')
 
 
-def _hift_rotation(model: nn.Module, optimizer: torch.optim.Optimizer, options: Mapping[str, Any], opt_name: str):
+def _hift_rotation(model: nn.Module, optimizer: torch.optim.Optimizer, options: Mapping[str, Any], opt_name: str,
+                   world_size: int):
     """Resident (largest group + always-trainable units) and offloaded state under HiFT's rotation."""
     from itertools import combinations
 
@@ -238,8 +247,8 @@ def _hift_rotation(model: nn.Module, optimizer: torch.optim.Optimizer, options: 
     rotating = _unique_params(p for i in plan.rotating for p in unit_params[i])
     all_trainable = _unique_params([*always, *rotating])
     offload = options.get('offload', True)
-    resident_state = _state_bytes(all_trainable if not offload else resident, opt_name)
-    offloaded = _state_bytes(all_trainable, opt_name) - resident_state
+    resident_state = _state_bytes(all_trainable if not offload else resident, opt_name, world_size)
+    offloaded = _state_bytes(all_trainable, opt_name, world_size) - resident_state
     note = (f'largest group: {", ".join(plan.names(largest))}; other groups\' optimizer state '
             f'{"offloaded to the host" if offload else "kept on the device"} once visited')
     return resident, resident_state, offloaded, note
@@ -251,8 +260,13 @@ def estimate_training_state(
     options: Optional[Mapping[str, Any]] = None,
     optimizer: OptimizerName = 'adamw',
     dtype: torch.dtype = torch.float32,
+    world_size: int = 1,
 ) -> MemoryEstimate:
-    """Predicted peak training-state bytes of ``algorithm`` (with ``options``) on ``model``.
+    """Predicted peak training-state bytes of ``algorithm`` (with ``options``) on ``model``, per process.
+
+    With ``world_size`` > 1 the model is sharded by FSDP2 over that many processes: each tensor's parameters,
+    gradients and optimizer state split on dim 0, and the figures are those of the rank holding the largest shards.
+    DDP (replicated) costs what ``world_size=1`` predicts on every process.
 
     * ``full``: every parameter trains.
     * ``lora_inject``, ``regex_freeze``: what the functional form leaves trainable (row-range tensors keep full-size
@@ -269,6 +283,8 @@ def estimate_training_state(
     spec = model if isinstance(model, ModelSpec) else load_model_config(model)
     if optimizer not in OPTIMIZER_STATE:
         raise ConfigError('--optimizer', optimizer, f'choose one of {", ".join(OPTIMIZER_STATE)}.')
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError('--world-size', world_size, 'expected a whole number of processes, at least 1.')
     _validate(algorithm, options)
     root = meta_model(spec, dtype)
     torch_optimizer = torch.optim.SGD(root.parameters(), lr=0.1)  # only its param groups are used
@@ -289,10 +305,11 @@ def estimate_training_state(
                                          options.get('freeze_level', 1.0), options.get('granularity', 'leaf'))
             note = f'at the end of training ({depth} units frozen); before freezing starts: the full row'
         if algorithm == 'hift_rotation':
-            trainable, state_bytes, offloaded, note = _hift_rotation(root, torch_optimizer, options, optimizer)
+            trainable, state_bytes, offloaded, note = _hift_rotation(root, torch_optimizer, options, optimizer,
+                                                                     world_size)
         else:
             trainable = _trainable(torch_optimizer)
-            state_bytes = _state_bytes(trainable, optimizer)
+            state_bytes = _state_bytes(trainable, optimizer, world_size)
     except ConfigError:
         raise
     except ValueError as error:
@@ -303,8 +320,8 @@ def estimate_training_state(
         options=options,
         total_params=sum(p.numel() for p in params),
         trainable_params=sum(p.numel() for p in trainable),
-        param_bytes=_bytes(params),
-        grad_bytes=_bytes(trainable),
+        param_bytes=_bytes(params, world_size),
+        grad_bytes=_bytes(trainable, world_size),
         optimizer_state_bytes=state_bytes,
         offloaded_state_bytes=offloaded,
         note=note,
@@ -366,13 +383,14 @@ _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 
 
 def estimate_report(model_config: str, algorithms: list[str], overrides: list[str] = (), optimizer: str = 'adamw',
-                    dtype: str = 'float32') -> str:
+                    dtype: str = 'float32', world_size: int = 1) -> str:
     """The ``thaw estimate`` table: one row per ``NAME[={options}]`` in ``algorithms`` (``full`` if none)."""
     if dtype not in _DTYPES:
         raise ConfigError('--dtype', dtype, f'choose one of {", ".join(_DTYPES)}.')
     spec = load_model_config(model_config, dict(_parse_override(o) for o in overrides))
-    rows = [estimate_training_state(spec, name, options, optimizer, _DTYPES[dtype])
+    rows = [estimate_training_state(spec, name, options, optimizer, _DTYPES[dtype], world_size)
             for name, options in map(parse_algorithm, algorithms or ['full'])]
+    where = 'on the training device' if world_size == 1 else f'per process, sharded by FSDP2 over {world_size} processes'
     title = (f'{spec.name} ({spec.config.model_type}, {rows[0].total_params:,} parameters), {optimizer}, {dtype}: '
-             'predicted training-state bytes on the training device (activations not included)')
+             f'predicted training-state bytes {where} (activations not included)')
     return format_estimates(rows, title)

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from algorithms.sharding import ShardLayout, is_sharded, local_tensor
+
 __all__ = [
     'OffloadedTensor',
     'TrainingStateBytes',
@@ -107,21 +109,30 @@ def _state_tensors(state: dict[str, Any]) -> list[torch.Tensor]:
 
 
 def optimizer_state_bytes(optimizer: Optimizer, device: Optional[torch.device] = None) -> int:
-    """Bytes held by ``optimizer.state`` tensors, only those on ``device`` if given."""
+    """Bytes held by ``optimizer.state`` tensors (this rank's shards of sharded ones), only those on ``device`` if given."""
     total = 0
     for state in optimizer.state.values():
         for tensor in _state_tensors(state):
             if device is None or tensor.device.type == torch.device(device).type:
-                total += tensor.numel() * tensor.element_size()
+                total += local_tensor(tensor).numel() * tensor.element_size()
     return total
 
 
 @dataclass(frozen=True)
 class OffloadedTensor:
-    """An optimizer-state tensor moved off its device, and the device it comes back to."""
+    """An optimizer-state tensor moved off its device, and the device it comes back to.
+
+    A sharded (DTensor) state tensor is offloaded as its local shard, with the layout it returns to.
+    """
 
     tensor: torch.Tensor
     device: torch.device
+    layout: Optional[ShardLayout] = None
+
+    def restore(self) -> torch.Tensor:
+        """The tensor back on its device (as a DTensor again if it was one)."""
+        local = self.tensor.to(self.device, non_blocking=True)
+        return local if self.layout is None else self.layout.wrap(local)
 
 
 def offload_state(
@@ -143,10 +154,11 @@ def offload_state(
         moved = {}
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.device != device:
-                pin = device.type == 'cpu' and value.is_cuda
-                copy = torch.empty(value.shape, dtype=value.dtype, device=device, pin_memory=pin)
-                copy.copy_(value, non_blocking=pin)
-                moved[key] = OffloadedTensor(copy, value.device)
+                local = local_tensor(value)
+                pin = device.type == 'cpu' and local.is_cuda
+                copy = torch.empty(local.shape, dtype=local.dtype, device=device, pin_memory=pin)
+                copy.copy_(local, non_blocking=pin)
+                moved[key] = OffloadedTensor(copy, value.device, ShardLayout.of(value) if is_sharded(value) else None)
             else:
                 moved[key] = value
         offloaded[id(param)] = moved
@@ -160,8 +172,7 @@ def restore_state(optimizer: Optimizer, params: Iterable[torch.Tensor], offloade
         if state is None:
             continue
         optimizer.state[param] = {
-            key: value.tensor.to(value.device, non_blocking=True) if isinstance(value, OffloadedTensor) else value
-            for key, value in state.items()
+            key: value.restore() if isinstance(value, OffloadedTensor) else value for key, value in state.items()
         }
 
 
@@ -179,14 +190,15 @@ class TrainingStateBytes:
 
 
 def training_state_bytes(model: nn.Module, optimizers: Optional[Optimizers] = None) -> TrainingStateBytes:
-    """Count the bytes of ``model``'s parameters and gradients and of the optimizer's state.
+    """Count the bytes of ``model``'s parameters and gradients and of the optimizer's state held by this process.
 
-    Tied parameters count once. Optimizer state counts every tensor in ``optimizer.state``, wherever it lives;
+    Tied parameters count once; of a sharded (FSDP2) tensor only this rank's shard counts. Optimizer state counts every tensor in ``optimizer.state``, wherever it lives;
     state moved out of the optimizer (offloaded) is not counted.
     """
-    params = list(model.parameters())
+    params = [local_tensor(p) for p in model.parameters()]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    grad_bytes = sum(local_tensor(p.grad).numel() * p.grad.element_size() for p in model.parameters()
+                     if p.grad is not None)
     optimizer = single_optimizer(optimizers)
     state_bytes = optimizer_state_bytes(optimizer) if optimizer is not None else 0
     return TrainingStateBytes(param_bytes, grad_bytes, state_bytes)

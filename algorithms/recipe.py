@@ -30,8 +30,10 @@ from algorithms.config_validation import ConfigError, from_mapping
 
 __all__ = [
     'DataConfig',
+    'FSDPOptions',
     'ModelConfig',
     'OptimizerConfig',
+    'ParallelismConfig',
     'Recipe',
     'SchedulerConfig',
     'apply_overrides',
@@ -89,6 +91,26 @@ class SchedulerConfig:
 
 
 @dataclass
+class FSDPOptions:
+    """Composer's FSDP2: every parameter sharded on dim 0 across the processes (``thaw run --nproc N``). The fields
+    are those of :class:`composer.utils.parallelism.FSDP2Config`; ``state_dict_type`` is the checkpoint format."""
+
+    state_dict_type: Literal['sharded', 'full'] = 'sharded'
+    reshard_after_forward: bool = True
+    activation_checkpointing: bool = False
+    activation_cpu_offload: bool = False
+    load_monolith_rank0_only: bool = False
+    mixed_precision: Literal['DEFAULT', 'PURE', 'FULL'] = 'DEFAULT'
+
+
+@dataclass
+class ParallelismConfig:
+    """How the model is spread over processes; ``fsdp: {}`` shards it with FSDP2, absent or null replicates it (DDP)."""
+
+    fsdp: Optional[FSDPOptions] = None
+
+
+@dataclass
 class Recipe:
     """A whole training run. Durations and intervals are Composer time strings (``2ep``, ``100ba``, ``0.5dur``)."""
 
@@ -96,6 +118,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     algorithms: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
     loggers: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
     seed: int = 17

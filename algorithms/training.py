@@ -26,8 +26,17 @@ from torch import nn
 from algorithms.algorithm_state import ConfigRepr
 from algorithms.config_validation import ConfigError, check_call_kwargs
 from algorithms.optimizer_surgery import training_state_bytes
+from algorithms.sharding import full_tensor
 from algorithms.parameter_selection import user_module
-from algorithms.recipe import DataConfig, ModelConfig, OptimizerConfig, Recipe, SchedulerConfig, check_processes
+from algorithms.recipe import (
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelismConfig,
+    Recipe,
+    SchedulerConfig,
+    check_processes,
+)
 
 __all__ = ['RunSummary', 'TrainingSummary', 'build_trainer', 'format_summary', 'run_recipe']
 
@@ -108,6 +117,15 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Op
     return torch.optim.Adagrad(groups, eps=config.eps, **common)
 
 
+def build_parallelism(config: ParallelismConfig) -> Optional[dict[str, Any]]:
+    """Composer's ``parallelism_config`` for the recipe: FSDP2 with the recipe's options, or ``None`` (DDP)."""
+    if config.fsdp is None:
+        return None
+    from composer.utils.parallelism import FSDP2Config
+
+    return {'fsdp': FSDP2Config(**asdict(config.fsdp))}
+
+
 def build_scheduler(config: SchedulerConfig):
     from composer.optim import ConstantScheduler, CosineAnnealingWithWarmupScheduler, LinearWithWarmupScheduler
 
@@ -144,7 +162,8 @@ def parameter_checksum(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, param in sorted(user_module(model).named_parameters()):
         digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        whole = full_tensor(param.detach())  # gathered from every rank under FSDP2: call it on every rank
+        digest.update(whole.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -261,6 +280,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData]
         save_overwrite=True,
         load_path=recipe.load_path,
         autoresume=recipe.autoresume,
+        parallelism_config=build_parallelism(recipe.parallelism),
         python_log_level=None,
     )
     summary.summary.majority_rate = data.majority_rate

@@ -39,6 +39,8 @@ from algorithms.optimizer_surgery import (
     single_optimizer,
 )
 from algorithms.parameter_selection import named_parameters, user_module
+from algorithms.sharding import (ShardLayout, full_tensor, is_sharded, local_part, refuse_fsdp1,
+                                  refuse_sharded_checkpoints)
 
 log = logging.getLogger(__name__)
 
@@ -292,19 +294,24 @@ class GroupRotation:
 
     # ---- checkpoints ----
     def state_dict(self) -> dict[str, Any]:
-        """Rotation position, queue, generator, held learning rates and the offloaded optimizer state (CPU tensors)."""
+        """Rotation position, queue, generator, held learning rates and the offloaded optimizer state (CPU tensors).
+
+        Offloaded state is saved whole (gathered from every rank under FSDP2, so every rank calls this together);
+        :meth:`load_state_dict` gives each rank its own rows back.
+        """
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # offloaded copies are non-blocking
         offloaded: dict[str, dict[str, Any]] = {}
         devices: dict[str, dict[str, str]] = {}
-        for key, state in self.offloaded.items():
+        for key, state in self.offloaded.items():  # the same order on every rank: gathering is collective
             name = self.names[key]
             offloaded[name], devices[name] = {}, {}
             for field, value in state.items():
                 if isinstance(value, OffloadedTensor):
-                    offloaded[name][field], devices[name][field] = value.tensor, str(value.device)
+                    whole = value.tensor if value.layout is None else full_tensor(value.restore()).cpu()
+                    offloaded[name][field], devices[name][field] = whole, str(value.device)
                 else:
-                    offloaded[name][field] = value
+                    offloaded[name][field] = full_tensor(value) if isinstance(value, torch.Tensor) else value
                     if isinstance(value, torch.Tensor):
                         devices[name][field] = str(value.device)
         return {
@@ -342,10 +349,17 @@ class GroupRotation:
             devices = state['offloaded_devices'].get(name, {})
             restored = {}
             for field, value in saved.items():
-                if isinstance(value, torch.Tensor) and field in devices and torch.device(devices[field]) != value.device:
-                    restored[field] = OffloadedTensor(value, torch.device(devices[field]))
-                else:
+                if not isinstance(value, torch.Tensor) or field not in devices:
                     restored[field] = value
+                    continue
+                # Saved whole; under FSDP2 each rank keeps its own rows, laid out as the parameter is.
+                shaped_like_param = is_sharded(param) and value.shape == param.shape
+                local = local_part(value, param) if shaped_like_param else value
+                layout = ShardLayout.of(param) if shaped_like_param else None
+                if torch.device(devices[field]) != local.device:
+                    restored[field] = OffloadedTensor(local, torch.device(devices[field]), layout)
+                else:
+                    restored[field] = layout.wrap(local) if layout is not None else local
             self.offloaded[id(param)] = restored
         self.queue.load_state_dict(state['queue'])
         self.steps_started = int(state['steps_started'])
@@ -460,8 +474,8 @@ class HiFTRotation(ConfigRepr, Algorithm):
         if event == Event.BEFORE_LOAD:
             refuse_duplicates(self, state.algorithms, 'give one HiFTRotation (one rotation decides what trains).')
             _refuse_other_freezing(state.algorithms)
-            if state.fsdp_config is not None:
-                raise NotImplementedError('HiFTRotation does not support FSDP (its param groups hold flat parameters).')
+            refuse_fsdp1(state, 'HiFTRotation')
+            refuse_sharded_checkpoints(state, 'HiFTRotation', 'which parameters hold optimizer state changes with every group')
             if self.rotation is not None:
                 self.rotation.close()
             self.rotation = GroupRotation(

@@ -34,6 +34,7 @@ from algorithms.layer_freezing.units import (
 )
 from algorithms.optimizer_surgery import optimizer_state_bytes, remove_params
 from algorithms.parameter_selection import user_module
+from algorithms.sharding import refuse_fsdp1, refuse_sharded_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +217,8 @@ class LayerFreezing(ConfigRepr, Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             refuse_duplicates(self, state.algorithms, 'give one LayerFreezing (its schedule decides everything frozen).')
-            if state.fsdp_config is not None:
-                raise NotImplementedError('LayerFreezing does not support FSDP (its param groups hold flat parameters).')
+            refuse_fsdp1(state, 'LayerFreezing')
+            refuse_sharded_checkpoints(state, 'LayerFreezing', 'frozen parameters lose their optimizer state as training goes on')
             # Find the units now, so a model that cannot be frozen fails before training; keep the state so that
             # load_state_dict (which only receives the checkpoint) can re-freeze the model before the optimizer loads.
             self._state = state

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from algorithms.sharding import shard_like
+
 __all__ = [
     'LoRAConv',
     'LoRAEmbedding',
@@ -442,17 +444,22 @@ def _map_plain_base_keys(layer: LoRALayer, state_dict: dict[str, Any], prefix: s
     """Load-state-dict pre-hook: accept a state dict written without LoRA (a plain model's, or a checkpoint of a
     run without LoRAInject), whose base tensors are at ``<prefix>weight`` rather than ``<prefix>base_layer.weight``.
 
-    Only when the state dict has ``<prefix>weight`` and nothing under ``<prefix>base_layer.``: the base layer's keys
-    are moved under ``base_layer.``, and :func:`_finish_plain_load` then accepts the adapter's own tensors as
+    Only when the state dict has ``<prefix>weight``: the base layer's keys are moved under ``base_layer.``, and :func:`_finish_plain_load` then accepts the adapter's own tensors as
     missing. A state dict written with LoRA is left alone, so one lacking its adapters still fails a strict load.
     """
     base_prefix = prefix + 'base_layer.'
     layer._plain_load_prefix = None
-    if prefix + 'weight' not in state_dict or any(key.startswith(base_prefix) for key in state_dict):
+    if prefix + 'weight' not in state_dict:
         return
     own = {prefix + name for name in (*layer._parameters, *layer._buffers)}
-    for key in [k for k in state_dict if k.startswith(prefix) and k not in own]:
-        state_dict[base_prefix + key[len(prefix):]] = state_dict.pop(key)
+    plain = [k for k in state_dict if k.startswith(prefix) and k not in own and not k.startswith(base_prefix)]
+    # torch.distributed.checkpoint (FSDP2, full state dicts) hands over the model's own keys, at their current
+    # values, next to the checkpoint's: the plain keys are the checkpoint's, whole tensors, sharded here as the base.
+    current = layer.base_layer.state_dict(keep_vars=True)
+    for key in plain:
+        name, value = key[len(prefix):], state_dict.pop(key)
+        like = current.get(name)
+        state_dict[base_prefix + name] = shard_like(value, like) if isinstance(like, torch.Tensor) else value
     layer._plain_load_prefix = prefix
 
 

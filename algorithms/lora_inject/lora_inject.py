@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
-from composer.utils import dist
+from composer.utils import dist, reproducibility
 from torch import nn
 
 from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
@@ -29,6 +29,7 @@ from algorithms.lora_inject.injection import adapter_layers, check_not_peft, inj
 from algorithms.lora_inject.layers import LoRALayer, adapter_class_for
 from algorithms.optimizer_surgery import Optimizers, add_params, group_index_of, remove_params, single_optimizer
 from algorithms.parameter_selection import user_module
+from algorithms.sharding import refuse_fsdp1
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +356,11 @@ class LoRAInject(ConfigRepr, Algorithm):
             refuse_duplicates(self, state.algorithms, 'give one LoRAInject (rank_pattern and alpha_pattern set '
                               'per-target ranks).')
             check_no_conflicting_algorithms(state.algorithms, self.config)
-            summary = _inject_adapters(state.model, state.optimizers, self.config)
+            refuse_fsdp1(state, 'LoRAInject')
+            # The same adapter initialization on every rank, as Composer does before sharding: FSDP2 keeps each rank's
+            # own rows, so per-rank seeds would give a model that no single process could have built.
+            with reproducibility.seed_context(state.rank_zero_seed):
+                summary = _inject_adapters(state.model, state.optimizers, self.config)
             logger.log_metrics({
                 'lora_inject/adapted_modules': len(summary.adapted),
                 'lora_inject/trainable_params': summary.trainable_params,
@@ -368,11 +373,11 @@ class LoRAInject(ConfigRepr, Algorithm):
             return
         from algorithms.lora_inject.peft_format import export_merged, save_adapter
 
-        if dist.get_global_rank() == 0:
-            if self.save_adapter_to:
-                save_adapter(state.model, self.save_adapter_to)
-            if self.save_merged_to:
-                export_merged(state.model, self.save_merged_to)
+        # On every rank: under FSDP2 the whole tensors are gathered from all of them; rank 0 writes.
+        if self.save_adapter_to:
+            save_adapter(state.model, self.save_adapter_to)
+        if self.save_merged_to:
+            export_merged(state.model, self.save_merged_to)
         dist.barrier()
 
     def state_dict(self) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from composer.utils import dist
 from torch import nn
 
 from algorithms.lora_inject.config import LoRAConfig
@@ -49,6 +50,7 @@ from algorithms.lora_inject.lora_inject import (
 )
 from algorithms.optimizer_surgery import Optimizers
 from algorithms.parameter_selection import user_module
+from algorithms.sharding import full_tensor
 
 __all__ = [
     'ADAPTER_CONFIG_NAME',
@@ -109,14 +111,17 @@ def _adapted_root(model: nn.Module) -> tuple[nn.Module, LoRAConfig, dict[str, Lo
 
 
 def adapter_state_dict(model: nn.Module, convert_pissa: bool = True) -> dict[str, torch.Tensor]:
-    """The trained tensors under PEFT's key names (``base_model.model.`` prefix included), detached copies."""
+    """The trained tensors under PEFT's key names (``base_model.model.`` prefix included), detached copies.
+
+    Of a sharded (FSDP2) model the whole tensors, gathered from every rank: call it on every rank.
+    """
     root, config, layers = _adapted_root(model)
     if _is_sliced(layers):
         raise ValueError('Per-slice adapters (enable_slices) have no PEFT representation; use save_adapter, which '
                          f'writes them in the {THAW_FORMAT} format.')
     state: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        tensors = {attr: getattr(layer, attr).detach() for attr in _peft_names(layer)}
+        tensors = {attr: full_tensor(getattr(layer, attr).detach()) for attr in _peft_names(layer)}
         if convert_pissa and _is_pissa(layer):
             tensors['lora_A'] = torch.cat([tensors['lora_A'], layer.pissa_initial_A], dim=0)
             tensors['lora_B'] = torch.cat([tensors['lora_B'], -layer.pissa_initial_B], dim=1)
@@ -127,7 +132,7 @@ def adapter_state_dict(model: nn.Module, convert_pissa: bool = True) -> dict[str
         owner, _, leaf = name.rpartition('.')
         if owner in layers and leaf in layers[owner].adapter_parameters():
             continue
-        state[PEFT_PREFIX + name] = named[name].detach().clone().contiguous()
+        state[PEFT_PREFIX + name] = full_tensor(named[name].detach()).clone().contiguous()
     return state
 
 
@@ -183,6 +188,9 @@ def save_adapter(
 ) -> Path:
     """Write the adapter to ``directory`` in PEFT's format (our own format for per-slice adapters).
 
+    Under several processes rank 0 writes; a sharded (FSDP2) model's tensors are gathered from every rank, so then
+    call it on every rank.
+
     Args:
         model: a model adapted by :func:`apply_lora` / ``LoRAInject``.
         directory: created if missing.
@@ -194,17 +202,21 @@ def save_adapter(
 
     root, config, layers = _adapted_root(model)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     if _is_sliced(layers):
         named = dict(root.named_parameters())
-        state = {name: named[name].detach().clone().contiguous() for name in trainable_parameter_names(root, config)}
+        state = {name: full_tensor(named[name].detach()).clone().contiguous()
+                 for name in trainable_parameter_names(root, config)}
         meta = {'format': THAW_FORMAT, 'version': 1, 'config': config.to_dict(), 'adapted_modules': sorted(layers)}
-        (directory / THAW_CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        config_name = THAW_CONFIG_NAME
     else:
         state = adapter_state_dict(root, convert_pissa=convert_pissa)
         meta = peft_config_dict(root, base_model_name_or_path, convert_pissa=convert_pissa)
-        (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    save_file({k: v.cpu() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS_NAME), metadata={'format': 'pt'})
+        config_name = ADAPTER_CONFIG_NAME
+    if dist.get_global_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / config_name).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        save_file({k: v.cpu() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS_NAME),
+                  metadata={'format': 'pt'})
     return directory
 
 
@@ -352,14 +364,15 @@ def load_adapter(
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapted model's weights with every adapter merged in, under the base model's own names.
 
-    The model is not changed (merged weights are new tensors).
+    The model is not changed (merged weights are new tensors). Of a sharded (FSDP2) model the whole tensors,
+    gathered from every rank: call it on every rank.
     """
     root, _, layers = _adapted_root(model)
     merged = {f'{name}.base_layer.weight': layer.merged_weight() for name, layer in layers.items() if not layer.merged}
     adapter_keys = tuple(f'.{attr}' for attr in ('lora_A', 'lora_B', 'lora_magnitude', 'pissa_initial_A',
                                                   'pissa_initial_B'))
     return {
-        key.replace('.base_layer.', '.'): merged.get(key, value).detach()
+        key.replace('.base_layer.', '.'): full_tensor(merged.get(key, value).detach())
         for key, value in root.state_dict().items() if not key.endswith(adapter_keys)
     }
 
@@ -367,11 +380,15 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def export_merged(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
     """Write the merged model as a plain Hugging Face checkpoint (``save_pretrained`` layout) to ``directory``.
 
-    The model in memory is not changed. Load the result with ``AutoModel*.from_pretrained(directory)``.
+    The model in memory is not changed. Load the result with ``AutoModel*.from_pretrained(directory)``. Under
+    several processes rank 0 writes; a sharded (FSDP2) model's tensors are gathered from every rank, so then call it
+    on every rank.
     """
     root, _, _ = _adapted_root(model)
     if not hasattr(root, 'save_pretrained'):
         raise TypeError(f'{type(root).__name__} has no save_pretrained: export_merged needs a Hugging Face model.')
     directory = Path(directory)
-    root.save_pretrained(str(directory), state_dict=merged_state_dict(root), safe_serialization=True)
+    state = merged_state_dict(root)
+    if dist.get_global_rank() == 0:
+        root.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
     return directory

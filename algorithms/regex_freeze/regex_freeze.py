@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
 from algorithms.optimizer_surgery import add_params, group_index_of, remove_params, single_optimizer
 from algorithms.parameter_selection import user_module
+from algorithms.sharding import refuse_fsdp1
 from algorithms.regex_freeze.patterns import (
     SYNTAXES,
     ParameterPattern,
@@ -194,10 +195,12 @@ class RegexFreeze(ConfigRepr, Algorithm):
 
     At :attr:`.Event.INIT` it only takes note of the model and optimizer, so that surgery algorithms running at
     INIT (Composer's Factorize, LoRAInject), wherever they sit in the list, have changed the model first. It
-    freezes when its checkpoint state is loaded (Composer loads algorithm state after the model weights and
-    before the optimizer state, so the optimizer's structure matches the checkpoint's) and at
-    :attr:`.Event.AFTER_LOAD`. Both come before DDP wraps the model and before the first optimizer step, and
-    applying again is idempotent. With Composer's EMA it also keeps EMA's copy of frozen rows exact at the
+    freezes at :attr:`.Event.BEFORE_LOAD` (after FSDP2 sharded the model, and before a sharded checkpoint is
+    read, which needs the optimizer to hold exactly the checkpoint's trainable tensors), again when its
+    checkpoint state is loaded (Composer loads algorithm state after the model weights and before the optimizer
+    state) and at :attr:`.Event.AFTER_LOAD`. All come before DDP wraps the model and before the first optimizer
+    step, and applying again is idempotent. Under FSDP2 row ranges are global row indices; each rank keeps the
+    frozen rows of its own shard. With Composer's EMA it also keeps EMA's copy of frozen rows exact at the
     events where EMA updates or swaps weights.
 
     Args:
@@ -214,7 +217,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
         Event.BATCH_END, Event.EPOCH_END, Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT, Event.ITERATION_CHECKPOINT,
         Event.EVAL_START, Event.FIT_END,
     })
-    events = (Event.INIT, Event.AFTER_LOAD, *sorted(_EMA_SYNC_EVENTS, key=lambda e: e.value))  # every event it acts at
+    events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, *sorted(_EMA_SYNC_EVENTS, key=lambda e: e.value))  # every event it acts at
 
     def __init__(
         self,
@@ -242,17 +245,21 @@ class RegexFreeze(ConfigRepr, Algorithm):
         self._syncs_ema = False  # whether Composer's EMA runs alongside: then its copies of frozen rows are corrected
 
     def match(self, event: Event, state: State) -> bool:
-        if event in (Event.INIT, Event.AFTER_LOAD):
+        if event in (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD):
             return True
         return self._syncs_ema and event in self._EMA_SYNC_EVENTS
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
         if event == Event.INIT:
             refuse_duplicates(self, state.algorithms, 'give one RegexFreeze with all the trainable and frozen patterns.')
+            refuse_fsdp1(state, 'RegexFreeze')
             self._model, self._optimizers = state.model, state.optimizers
             return None
-        if event == Event.AFTER_LOAD:
+        if event == Event.BEFORE_LOAD:
             self._apply_to(state.model, state.optimizers)
+            return None
+        if event == Event.AFTER_LOAD:
+            self._apply_to(state.model, state.optimizers)  # again (idempotent): a checkpoint's surgery may have run
             self._syncs_ema = bool(self._frozen_rows) and any(isinstance(a, EMA) for a in state.algorithms)
             assert self.selection is not None
             logger.log_metrics({

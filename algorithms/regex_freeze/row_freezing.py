@@ -8,6 +8,9 @@ momentum still move them. So a :class:`RowFreezer` does two things:
 * optimizer step hooks copy the frozen rows before each ``optimizer.step()`` and write them back afterwards,
   which undoes weight decay and any other update exactly.
 
+Under FSDP2 each rank does both on the rows of its own shard (global row ranges are mapped onto it), and the
+gradient is masked after FSDP2's reduce-scatter, in a post-accumulate-grad hook.
+
 The optimizer keeps full-size state for these tensors (the state of the frozen rows stays zero with Adam-style
 optimizers). The copy taken before each step lives only during the step.
 
@@ -28,6 +31,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from algorithms.sharding import is_sharded, local_rows, local_tensor
+
 __all__ = ['RowFreezer', 'sync_ema_frozen_rows']
 
 Ranges = tuple[tuple[int, int], ...]
@@ -45,19 +50,35 @@ def _zero_rows_hook(frozen_rows: Ranges):
     return zero_frozen_rows
 
 
+def _zero_local_rows_hook(local_frozen_rows: Ranges):
+    """For a sharded parameter: FSDP2 writes the reduced gradient shard into ``param.grad`` and then runs the
+    parameter's post-accumulate-grad hooks (before any clipping or optimizer step); zero the frozen rows there."""
+
+    @torch.no_grad()
+    def zero_frozen_rows(param: torch.Tensor) -> None:
+        if param.grad is not None:
+            grad = local_tensor(param.grad)
+            for start, end in local_frozen_rows:
+                grad[start:end] = 0
+
+    return zero_frozen_rows
+
+
 class RowFreezer:
     """Masks gradients of and restores frozen rows of ``frozen_rows``' parameters around ``optimizer``'s steps.
 
     Args:
         optimizer: the optimizer that updates the parameters (its step hooks do the restoring).
-        frozen_rows: parameter -> merged half-open row ranges (dim 0) that must not change.
+        frozen_rows: parameter -> merged half-open global row ranges (dim 0) that must not change.
     """
 
     def __init__(self, optimizer: Optimizer, frozen_rows: dict[nn.Parameter, Ranges]):
         self.optimizer = optimizer
         self.frozen_rows = {param: ranges for param, ranges in frozen_rows.items() if ranges}
+        # The rows of each rank's own part of the parameter (all of them unless it is a sharded DTensor).
+        self.local_frozen_rows = {param: local_rows(param, ranges) for param, ranges in self.frozen_rows.items()}
         self._handles: list[Any] = []
-        self._saved: list[tuple[nn.Parameter, int, int, torch.Tensor]] = []
+        self._saved: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []
 
     @property
     def installed(self) -> bool:
@@ -66,8 +87,11 @@ class RowFreezer:
     def install(self) -> None:
         if self.installed or not self.frozen_rows:
             return
-        for param, ranges in self.frozen_rows.items():
-            self._handles.append(param.register_hook(_zero_rows_hook(ranges)))
+        for param, ranges in self.local_frozen_rows.items():
+            if is_sharded(param):
+                self._handles.append(param.register_post_accumulate_grad_hook(_zero_local_rows_hook(ranges)))
+            else:
+                self._handles.append(param.register_hook(_zero_rows_hook(ranges)))
         self._handles.append(self.optimizer.register_step_pre_hook(self._save_frozen_rows))
         self._handles.append(self.optimizer.register_step_post_hook(self._restore_frozen_rows))
 
@@ -80,15 +104,16 @@ class RowFreezer:
     @torch.no_grad()
     def _save_frozen_rows(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._saved = [
-            (param, start, end, param[start:end].clone())
-            for param, ranges in self.frozen_rows.items()
+            (local, start, end, local[start:end].clone())
+            for param, ranges in self.local_frozen_rows.items()
+            for local in (local_tensor(param),)
             for start, end in ranges
         ]
 
     @torch.no_grad()
     def _restore_frozen_rows(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        for param, start, end, rows in self._saved:
-            param[start:end].copy_(rows)
+        for local, start, end, rows in self._saved:
+            local[start:end].copy_(rows)
         self._saved = []
 
 

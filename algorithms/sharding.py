@@ -1,0 +1,170 @@
+"""What the algorithms need to know about sharded parameters (Composer's FSDP2: DTensors sharded on dim 0).
+
+Under FSDP2 every parameter is a :class:`~torch.distributed.tensor.DTensor`; a rank holds a contiguous block of
+rows (``torch.chunk`` of dim 0). Names, ``requires_grad`` and param-group membership work as for plain tensors, so
+freezing and optimizer surgery need nothing special. What does: writing into given rows (a global row range must
+be mapped onto the rank's block), reading a whole tensor (gathered from every rank), and gradients, which FSDP2
+writes into ``param.grad`` after its reduce-scatter instead of accumulating them through autograd (so a
+``register_hook`` on the sharded parameter never runs; a post-accumulate-grad hook does).
+
+FSDP1 (Composer's ``FSDPConfig``) flattens parameters into ``FlatParameter``\\ s that optimizers and names cannot see
+through; :func:`refuse_fsdp1` stops an algorithm there, before it changes anything, and names FSDP2 as the way.
+
+Example:
+    >>> local_rows(param, ((0, 100),))   # rows 0..99 of the whole tensor, as rows of this rank's shard
+    ((0, 64),)                           # on rank 0 of 2, for a tensor of 128 rows
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    'FSDP2_HINT',
+    'ShardLayout',
+    'full_tensor',
+    'full_state_dict',
+    'is_sharded',
+    'local_part',
+    'local_rows',
+    'local_tensor',
+    'refuse_fsdp1',
+    'refuse_sharded_checkpoints',
+    'row_offset',
+    'shard_like',
+]
+
+RowRanges = tuple[tuple[int, int], ...]
+
+FSDP2_HINT = (
+    "use FSDP2 instead: Trainer(parallelism_config={'fsdp': FSDP2Config()}) with FSDP2Config from "
+    "composer.utils.parallelism, a recipe's `parallelism: {fsdp: {...}}`, or llm-foundry's fsdp_config with the "
+    'environment variable FSDP_VERSION=2'
+)
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a DTensor is laid out (mesh, placements, global shape and stride), without its data."""
+
+    mesh: Any
+    placements: tuple[Any, ...]
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> 'ShardLayout':
+        return cls(tensor.device_mesh, tuple(tensor.placements), tensor.shape, tensor.stride())  # type: ignore
+
+    def wrap(self, local: torch.Tensor) -> torch.Tensor:
+        """A DTensor of this layout whose local part is ``local`` (no communication)."""
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local, self.mesh, self.placements, shape=self.shape, stride=self.stride)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (a sharded or replicated parameter, or its gradient)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor`` (the tensor itself when it is not a DTensor); writes to it change ``tensor``."""
+    return tensor._local_tensor if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def row_offset(tensor: torch.Tensor) -> int:
+    """The global index of this rank's first row of ``tensor`` (0 when it is not sharded)."""
+    if not is_sharded(tensor):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    placements = tensor.placements  # type: ignore[attr-defined]
+    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, placements)  # type: ignore
+    return int(offset[0]) if offset else 0
+
+
+def local_rows(tensor: torch.Tensor, ranges: RowRanges) -> RowRanges:
+    """Map half-open global row ranges of ``tensor`` onto the rows of this rank's shard (dropping empty ones)."""
+    offset, rows = row_offset(tensor), local_tensor(tensor).shape[0] if tensor.ndim else 0
+    mapped = []
+    for start, end in ranges:
+        local_start, local_end = max(start - offset, 0), min(end - offset, rows)
+        if local_start < local_end:
+            mapped.append((local_start, local_end))
+    return tuple(mapped)
+
+
+def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The rows of ``full`` (a whole tensor shaped like ``like``) that this rank holds of ``like``; all of ``full``
+    when ``like`` is not sharded. Stays on ``full``'s device."""
+    if not is_sharded(like):
+        return full
+    offset, rows = row_offset(like), local_tensor(like).shape[0]
+    return full[offset:offset + rows]
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of ``tensor``, gathered from every rank when it is sharded (a collective: call it on every rank)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` (a whole tensor, the same on every rank) laid out as ``like`` is: a DTensor with ``like``'s mesh and
+    placements, each rank keeping its own part without communication; ``full`` itself when ``like`` is not sharded."""
+    if not is_sharded(like) or is_sharded(full) or full.shape != like.shape:
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements,  # type: ignore[attr-defined]
+                             src_data_rank=None)
+
+
+def full_state_dict(module: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every DTensor gathered into a plain tensor, on every rank (a collective).
+
+    Args:
+        module: the (possibly sharded) module.
+        names: only these keys (every rank must pass the same); all keys when ``None``.
+    """
+    state = module.state_dict()
+    keys = list(state) if names is None else list(names)
+    return {key: full_tensor(state[key]).detach() for key in keys}
+
+
+def refuse_fsdp1(state: Any, algorithm: str) -> None:
+    """Raise ``NotImplementedError`` when the Trainer uses FSDP1, naming FSDP2 as the supported way."""
+    from composer.utils.parallelism import FSDPConfig
+
+    if isinstance(getattr(state, 'fsdp_config', None), FSDPConfig):
+        raise NotImplementedError(
+            f'{algorithm} does not support FSDP1 (FSDPConfig): it flattens parameters into FlatParameters, which '
+            f'{algorithm} cannot freeze or select one by one; {FSDP2_HINT}.',
+        )
+
+
+def refuse_sharded_checkpoints(state: Any, algorithm: str, reason: str) -> None:
+    """Raise ``ValueError`` when the Trainer would save FSDP2 checkpoints in the sharded format.
+
+    A sharded checkpoint is read into the optimizer state the fresh optimizer would have, so it can only be
+    resumed when the set of parameters with optimizer state is the same at every save. Full checkpoints
+    (``state_dict_type='full'``) have no such limit.
+    """
+    from composer.callbacks import CheckpointSaver
+    from composer.utils.parallelism import FSDP2Config
+
+    config = getattr(state, 'fsdp_config', None)
+    saves = any(isinstance(callback, CheckpointSaver) for callback in getattr(state, 'callbacks', ()))
+    if isinstance(config, FSDP2Config) and config.state_dict_type == 'sharded' and saves:
+        raise ValueError(
+            f"{algorithm} under FSDP2 cannot write sharded checkpoints (state_dict_type='sharded', the default): "
+            f'{reason}, and a sharded checkpoint is read into the optimizer state the fresh optimizer has, so it '
+            "could not be resumed. Save full checkpoints: FSDP2Config(state_dict_type='full'), or in a recipe "
+            '`parallelism: {fsdp: {state_dict_type: full}}`.',
+        )

@@ -1,0 +1,109 @@
+"""Run by ``composer -n 2`` from test_sharded.py: every conformance case sharded with Composer's FSDP2, in one launch.
+
+For each case: a run of 2 epochs (8 AdamW steps at lr 1e-3). For the first case of each algorithm it saves a
+checkpoint after each epoch, in FSDP2's default sharded format, or the full one where the algorithm refuses sharded
+checkpoints (before training, with a message); then a resumption from the first checkpoint in each format the
+algorithm writes, and a weights-only load of the unsharded single-process checkpoint given as the second argument. Writes, from rank 0,
+``<out>/results.json`` and ``<out>/<case id>.pt`` (the whole parameters at the end, gathered from the shards).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for `conformance.harness`
+
+import torch  # noqa: E402
+from composer.utils import dist  # noqa: E402
+from composer.utils.parallelism import FSDP2Config  # noqa: E402
+
+from algorithms.parameter_selection import user_module  # noqa: E402
+from algorithms.sharding import full_tensor, is_sharded, local_tensor  # noqa: E402
+from conformance.harness import SHARDED_LR, adamw, all_cases, make_trainer, tiny_model  # noqa: E402
+
+
+def _trainer(case, state_dict_type: str, **kwargs):
+    model = tiny_model()
+    return make_trainer([case.build()], max_duration='2ep', model=model, optimizers=adamw(model, SHARDED_LR),
+                        eval_dataloader=None, parallelism_config={'fsdp': FSDP2Config(state_dict_type=state_dict_type)},
+                        **kwargs)
+
+
+def _whole_parameters(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: full_tensor(p).detach().clone() for name, p in params.items()}
+
+
+def _optimizer_record(trainer, params: dict[str, torch.Tensor]) -> dict:
+    names = {id(p): name for name, p in params.items()}
+    state = trainer.state.optimizers[0].state
+    local_bytes = sum(
+        local_tensor(v).numel() * v.element_size() for s in state.values() for v in s.values()
+        if isinstance(v, torch.Tensor) and v.ndim > 0)
+    sharded_state = all(is_sharded(v) for s in state.values() for v in s.values()
+                        if isinstance(v, torch.Tensor) and v.ndim > 0)
+    return {'names': sorted(names[id(p)] for p in state), 'local_bytes': dist.all_gather_object(local_bytes),
+            'sharded_state': sharded_state}
+
+
+def _fit(case, state_dict_type: str, **kwargs):
+    trainer = _trainer(case, state_dict_type, **kwargs)
+    # The sharded parameters, named before training: between steps FSDP2 may leave a module holding its unsharded
+    # parameters, while the optimizer (and these names) keep the sharded ones.
+    params = dict(user_module(trainer.state.model).named_parameters())
+    trainer.fit()
+    record = _optimizer_record(trainer, params)
+    whole = _whole_parameters(params)
+    all_sharded = all(is_sharded(p) for p in params.values())
+    trainer.close()
+    return whole, all_sharded, record
+
+
+def _resume_is_exact(case, state_dict_type: str, folder: Path, straight: dict[str, torch.Tensor]) -> bool:
+    checkpoint = folder / ('ep1-ba4' if state_dict_type == 'sharded' else 'ep1-ba4-rank0.pt')
+    resumed, _, _ = _fit(case, state_dict_type, load_path=str(checkpoint))
+    return all(torch.equal(resumed[name], value) for name, value in straight.items())
+
+
+def _weights_only_load(case, plain_checkpoint: str) -> float:
+    """Largest difference between the unsharded checkpoint's weights and the sharded model's after loading them."""
+    trainer = _trainer(case, 'full', load_path=plain_checkpoint, load_weights_only=True)
+    params = dict(user_module(trainer.state.model).named_parameters())
+    loaded = {name.replace('.base_layer', ''): value for name, value in _whole_parameters(params).items()}
+    trainer.close()
+    saved = torch.load(plain_checkpoint, map_location='cpu', weights_only=False)['state']['model']
+    saved = {name.removeprefix('model.'): value for name, value in saved.items()}
+    return max((loaded[name] - value).abs().max().item() for name, value in saved.items() if name in loaded)
+
+
+def main(out: Path, plain_checkpoint: str) -> None:
+    results = {}
+    shared = Path(os.environ.get('THAW_DDP_TMP', out)) / 'sharded-checkpoints'
+    for case in all_cases():
+        result: dict = {}
+        formats = ['sharded', 'full']
+        saving = {'save_folder': str(shared / 'sharded' / case.id), 'save_interval': '1ep'} if case.index == 0 else {}
+        try:  # the straight run (saving after each epoch for the first case)
+            params, all_sharded, record = _fit(case, 'sharded', **saving)
+        except ValueError as refusal:  # refused before training, with a message
+            result['sharded_checkpoints_refused'] = str(refusal)
+            formats = ['full']
+            params, all_sharded, record = _fit(case, 'full', save_folder=str(shared / 'full' / case.id),
+                                               save_interval='1ep')
+        result.update(all_parameters_sharded=all_sharded, optimizer=record)
+        if dist.get_global_rank() == 0:
+            torch.save(params, out / f'{case.id}.pt')
+        if case.index == 0:  # checkpoints in each format the algorithm writes, and loading an unsharded one
+            for state_dict_type in formats:
+                if state_dict_type != formats[0]:
+                    _fit(case, state_dict_type, save_folder=str(shared / state_dict_type / case.id), save_interval='1ep')
+                folder = shared / state_dict_type / case.id
+                result[f'resume_exact_{state_dict_type}'] = _resume_is_exact(case, state_dict_type, folder, params)
+            result['weights_only_load_max_diff'] = _weights_only_load(case, plain_checkpoint)
+        results[case.id] = result
+    if dist.get_global_rank() == 0:
+        (out / 'results.json').write_text(json.dumps(results, indent=2))
+
+
+if __name__ == '__main__':
+    main(Path(sys.argv[1]), sys.argv[2])
