@@ -45,6 +45,10 @@ BAD_RECIPES = {
     'unknown logger': ('loggers: {slack: {}}', 'loggers.slack', 'valid loggers: console, file'),
     'missing checkpoint': ('load_path: /nowhere/ckpt.pt', 'load_path', 'no checkpoint file there'),
     'model and data mismatch': ('model: {name: tiny-decoder}', 'data.name', "use data.name 'python-topics'"),
+    'misspelled FSDP2 option': ('parallelism: {fsdp: {state_dict_typ: full}}', 'parallelism.fsdp.state_dict_typ',
+                                "did you mean 'state_dict_type'"),
+    'unknown checkpoint format': ('parallelism: {fsdp: {state_dict_type: local}}', 'parallelism.fsdp.state_dict_type',
+                                  "one of 'sharded', 'full'"),
 }
 if not torch.cuda.is_available():
     BAD_RECIPES['gpu without CUDA'] = ('device: gpu', 'device', 'no CUDA device is visible')

@@ -410,7 +410,8 @@ class HiFTRotation(ConfigRepr, Algorithm):
     """HiFT as a Composer algorithm: all parameters train, one group of units per step, the rest offloaded.
 
     Units are found automatically (embeddings, each repeated block, each module after the blocks) or given as
-    ``groups`` regexes. At :attr:`.Event.BEFORE_LOAD` (after all INIT surgery, e.g. ``LoRAInject``) the options are
+    ``groups`` regexes. At :attr:`.Event.INIT` it checks the other algorithms and the Trainer's sharding (FSDP1 is
+    refused, FSDP2 works; under FSDP2 it saves full checkpoints, not sharded ones). At :attr:`.Event.BEFORE_LOAD` (after all INIT surgery, e.g. ``LoRAInject``) the options are
     checked against the model and the first group is activated; at every :attr:`.Event.BATCH_START` the group switches
     when due, so all microbatches of a step train the same group. Checkpoints carry the rotation position, queue,
     generator, held learning rates and the offloaded optimizer state: a resumed run is bit-identical.
@@ -434,7 +435,7 @@ class HiFTRotation(ConfigRepr, Algorithm):
             schedule).
     """
 
-    events = (Event.BEFORE_LOAD, Event.AFTER_LOAD, Event.BATCH_START)
+    events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, Event.BATCH_START)
 
     def __init__(
         self,
@@ -471,11 +472,14 @@ class HiFTRotation(ConfigRepr, Algorithm):
         return event in self.events
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.BEFORE_LOAD:
+        if event == Event.INIT:  # only checks, before Composer wraps the model
             refuse_duplicates(self, state.algorithms, 'give one HiFTRotation (one rotation decides what trains).')
             _refuse_other_freezing(state.algorithms)
             refuse_fsdp1(state, 'HiFTRotation')
-            refuse_sharded_checkpoints(state, 'HiFTRotation', 'which parameters hold optimizer state changes with every group')
+            refuse_sharded_checkpoints(state, 'HiFTRotation',
+                                       'which parameters hold optimizer state changes with every group')
+            return
+        if event == Event.BEFORE_LOAD:
             if self.rotation is not None:
                 self.rotation.close()
             self.rotation = GroupRotation(

@@ -170,7 +170,10 @@ class LayerFreezing(ConfigRepr, Algorithm):
     frozen again on load, before the optimizer state is loaded; resumption is exact.
 
     Under DDP, :attr:`find_unused_parameters` is ``True`` and freezing only happens after the model is wrapped (or,
-    when resuming, before it is wrapped, for units that stay frozen for good), so ranks stay identical.
+    when resuming, before it is wrapped, for units that stay frozen for good), so ranks stay identical. Under FSDP2
+    frozen shards leave the optimizer on every rank alike; checkpoints must be full (``state_dict_type='full'``):
+    a sharded one is read into the optimizer state a fresh optimizer has, which no longer fits once units froze,
+    so saving one is refused before training. FSDP1 is refused.
 
     Args:
         freeze_start: fraction of training to run before freezing begins, in ``[0, 1]``. Default: ``0.5``.
@@ -218,7 +221,8 @@ class LayerFreezing(ConfigRepr, Algorithm):
         if event == Event.INIT:
             refuse_duplicates(self, state.algorithms, 'give one LayerFreezing (its schedule decides everything frozen).')
             refuse_fsdp1(state, 'LayerFreezing')
-            refuse_sharded_checkpoints(state, 'LayerFreezing', 'frozen parameters lose their optimizer state as training goes on')
+            refuse_sharded_checkpoints(state, 'LayerFreezing',
+                                       'frozen parameters lose their optimizer state as training goes on')
             # Find the units now, so a model that cannot be frozen fails before training; keep the state so that
             # load_state_dict (which only receives the checkpoint) can re-freeze the model before the optimizer loads.
             self._state = state

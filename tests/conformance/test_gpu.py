@@ -1,4 +1,4 @@
-"""8: on a GPU, the same training with bf16 mixed precision, and FSDP for the algorithms that support it.
+"""8: on a GPU, the same training with bf16 mixed precision, and sharded with FSDP2.
 Skipped on machines without CUDA (CI has none)."""
 
 import pytest
@@ -16,11 +16,9 @@ def test_trains_on_gpu_with_bf16(case):
     assert result.batches_run == 12 and result.loss_after < result.loss_before
 
 
-FSDP_CASES = [case for case in FIRST if case.name in ('lora_inject', 'regex_freeze')]
+@pytest.mark.parametrize('case', FIRST, ids=ids(FIRST))
+def test_trains_under_fsdp2_with_bf16(case):
+    from composer.utils.parallelism import FSDP2Config
 
-
-@pytest.mark.parametrize('case', FSDP_CASES, ids=ids(FSDP_CASES))
-def test_trains_under_fsdp_with_original_parameters(case):
-    result = run(case, device='gpu', precision='amp_bf16',
-                 parallelism_config={'fsdp': {'use_orig_params': True, 'sharding_strategy': 'FULL_SHARD'}})
+    result = run(case, device='gpu', precision='amp_bf16', parallelism_config={'fsdp': FSDP2Config()})
     assert result.batches_run == 12 and result.loss_after < result.loss_before

@@ -1,6 +1,7 @@
 """3b: under Composer's FSDP2 at world size 2 (gloo on CPU, one launch for every case) each case trains like one
 unsharded process, keeps frozen elements bit-identical, holds sharded optimizer state only for what trains, and
-resumes bit-identically from its checkpoints; an unsharded checkpoint loads into the sharded model."""
+resumes bit-identically from its checkpoints; an unsharded checkpoint loads into the sharded model. FSDP1 is
+refused before training, naming FSDP2."""
 
 import json
 from pathlib import Path
@@ -13,7 +14,6 @@ from conformance.harness import SHARDED_LR, adamw, all_cases, ids, make_trainer,
 from support import launch
 
 CASES = all_cases()
-pytestmark = pytest.mark.multiprocess
 
 # FSDP2 reduce-scatters gradients in another order than one process sums them. After these 8 steps a plain model
 # ends at most 3e-4 from one process, 2.9e-6 on average per element. Where a gradient element is nearly zero its
@@ -44,6 +44,7 @@ def _single_process(case):
     return result
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize('case', CASES, ids=ids(CASES))
 def test_sharded_training_matches_one_process(case, sharded_results):
     out, results = sharded_results
@@ -72,6 +73,7 @@ def test_sharded_training_matches_one_process(case, sharded_results):
 FIRST = [case for case in CASES if case.index == 0]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize('case', FIRST, ids=ids(FIRST))
 def test_sharded_checkpoints_resume_exactly_and_unsharded_ones_load(case, sharded_results):
     _, results = sharded_results
@@ -83,3 +85,10 @@ def test_sharded_checkpoints_resume_exactly_and_unsharded_ones_load(case, sharde
         assert result['resume_exact_sharded'], 'resuming from a sharded checkpoint changed the result'
     assert result['resume_exact_full'], 'resuming from a full checkpoint changed the result'
     assert result['weights_only_load_max_diff'] == 0.0
+
+
+@pytest.mark.parametrize('case', FIRST, ids=ids(FIRST))
+def test_fsdp1_is_refused_before_training_naming_fsdp2(case):
+    algorithm = case.build()
+    with pytest.raises(NotImplementedError, match='FSDP2Config'):
+        make_trainer([algorithm], parallelism_config={'fsdp': {'use_orig_params': True}})
