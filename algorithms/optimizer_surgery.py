@@ -109,7 +109,8 @@ def _state_tensors(state: dict[str, Any]) -> list[torch.Tensor]:
 
 
 def optimizer_state_bytes(optimizer: Optimizer, device: Optional[torch.device] = None) -> int:
-    """Bytes held by ``optimizer.state`` tensors (this rank's shards of sharded ones), only those on ``device`` if given."""
+    """Bytes held by ``optimizer.state`` tensors (this rank's shards of sharded ones), only those on ``device`` if
+    given."""
     total = 0
     for state in optimizer.state.values():
         for tensor in _state_tensors(state):
@@ -192,8 +193,9 @@ class TrainingStateBytes:
 def training_state_bytes(model: nn.Module, optimizers: Optional[Optimizers] = None) -> TrainingStateBytes:
     """Count the bytes of ``model``'s parameters and gradients and of the optimizer's state held by this process.
 
-    Tied parameters count once; of a sharded (FSDP2) tensor only this rank's shard counts. Optimizer state counts every tensor in ``optimizer.state``, wherever it lives;
-    state moved out of the optimizer (offloaded) is not counted.
+    Tied parameters count once; of a sharded (FSDP2) tensor only this rank's shard counts. Optimizer state counts
+    every tensor in ``optimizer.state``, wherever it lives; state moved out of the optimizer (offloaded) is not
+    counted.
     """
     params = [local_tensor(p) for p in model.parameters()]
     param_bytes = sum(p.numel() * p.element_size() for p in params)

@@ -18,16 +18,14 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
-from torch import nn
 
 __all__ = [
     'FSDP2_HINT',
     'ShardLayout',
     'full_tensor',
-    'full_state_dict',
     'is_sharded',
     'local_part',
     'local_rows',
@@ -92,7 +90,8 @@ def row_offset(tensor: torch.Tensor) -> int:
 
 def local_rows(tensor: torch.Tensor, ranges: RowRanges) -> RowRanges:
     """Map half-open global row ranges of ``tensor`` onto the rows of this rank's shard (dropping empty ones)."""
-    offset, rows = row_offset(tensor), local_tensor(tensor).shape[0] if tensor.ndim else 0
+    offset = row_offset(tensor)
+    rows = local_tensor(tensor).shape[0] if tensor.ndim else 0
     mapped = []
     for start, end in ranges:
         local_start, local_end = max(start - offset, 0), min(end - offset, rows)
@@ -120,22 +119,7 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     placements, each rank keeping its own part without communication; ``full`` itself when ``like`` is not sharded."""
     if not is_sharded(like) or is_sharded(full) or full.shape != like.shape:
         return full
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements,  # type: ignore[attr-defined]
-                             src_data_rank=None)
-
-
-def full_state_dict(module: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` with every DTensor gathered into a plain tensor, on every rank (a collective).
-
-    Args:
-        module: the (possibly sharded) module.
-        names: only these keys (every rank must pass the same); all keys when ``None``.
-    """
-    state = module.state_dict()
-    keys = list(state) if names is None else list(names)
-    return {key: full_tensor(state[key]).detach() for key in keys}
+    return ShardLayout.of(like).wrap(local_part(full, like).to(like.device))
 
 
 def refuse_fsdp1(state: Any, algorithm: str) -> None:
@@ -165,6 +149,6 @@ def refuse_sharded_checkpoints(state: Any, algorithm: str, reason: str) -> None:
         raise ValueError(
             f"{algorithm} under FSDP2 cannot write sharded checkpoints (state_dict_type='sharded', the default): "
             f'{reason}, and a sharded checkpoint is read into the optimizer state the fresh optimizer has, so it '
-            "could not be resumed. Save full checkpoints: FSDP2Config(state_dict_type='full'), or in a recipe "
-            '`parallelism: {fsdp: {state_dict_type: full}}`.',
+            "could not be resumed. Save full checkpoints: FSDP2Config(state_dict_type='full'); in a recipe "
+            "`parallelism: {fsdp: {state_dict_type: full}}`, in llm-foundry `fsdp_config: {state_dict_type: full}`.",
         )

@@ -4,8 +4,8 @@ Run with ``make bench-sharded`` (``composer -n 2 -m benchmarks.sharded``). Every
 decoder of ``make bench-quick`` for 2 epochs of 2 batches (the global batch split over the 2 processes); the
 recorder counts this process's parameters, gradients and optimizer state after every batch (only the local
 shards under FSDP2), reported at the last batch (HiFT: at the batch with the most state, the embeddings' turn).
-Next to it is :func:`algorithms.memory_estimate.estimate_training_state` with ``world_size=2`` (FSDP2) or 1 (DDP). Writes ``benchmarks/results/sharded.json``
-and ``sharded.md`` from rank 0.
+Next to it is :func:`algorithms.memory_estimate.estimate_training_state` with ``world_size=2`` (FSDP2) or 1 (DDP).
+Writes ``benchmarks/results/sharded.json`` and ``sharded.md`` from rank 0.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def _mib(n: float) -> str:
 
 
 def _table(rows: list[dict[str, Any]], title: str) -> str:
-    lines = [title, '', '| method | layout | batch | params (MiB) | grads (MiB) | optimizer state (MiB) | total (MiB) | '
-             'estimate (MiB) | vs estimate |', '|---|---|---|---|---|---|---|---|---|']
+    lines = [title, '', '| method | layout | batch | params (MiB) | grads (MiB) | optimizer state (MiB) | '
+             'total (MiB) | estimate (MiB) | vs estimate |', '|---|---|---|---|---|---|---|---|---|']
     for row in rows:
         worst = max(row['state_per_rank'], key=lambda s: s['params'] + s['grads'] + s['optimizer_state'])
         total = worst['params'] + worst['grads'] + worst['optimizer_state']

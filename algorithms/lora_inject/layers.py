@@ -444,8 +444,9 @@ def _map_plain_base_keys(layer: LoRALayer, state_dict: dict[str, Any], prefix: s
     """Load-state-dict pre-hook: accept a state dict written without LoRA (a plain model's, or a checkpoint of a
     run without LoRAInject), whose base tensors are at ``<prefix>weight`` rather than ``<prefix>base_layer.weight``.
 
-    Only when the state dict has ``<prefix>weight``: the base layer's keys are moved under ``base_layer.``, and :func:`_finish_plain_load` then accepts the adapter's own tensors as
-    missing. A state dict written with LoRA is left alone, so one lacking its adapters still fails a strict load.
+    Only when the state dict has ``<prefix>weight``: the base layer's keys are moved under ``base_layer.``, and
+    :func:`_finish_plain_load` then accepts the adapter's own tensors as missing. A state dict written with LoRA is
+    left alone, so one lacking its adapters still fails a strict load.
     """
     base_prefix = prefix + 'base_layer.'
     layer._plain_load_prefix = None

@@ -43,7 +43,8 @@ STATE_VERSION = 1
 # Valid on tiny_decoder('llama', num_layers=4); the conformance suite runs each of them.
 EXAMPLES: tuple[dict[str, Any], ...] = (
     {'trainable': ['lm_head', 'model.layers.3']},
-    {'trainable': ['model.embed_tokens.weight[0:100]', 'model.norm']},
+    # Two row ranges: under FSDP2 at 2 processes (15261 rows each) the second spans both ranks' shards.
+    {'trainable': ['model.embed_tokens.weight[0:100]', 'model.embed_tokens.weight[15200:15300]', 'model.norm']},
     {'frozen': ['model.embed_tokens', 'lm_head']},
 )
 
@@ -217,7 +218,8 @@ class RegexFreeze(ConfigRepr, Algorithm):
         Event.BATCH_END, Event.EPOCH_END, Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT, Event.ITERATION_CHECKPOINT,
         Event.EVAL_START, Event.FIT_END,
     })
-    events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, *sorted(_EMA_SYNC_EVENTS, key=lambda e: e.value))  # every event it acts at
+    # every event it acts at
+    events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, *sorted(_EMA_SYNC_EVENTS, key=lambda e: e.value))
 
     def __init__(
         self,

@@ -3,7 +3,8 @@
 For each case: a run of 2 epochs (8 AdamW steps at lr 1e-3). For the first case of each algorithm it saves a
 checkpoint after each epoch, in FSDP2's default sharded format, or the full one where the algorithm refuses sharded
 checkpoints (before training, with a message); then a resumption from the first checkpoint in each format the
-algorithm writes, and a weights-only load of the unsharded single-process checkpoint given as the second argument. Writes, from rank 0,
+algorithm writes, and a weights-only load of the unsharded single-process checkpoint given as the second argument.
+Last, the previews of a sharded model. Writes, from rank 0,
 ``<out>/results.json`` and ``<out>/<case id>.pt`` (the whole parameters at the end, gathered from the shards).
 """
 
@@ -18,9 +19,13 @@ import torch  # noqa: E402
 from composer.utils import dist  # noqa: E402
 from composer.utils.parallelism import FSDP2Config  # noqa: E402
 
+from algorithms.hift_rotation.preview import rotation_preview  # noqa: E402
 from algorithms.parameter_selection import user_module  # noqa: E402
+from algorithms.regex_freeze.preview import freeze_preview  # noqa: E402
 from algorithms.sharding import full_tensor, is_sharded, local_tensor  # noqa: E402
 from conformance.harness import SHARDED_LR, adamw, all_cases, make_trainer, tiny_model  # noqa: E402
+
+PREVIEW_PATTERNS = ['model.embed_tokens.weight[0:100]', 'lm_head']
 
 
 def _trainer(case, state_dict_type: str, **kwargs):
@@ -96,13 +101,24 @@ def main(out: Path, plain_checkpoint: str) -> None:
         if case.index == 0:  # checkpoints in each format the algorithm writes, and loading an unsharded one
             for state_dict_type in formats:
                 if state_dict_type != formats[0]:
-                    _fit(case, state_dict_type, save_folder=str(shared / state_dict_type / case.id), save_interval='1ep')
+                    _fit(case, state_dict_type, save_folder=str(shared / state_dict_type / case.id),
+                         save_interval='1ep')
                 folder = shared / state_dict_type / case.id
                 result[f'resume_exact_{state_dict_type}'] = _resume_is_exact(case, state_dict_type, folder, params)
             result['weights_only_load_max_diff'] = _weights_only_load(case, plain_checkpoint)
         results[case.id] = result
+    results['previews'] = _previews()
     if dist.get_global_rank() == 0:
         (out / 'results.json').write_text(json.dumps(results, indent=2))
+
+
+def _previews() -> dict[str, str]:
+    """The previews' tables of a sharded model (they read names and whole sizes)."""
+    trainer = make_trainer([], parallelism_config={'fsdp': FSDP2Config()}, eval_dataloader=None)
+    previews = {'freeze': freeze_preview(trainer.state.model, PREVIEW_PATTERNS),
+                'rotation': rotation_preview(trainer.state.model, group_size=2)}
+    trainer.close()
+    return previews
 
 
 if __name__ == '__main__':

@@ -87,6 +87,17 @@ def test_sharded_checkpoints_resume_exactly_and_unsharded_ones_load(case, sharde
     assert result['weights_only_load_max_diff'] == 0.0
 
 
+@pytest.mark.multiprocess
+def test_previews_of_a_sharded_model_equal_the_unsharded_ones(sharded_results):
+    from algorithms.hift_rotation.preview import rotation_preview
+    from algorithms.regex_freeze.preview import freeze_preview
+    from conformance.fsdp2_script import PREVIEW_PATTERNS
+
+    previews = sharded_results[1]['previews']
+    assert previews['freeze'] == freeze_preview(tiny_model(), PREVIEW_PATTERNS)
+    assert previews['rotation'] == rotation_preview(tiny_model(), group_size=2)
+
+
 @pytest.mark.parametrize('case', FIRST, ids=ids(FIRST))
 def test_fsdp1_is_refused_before_training_naming_fsdp2(case):
     algorithm = case.build()
