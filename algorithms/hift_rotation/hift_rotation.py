@@ -413,8 +413,9 @@ class HiFTRotation(ConfigRepr, Algorithm):
     ``groups`` regexes. At :attr:`.Event.INIT` it checks the other algorithms and the Trainer's sharding (FSDP1 is
     refused, FSDP2 works; under FSDP2 it saves full checkpoints, not sharded ones). At :attr:`.Event.BEFORE_LOAD`
     (after all INIT surgery, e.g. ``LoRAInject``) the options are checked against the model and the first group is
-    activated; at every :attr:`.Event.BATCH_START` the group switches when due, so all microbatches of a step train the same group. Checkpoints carry the rotation position, queue,
-    generator, held learning rates and the offloaded optimizer state: a resumed run is bit-identical.
+    activated; at every :attr:`.Event.BATCH_START` the group switches when due, so all microbatches of a step train
+    the same group. Checkpoints carry the rotation position, queue, generator, held learning rates and the offloaded
+    optimizer state: a resumed run is bit-identical.
 
     Under DDP :attr:`find_unused_parameters` is ``True`` and every rotating parameter requires grad when the model is
     wrapped (:attr:`.Event.AFTER_LOAD`), so DDP all-reduces each group once it is active.

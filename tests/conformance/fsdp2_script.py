@@ -4,7 +4,7 @@ For each case: a run of 2 epochs (8 AdamW steps at lr 1e-3). For the first case 
 checkpoint after each epoch, in FSDP2's default sharded format, or the full one where the algorithm refuses sharded
 checkpoints (before training, with a message); then a resumption from the first checkpoint in each format the
 algorithm writes, and a weights-only load of the unsharded single-process checkpoint given as the second argument.
-Last, the previews of a sharded model. Writes, from rank 0,
+Last, the previews of a sharded model, and LoRAInject's exports from one (``<out>/lora-export``). Writes, from rank 0,
 ``<out>/results.json`` and ``<out>/<case id>.pt`` (the whole parameters at the end, gathered from the shards).
 """
 
@@ -20,6 +20,7 @@ from composer.utils import dist  # noqa: E402
 from composer.utils.parallelism import FSDP2Config  # noqa: E402
 
 from algorithms.hift_rotation.preview import rotation_preview  # noqa: E402
+from algorithms.lora_inject import LoRAInject  # noqa: E402
 from algorithms.parameter_selection import user_module  # noqa: E402
 from algorithms.regex_freeze.preview import freeze_preview  # noqa: E402
 from algorithms.sharding import full_tensor, is_sharded, local_tensor  # noqa: E402
@@ -108,8 +109,21 @@ def main(out: Path, plain_checkpoint: str) -> None:
             result['weights_only_load_max_diff'] = _weights_only_load(case, plain_checkpoint)
         results[case.id] = result
     results['previews'] = _previews()
+    export_lora(out / 'lora-export', parallelism_config={'fsdp': FSDP2Config()})
     if dist.get_global_rank() == 0:
         (out / 'results.json').write_text(json.dumps(results, indent=2))
+
+
+def export_lora(out: Path, **trainer_options) -> None:
+    """2 epochs of LoRA (with a head trained in full), writing the adapter (PEFT format) and the merged model at the
+    end: under FSDP2 every rank takes part in gathering the shards, rank 0 writes."""
+    lora = LoRAInject(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], modules_to_save=['lm_head'],
+                      save_adapter_to=str(out / 'adapter'), save_merged_to=str(out / 'merged'))
+    model = tiny_model()
+    trainer = make_trainer([lora], max_duration='2ep', model=model, optimizers=adamw(model, SHARDED_LR),
+                           eval_dataloader=None, **trainer_options)
+    trainer.fit()
+    trainer.close()
 
 
 def _previews() -> dict[str, str]:

@@ -1,7 +1,8 @@
 """3b: under Composer's FSDP2 at world size 2 (gloo on CPU, one launch for every case) each case trains like one
 unsharded process, keeps frozen elements bit-identical, holds sharded optimizer state only for what trains, and
-resumes bit-identically from its checkpoints; an unsharded checkpoint loads into the sharded model. FSDP1 is
-refused before training, naming FSDP2."""
+resumes bit-identically from its checkpoints; an unsharded checkpoint loads into the sharded model. The previews
+and LoRAInject's exports of a sharded model equal those of an unsharded one. FSDP1 is refused before training,
+naming FSDP2."""
 
 import json
 from pathlib import Path
@@ -96,6 +97,29 @@ def test_previews_of_a_sharded_model_equal_the_unsharded_ones(sharded_results):
     previews = sharded_results[1]['previews']
     assert previews['freeze'] == freeze_preview(tiny_model(), PREVIEW_PATTERNS)
     assert previews['rotation'] == rotation_preview(tiny_model(), group_size=2)
+
+
+@pytest.mark.multiprocess
+def test_lora_exports_of_a_sharded_model_equal_the_unsharded_ones(sharded_results, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from conformance.fsdp2_script import export_lora
+
+    sharded, single = sharded_results[0] / 'lora-export', tmp_path / 'single'
+    export_lora(single)
+    for folder in ('adapter', 'merged'):
+        names = [sorted(p.name for p in (run / folder).iterdir()) for run in (sharded, single)]
+        assert names[0] == names[1]
+    config = 'adapter/adapter_config.json'
+    assert json.loads((sharded / config).read_text()) == json.loads((single / config).read_text())
+    for weights in ('adapter/adapter_model.safetensors', 'merged/model.safetensors'):
+        ours, reference = load_file(sharded / weights), load_file(single / weights)
+        assert ours.keys() == reference.keys()
+        differences = torch.cat([(ours[key] - value).abs().flatten() for key, value in reference.items()])
+        assert differences.max() <= SINGLE_PROCESS_MAX_DIFF and differences.mean() <= SINGLE_PROCESS_MEAN_DIFF
+    merged = AutoModelForCausalLM.from_pretrained(sharded / 'merged')
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in tiny_model().model.parameters())
 
 
 @pytest.mark.parametrize('case', FIRST, ids=ids(FIRST))
