@@ -35,34 +35,33 @@ def test_decoder_recipe_trains_and_reports_perplexity():
     assert summary.eval_metrics['eval/LanguagePerplexity'] > 1.0
 
 
-@pytest.mark.multiprocess
-def test_two_processes_split_data_and_end_with_identical_parameters(tmp_path):
-    from support import run_thaw
+def _run_two_processes(recipe: str, overrides: list[str], tmp_path) -> dict:
+    """``thaw run recipe --nproc 2`` as a user would; the summary it writes."""
     import json
 
+    from support import run_thaw
+
     summary_path = tmp_path / 'summary.json'
-    result = run_thaw('run', 'yamls/demo.yaml', '--nproc', '2', *[f'--set={o}' for o in SMALL],
+    result = run_thaw('run', recipe, '--nproc', '2', *[f'--set={o}' for o in overrides],
                       f'--set=summary_path={summary_path}')
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(summary_path.read_text())
     assert summary['world_size'] == 2
+    return summary
+
+
+@pytest.mark.multiprocess
+def test_two_processes_split_data_and_end_with_identical_parameters(tmp_path):
+    summary = _run_two_processes('yamls/demo.yaml', SMALL, tmp_path)
     assert len(summary['param_checksums']) == 2
     assert summary['param_checksums'][0] == summary['param_checksums'][1]
 
 
 @pytest.mark.multiprocess
 def test_a_sharded_recipe_holds_half_of_each_tensor_per_process(tmp_path):
-    from support import run_thaw
-    import json
-
     reduced = ['max_duration=2ba', 'global_train_batch_size=4', 'data.max_train_samples=16',
                'data.max_eval_samples=8', 'eval_interval=2ba', 'progress_bar=false']
-    summary_path = tmp_path / 'summary.json'
-    result = run_thaw('run', 'yamls/sharded_decoder.yaml', '--nproc', '2', *[f'--set={o}' for o in reduced],
-                      f'--set=summary_path={summary_path}')
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    sharded = json.loads(summary_path.read_text())
-    assert sharded['world_size'] == 2
+    sharded = _run_two_processes('yamls/sharded_decoder.yaml', reduced, tmp_path)
     # fp32, and every dim 0 of this model is even: half of each tensor per process
     assert sharded['param_bytes'] * 2 == 4 * sharded['total_params']
     assert 0 < sharded['grad_bytes'] * 2 < 4 * sharded['total_params']  # HiFT: one group's gradients
