@@ -26,7 +26,10 @@ EXIT_INVALID = 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog='thaw', description='Run composer-thaw recipes.')
+    parser.add_argument('--version', action='version', version=f"thaw (composer-thaw) {version('composer-thaw')}")
     commands = parser.add_subparsers(dest='command', required=True)
     run = commands.add_parser('run', help='train from a YAML recipe')
     run.add_argument('recipe', help='path to a YAML recipe, e.g. yamls/demo.yaml')

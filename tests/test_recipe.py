@@ -132,3 +132,12 @@ def test_a_training_set_smaller_than_one_batch_is_refused_before_the_model_is_bu
     overrides = ['--set', 'data.max_train_samples=8', '--set', 'progress_bar=false']
     assert main(['run', str(REPO / 'yamls/demo.yaml'), *overrides]) == EXIT_INVALID
     assert 'the training set has only 8 examples' in capsys.readouterr().err
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(['--version'])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"thaw (composer-thaw) {version('composer-thaw')}"
