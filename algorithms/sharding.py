@@ -31,7 +31,6 @@ __all__ = [
     'local_rows',
     'local_tensor',
     'refuse_fsdp1',
-    'refuse_sharded_checkpoints',
     'row_offset',
     'shard_like',
 ]
@@ -130,25 +129,4 @@ def refuse_fsdp1(state: Any, algorithm: str) -> None:
         raise NotImplementedError(
             f'{algorithm} does not support FSDP1 (FSDPConfig): it flattens parameters into FlatParameters, which '
             f'{algorithm} cannot freeze or select one by one; {FSDP2_HINT}.',
-        )
-
-
-def refuse_sharded_checkpoints(state: Any, algorithm: str, reason: str) -> None:
-    """Raise ``ValueError`` when the Trainer would save FSDP2 checkpoints in the sharded format.
-
-    A sharded checkpoint is read into the optimizer state the fresh optimizer would have, so it can only be
-    resumed when the set of parameters with optimizer state is the same at every save. Full checkpoints
-    (``state_dict_type='full'``) have no such limit.
-    """
-    from composer.callbacks import CheckpointSaver
-    from composer.utils.parallelism import FSDP2Config
-
-    config = getattr(state, 'fsdp_config', None)
-    saves = any(isinstance(callback, CheckpointSaver) for callback in getattr(state, 'callbacks', ()))
-    if isinstance(config, FSDP2Config) and config.state_dict_type == 'sharded' and saves:
-        raise ValueError(
-            f"{algorithm} under FSDP2 cannot write sharded checkpoints (state_dict_type='sharded', the default): "
-            f'{reason}, and a sharded checkpoint is read into the optimizer state the fresh optimizer has, so it '
-            "could not be resumed. Save full checkpoints: FSDP2Config(state_dict_type='full'); in a recipe "
-            "`parallelism: {fsdp: {state_dict_type: full}}`, in llm-foundry `fsdp_config: {state_dict_type: full}`.",
         )

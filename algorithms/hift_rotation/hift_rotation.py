@@ -39,8 +39,8 @@ from algorithms.optimizer_surgery import (
     single_optimizer,
 )
 from algorithms.parameter_selection import named_parameters, user_module
-from algorithms.sharding import (ShardLayout, full_tensor, is_sharded, local_part, refuse_fsdp1,
-                                  refuse_sharded_checkpoints)
+from algorithms.sharded_checkpoints import defer_optimizer_load, load_deferred_optimizer
+from algorithms.sharding import ShardLayout, full_tensor, is_sharded, local_part, refuse_fsdp1
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ class HiFTRotation(ConfigRepr, Algorithm):
 
     Units are found automatically (embeddings, each repeated block, each module after the blocks) or given as
     ``groups`` regexes. At :attr:`.Event.INIT` it checks the other algorithms and the Trainer's sharding (FSDP1 is
-    refused, FSDP2 works; under FSDP2 it saves full checkpoints, not sharded ones). At :attr:`.Event.BEFORE_LOAD`
+    refused, FSDP2 works, with checkpoints in either format). At :attr:`.Event.BEFORE_LOAD`
     (after all INIT surgery, e.g. ``LoRAInject``) the options are checked against the model and the first group is
     activated; at every :attr:`.Event.BATCH_START` the group switches when due, so all microbatches of a step train
     the same group. Checkpoints carry the rotation position, queue, generator, held learning rates and the offloaded
@@ -477,8 +477,6 @@ class HiFTRotation(ConfigRepr, Algorithm):
             refuse_duplicates(self, state.algorithms, 'give one HiFTRotation (one rotation decides what trains).')
             _refuse_other_freezing(state.algorithms)
             refuse_fsdp1(state, 'HiFTRotation')
-            refuse_sharded_checkpoints(state, 'HiFTRotation',
-                                       'which parameters hold optimizer state changes with every group')
             return
         if event == Event.BEFORE_LOAD:
             if self.rotation is not None:
@@ -491,9 +489,11 @@ class HiFTRotation(ConfigRepr, Algorithm):
             if self._pending_state is not None:
                 self.rotation.load_state_dict(self._pending_state)
                 self._pending_state = None
+            defer_optimizer_load(state)  # a sharded checkpoint holds state for the group active when it was saved
             return
         assert self.rotation is not None, 'HiFTRotation runs from Event.BEFORE_LOAD on'
         if event == Event.AFTER_LOAD:
+            load_deferred_optimizer(state)
             if dist.get_world_size() > 1:
                 self.rotation.require_grad_everywhere()  # DDP wraps next; before_step freezes again
             else:

@@ -34,7 +34,8 @@ from algorithms.layer_freezing.units import (
 )
 from algorithms.optimizer_surgery import optimizer_state_bytes, remove_params
 from algorithms.parameter_selection import user_module
-from algorithms.sharding import refuse_fsdp1, refuse_sharded_checkpoints
+from algorithms.sharded_checkpoints import defer_optimizer_load, load_deferred_optimizer
+from algorithms.sharding import refuse_fsdp1
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +172,9 @@ class LayerFreezing(ConfigRepr, Algorithm):
 
     Under DDP, :attr:`find_unused_parameters` is ``True`` and freezing only happens after the model is wrapped (or,
     when resuming, before it is wrapped, for units that stay frozen for good), so ranks stay identical. Under FSDP2
-    frozen shards leave the optimizer on every rank alike; checkpoints must be full (``state_dict_type='full'``):
-    a sharded one is read into the optimizer state a fresh optimizer has, which no longer fits once units froze,
-    so saving one is refused before training. FSDP1 is refused.
+    frozen shards leave the optimizer on every rank alike, and both checkpoint formats resume exactly: a sharded
+    checkpoint's optimizer state is read after the frozen units are frozen again
+    (:mod:`algorithms.sharded_checkpoints`). FSDP1 is refused.
 
     Args:
         freeze_start: fraction of training to run before freezing begins, in ``[0, 1]``. Default: ``0.5``.
@@ -184,7 +185,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
         schedule: ``schedule(elapsed, freeze_start, freeze_level) -> fraction``; Composer's linear one if None.
     """
 
-    events = (Event.INIT, Event.EPOCH_END, Event.BATCH_END)  # every event it may act at, whatever the options
+    events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, Event.EPOCH_END, Event.BATCH_END)  # whatever the options
 
     def __init__(
         self,
@@ -213,16 +214,16 @@ class LayerFreezing(ConfigRepr, Algorithm):
         return True
 
     def match(self, event: Event, state: State) -> bool:
+        if event in (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD):
+            return True
         if self.interval == 'epoch':
-            return event in (Event.INIT, Event.EPOCH_END)
-        return event == Event.INIT or (event == Event.BATCH_END and state.timestamp.batch.value % self.interval == 0)
+            return event == Event.EPOCH_END
+        return event == Event.BATCH_END and state.timestamp.batch.value % self.interval == 0
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             refuse_duplicates(self, state.algorithms, 'give one LayerFreezing (its schedule decides everything frozen).')
             refuse_fsdp1(state, 'LayerFreezing')
-            refuse_sharded_checkpoints(state, 'LayerFreezing',
-                                       'frozen parameters lose their optimizer state as training goes on')
             # Find the units now, so a model that cannot be frozen fails before training; keep the state so that
             # load_state_dict (which only receives the checkpoint) can re-freeze the model before the optimizer loads.
             self._state = state
@@ -231,6 +232,12 @@ class LayerFreezing(ConfigRepr, Algorithm):
             if self._loaded_units is not None:
                 self._refreeze(self._loaded_units)
                 self._loaded_units = None
+            return
+        if event == Event.BEFORE_LOAD:  # a sharded checkpoint holds no state for the parameters frozen by then
+            defer_optimizer_load(state)
+            return
+        if event == Event.AFTER_LOAD:
+            load_deferred_optimizer(state)
             return
         freeze_depth, freeze_percentage, self._units = _freeze_by_schedule(
             state.model,

@@ -1,9 +1,9 @@
 """Run by ``composer -n 2`` from test_sharded.py: every conformance case sharded with Composer's FSDP2, in one launch.
 
-For each case: a run of 2 epochs (8 AdamW steps at lr 1e-3). For the first case of each algorithm it saves a
-checkpoint after each epoch, in FSDP2's default sharded format, or the full one where the algorithm refuses sharded
-checkpoints (before training, with a message); then a resumption from the first checkpoint in each format the
-algorithm writes, and a weights-only load of the unsharded single-process checkpoint given as the second argument.
+For each case: a run of 2 epochs (8 AdamW steps at lr 1e-3). For the last case of each algorithm (by then frozen
+parameters have left the optimizer, or HiFT's group changed) it saves a checkpoint after each epoch, in FSDP2's
+default sharded format and in the full one, and resumes from the first checkpoint in each format; for the first
+case, a weights-only load of the unsharded single-process checkpoint given as the second argument.
 Last, the previews of a sharded model, and LoRAInject's exports from one (``<out>/lora-export``). Writes, from rank 0,
 ``<out>/results.json`` and ``<out>/<case id>.pt`` (the whole parameters at the end, gathered from the shards).
 """
@@ -18,13 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder
 import torch  # noqa: E402
 from composer.utils import dist  # noqa: E402
 from composer.utils.parallelism import FSDP2Config  # noqa: E402
+from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
 
 from algorithms.hift_rotation.preview import rotation_preview  # noqa: E402
 from algorithms.lora_inject import LoRAInject  # noqa: E402
 from algorithms.parameter_selection import user_module  # noqa: E402
 from algorithms.regex_freeze.preview import freeze_preview  # noqa: E402
 from algorithms.sharding import full_tensor, is_sharded, local_tensor  # noqa: E402
-from conformance.harness import SHARDED_LR, adamw, all_cases, make_trainer, tiny_model  # noqa: E402
+from conformance.harness import SHARDED_LR, adamw, all_cases, last_cases, make_trainer, tiny_model  # noqa: E402
 
 PREVIEW_PATTERNS = ['model.embed_tokens.weight[0:100]', 'lm_head']
 
@@ -82,30 +83,31 @@ def _weights_only_load(case, plain_checkpoint: str) -> float:
     return max((loaded[name] - value).abs().max().item() for name, value in saved.items() if name in loaded)
 
 
+def _parameters_with_state(checkpoint: Path) -> int:
+    """How many parameters have optimizer state in a sharded checkpoint."""
+    metadata = FileSystemReader(str(checkpoint)).read_metadata()
+    return sum(key.startswith('state.optimizers.') and key.endswith('.exp_avg') for key in metadata.state_dict_metadata)
+
+
 def main(out: Path, plain_checkpoint: str) -> None:
     results = {}
     shared = Path(os.environ.get('THAW_DDP_TMP', out)) / 'sharded-checkpoints'
+    checkpointed = {case.id for case in last_cases()}
     for case in all_cases():
         result: dict = {}
-        formats = ['sharded', 'full']
-        saving = {'save_folder': str(shared / 'sharded' / case.id), 'save_interval': '1ep'} if case.index == 0 else {}
-        try:  # the straight run (saving after each epoch for the first case)
-            params, all_sharded, record = _fit(case, 'sharded', **saving)
-        except ValueError as refusal:  # refused before training, with a message
-            result['sharded_checkpoints_refused'] = str(refusal)
-            formats = ['full']
-            params, all_sharded, record = _fit(case, 'full', save_folder=str(shared / 'full' / case.id),
-                                               save_interval='1ep')
+        folders = {state_dict_type: shared / state_dict_type / case.id for state_dict_type in ('sharded', 'full')}
+        saving = {'save_folder': str(folders['sharded']), 'save_interval': '1ep'} if case.id in checkpointed else {}
+        params, all_sharded, record = _fit(case, 'sharded', **saving)  # the straight run
         result.update(all_parameters_sharded=all_sharded, optimizer=record)
         if dist.get_global_rank() == 0:
             torch.save(params, out / f'{case.id}.pt')
-        if case.index == 0:  # checkpoints in each format the algorithm writes, and loading an unsharded one
-            for state_dict_type in formats:
-                if state_dict_type != formats[0]:
-                    _fit(case, state_dict_type, save_folder=str(shared / state_dict_type / case.id),
-                         save_interval='1ep')
-                folder = shared / state_dict_type / case.id
+        if case.id in checkpointed:
+            _fit(case, 'full', save_folder=str(folders['full']), save_interval='1ep')
+            for state_dict_type, folder in folders.items():
                 result[f'resume_exact_{state_dict_type}'] = _resume_is_exact(case, state_dict_type, folder, params)
+            result['parameters_with_state_in_checkpoint'] = _parameters_with_state(folders['sharded'] / 'ep1-ba4')
+            result['parameters'] = len(params)
+        if case.index == 0:
             result['weights_only_load_max_diff'] = _weights_only_load(case, plain_checkpoint)
         results[case.id] = result
     results['previews'] = _previews()

@@ -80,6 +80,11 @@ def first_cases() -> list[Case]:
     return [case for case in all_cases() if case.index == 0]
 
 
+def last_cases() -> list[Case]:
+    """Each algorithm's last example: the one that changes most during a short run, for checkpoints taken mid-way."""
+    return [case for case in all_cases() if case.index == len(examples_of(case.name)) - 1]
+
+
 def ids(cases: Sequence[Case]) -> list[str]:
     return [case.id for case in cases]
 
