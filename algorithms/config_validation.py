@@ -12,7 +12,8 @@ import dataclasses
 import inspect
 import types
 import typing
-from typing import Any, Literal, Mapping, Union, get_args, get_origin
+from collections.abc import Mapping
+from typing import Any, Literal, Union, get_args, get_origin
 
 __all__ = ['ConfigError', 'check_call_kwargs', 'check_value', 'describe_type', 'from_mapping']
 
@@ -57,11 +58,13 @@ def describe_type(annotation: Any) -> str:
 
 def _abc_sequence():
     import collections.abc
+
     return collections.abc.Sequence
 
 
 def _abc_mapping():
     import collections.abc
+
     return collections.abc.Mapping
 
 
@@ -89,7 +92,8 @@ def _matches(value: Any, annotation: Any) -> bool:
     if origin in (dict, typing.Mapping, _abc_mapping()):
         args = get_args(annotation)
         return isinstance(value, Mapping) and (
-            not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()))
+            not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+        )
     if dataclasses.is_dataclass(annotation):
         return isinstance(value, Mapping)
     if isinstance(annotation, type):
@@ -129,9 +133,11 @@ def from_mapping(cls: type, data: Any, key: str) -> Any:
         bad = unknown[0]
         suggestion = closest_names(str(bad), list(fields), n=1)
         raise ConfigError(
-            f'{key}.{bad}' if key else str(bad), data[bad],
-            f'unknown key {bad!r}' + (f' (did you mean {suggestion[0]!r}?)' if suggestion else '') +
-            f'; valid keys{" under " + key if key else ""}: {", ".join(fields)}.',
+            f'{key}.{bad}' if key else str(bad),
+            data[bad],
+            f'unknown key {bad!r}'
+            + (f' (did you mean {suggestion[0]!r}?)' if suggestion else '')
+            + f'; valid keys{" under " + key if key else ""}: {", ".join(fields)}.',
         )
     values = {}
     for name, field in fields.items():
@@ -153,7 +159,8 @@ def from_mapping(cls: type, data: Any, key: str) -> Any:
 def check_call_kwargs(where: str, cls: type, kwargs: Mapping[str, Any]) -> None:
     """Check ``kwargs`` against ``cls.__init__``: unknown names, missing required ones, and annotated types."""
     parameters = {
-        name: parameter for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        name: parameter
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
         if name != 'self' and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
     }
     try:
@@ -163,7 +170,8 @@ def check_call_kwargs(where: str, cls: type, kwargs: Mapping[str, Any]) -> None:
     for key, value in kwargs.items():
         if key not in parameters:
             raise ConfigError(
-                f'{where}.{key}', value,
+                f'{where}.{key}',
+                value,
                 f'{cls.__name__} has no option {key!r}; valid options: {", ".join(parameters) or "(none)"}.',
             )
         if key in hints:
@@ -171,6 +179,7 @@ def check_call_kwargs(where: str, cls: type, kwargs: Mapping[str, Any]) -> None:
     missing = [key for key, p in parameters.items() if p.default is p.empty and key not in kwargs]
     if missing:
         raise ConfigError(
-            where, dict(kwargs),
+            where,
+            dict(kwargs),
             f'{cls.__name__} needs {", ".join(f"{k} ({describe_type(hints.get(k, Any))})" for k in missing)}.',
         )

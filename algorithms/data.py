@@ -23,9 +23,10 @@ import inspect
 import pkgutil
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, Sequence
+from functools import cache
+from typing import Any
 
 import torch
 from composer.utils import dist
@@ -80,7 +81,9 @@ def _docstring_paragraphs(package_name: str) -> set[str]:
     for module in _package_modules(package_name):
         documented: list[Any] = [module]
         for _, obj in sorted(vars(module).items()):
-            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, '__module__', None) == module.__name__:
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(
+                obj, '__module__', None
+            ) == module.__name__:
                 documented.append(obj)
                 if inspect.isclass(obj):
                     documented += [m for _, m in sorted(vars(obj).items()) if inspect.isfunction(m)]
@@ -93,7 +96,7 @@ def _docstring_paragraphs(package_name: str) -> set[str]:
     return paragraphs
 
 
-@lru_cache(maxsize=None)
+@cache
 def stdlib_docs_examples(max_per_class: int = 280) -> tuple[tuple[TextExample, ...], tuple[TextExample, ...]]:
     """The docstring-classification task: ``(train, eval)`` examples, balanced, at most ``max_per_class`` each.
 
@@ -115,7 +118,7 @@ def stdlib_docs_examples(max_per_class: int = 280) -> tuple[tuple[TextExample, .
     return tuple(train), tuple(eval_)
 
 
-@lru_cache(maxsize=None)
+@cache
 def python_topics_corpus() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The Python documentation topics as ``(train_texts, eval_texts)``: distinct texts, split by a hash of the text."""
     from pydoc_data.topics import topics
@@ -131,11 +134,14 @@ class ClassificationDataset(Dataset):
 
     def __init__(self, examples: Sequence[TextExample], tokenizer, max_seq_len: int):
         encoded = tokenizer([e.text for e in examples], truncation=True, max_length=max_seq_len)
-        self.items = [{
-            'input_ids': ids,
-            'attention_mask': mask,
-            'labels': example.label,
-        } for ids, mask, example in zip(encoded['input_ids'], encoded['attention_mask'], examples)]
+        self.items = [
+            {
+                'input_ids': ids,
+                'attention_mask': mask,
+                'labels': example.label,
+            }
+            for ids, mask, example in zip(encoded['input_ids'], encoded['attention_mask'], examples)
+        ]
 
     def __len__(self) -> int:
         return len(self.items)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -30,8 +31,8 @@ from algorithms.config_validation import ConfigError
 __all__ = [
     'BUILTIN_CONFIGS',
     'ESTIMATED_ALGORITHMS',
-    'MemoryEstimate',
     'OPTIMIZER_STATE',
+    'MemoryEstimate',
     'estimate_training_state',
     'format_estimates',
     'load_model_config',
@@ -41,17 +42,44 @@ __all__ = [
 
 # Hugging Face config dicts of well-known models, so sizes can be estimated without a download.
 BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
-    'gpt2': {'model_type': 'gpt2', 'n_embd': 768, 'n_layer': 12, 'n_head': 12, 'vocab_size': 50257,
-             'n_positions': 1024},
-    'llama-7b': {'model_type': 'llama', 'hidden_size': 4096, 'intermediate_size': 11008, 'num_hidden_layers': 32,
-                 'num_attention_heads': 32, 'num_key_value_heads': 32, 'vocab_size': 32000,
-                 'max_position_embeddings': 4096},
-    'llama-2-13b': {'model_type': 'llama', 'hidden_size': 5120, 'intermediate_size': 13824, 'num_hidden_layers': 40,
-                    'num_attention_heads': 40, 'num_key_value_heads': 40, 'vocab_size': 32000,
-                    'max_position_embeddings': 4096},
-    'mistral-7b': {'model_type': 'mistral', 'hidden_size': 4096, 'intermediate_size': 14336, 'num_hidden_layers': 32,
-                   'num_attention_heads': 32, 'num_key_value_heads': 8, 'vocab_size': 32000,
-                   'max_position_embeddings': 32768},
+    'gpt2': {
+        'model_type': 'gpt2',
+        'n_embd': 768,
+        'n_layer': 12,
+        'n_head': 12,
+        'vocab_size': 50257,
+        'n_positions': 1024,
+    },
+    'llama-7b': {
+        'model_type': 'llama',
+        'hidden_size': 4096,
+        'intermediate_size': 11008,
+        'num_hidden_layers': 32,
+        'num_attention_heads': 32,
+        'num_key_value_heads': 32,
+        'vocab_size': 32000,
+        'max_position_embeddings': 4096,
+    },
+    'llama-2-13b': {
+        'model_type': 'llama',
+        'hidden_size': 5120,
+        'intermediate_size': 13824,
+        'num_hidden_layers': 40,
+        'num_attention_heads': 40,
+        'num_key_value_heads': 40,
+        'vocab_size': 32000,
+        'max_position_embeddings': 4096,
+    },
+    'mistral-7b': {
+        'model_type': 'mistral',
+        'hidden_size': 4096,
+        'intermediate_size': 14336,
+        'num_hidden_layers': 32,
+        'num_attention_heads': 32,
+        'num_key_value_heads': 8,
+        'vocab_size': 32000,
+        'max_position_embeddings': 32768,
+    },
 }
 # Also built in, from this package: 'minilm' (the embedded checkpoint's config, 6-class head) and 'tiny-decoder'.
 _PACKAGE_MODELS = ('minilm', 'tiny-decoder')
@@ -100,13 +128,23 @@ class MemoryEstimate:
 
 def _tiny_decoder_config() -> dict[str, Any]:
     # The defaults of algorithms.models.tiny_decoder('llama'); the vocabulary is the embedded tokenizer's.
-    return {'model_type': 'llama', 'hidden_size': 64, 'intermediate_size': 128, 'num_hidden_layers': 4,
-            'num_attention_heads': 4, 'num_key_value_heads': 4, 'vocab_size': 30522, 'max_position_embeddings': 128,
-            'pad_token_id': 0, 'tie_word_embeddings': False}
+    return {
+        'model_type': 'llama',
+        'hidden_size': 64,
+        'intermediate_size': 128,
+        'num_hidden_layers': 4,
+        'num_attention_heads': 4,
+        'num_key_value_heads': 4,
+        'vocab_size': 30522,
+        'max_position_embeddings': 128,
+        'pad_token_id': 0,
+        'tie_word_embeddings': False,
+    }
 
 
-def load_model_config(source: Union[str, Path, Mapping[str, Any]], overrides: Optional[Mapping[str, Any]] = None,
-                      num_labels: int = 6) -> ModelSpec:
+def load_model_config(
+    source: Union[str, Path, Mapping[str, Any]], overrides: Optional[Mapping[str, Any]] = None, num_labels: int = 6
+) -> ModelSpec:
     """A :class:`ModelSpec` from a built-in name, a ``config.json`` (or its folder), or a config dict.
 
     Args:
@@ -135,8 +173,12 @@ def load_model_config(source: Union[str, Path, Mapping[str, Any]], overrides: Op
         if path.is_dir():
             path = path / 'config.json'
         if not path.is_file():
-            raise ConfigError('--model-config', str(source), 'expected a local config.json (or its folder) or one of '
-                              f'{", ".join(map(repr, (*_PACKAGE_MODELS, *BUILTIN_CONFIGS)))}.')
+            raise ConfigError(
+                '--model-config',
+                str(source),
+                'expected a local config.json (or its folder) or one of '
+                f'{", ".join(map(repr, (*_PACKAGE_MODELS, *BUILTIN_CONFIGS)))}.',
+            )
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as error:
@@ -218,26 +260,35 @@ def _validate(algorithm: str, options: Mapping[str, Any]) -> None:
     build_algorithm(algorithm, dict(options), where='--algorithm')
 
 
-def _hift_rotation(model: nn.Module, optimizer: torch.optim.Optimizer, options: Mapping[str, Any], opt_name: str,
-                   world_size: int):
+def _hift_rotation(
+    model: nn.Module, optimizer: torch.optim.Optimizer, options: Mapping[str, Any], opt_name: str, world_size: int
+):
     """Resident (largest group + always-trainable units) and offloaded state under HiFT's rotation."""
     from itertools import combinations
 
     from algorithms.hift_rotation import GroupQueue, plan_rotation
 
     if options.get('lora'):
-        raise ConfigError('--algorithm hift_rotation', dict(options), 'lora=true is not estimated; estimate '
-                          'lora_inject instead (the rotation only lowers its small adapter state further).')
+        raise ConfigError(
+            '--algorithm hift_rotation',
+            dict(options),
+            'lora=true is not estimated; estimate '
+            'lora_inject instead (the rotation only lowers its small adapter state further).',
+        )
     group_size = options.get('group_size', 1)
-    plan = plan_rotation(model, optimizer, group_size, options.get('freeze'), options.get('always_trainable'),
-                         options.get('groups'))
+    plan = plan_rotation(
+        model, optimizer, group_size, options.get('freeze'), options.get('always_trainable'), options.get('groups')
+    )
     named = dict(model.named_parameters())
     unit_params = [_unique_params(named[n] for n in unit.parameter_names) for unit in plan.units]
     always = [p for i in plan.always for p in unit_params[i]]
     strategy = options.get('strategy', 'down2up')
     if strategy == 'random':  # any group can come up: the largest possible one bounds the resident share
-        candidates = combinations(plan.rotating, group_size) if len(plan.rotating) <= 12 else [
-            tuple(sorted(plan.rotating, key=lambda i: -_bytes(unit_params[i]))[:group_size])]
+        candidates = (
+            combinations(plan.rotating, group_size)
+            if len(plan.rotating) <= 12
+            else [tuple(sorted(plan.rotating, key=lambda i: -_bytes(unit_params[i]))[:group_size])]
+        )
         groups = list(candidates)
     else:  # every group the queue visits, until it comes back to its start
         queue = GroupQueue(plan.rotating, group_size, strategy)
@@ -249,8 +300,10 @@ def _hift_rotation(model: nn.Module, optimizer: torch.optim.Optimizer, options: 
     offload = options.get('offload', True)
     resident_state = _state_bytes(all_trainable if not offload else resident, opt_name, world_size)
     offloaded = _state_bytes(all_trainable, opt_name, world_size) - resident_state
-    note = (f'largest group: {", ".join(plan.names(largest))}; other groups\' optimizer state '
-            f'{"offloaded to the host" if offload else "kept on the device"} once visited')
+    note = (
+        f"largest group: {', '.join(plan.names(largest))}; other groups' optimizer state "
+        f'{"offloaded to the host" if offload else "kept on the device"} once visited'
+    )
     return resident, resident_state, offloaded, note
 
 
@@ -301,12 +354,19 @@ def estimate_training_state(
         elif algorithm == 'layer_freezing':
             from algorithms.layer_freezing import freeze_layers
 
-            depth, _ = freeze_layers(root, torch_optimizer, 1.0, options.get('freeze_start', 0.5),
-                                         options.get('freeze_level', 1.0), options.get('granularity', 'leaf'))
+            depth, _ = freeze_layers(
+                root,
+                torch_optimizer,
+                1.0,
+                options.get('freeze_start', 0.5),
+                options.get('freeze_level', 1.0),
+                options.get('granularity', 'leaf'),
+            )
             note = f'at the end of training ({depth} units frozen); before freezing starts: the full row'
         if algorithm == 'hift_rotation':
-            trainable, state_bytes, offloaded, note = _hift_rotation(root, torch_optimizer, options, optimizer,
-                                                                     world_size)
+            trainable, state_bytes, offloaded, note = _hift_rotation(
+                root, torch_optimizer, options, optimizer, world_size
+            )
         else:
             trainable = _trainable(torch_optimizer)
             state_bytes = _state_bytes(trainable, optimizer, world_size)
@@ -339,8 +399,11 @@ def _human(n: float) -> str:
 def format_estimates(rows: list[MemoryEstimate], title: str = '') -> str:
     """A Markdown table of estimates, with each row's total relative to the first row."""
     lines = [title, ''] if title else []
-    lines += ['| algorithm | trainable params | params | grads | optimizer state | training state | vs first '
-              '| offloaded | note |', '|---|---|---|---|---|---|---|---|---|']
+    lines += [
+        '| algorithm | trainable params | params | grads | optimizer state | training state | vs first '
+        '| offloaded | note |',
+        '|---|---|---|---|---|---|---|---|---|',
+    ]
     reference = rows[0].training_state_bytes if rows else 1
     for row in rows:
         options = ', '.join(f'{k}={v!r}' for k, v in row.options.items())
@@ -349,7 +412,8 @@ def format_estimates(rows: list[MemoryEstimate], title: str = '') -> str:
             f'| {label} | {row.trainable_params:,} ({row.trainable_params / max(row.total_params, 1):.2%}) | '
             f'{_human(row.param_bytes)} | {_human(row.grad_bytes)} | {_human(row.optimizer_state_bytes)} | '
             f'{_human(row.training_state_bytes)} | {row.training_state_bytes / reference:.3f}x | '
-            f'{_human(row.offloaded_state_bytes) if row.offloaded_state_bytes else "-"} | {row.note} |')
+            f'{_human(row.offloaded_state_bytes) if row.offloaded_state_bytes else "-"} | {row.note} |'
+        )
     return '\n'.join(lines)
 
 
@@ -382,15 +446,27 @@ def _parse_override(text: str) -> tuple[str, Any]:
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
-def estimate_report(model_config: str, algorithms: list[str], overrides: list[str] = (), optimizer: str = 'adamw',
-                    dtype: str = 'float32', world_size: int = 1) -> str:
+def estimate_report(
+    model_config: str,
+    algorithms: list[str],
+    overrides: list[str] = (),
+    optimizer: str = 'adamw',
+    dtype: str = 'float32',
+    world_size: int = 1,
+) -> str:
     """The ``thaw estimate`` table: one row per ``NAME[={options}]`` in ``algorithms`` (``full`` if none)."""
     if dtype not in _DTYPES:
         raise ConfigError('--dtype', dtype, f'choose one of {", ".join(_DTYPES)}.')
     spec = load_model_config(model_config, dict(_parse_override(o) for o in overrides))
-    rows = [estimate_training_state(spec, name, options, optimizer, _DTYPES[dtype], world_size)
-            for name, options in map(parse_algorithm, algorithms or ['full'])]
-    where = 'on the training device' if world_size == 1 else f'per process, sharded by FSDP2 over {world_size} processes'
-    title = (f'{spec.name} ({spec.config.model_type}, {rows[0].total_params:,} parameters), {optimizer}, {dtype}: '
-             f'predicted training-state bytes {where} (activations not included)')
+    rows = [
+        estimate_training_state(spec, name, options, optimizer, _DTYPES[dtype], world_size)
+        for name, options in map(parse_algorithm, algorithms or ['full'])
+    ]
+    where = (
+        'on the training device' if world_size == 1 else f'per process, sharded by FSDP2 over {world_size} processes'
+    )
+    title = (
+        f'{spec.name} ({spec.config.model_type}, {rows[0].total_params:,} parameters), {optimizer}, {dtype}: '
+        f'predicted training-state bytes {where} (activations not included)'
+    )
     return format_estimates(rows, title)

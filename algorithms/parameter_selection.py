@@ -15,8 +15,9 @@ Example:
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -80,7 +81,7 @@ def closest_names(query: str, names: Iterable[str], n: int = 5) -> list[str]:
     close = difflib.get_close_matches(query, names, n=n, cutoff=0.4)
     if len(close) < n:
         stripped = query.strip('^$.*\\[]()')
-        close += [name for name in names if stripped and stripped in name and name not in close][:n - len(close)]
+        close += [name for name in names if stripped and stripped in name and name not in close][: n - len(close)]
     return close or names[:n]
 
 
@@ -152,7 +153,7 @@ def _unit_after_blocks(param_name: str, container: str) -> str:
     container_parts = container.split('.') if container else []
     for depth, part in enumerate(parts[:-1]):
         if depth >= len(container_parts) or part != container_parts[depth]:
-            return '.'.join(parts[:depth + 1])
+            return '.'.join(parts[: depth + 1])
     return '.'.join(parts[:-1]) or param_name
 
 

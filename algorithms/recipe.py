@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -148,7 +149,9 @@ def _check_time(key: str, value: Union[str, int]) -> None:
     try:
         Time.from_timestring(value)
     except ValueError:
-        raise ConfigError(key, value, "expected a Composer time string such as '2ep', '100ba', '1000sp' or '0.5dur'.")
+        raise ConfigError(
+            key, value, "expected a Composer time string such as '2ep', '100ba', '1000sp' or '0.5dur'."
+        ) from None
 
 
 def _check_positive(key: str, value: Optional[Union[int, float]]) -> None:
@@ -184,19 +187,26 @@ def validate_recipe(recipe: Recipe) -> None:
     model = recipe.model
     if model.name == 'hf':
         if model.path is None:
-            raise ConfigError('model.path', None, "model.name 'hf' needs model.path: a local Hugging Face checkpoint directory.")
+            raise ConfigError(
+                'model.path', None, "model.name 'hf' needs model.path: a local Hugging Face checkpoint directory."
+            )
         if not (Path(model.path) / 'config.json').is_file():
             raise ConfigError(
-                'model.path', model.path,
+                'model.path',
+                model.path,
                 'no Hugging Face checkpoint there (expected a directory containing config.json). Use a local path, '
                 "or model.name 'minilm' for the embedded all-MiniLM-L6-v2.",
             )
     elif model.path is not None:
         raise ConfigError('model.path', model.path, f"only model.name 'hf' takes a path; model.name is {model.name!r}.")
     if model.name == 'tiny-decoder' and recipe.data.name != 'python-topics':
-        raise ConfigError('data.name', recipe.data.name, "model 'tiny-decoder' is a language model: use data.name 'python-topics'.")
+        raise ConfigError(
+            'data.name', recipe.data.name, "model 'tiny-decoder' is a language model: use data.name 'python-topics'."
+        )
     if model.name != 'tiny-decoder' and recipe.data.name == 'python-topics':
-        raise ConfigError('data.name', recipe.data.name, "a classifier needs a classification task: use data.name 'stdlib-docs'.")
+        raise ConfigError(
+            'data.name', recipe.data.name, "a classifier needs a classification task: use data.name 'stdlib-docs'."
+        )
     for key in ('num_layers', 'hidden_size', 'num_heads'):
         _check_positive(f'model.{key}', getattr(model, key))
 
@@ -214,14 +224,17 @@ def validate_recipe(recipe: Recipe) -> None:
         try:
             check_checkpoint_algorithms(recipe.load_path, built)
         except ValueError as error:
-            raise ConfigError('algorithms', list(recipe.algorithms), str(error))
+            raise ConfigError('algorithms', list(recipe.algorithms), str(error)) from error
 
 
 def check_processes(recipe: Recipe, processes: int, described_as: str) -> None:
     """Raise unless ``global_train_batch_size`` splits evenly across ``processes`` (named ``described_as``)."""
     if recipe.global_train_batch_size % processes:
-        raise ConfigError('global_train_batch_size', recipe.global_train_batch_size,
-                          f'must be divisible by the number of processes ({described_as}).')
+        raise ConfigError(
+            'global_train_batch_size',
+            recipe.global_train_batch_size,
+            f'must be divisible by the number of processes ({described_as}).',
+        )
 
 
 def recipe_from_mapping(data: Any) -> Recipe:
@@ -281,7 +294,7 @@ def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe
         mark = getattr(error, 'problem_mark', None)
         where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
         problem = getattr(error, 'problem', None) or str(error).splitlines()[0]
-        raise ConfigError('recipe', str(path), f'not valid YAML{where}: {problem}.')
+        raise ConfigError('recipe', str(path), f'not valid YAML{where}: {problem}.') from error
     if not isinstance(data, Mapping):
         raise ConfigError('recipe', str(path), 'expected a YAML mapping at the top level.')
     return recipe_from_mapping(apply_overrides(dict(data), overrides))

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
-from typing import Any, Mapping
+from typing import Any
 
 from composer.core import Algorithm
 
@@ -61,7 +62,9 @@ def algorithm_registry() -> Mapping[str, AlgorithmEntry]:
     for class_name in composer_algorithms.__all__:
         obj = getattr(composer_algorithms, class_name)
         if inspect.isclass(obj) and issubclass(obj, Algorithm):
-            name = _COMPOSER_RENAMES.get(class_name, obj.__module__.split('.')[2])  # its folder, as llm-foundry names it
+            name = _COMPOSER_RENAMES.get(
+                class_name, obj.__module__.split('.')[2]
+            )  # its folder, as llm-foundry names it
             registry[name] = AlgorithmEntry(name, 'composer', f'composer.algorithms:{class_name}')
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         source = entry_point.dist.name if entry_point.dist is not None else 'entry point'
@@ -89,7 +92,8 @@ def build_algorithm(name: str, kwargs: Mapping[str, Any] | None, where: str = 'a
 
         suggestions = closest_names(name, sorted(registry), n=3)
         raise ConfigError(
-            f'{where}.{name}', name,
+            f'{where}.{name}',
+            name,
             f'unknown algorithm. Did you mean {" or ".join(map(repr, suggestions))}? Known algorithms: '
             f'{", ".join(sorted(registry))}.',
         )

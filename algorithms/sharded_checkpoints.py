@@ -47,7 +47,7 @@ class _Deferral:
     handle: Optional[RemovableHandle] = None
 
 
-_DEFERRALS: 'weakref.WeakKeyDictionary[Optimizer, _Deferral]' = weakref.WeakKeyDictionary()
+_DEFERRALS: weakref.WeakKeyDictionary[Optimizer, _Deferral] = weakref.WeakKeyDictionary()
 
 
 def _loads_sharded_checkpoints(state: State) -> bool:
@@ -88,8 +88,9 @@ def _template(optimizer: Optimizer, state_dict: dict[str, Any], deferral: _Defer
 def load_deferred_optimizer(state: State) -> None:
     """Call at ``Event.AFTER_LOAD``, after the algorithms re-froze the model: read the optimizer state deferred by
     :func:`defer_optimizer_load` from ``state.load_path``, for the parameters that are in the optimizer now."""
-    deferrals = {optimizer: _DEFERRALS.pop(optimizer) for optimizer in ensure_tuple(state.optimizers)
-                 if optimizer in _DEFERRALS}
+    deferrals = {
+        optimizer: _DEFERRALS.pop(optimizer) for optimizer in ensure_tuple(state.optimizers) if optimizer in _DEFERRALS
+    }
     for optimizer, deferral in deferrals.items():
         if deferral.handle is not None:
             deferral.handle.remove()
@@ -121,8 +122,12 @@ class _checkpoint_reader:
         self.download = tempfile.TemporaryDirectory()
         local_rank_zero = dist.get_global_rank() - dist.get_local_rank()
         folder = str(dist.all_gather_object(self.download.name)[local_rank_zero])
-        return DistCPObjectStoreReader(source_path=path, destination_path=str(Path(folder) / 'checkpoints'),
-                                       object_store=object_store, device_mesh=self.state.device_mesh)
+        return DistCPObjectStoreReader(
+            source_path=path,
+            destination_path=str(Path(folder) / 'checkpoints'),
+            object_store=object_store,
+            device_mesh=self.state.device_mesh,
+        )
 
     def __exit__(self, *exc: Any) -> None:
         if self.download is not None:

@@ -54,7 +54,7 @@ class ShardLayout:
     stride: tuple[int, ...]
 
     @classmethod
-    def of(cls, tensor: torch.Tensor) -> 'ShardLayout':
+    def of(cls, tensor: torch.Tensor) -> ShardLayout:
         return cls(tensor.device_mesh, tuple(tensor.placements), tensor.shape, tensor.stride())  # type: ignore
 
     def wrap(self, local: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if not is_sharded(like):
         return full
     offset, rows = row_offset(like), local_tensor(like).shape[0]
-    return full[offset:offset + rows]
+    return full[offset : offset + rows]
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -19,14 +18,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from composer import Callback, Event, Logger, State, Trainer
+from composer import Callback, Logger, State, Trainer
 from composer.utils import dist, reproducibility
 from torch import nn
 
 from algorithms.algorithm_state import ConfigRepr
 from algorithms.config_validation import ConfigError, check_call_kwargs
 from algorithms.optimizer_surgery import training_state_bytes
-from algorithms.sharding import full_tensor
 from algorithms.parameter_selection import user_module
 from algorithms.recipe import (
     DataConfig,
@@ -37,6 +35,7 @@ from algorithms.recipe import (
     SchedulerConfig,
     check_processes,
 )
+from algorithms.sharding import full_tensor
 
 __all__ = ['RunSummary', 'TrainingSummary', 'build_trainer', 'format_summary', 'run_recipe']
 
@@ -72,7 +71,7 @@ def build_data(config: DataConfig, tokenizer, train_batch_size: int, eval_batch_
 
     if config.name == 'stdlib-docs':
         train, eval_ = data.stdlib_docs_examples(max_per_class=config.max_per_class)
-        train, eval_ = train[:config.max_train_samples], eval_[:config.max_eval_samples]
+        train, eval_ = train[: config.max_train_samples], eval_[: config.max_eval_samples]
         train_set = data.ClassificationDataset(train, tokenizer, config.max_seq_len)
         eval_set = data.ClassificationDataset(eval_, tokenizer, config.max_seq_len)
         counts = torch.bincount(torch.tensor([e.label for e in eval_]), minlength=len(data.STDLIB_DOCS_CLASSES))
@@ -250,7 +249,8 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData]
     if len(data.train_dataloader) == 0:  # batches drop the remainder, so a too small set would train nothing
         examples = len(data.train_dataloader.dataset)
         raise ConfigError(
-            'global_train_batch_size', recipe.global_train_batch_size,
+            'global_train_batch_size',
+            recipe.global_train_batch_size,
             f'the training set has only {examples} examples (data.max_train_samples={recipe.data.max_train_samples}), '
             'too few for one batch; lower the batch size or use more data.',
         )
@@ -330,7 +330,10 @@ def format_summary(summary: RunSummary) -> str:
         ('algorithms', ', '.join(summary.algorithms) or '(none: full fine-tuning)'),
         ('processes', str(summary.world_size)),
         ('total parameters', f'{summary.total_params:,}'),
-        ('trainable parameters', f'{summary.trainable_params:,} ({summary.trainable_params / max(summary.total_params, 1):.1%})'),
+        (
+            'trainable parameters',
+            f'{summary.trainable_params:,} ({summary.trainable_params / max(summary.total_params, 1):.1%})',
+        ),
         ('training-state bytes', _format_bytes(summary.training_state_bytes)),
         ('  parameters', _format_bytes(summary.param_bytes)),
         ('  gradients', _format_bytes(summary.grad_bytes)),

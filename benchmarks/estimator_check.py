@@ -23,16 +23,16 @@ from typing import Any, Optional
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
-import torch  # noqa: E402
+import torch
 
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algorithms.memory_estimate import estimate_training_state, spec_of  # noqa: E402
-from benchmarks.measure import quiet_allocator, rss_bytes, trim  # noqa: E402
+from algorithms.memory_estimate import estimate_training_state, spec_of
+from benchmarks.measure import quiet_allocator, rss_bytes, trim
 
 TOLERANCE = 0.03  # relative, on gradients + optimizer state
-ABSOLUTE_SLACK = 4 * 2 ** 20  # bytes: allocator bookkeeping, autograd's small buffers
+ABSOLUTE_SLACK = 4 * 2**20  # bytes: allocator bookkeeping, autograd's small buffers
 
 # Algorithms checked, with options valid on any built-in decoder size.
 CASES: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -74,8 +74,9 @@ def build_decoder(hidden: int, layers: int, seed: int = 0):
     from algorithms.parameter_selection import user_module
 
     torch.manual_seed(seed)
-    return user_module(tiny_decoder('llama', num_layers=layers, hidden_size=hidden, num_heads=max(1, hidden // 64),
-                                    max_seq_len=64))
+    return user_module(
+        tiny_decoder('llama', num_layers=layers, hidden_size=hidden, num_heads=max(1, hidden // 64), max_seq_len=64)
+    )
 
 
 def _apply(model, optimizer, algorithm: str, options: dict[str, Any]) -> None:
@@ -104,8 +105,15 @@ def measure_case(algorithm: str, options: dict[str, Any], hidden: int, layers: i
     trim()
     with_state = rss_bytes()
     estimate = estimate_training_state(spec_of(model), algorithm, options)
-    check = RssCheck(algorithm, options, estimate.total_params, estimate.grad_bytes, estimate.optimizer_state_bytes,
-                     with_grads - before, with_state - with_grads)
+    check = RssCheck(
+        algorithm,
+        options,
+        estimate.total_params,
+        estimate.grad_bytes,
+        estimate.optimizer_state_bytes,
+        with_grads - before,
+        with_state - with_grads,
+    )
     del model, optimizer
     trim()
     return check
@@ -123,7 +131,7 @@ def run_checks(hidden: int = 768, layers: int = 12, cases=CASES) -> list[RssChec
 
 
 def markdown(checks: list[RssCheck], hidden: int, layers: int) -> str:
-    mib = 2 ** 20
+    mib = 2**20
     lines = [
         f'Estimator vs process RSS growth (CPU), LLaMA-style decoder hidden {hidden}, {layers} layers '
         f'({checks[0].params / 1e6:.0f}M parameters), AdamW; tolerance {TOLERANCE:.0%} + {ABSOLUTE_SLACK // mib} MiB:',
@@ -134,16 +142,26 @@ def markdown(checks: list[RssCheck], hidden: int, layers: int) -> str:
     ]
     for c in checks:
         options = ', '.join(f'{k}={v!r}' for k, v in c.options.items())
-        lines.append(f'| {c.algorithm}{f"({options})" if options else ""} | {c.predicted_grad_bytes / mib:.1f} MiB | '
-                     f'{c.rss_grad_bytes / mib:.1f} MiB | {c.predicted_state_bytes / mib:.1f} MiB | '
-                     f'{c.rss_state_bytes / mib:.1f} MiB | {c.relative_error:+.2%} | '
-                     f'{"yes" if c.within_tolerance else "NO"} |')
+        lines.append(
+            f'| {c.algorithm}{f"({options})" if options else ""} | {c.predicted_grad_bytes / mib:.1f} MiB | '
+            f'{c.rss_grad_bytes / mib:.1f} MiB | {c.predicted_state_bytes / mib:.1f} MiB | '
+            f'{c.rss_state_bytes / mib:.1f} MiB | {c.relative_error:+.2%} | '
+            f'{"yes" if c.within_tolerance else "NO"} |'
+        )
     return '\n'.join(lines)
 
 
 def as_json(checks: list[RssCheck]) -> list[dict[str, Any]]:
-    return [{**asdict(c), 'relative_error': c.relative_error, 'within_tolerance': c.within_tolerance,
-             'tolerance': TOLERANCE, 'absolute_slack_bytes': ABSOLUTE_SLACK} for c in checks]
+    return [
+        {
+            **asdict(c),
+            'relative_error': c.relative_error,
+            'within_tolerance': c.within_tolerance,
+            'tolerance': TOLERANCE,
+            'absolute_slack_bytes': ABSOLUTE_SLACK,
+        }
+        for c in checks
+    ]
 
 
 def main(argv: Optional[list[str]] = None) -> list[RssCheck]:

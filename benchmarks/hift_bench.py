@@ -37,23 +37,24 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algorithms.data import ClassificationDataset, build_dataloader, stdlib_docs_examples  # noqa: E402
-from algorithms.hift_rotation import GroupRotation, rotation_units  # noqa: E402
-from algorithms.models import load_tokenizer, minilm_classifier  # noqa: E402
-from algorithms.optimizer_surgery import optimizer_state_bytes  # noqa: E402
-from algorithms.parameter_selection import user_module  # noqa: E402
+from algorithms.data import ClassificationDataset, build_dataloader, stdlib_docs_examples
+from algorithms.hift_rotation import GroupRotation, rotation_units
+from algorithms.models import load_tokenizer, minilm_classifier
+from algorithms.optimizer_surgery import optimizer_state_bytes
+from algorithms.parameter_selection import user_module
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'hift_rotation.json'
 HIFT_REGISTER = Path(torch.__file__).resolve().parents[1] / 'hift' / 'registerCallBack.py'
@@ -175,8 +176,14 @@ class BAdam(Method):
         prefixes = [[unit.name + '.'] for unit in rotation_units(model)]
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # it warns that the model is fp32 (it expects fp16/bf16 weights)
-            self.optimizer = BlockOptimizer(adamw(model.parameters()), list(model.named_parameters()), prefixes,
-                                            switch_block_every=1, switch_mode='ascending', verbose=0)
+            self.optimizer = BlockOptimizer(
+                adamw(model.parameters()),
+                list(model.named_parameters()),
+                prefixes,
+                switch_block_every=1,
+                switch_mode='ascending',
+                verbose=0,
+            )
         self.peak_state = 0
         # BAdam drops the state when it switches blocks inside step(): measure right after the base step
         self.optimizer.base_optimizer.register_step_post_hook(self._record)
@@ -226,8 +233,15 @@ def unit_table(model: nn.Module) -> list[dict[str, Any]]:
     rows = []
     for index, unit in enumerate(rotation_units(model)):
         numel = sum(params[n].numel() for n in unit.parameter_names)
-        rows.append({'index': index, 'unit': unit.name, 'params': numel, 'share': numel / total,
-                     'adamw_state_bytes': 2 * 4 * numel + 4 * len(unit.parameter_names)})
+        rows.append(
+            {
+                'index': index,
+                'unit': unit.name,
+                'params': numel,
+                'share': numel / total,
+                'adamw_state_bytes': 2 * 4 * numel + 4 * len(unit.parameter_names),
+            }
+        )
     return rows
 
 
@@ -251,8 +265,10 @@ ACCURACY_RUNS = {
     'HiFTRotation group_size=1': ['algorithms.hift_rotation.group_size=1'],
     'HiFTRotation group_size=1, lr x3': ['algorithms.hift_rotation.group_size=1', 'optimizer.lr=3.0e-4'],
     'HiFTRotation group_size=1, head always on, lr x3': [
-        'algorithms.hift_rotation.group_size=1', 'algorithms.hift_rotation.always_trainable=[classifier]',
-        'optimizer.lr=3.0e-4'],
+        'algorithms.hift_rotation.group_size=1',
+        'algorithms.hift_rotation.always_trainable=[classifier]',
+        'optimizer.lr=3.0e-4',
+    ],
 }
 
 
@@ -299,22 +315,28 @@ def main() -> None:
     mib = 2**20
     print('| unit | params | share | AdamW state |\n|---|---:|---:|---:|')
     for row in units:
-        print(f"| {row['index']} {row['unit']} | {row['params']:,} | {row['share']:.1%} | "
-              f"{row['adamw_state_bytes'] / mib:.1f} MiB |")
+        print(
+            f'| {row["index"]} {row["unit"]} | {row["params"]:,} | {row["share"]:.1%} | '
+            f'{row["adamw_state_bytes"] / mib:.1f} MiB |'
+        )
     full = rows[0] if rows else {}
     print('\n| method | params | peak grads | resident optimizer state | state elsewhere | on device | step time |')
     print('|---|---:|---:|---:|---:|---:|---:|')
     for row in rows:
-        print(f"| {row['method']} | {row['param_bytes'] / mib:.1f} MiB | {row['peak_grad_bytes'] / mib:.1f} MiB | "
-              f"{row['peak_resident_optimizer_state_bytes'] / mib:.1f} MiB | "
-              f"{row['optimizer_state_elsewhere_bytes'] / mib:.1f} MiB | "
-              f"{row['training_state_on_device_bytes'] / full['training_state_on_device_bytes']:.2f}x | "
-              f"{row['median_step_seconds'] / full['median_step_seconds']:.2f}x ({row['median_step_seconds']:.3f} s) |")
+        print(
+            f'| {row["method"]} | {row["param_bytes"] / mib:.1f} MiB | {row["peak_grad_bytes"] / mib:.1f} MiB | '
+            f'{row["peak_resident_optimizer_state_bytes"] / mib:.1f} MiB | '
+            f'{row["optimizer_state_elsewhere_bytes"] / mib:.1f} MiB | '
+            f'{row["training_state_on_device_bytes"] / full["training_state_on_device_bytes"]:.2f}x | '
+            f'{row["median_step_seconds"] / full["median_step_seconds"]:.2f}x ({row["median_step_seconds"]:.3f} s) |'
+        )
     if args.accuracy:
         print('\n| demo run | eval accuracy | peak optimizer state | batches | seconds |\n|---|---:|---:|---:|---:|')
         for name, row in result['accuracy'].items():
-            print(f"| {name} | {row['eval_accuracy']:.4f} | {row['peak_optimizer_state_bytes'] / mib:.1f} MiB | "
-                  f"{row['train_batches']} | {row['seconds']} |")
+            print(
+                f'| {name} | {row["eval_accuracy"]:.4f} | {row["peak_optimizer_state_bytes"] / mib:.1f} MiB | '
+                f'{row["train_batches"]} | {row["seconds"]} |'
+            )
     results_path = RESULTS if not args.skip_quick else RESULTS.with_name('hift_rotation_accuracy.json')
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(result, indent=1))

@@ -21,31 +21,33 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algorithms.layer_freezing import freezable_units, freeze_layers, freeze_units  # noqa: E402
-from algorithms.models import tiny_decoder  # noqa: E402
-from algorithms.optimizer_surgery import optimizer_state_bytes  # noqa: E402
-from algorithms.parameter_selection import user_module  # noqa: E402
-from benchmarks.measure import adamw, interleaved_times, train_step  # noqa: E402
+from algorithms.layer_freezing import freezable_units, freeze_layers, freeze_units
+from algorithms.models import tiny_decoder
+from algorithms.optimizer_surgery import optimizer_state_bytes
+from algorithms.parameter_selection import user_module
+from benchmarks.measure import adamw, interleaved_times, train_step
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'layer_freezing.json'
 
 
 def build_model(args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(0)
-    composer_model = tiny_decoder('llama', num_layers=args.layers, hidden_size=args.hidden, num_heads=4,
-                                  max_seq_len=args.seq)
+    composer_model = tiny_decoder(
+        'llama', num_layers=args.layers, hidden_size=args.hidden, num_heads=4, max_seq_len=args.seq
+    )
     return user_module(composer_model)  # the Hugging Face LlamaForCausalLM
 
 
@@ -55,7 +57,9 @@ def make_batch(args: argparse.Namespace) -> torch.Tensor:
 
 
 def frozen_share(model: nn.Module) -> float:
-    return sum(p.numel() for p in model.parameters() if not p.requires_grad) / sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if not p.requires_grad) / sum(
+        p.numel() for p in model.parameters()
+    )
 
 
 def memory_rows(args: argparse.Namespace, ids: torch.Tensor) -> list[dict[str, Any]]:
@@ -78,14 +82,16 @@ def memory_rows(args: argparse.Namespace, ids: torch.Tensor) -> list[dict[str, A
         depth, _ = freeze(model, optimizer)
         train_step(model, optimizer, ids)
         after = optimizer_state_bytes(optimizer)
-        rows.append({
-            'variant': name,
-            'units_frozen': f'{depth} of {units} {granularity} units',
-            'frozen_param_share': frozen_share(model),
-            'optimizer_state_bytes_before': before,
-            'optimizer_state_bytes_after': after,
-            'optimizer_state_freed_share': 1 - after / before,
-        })
+        rows.append(
+            {
+                'variant': name,
+                'units_frozen': f'{depth} of {units} {granularity} units',
+                'frozen_param_share': frozen_share(model),
+                'optimizer_state_bytes_before': before,
+                'optimizer_state_bytes_after': after,
+                'optimizer_state_freed_share': 1 - after / before,
+            }
+        )
         del model, optimizer
     return rows
 
@@ -97,16 +103,17 @@ def step_time_rows(args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Any
 
     frozen = build_model(args)
     units = freezable_units(frozen, 'block')  # embeddings, then the blocks
-    frozen_units = units[:1 + args.layers // 2]
+    frozen_units = units[: 1 + args.layers // 2]
     frozen_optimizer = adamw(frozen)
     freeze_units(frozen, frozen_optimizer, frozen_units)
 
     # The unfrozen part alone: the same model with only its last blocks (embedding lookup kept, frozen; it is free).
     rest = copy.deepcopy(frozen)
-    rest.model.layers = nn.ModuleList(list(rest.model.layers)[args.layers // 2:])
+    rest.model.layers = nn.ModuleList(list(rest.model.layers)[args.layers // 2 :])
     rest_optimizer = adamw(rest)
-    assert sum(p.numel() for p in rest.parameters() if p.requires_grad) == \
-        sum(p.numel() for p in frozen.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in rest.parameters() if p.requires_grad) == sum(
+        p.numel() for p in frozen.parameters() if p.requires_grad
+    )
 
     def forward_no_grad(model: nn.Module) -> None:
         with torch.no_grad():
@@ -135,10 +142,10 @@ def step_time_rows(args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Any
 
 
 def markdown(config: dict[str, Any], memory: list[dict[str, Any]], speed: dict[str, Any]) -> str:
-    mib = 2 ** 20
+    mib = 2**20
     lines = [
-        f"LLaMA-style decoder, hidden {config['hidden']}, {config['layers']} layers, batch {config['batch']} x "
-        f"{config['seq']} tokens, AdamW, {config['threads']} CPU thread(s), torch {config['torch']}.",
+        f'LLaMA-style decoder, hidden {config["hidden"]}, {config["layers"]} layers, batch {config["batch"]} x '
+        f'{config["seq"]} tokens, AdamW, {config["threads"]} CPU thread(s), torch {config["torch"]}.',
         '',
         '| default schedule at 75% of training | units frozen | frozen share of params | optimizer state before '
         '| after | freed |',
@@ -146,19 +153,23 @@ def markdown(config: dict[str, Any], memory: list[dict[str, Any]], speed: dict[s
     ]
     for row in memory:
         lines.append(
-            f"| {row['variant']} | {row['units_frozen']} | {row['frozen_param_share']:.1%} | "
-            f"{row['optimizer_state_bytes_before'] / mib:.1f} MiB | {row['optimizer_state_bytes_after'] / mib:.1f} MiB | "
-            f"{row['optimizer_state_freed_share']:.1%} |")
+            f'| {row["variant"]} | {row["units_frozen"]} | {row["frozen_param_share"]:.1%} | '
+            f'{row["optimizer_state_bytes_before"] / mib:.1f} MiB | '
+            f'{row["optimizer_state_bytes_after"] / mib:.1f} MiB | '
+            f'{row["optimizer_state_freed_share"]:.1%} |'
+        )
     median = speed['median_seconds']
     lines += [
         '',
-        f"| step time (median of {speed['rounds']}) | seconds | ratio to full |",
+        f'| step time (median of {speed["rounds"]}) | seconds | ratio to full |',
         '|---|---|---|',
-        f"| full fine-tuning | {median['full_step']:.3f} | 1.00 |",
-        f"| embeddings + {config['layers'] // 2} of {config['layers']} blocks frozen "
-        f"({speed['frozen_param_share']:.0%} of params) | {median['frozen_step']:.3f} | {speed['frozen_over_full']:.2f} |",
-        f"| ideal: no-grad forward of the frozen prefix + step of the rest | {speed['ideal_frozen_step_seconds']:.3f} | "
-        f"{speed['ideal_over_full']:.2f} |",
+        f'| full fine-tuning | {median["full_step"]:.3f} | 1.00 |',
+        f'| embeddings + {config["layers"] // 2} of {config["layers"]} blocks frozen '
+        f'({speed["frozen_param_share"]:.0%} of params) | {median["frozen_step"]:.3f} | '
+        f'{speed["frozen_over_full"]:.2f} |',
+        '| ideal: no-grad forward of the frozen prefix + step of the rest | '
+        f'{speed["ideal_frozen_step_seconds"]:.3f} | '
+        f'{speed["ideal_over_full"]:.2f} |',
     ]
     return '\n'.join(lines)
 
@@ -173,8 +184,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument('--output', type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    config = {**{k: v for k, v in vars(args).items() if k != 'output'}, 'threads': torch.get_num_threads(),
-              'torch': torch.__version__}
+    config = {
+        **{k: v for k, v in vars(args).items() if k != 'output'},
+        'threads': torch.get_num_threads(),
+        'torch': torch.__version__,
+    }
     ids = make_batch(args)
     memory = memory_rows(args, ids)
     speed = step_time_rows(args, ids)

@@ -25,24 +25,24 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algorithms.lora_inject import apply_lora  # noqa: E402
-from algorithms.models import tiny_decoder  # noqa: E402
-from algorithms.optimizer_surgery import training_state_bytes  # noqa: E402
-from algorithms.parameter_selection import user_module  # noqa: E402
-from benchmarks.measure import adamw, interleaved_times, train_step  # noqa: E402
-from benchmarks.methods import swap_in_loralib  # noqa: E402
+from algorithms.lora_inject import apply_lora
+from algorithms.models import tiny_decoder
+from algorithms.optimizer_surgery import training_state_bytes
+from algorithms.parameter_selection import user_module
+from benchmarks.measure import adamw, interleaved_times, train_step
+from benchmarks.methods import swap_in_loralib
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'lora_inject.json'
 TARGETS = ['q_proj', 'v_proj']
@@ -50,8 +50,9 @@ TARGETS = ['q_proj', 'v_proj']
 
 def build_base(args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(0)
-    composer_model = tiny_decoder('llama', num_layers=args.layers, hidden_size=args.hidden, num_heads=4,
-                                  max_seq_len=args.seq)
+    composer_model = tiny_decoder(
+        'llama', num_layers=args.layers, hidden_size=args.hidden, num_heads=4, max_seq_len=args.seq
+    )
     return user_module(composer_model).to(args.device)
 
 
@@ -89,15 +90,17 @@ def efficiency_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     for name, model in models.items():
         state = training_state_bytes(model, optimizers[name])
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rows.append({
-            'implementation': name,
-            'trainable_params': trainable,
-            'median_step_seconds': statistics.median(times[name]),
-            'training_state_bytes': state.total,
-            'param_bytes': state.params,
-            'grad_bytes': state.grads,
-            'optimizer_state_bytes': state.optimizer_state,
-        })
+        rows.append(
+            {
+                'implementation': name,
+                'trainable_params': trainable,
+                'median_step_seconds': statistics.median(times[name]),
+                'training_state_bytes': state.total,
+                'param_bytes': state.params,
+                'grad_bytes': state.grads,
+                'optimizer_state_bytes': state.optimizer_state,
+            }
+        )
     reference = next(row for row in rows if row['implementation'].startswith('PEFT'))
     for row in rows:
         row['step_time_vs_peft'] = row['median_step_seconds'] / reference['median_step_seconds']
@@ -115,8 +118,9 @@ def layer_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     x = torch.randn(2048, 1024, device=args.device)
     ours_layer = copy.deepcopy(base)
     apply_lora(ours_layer, r=args.r, lora_alpha=2 * args.r, target_modules=['0'])
-    peft_layer = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=args.r, lora_alpha=2 * args.r,
-                                                                          target_modules=['0']))
+    peft_layer = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=['0'])
+    )
     loralib_layer = nn.Sequential(loralib.Linear(1024, 1024, r=args.r, lora_alpha=2 * args.r)).to(args.device)
     loralib.mark_only_lora_as_trainable(loralib_layer)
     layers = {'composer-thaw LoRAInject': ours_layer, 'PEFT 0.16 LoRA': peft_layer, 'loralib 0.1.2': loralib_layer}
@@ -129,88 +133,125 @@ def layer_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     times = interleaved_times({name: (lambda name=name: step(name)) for name in layers}, 3 * args.rounds, args.device)
     median = {name: statistics.median(values) for name, values in times.items()}
-    return [{'implementation': name, 'median_step_seconds': seconds,
-             'step_time_vs_peft': seconds / median['PEFT 0.16 LoRA']} for name, seconds in median.items()]
+    return [
+        {
+            'implementation': name,
+            'median_step_seconds': seconds,
+            'step_time_vs_peft': seconds / median['PEFT 0.16 LoRA'],
+        }
+        for name, seconds in median.items()
+    ]
 
 
 def accuracy_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     from composer import Trainer
     from composer.utils import reproducibility
 
-    from algorithms.data import ClassificationDataset, STDLIB_DOCS_CLASSES, build_dataloader, stdlib_docs_examples
+    from algorithms.data import STDLIB_DOCS_CLASSES, ClassificationDataset, build_dataloader, stdlib_docs_examples
     from algorithms.lora_inject import LoRAInject
     from algorithms.models import load_tokenizer, minilm_classifier
 
     tokenizer = load_tokenizer()
     train, evaluation = stdlib_docs_examples()
-    train, evaluation = train[:args.train_examples], evaluation[:args.eval_examples]
+    train, evaluation = train[: args.train_examples], evaluation[: args.eval_examples]
     variants = {
-        'LoRA r=8 (query, value) + classifier': ([LoRAInject(r=8, lora_alpha=16, target_modules=['query', 'value'],
-                                                              modules_to_save=['classifier'])], args.lora_lr),
+        'LoRA r=8 (query, value) + classifier': (
+            [LoRAInject(r=8, lora_alpha=16, target_modules=['query', 'value'], modules_to_save=['classifier'])],
+            args.lora_lr,
+        ),
         'full fine-tuning': ([], args.full_lr),
     }
     rows = []
     for name, (algorithms, lr) in variants.items():
         reproducibility.seed_all(0)
         model = minilm_classifier(num_labels=len(STDLIB_DOCS_CLASSES), dropout=0.0)
-        train_loader = build_dataloader(ClassificationDataset(train, tokenizer, args.cls_seq), tokenizer, 16, True, True)
-        eval_loader = build_dataloader(ClassificationDataset(evaluation, tokenizer, args.cls_seq), tokenizer, 32,
-                                       False, False)
+        train_loader = build_dataloader(
+            ClassificationDataset(train, tokenizer, args.cls_seq), tokenizer, 16, True, True
+        )
+        eval_loader = build_dataloader(
+            ClassificationDataset(evaluation, tokenizer, args.cls_seq), tokenizer, 32, False, False
+        )
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-        trainer = Trainer(model=model, train_dataloader=train_loader, eval_dataloader=eval_loader,
-                          optimizers=optimizer, algorithms=algorithms, max_duration='1ep', eval_interval='1ep',
-                          device='cpu', progress_bar=False, log_to_console=False, seed=0)
+        trainer = Trainer(
+            model=model,
+            train_dataloader=train_loader,
+            eval_dataloader=eval_loader,
+            optimizers=optimizer,
+            algorithms=algorithms,
+            max_duration='1ep',
+            eval_interval='1ep',
+            device='cpu',
+            progress_bar=False,
+            log_to_console=False,
+            seed=0,
+        )
         start = time.perf_counter()
         trainer.fit()
         seconds = time.perf_counter() - start
         metrics = trainer.state.eval_metrics['eval']
         accuracy = float(next(iter(metrics.values())).compute())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rows.append({'variant': name, 'lr': lr, 'trainable_params': trainable, 'eval_accuracy': accuracy,
-                     'fit_seconds': seconds})
+        rows.append(
+            {
+                'variant': name,
+                'lr': lr,
+                'trainable_params': trainable,
+                'eval_accuracy': accuracy,
+                'fit_seconds': seconds,
+            }
+        )
     return rows
 
 
-def markdown(config: dict[str, Any], efficiency: list[dict[str, Any]], layer: list[dict[str, Any]],
-             accuracy: list[dict[str, Any]]) -> str:
-    mib = 2 ** 20
+def markdown(
+    config: dict[str, Any],
+    efficiency: list[dict[str, Any]],
+    layer: list[dict[str, Any]],
+    accuracy: list[dict[str, Any]],
+) -> str:
+    mib = 2**20
     lines = [
-        f"LLaMA-style decoder, hidden {config['hidden']}, {config['layers']} layers, batch {config['batch']} x "
-        f"{config['seq']} tokens, LoRA r={config['r']} on q_proj/v_proj, AdamW, device {config['device']}, "
-        f"{config['threads']} CPU thread(s), torch {config['torch']}.",
+        f'LLaMA-style decoder, hidden {config["hidden"]}, {config["layers"]} layers, batch {config["batch"]} x '
+        f'{config["seq"]} tokens, LoRA r={config["r"]} on q_proj/v_proj, AdamW, device {config["device"]}, '
+        f'{config["threads"]} CPU thread(s), torch {config["torch"]}.',
         '',
-        f"| implementation | trainable params | step time (median of {config['rounds']}) | vs PEFT | training state "
+        f'| implementation | trainable params | step time (median of {config["rounds"]}) | vs PEFT | training state '
         '(params + grads + optimizer) | vs PEFT |',
         '|---|---|---|---|---|---|',
     ]
     for row in efficiency:
         lines.append(
-            f"| {row['implementation']} | {row['trainable_params']:,} | {row['median_step_seconds'] * 1000:.1f} ms | "
-            f"{row['step_time_vs_peft']:.3f}x | {row['training_state_bytes'] / mib:.2f} MiB | "
-            f"{row['state_bytes_vs_peft']:.4f}x |")
+            f'| {row["implementation"]} | {row["trainable_params"]:,} | {row["median_step_seconds"] * 1000:.1f} ms | '
+            f'{row["step_time_vs_peft"]:.3f}x | {row["training_state_bytes"] / mib:.2f} MiB | '
+            f'{row["state_bytes_vs_peft"]:.4f}x |'
+        )
     lines += [
         '',
-        f"One adapted nn.Linear(1024, 1024), 2048 tokens, r={config['r']} (forward, backward, AdamW step; median of "
-        f"{3 * config['rounds']}):",
+        f'One adapted nn.Linear(1024, 1024), 2048 tokens, r={config["r"]} (forward, backward, AdamW step; median of '
+        f'{3 * config["rounds"]}):',
         '',
         '| implementation | step time | vs PEFT |',
         '|---|---|---|',
     ]
     for row in layer:
-        lines.append(f"| {row['implementation']} | {row['median_step_seconds'] * 1000:.2f} ms | "
-                     f"{row['step_time_vs_peft']:.3f}x |")
+        lines.append(
+            f'| {row["implementation"]} | {row["median_step_seconds"] * 1000:.2f} ms | '
+            f'{row["step_time_vs_peft"]:.3f}x |'
+        )
     if accuracy:
         lines += [
             '',
-            f"all-MiniLM-L6-v2, docstring classification (6 classes), {config['train_examples']} training examples, "
-            f"1 epoch, {config['eval_examples']} eval examples:",
+            f'all-MiniLM-L6-v2, docstring classification (6 classes), {config["train_examples"]} training examples, '
+            f'1 epoch, {config["eval_examples"]} eval examples:',
             '',
             '| variant | lr | trainable params | eval accuracy | fit seconds |',
             '|---|---|---|---|---|',
         ]
         for row in accuracy:
-            lines.append(f"| {row['variant']} | {row['lr']:g} | {row['trainable_params']:,} | "
-                         f"{row['eval_accuracy']:.1%} | {row['fit_seconds']:.1f} |")
+            lines.append(
+                f'| {row["variant"]} | {row["lr"]:g} | {row["trainable_params"]:,} | '
+                f'{row["eval_accuracy"]:.1%} | {row["fit_seconds"]:.1f} |'
+            )
     return '\n'.join(lines)
 
 
@@ -233,8 +274,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     warnings.filterwarnings('ignore')
-    config = {**{k: v for k, v in vars(args).items() if k != 'output'}, 'threads': torch.get_num_threads(),
-              'torch': torch.__version__}
+    config = {
+        **{k: v for k, v in vars(args).items() if k != 'output'},
+        'threads': torch.get_num_threads(),
+        'torch': torch.__version__,
+    }
     efficiency = efficiency_rows(args)
     layer = layer_rows(args)
     accuracy = [] if args.skip_accuracy else accuracy_rows(args)

@@ -19,8 +19,9 @@ import gc
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from composer import Callback, Logger, State
@@ -112,7 +113,7 @@ class MemoryProbe:
     peak: int = 0
     peak_growth: int = 0
 
-    def __enter__(self) -> 'MemoryProbe':
+    def __enter__(self) -> MemoryProbe:
         trim()
         if self.on_gpu:
             torch.cuda.synchronize()
@@ -143,8 +144,9 @@ def time_call(fn: Callable[[], Any], device: str = 'cpu') -> float:
     return time.perf_counter() - start
 
 
-def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int, device: str = 'cpu',
-                      warmup: int = 1) -> dict[str, list[float]]:
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]], rounds: int, device: str = 'cpu', warmup: int = 1
+) -> dict[str, list[float]]:
     """Call each function ``warmup`` times, then once per round in turn; return each one's times."""
     for fn in fns.values():
         for _ in range(warmup):

@@ -22,9 +22,10 @@ import copy
 import importlib.util
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from composer import Callback, Logger, State
@@ -61,8 +62,9 @@ class Task:
         return copy.deepcopy(self.base)
 
 
-def _decoder_task(key: str, hidden: int, layers: int, batch_size: int, seq_len: int, train_blocks: int,
-                  eval_blocks: int) -> Task:
+def _decoder_task(
+    key: str, hidden: int, layers: int, batch_size: int, seq_len: int, train_blocks: int, eval_blocks: int
+) -> Task:
     from composer.utils import reproducibility
 
     from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
@@ -78,15 +80,20 @@ def _decoder_task(key: str, hidden: int, layers: int, batch_size: int, seq_len: 
     return Task(
         key=key,
         title=f'decoder LM, LLaMA-style, hidden {hidden}, {layers} layers ({params / 1e6:.1f}M params), '
-              f'batch {batch_size} x {seq_len} tokens',
+        f'batch {batch_size} x {seq_len} tokens',
         base=base,
         train_loader=build_dataloader(train, tokenizer, batch_size, shuffle=True, drop_last=True),
         eval_loader=build_dataloader(evaluation, tokenizer, batch_size, shuffle=False, drop_last=False),
-        batch_size=batch_size, seq_len=seq_len, lr=1e-3, adapter_lr=1e-2,
-        lora_targets=['q_proj', 'v_proj'], head=[],
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=1e-3,
+        adapter_lr=1e-2,
+        lora_targets=['q_proj', 'v_proj'],
+        head=[],
         top_patterns=[f'model.layers.{layers - 1}', 'model.norm', 'lm_head'],
         block_prefixes=[f'model.layers.{i}.' for i in range(layers)],
-        metric='LanguageCrossEntropy', higher_is_better=False,
+        metric='LanguageCrossEntropy',
+        higher_is_better=False,
     )
 
 
@@ -103,17 +110,32 @@ def _minilm_task(batch_size: int, seq_len: int, train_examples: int, eval_exampl
     return Task(
         key='minilm',
         title=f'all-MiniLM-L6-v2 (22.7M params), docstring classification (6 classes), batch {batch_size} x '
-              f'{seq_len} tokens',
+        f'{seq_len} tokens',
         base=base,
-        train_loader=build_dataloader(ClassificationDataset(train[:train_examples], tokenizer, seq_len), tokenizer,
-                                      batch_size, shuffle=True, drop_last=True),
-        eval_loader=build_dataloader(ClassificationDataset(evaluation[:eval_examples], tokenizer, seq_len), tokenizer,
-                                     64, shuffle=False, drop_last=False),
-        batch_size=batch_size, seq_len=seq_len, lr=1e-4, adapter_lr=2e-3,
-        lora_targets=['query', 'value'], head=['classifier'],
+        train_loader=build_dataloader(
+            ClassificationDataset(train[:train_examples], tokenizer, seq_len),
+            tokenizer,
+            batch_size,
+            shuffle=True,
+            drop_last=True,
+        ),
+        eval_loader=build_dataloader(
+            ClassificationDataset(evaluation[:eval_examples], tokenizer, seq_len),
+            tokenizer,
+            64,
+            shuffle=False,
+            drop_last=False,
+        ),
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=1e-4,
+        adapter_lr=2e-3,
+        lora_targets=['query', 'value'],
+        head=['classifier'],
         top_patterns=['bert.encoder.layer.5', 'bert.pooler', 'classifier'],
         block_prefixes=[f'bert.encoder.layer.{i}.' for i in range(6)],
-        metric='MulticlassAccuracy', higher_is_better=True,
+        metric='MulticlassAccuracy',
+        higher_is_better=True,
     )
 
 
@@ -178,11 +200,17 @@ def _adamw(params, lr: float, weight_decay: float = 0.01) -> torch.optim.Optimiz
 def _rewrap(task: Task, module: nn.Module) -> HuggingFaceModel:
     """``module`` (a PEFT or edited HF model) wrapped for Composer with the task's tokenizer and metrics."""
     base = task.base
-    return HuggingFaceModel(module, tokenizer=base.tokenizer, metrics=list(copy.deepcopy(base.train_metrics).values()),
-                            eval_metrics=list(copy.deepcopy(base.val_metrics).values()), use_logits=True)
+    return HuggingFaceModel(
+        module,
+        tokenizer=base.tokenizer,
+        metrics=list(copy.deepcopy(base.train_metrics).values()),
+        eval_metrics=list(copy.deepcopy(base.val_metrics).values()),
+        use_logits=True,
+    )
 
 
 # ---- baseline and ours -------------------------------------------------------------------------------------------
+
 
 def _full(task: Task, device: str) -> Setup:
     model = task.fresh_model()
@@ -226,6 +254,7 @@ def _ours_hift(task: Task, device: str) -> Setup:
 
 # ---- peers -------------------------------------------------------------------------------------------------------
 
+
 def _composer_layer_freezing(task: Task, device: str) -> Setup:
     from composer.algorithms import LayerFreezing
 
@@ -244,8 +273,13 @@ def _peft_lora(task: Task, device: str) -> Setup:
     import peft
 
     options = _lora_options(task)
-    config = peft.LoraConfig(r=options['r'], lora_alpha=options['lora_alpha'], target_modules=options['target_modules'],
-                             modules_to_save=options.get('modules_to_save'), lora_dropout=0.0)
+    config = peft.LoraConfig(
+        r=options['r'],
+        lora_alpha=options['lora_alpha'],
+        target_modules=options['target_modules'],
+        modules_to_save=options.get('modules_to_save'),
+        lora_dropout=0.0,
+    )
     model = _rewrap(task, peft.get_peft_model(user_module(task.fresh_model()), config))
     return Setup(model, _adamw([p for p in model.parameters() if p.requires_grad], task.adapter_lr))
 
@@ -257,8 +291,9 @@ def swap_in_loralib(model: nn.Module, targets: list[str], r: int, lora_alpha: in
 
     for name, module in list(model.named_modules()):
         if name.rsplit('.', 1)[-1] in targets and isinstance(module, nn.Linear):
-            layer = loralib.Linear(module.in_features, module.out_features, r=r, lora_alpha=lora_alpha,
-                                   bias=module.bias is not None).to(module.weight.device)
+            layer = loralib.Linear(
+                module.in_features, module.out_features, r=r, lora_alpha=lora_alpha, bias=module.bias is not None
+            ).to(module.weight.device)
             layer.load_state_dict(module.state_dict(), strict=False)
             parent, _, child = name.rpartition('.')
             setattr(model.get_submodule(parent), child, layer)
@@ -299,8 +334,7 @@ def _badam(task: Task, device: str) -> Setup:
         # the copies are optimizer-held memory too.
         counts = training_state_bytes(state.model, None)
         copies = sum(p.numel() * p.element_size() for p in optimizer.param_idx2hp.values())
-        return TrainingStateBytes(counts.params, counts.grads,
-                                  optimizer_state_bytes(optimizer.base_optimizer) + copies)
+        return TrainingStateBytes(counts.params, counts.grads, optimizer_state_bytes(optimizer.base_optimizer) + copies)
 
     return Setup(model, optimizer, callbacks=[_QuietBAdam()], count_state=count_state)
 
@@ -308,7 +342,8 @@ def _badam(task: Task, device: str) -> Setup:
 def _closure_first(**kwargs: Any):
     """BAdam's ``BlockOptimizer``, taking Composer's closure: Composer always calls ``optimizer.step(closure)`` (in
     fp32), but ``BlockOptimizer.step`` copies the gradients to its fp32 block before it would run the closure, so it
-    fails ("The low precision parameter's gradient is None"). This subclass runs the closure first, then BAdam's step."""
+    fails ("The low precision parameter's gradient is None"). This subclass runs the closure first, then BAdam's
+    step."""
     from badam import BlockOptimizer
 
     class ClosureFirstBlockOptimizer(BlockOptimizer):
@@ -363,7 +398,7 @@ def _hift_register_module():
 def _hift_grouping_unavailable() -> Optional[str]:
     try:
         _hift_register_module()
-    except Exception as error:  # noqa: BLE001 - any failure means the peer cannot run; say why
+    except Exception as error:
         return f'hift cannot be loaded: {type(error).__name__}: {error}'
     return None
 
@@ -384,8 +419,8 @@ class HiFTPackageRotation(Callback):
         if self.groups is None:
             with _quiet():  # group_model prints the groups
                 self.groups = self.handler.group_model(model)
-        elements = self.groups[:self.group_element]  # HiFTrainer.select_element: take from the head, move to tail
-        self.groups = self.groups[self.group_element:] + elements
+        elements = self.groups[: self.group_element]  # HiFTrainer.select_element: take from the head, move to tail
+        self.groups = self.groups[self.group_element :] + elements
         pattern = '|'.join(self.handler.pattern_list)
         for name, param in model.named_parameters():
             param.requires_grad = self.handler.check_selection(elements, re.compile(pattern).findall(name))
@@ -414,10 +449,13 @@ def _hift_package(task: Task, device: str) -> Setup:
             handler = register.LLaMaFamilyCallBack([], 'down2up', TaskType.CAUSAL_LM)
     decay = {n for n in get_parameter_names(hf, ALL_LAYERNORM_LAYERS) if 'bias' not in n}
     named = list(hf.named_parameters())
-    optimizer = torch.optim.AdamW([
-        {'params': [p for n, p in named if n in decay], 'weight_decay': 0.01},
-        {'params': [p for n, p in named if n not in decay], 'weight_decay': 0.0},
-    ], lr=task.lr)
+    optimizer = torch.optim.AdamW(
+        [
+            {'params': [p for n, p in named if n in decay], 'weight_decay': 0.01},
+            {'params': [p for n, p in named if n not in decay], 'weight_decay': 0.0},
+        ],
+        lr=task.lr,
+    )
     return Setup(model, optimizer, callbacks=[HiFTPackageRotation(handler)])
 
 
@@ -427,26 +465,62 @@ def _lora_estimate(task: Task) -> dict[str, Any]:
 
 METHODS: tuple[Method, ...] = (
     Method('full', 'full fine-tuning (AdamW)', 'baseline', _full, estimate=('full', lambda t: {})),
-    Method('layer_freezing', 'ours: LayerFreezing', 'ours', _ours_layer_freezing, closest_peer='composer_lf',
-           estimate=('layer_freezing', lambda t: {'freeze_start': 0.0, 'freeze_level': 1.0})),
+    Method(
+        'layer_freezing',
+        'ours: LayerFreezing',
+        'ours',
+        _ours_layer_freezing,
+        closest_peer='composer_lf',
+        estimate=('layer_freezing', lambda t: {'freeze_start': 0.0, 'freeze_level': 1.0}),
+    ),
     Method('composer_lf', 'Composer LayerFreezing', 'peer', _composer_layer_freezing),
-    Method('regex_freeze', 'ours: RegexFreeze', 'ours', _ours_regex_freeze, closest_peer='manual_freeze',
-           estimate=('regex_freeze', lambda t: {'trainable': t.top_patterns})),
+    Method(
+        'regex_freeze',
+        'ours: RegexFreeze',
+        'ours',
+        _ours_regex_freeze,
+        closest_peer='manual_freeze',
+        estimate=('regex_freeze', lambda t: {'trainable': t.top_patterns}),
+    ),
     Method('manual_freeze', 'requires_grad_(False) by hand', 'peer', _manual_freeze),
-    Method('lora_inject', 'ours: LoRAInject r=8', 'ours', _ours_lora, closest_peer='peft_lora',
-           estimate=('lora_inject', _lora_estimate)),
+    Method(
+        'lora_inject',
+        'ours: LoRAInject r=8',
+        'ours',
+        _ours_lora,
+        closest_peer='peft_lora',
+        estimate=('lora_inject', _lora_estimate),
+    ),
     Method('peft_lora', 'PEFT LoRA r=8', 'peer', _peft_lora, requires=('peft',)),
     Method('loralib', 'loralib r=8', 'peer', _loralib, requires=('loralib',)),
-    Method('hift_rotation', 'ours: HiFTRotation', 'ours', _ours_hift, closest_peer='hift_package',
-           requires=('algorithms.hift_rotation',),
-           estimate=('hift_rotation', lambda t: {'group_size': 1})),
-    Method('hift_package', 'hift 0.0.5 (grouping + rotation)', 'peer', _hift_package, requires=('hift',),
-           how="`import hift` fails on transformers 4.53 (it imports the removed `is_torch_tpu_available`), so "
-               "its grouping module (`hift/registerCallBack.py`) is loaded by file and what `HiFTrainer."
-               "update_parameter_state` does before each step is repeated in a Composer callback (group_element=1, "
-               "down2up); like hift, it keeps every visited group's optimizer state in the optimizer"),
-    Method('badam', 'BAdam BlockOptimizer, switch every step', 'peer', _badam, requires=('badam',),
-           how='`BlockOptimizer` (switch_block_every=1, ascending, to rotate like HiFT within the budget) is the '
-               "Trainer's optimizer, in a subclass that runs Composer's closure before BAdam's step; BAdam copies "
-               'the active block to fp32 and calls `gc.collect()` at every switch'),
+    Method(
+        'hift_rotation',
+        'ours: HiFTRotation',
+        'ours',
+        _ours_hift,
+        closest_peer='hift_package',
+        requires=('algorithms.hift_rotation',),
+        estimate=('hift_rotation', lambda t: {'group_size': 1}),
+    ),
+    Method(
+        'hift_package',
+        'hift 0.0.5 (grouping + rotation)',
+        'peer',
+        _hift_package,
+        requires=('hift',),
+        how='`import hift` fails on transformers 4.53 (it imports the removed `is_torch_tpu_available`), so '
+        'its grouping module (`hift/registerCallBack.py`) is loaded by file and what `HiFTrainer.'
+        'update_parameter_state` does before each step is repeated in a Composer callback (group_element=1, '
+        "down2up); like hift, it keeps every visited group's optimizer state in the optimizer",
+    ),
+    Method(
+        'badam',
+        'BAdam BlockOptimizer, switch every step',
+        'peer',
+        _badam,
+        requires=('badam',),
+        how='`BlockOptimizer` (switch_block_every=1, ascending, to rotate like HiFT within the budget) is the '
+        "Trainer's optimizer, in a subclass that runs Composer's closure before BAdam's step; BAdam copies "
+        'the active block to fp32 and calls `gc.collect()` at every switch',
+    ),
 )

@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = ['load', 'markdown', 'plot_loss', 'plot_memory', 'update_readme', 'write']
 
-MIB = 2 ** 20
+MIB = 2**20
 README = Path(__file__).resolve().parents[1] / 'README.md'
 README_START, README_END = '<!-- benchmark:start -->', '<!-- benchmark:end -->'
 
@@ -24,8 +24,7 @@ def _mib(n: float) -> str:
 
 
 def _spread(stats: dict[str, float], scale: float = 1000.0, digits: int = 1) -> str:
-    return (f"{stats['median'] * scale:.{digits}f} ({stats['min'] * scale:.{digits}f}-"
-            f"{stats['max'] * scale:.{digits}f})")
+    return f'{stats["median"] * scale:.{digits}f} ({stats["min"] * scale:.{digits}f}-{stats["max"] * scale:.{digits}f})'
 
 
 def _ratio(row: dict[str, Any], which: str, key: str) -> str:
@@ -42,8 +41,8 @@ def _metric(task: dict[str, Any], value: Any) -> str:
 def task_table(task: dict[str, Any]) -> str:
     metric = 'eval accuracy' if task['metric'].endswith('Accuracy') else 'eval loss'
     lines = [
-        f"**{task['title']}**, {task['batches']} batches per run (2 epochs), lr {task['lr']:g} "
-        f"(LoRA rows {task['adapter_lr']:g}):",
+        f'**{task["title"]}**, {task["batches"]} batches per run (2 epochs), lr {task["lr"]:g} '
+        f'(LoRA rows {task["adapter_lr"]:g}):',
         '',
         '| method | trainable params | step ms, median (min-max) | samples/s | step vs full | step vs peer '
         '| training state MiB: params + grads + optimizer = total (peak) | vs full | vs peer | at end MiB '
@@ -52,20 +51,21 @@ def task_table(task: dict[str, Any]) -> str:
     ]
     for row in task['rows']:
         if not row['available']:
-            lines.append(f"| {row['label']} | not run: {row['reason']} |" + ' |' * 10)
+            lines.append(f'| {row["label"]} | not run: {row["reason"]} |' + ' |' * 10)
             continue
         peak, last = row['peak_state'], row['last_state']
-        peer = f" (peer: {row['closest_peer']})" if row.get('vs_peer') else ''
+        peer = f' (peer: {row["closest_peer"]})' if row.get('vs_peer') else ''
         lines.append(
-            f"| {row['label']}{peer} | {row['trainable_params']:,} | {_spread(row['step_seconds'])} | "
-            f"{row['samples_per_second']:.1f} | {_ratio(row, 'vs_full', 'step_time')} | "
-            f"{_ratio(row, 'vs_peer', 'step_time')} | {_mib(peak['params'])} + {_mib(peak['grads'])} + "
-            f"{_mib(peak['optimizer_state'])} = **{_mib(sum(peak.values()))}** | "
-            f"{_ratio(row, 'vs_full', 'state_bytes')} | {_ratio(row, 'vs_peer', 'state_bytes')} | "
-            f"{_mib(sum(last.values()))} | {_spread(row['peak_memory_growth'], 1 / MIB, 0)} | "
-            f"{_metric(task, row['eval_metric'])} |")
+            f'| {row["label"]}{peer} | {row["trainable_params"]:,} | {_spread(row["step_seconds"])} | '
+            f'{row["samples_per_second"]:.1f} | {_ratio(row, "vs_full", "step_time")} | '
+            f'{_ratio(row, "vs_peer", "step_time")} | {_mib(peak["params"])} + {_mib(peak["grads"])} + '
+            f'{_mib(peak["optimizer_state"])} = **{_mib(sum(peak.values()))}** | '
+            f'{_ratio(row, "vs_full", "state_bytes")} | {_ratio(row, "vs_peer", "state_bytes")} | '
+            f'{_mib(sum(last.values()))} | {_spread(row["peak_memory_growth"], 1 / MIB, 0)} | '
+            f'{_metric(task, row["eval_metric"])} |'
+        )
     if task.get('estimator'):
-        errors = ', '.join(f"{e['method']} {e['relative_error']:+.2%}" for e in task['estimator'])
+        errors = ', '.join(f'{e["method"]} {e["relative_error"]:+.2%}' for e in task['estimator'])
         lines += ['', f'Estimator (`thaw estimate`) vs measured training state: {errors}.']
     return '\n'.join(lines)
 
@@ -73,15 +73,21 @@ def task_table(task: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     env = result['environment']
     versions = ', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)
-    where = f"GPU {env['gpu']}" if env['device'] == 'gpu' else (
-        f"CPU ({env['cpu']}, {env['cpu_count']} cores, {env['torch_threads']} torch thread(s))")
-    memory = ('peak `torch.cuda.max_memory_allocated` growth' if env['device'] == 'gpu' else
-              'peak process RSS growth over the run (model copy, setup, training)')
+    where = (
+        f'GPU {env["gpu"]}'
+        if env['device'] == 'gpu'
+        else (f'CPU ({env["cpu"]}, {env["cpu_count"]} cores, {env["torch_threads"]} torch thread(s))')
+    )
+    memory = (
+        'peak `torch.cuda.max_memory_allocated` growth'
+        if env['device'] == 'gpu'
+        else 'peak process RSS growth over the run (model copy, setup, training)'
+    )
     parts = [
-        f"Measured {env['date']} on {where}; {'quick' if result['quick'] else 'full'} budget, "
-        f"{result['repeats']} interleaved repeats per method; {versions}.",
+        f'Measured {env["date"]} on {where}; {"quick" if result["quick"] else "full"} budget, '
+        f'{result["repeats"]} interleaved repeats per method; {versions}.',
         '',
-        f'Step time: median of the runs\' median step (first batch excluded), spread min-max over runs. Training '
+        f"Step time: median of the runs' median step (first batch excluded), spread min-max over runs. Training "
         f'state: bytes of parameters, gradients and optimizer state on the training device, peak over batches '
         f'(`at end`: after the last batch). Peak memory: {memory}. "vs peer": ours against its closest peer '
         '(LayerFreezing: Composer LayerFreezing; RegexFreeze: a hand-written requires_grad freeze; LoRAInject: PEFT; '
@@ -93,13 +99,13 @@ def markdown(result: dict[str, Any]) -> str:
             if row.get('how', 'Composer Trainer') != 'Composer Trainer':
                 notes[row['label']] = row['how']
     if notes:
-        parts += ['', 'How peers run where the plain way does not work: every method runs in Composer\'s Trainer;']
+        parts += ['', "How peers run where the plain way does not work: every method runs in Composer's Trainer;"]
         parts += [f'- {label}: {how}.' for label, how in notes.items()]
     for task in result['tasks']:
         parts += ['', task_table(task)]
     if result.get('rss_check'):
         parts += ['', result['rss_check']['markdown']]
-    parts += ['', f"Total time {result['seconds']:.0f} s."]
+    parts += ['', f'Total time {result["seconds"]:.0f} s.']
     return '\n'.join(parts)
 
 
@@ -162,7 +168,7 @@ def write(result: dict[str, Any], directory: Path, plots: bool = True) -> list[P
     """Write the run's JSON and Markdown (dated, and as ``latest``) and, with ``plots``, the PNGs."""
     directory.mkdir(parents=True, exist_ok=True)
     stamp = re.sub(r'[^0-9]', '', result['environment']['date'])[:12]
-    name = f"bench-{stamp}-{'quick' if result['quick'] else 'full'}"
+    name = f'bench-{stamp}-{"quick" if result["quick"] else "full"}'
     text = json.dumps(result, indent=1) + '\n'
     table = markdown(result) + '\n'
     paths = []
@@ -191,5 +197,5 @@ def update_readme(result: dict[str, Any], paths: list[Path], readme: Path = READ
         body.append(f'![{image.stem}]({image.resolve().relative_to(root.resolve())})')
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_START}\n{chr(10).join(body)}\n{README_END}{tail}")
+    readme.write_text(f'{head}{README_START}\n{chr(10).join(body)}\n{README_END}{tail}')
     return readme

@@ -29,13 +29,13 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
-import torch  # noqa: E402
+import torch
 
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.measure import MemoryProbe, StepRecorder, default_state_counter, median_spread, trim  # noqa: E402
-from benchmarks.methods import METHODS, Method, Task, build_tasks, default_batches  # noqa: E402
+from benchmarks.measure import MemoryProbe, StepRecorder, default_state_counter, median_spread, trim
+from benchmarks.methods import METHODS, Method, Task, build_tasks, default_batches
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 
@@ -49,9 +49,18 @@ def run_once(task: Task, method: Method, device: str, batches: int, evaluate: bo
         setup = method.setup(task, device)
         recorder = StepRecorder(setup.count_state or default_state_counter, on_gpu)
         trainer = Trainer(
-            model=setup.model, train_dataloader=task.train_loader, max_duration=f'{batches}ba',
-            optimizers=setup.optimizer, algorithms=setup.algorithms, callbacks=[recorder, *setup.callbacks],
-            device=device, progress_bar=False, log_to_console=False, loggers=[], seed=17, python_log_level=None,
+            model=setup.model,
+            train_dataloader=task.train_loader,
+            max_duration=f'{batches}ba',
+            optimizers=setup.optimizer,
+            algorithms=setup.algorithms,
+            callbacks=[recorder, *setup.callbacks],
+            device=device,
+            progress_bar=False,
+            log_to_console=False,
+            loggers=[],
+            seed=17,
+            python_log_level=None,
         )
         trainer.fit()
     metric = None
@@ -86,12 +95,17 @@ def _aggregate(task: Task, method: Method, runs: list[dict[str, Any]]) -> dict[s
     step = median_spread([r['step_seconds'] for r in runs])
     memory = median_spread([r['peak_memory_growth'] for r in runs])
     return {
-        'method': method.key, 'label': method.label, 'family': method.family, 'how': method.how,
-        'closest_peer': method.closest_peer, 'available': True,
+        'method': method.key,
+        'label': method.label,
+        'family': method.family,
+        'how': method.how,
+        'closest_peer': method.closest_peer,
+        'available': True,
         'trainable_params': first['trainable_params'],
         'step_seconds': step,
         'samples_per_second': task.batch_size / step['median'],
-        'peak_state': first['peak_state'], 'last_state': first['last_state'],
+        'peak_state': first['peak_state'],
+        'last_state': first['last_state'],
         'peak_memory_growth': memory,
         'peak_memory': median_spread([r['peak_memory'] for r in runs]),
         'eval_metric': first['eval_metric'],
@@ -141,13 +155,17 @@ def estimator_rows(task: Task, methods: list[Method], rows: list[dict[str, Any]]
             options = {'freeze_start': 0.0, 'freeze_level': 0.5}  # the schedule's value at the midpoint epoch end
         estimate = estimate_training_state(spec, name, options)
         state = measured[method.key]['last_state' if at_end else 'peak_state']
-        out.append({
-            'method': method.key, 'compared_with': 'state at the end' if at_end else 'peak state',
-            'predicted': estimate.training_state_bytes, 'measured': _total(state),
-            'relative_error': estimate.training_state_bytes / _total(state) - 1,
-            'predicted_split': [estimate.param_bytes, estimate.grad_bytes, estimate.optimizer_state_bytes],
-            'measured_split': [state['params'], state['grads'], state['optimizer_state']],
-        })
+        out.append(
+            {
+                'method': method.key,
+                'compared_with': 'state at the end' if at_end else 'peak state',
+                'predicted': estimate.training_state_bytes,
+                'measured': _total(state),
+                'relative_error': estimate.training_state_bytes / _total(state) - 1,
+                'predicted_split': [estimate.param_bytes, estimate.grad_bytes, estimate.optimizer_state_bytes],
+                'measured_split': [state['params'], state['grads'], state['optimizer_state']],
+            }
+        )
     return out
 
 
@@ -169,15 +187,27 @@ def environment(device: str) -> dict[str, Any]:
         pass
     gpu = torch.cuda.get_device_name(0) if device == 'gpu' else None
     return {
-        'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-        'device': device, 'gpu': gpu, 'cpu': cpu, 'cpu_count': os.cpu_count(),
-        'torch_threads': torch.get_num_threads(), 'python': platform.python_version(), 'versions': versions,
+        'date': datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC'),
+        'device': device,
+        'gpu': gpu,
+        'cpu': cpu,
+        'cpu_count': os.cpu_count(),
+        'torch_threads': torch.get_num_threads(),
+        'python': platform.python_version(),
+        'versions': versions,
     }
 
 
-def run(quick: bool = True, repeats: int = 3, batches: Optional[int] = None, device: Optional[str] = None,
-        tasks: Optional[list[str]] = None, methods: Optional[list[str]] = None, rss_check: bool = True,
-        log=print) -> dict[str, Any]:
+def run(
+    quick: bool = True,
+    repeats: int = 3,
+    batches: Optional[int] = None,
+    device: Optional[str] = None,
+    tasks: Optional[list[str]] = None,
+    methods: Optional[list[str]] = None,
+    rss_check: bool = True,
+    log=print,
+) -> dict[str, Any]:
     """Measure and return the whole result (see :mod:`benchmarks.report` for its layout).
 
     The allocator keeps glibc's defaults during the runs (pinning the mmap threshold would make every activation a
@@ -200,32 +230,59 @@ def run(quick: bool = True, repeats: int = 3, batches: Optional[int] = None, dev
     result: dict[str, Any] = {'environment': environment(device), 'quick': quick, 'repeats': repeats, 'tasks': []}
     budget = batches or default_batches(quick)
     for task in build_tasks(quick, tasks, budget):
-        log(f'[{time.perf_counter() - started:5.0f}s] {task.title}: {len(runnable)} methods x {repeats} repeats x '
-            f'{budget} batches')
+        log(
+            f'[{time.perf_counter() - started:5.0f}s] {task.title}: {len(runnable)} methods x {repeats} repeats x '
+            f'{budget} batches'
+        )
         run_once(task, runnable[0], device, 2, evaluate=False)  # warm-up: one-time allocations land in no row
         runs: dict[str, list[dict[str, Any]]] = {m.key: [] for m in runnable}
         for round_index in range(repeats):
             for method in _rotated(runnable, round_index):
                 runs[method.key].append(run_once(task, method, device, budget, evaluate=round_index == 0))
         rows = [_aggregate(task, method, runs[method.key]) for method in runnable]
-        rows += [{'method': m.key, 'label': m.label, 'family': m.family, 'how': m.how, 'available': False,
-                  'reason': reason, 'closest_peer': m.closest_peer} for m, reason in skipped]
+        rows += [
+            {
+                'method': m.key,
+                'label': m.label,
+                'family': m.family,
+                'how': m.how,
+                'available': False,
+                'reason': reason,
+                'closest_peer': m.closest_peer,
+            }
+            for m, reason in skipped
+        ]
         _add_ratios(rows)
-        result['tasks'].append({
-            'key': task.key, 'title': task.title, 'batches': budget, 'batch_size': task.batch_size,
-            'metric': task.metric, 'higher_is_better': task.higher_is_better, 'lr': task.lr,
-            'adapter_lr': task.adapter_lr, 'rows': rows, 'estimator': estimator_rows(task, runnable, rows),
-        })
+        result['tasks'].append(
+            {
+                'key': task.key,
+                'title': task.title,
+                'batches': budget,
+                'batch_size': task.batch_size,
+                'metric': task.metric,
+                'higher_is_better': task.higher_is_better,
+                'lr': task.lr,
+                'adapter_lr': task.adapter_lr,
+                'rows': rows,
+                'estimator': estimator_rows(task, runnable, rows),
+            }
+        )
         del task
         trim()
     if rss_check and device == 'cpu':
         from benchmarks import estimator_check
 
         hidden, layers = (512, 8) if quick else (768, 12)
-        log(f'[{time.perf_counter() - started:5.0f}s] estimator vs RSS growth, decoder hidden {hidden}, {layers} layers')
+        log(
+            f'[{time.perf_counter() - started:5.0f}s] estimator vs RSS growth, decoder hidden {hidden}, {layers} layers'
+        )
         checks = estimator_check.run_checks(hidden, layers)
-        result['rss_check'] = {'hidden': hidden, 'layers': layers, 'checks': estimator_check.as_json(checks),
-                               'markdown': estimator_check.markdown(checks, hidden, layers)}
+        result['rss_check'] = {
+            'hidden': hidden,
+            'layers': layers,
+            'checks': estimator_check.as_json(checks),
+            'markdown': estimator_check.markdown(checks, hidden, layers),
+        }
     result['seconds'] = time.perf_counter() - started
     return result
 
@@ -236,14 +293,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='small budgets: under 5 minutes on 2 CPU cores')
     parser.add_argument('--repeats', type=int, default=3, help='runs per method and task (at least 3 to report spread)')
-    parser.add_argument('--batches', type=int, default=None, help='training batches per run, two epochs (default 4 quick, 40 full)')
+    parser.add_argument(
+        '--batches', type=int, default=None, help='training batches per run, two epochs (default 4 quick, 40 full)'
+    )
     parser.add_argument('--device', choices=['cpu', 'gpu'], default=None, help='default: gpu when CUDA is available')
     parser.add_argument('--tasks', nargs='*', default=None, help='minilm, decoder-s, decoder-m (default: all)')
     parser.add_argument('--methods', nargs='*', default=None, help=f'default: all of {[m.key for m in METHODS]}')
     parser.add_argument('--no-rss-check', dest='rss_check', action='store_false')
     parser.add_argument('--output-dir', type=Path, default=RESULTS)
     parser.add_argument('--no-plots', dest='plots', action='store_false')
-    parser.add_argument('--update-readme', action='store_true', help="replace the benchmark section of README.md")
+    parser.add_argument('--update-readme', action='store_true', help='replace the benchmark section of README.md')
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error('--repeats must be at least 1')

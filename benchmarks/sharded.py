@@ -33,9 +33,18 @@ def _measure(method, task, layout: str) -> dict[str, Any]:
     recorder = StepRecorder(setup.count_state or default_state_counter)
     parallelism = LAYOUTS[layout]
     trainer = Trainer(
-        model=setup.model, train_dataloader=task.train_loader, max_duration='2ep', optimizers=setup.optimizer,
-        algorithms=setup.algorithms, callbacks=[recorder, *setup.callbacks], device='cpu', progress_bar=False,
-        log_to_console=False, loggers=[], seed=17, python_log_level=None,
+        model=setup.model,
+        train_dataloader=task.train_loader,
+        max_duration='2ep',
+        optimizers=setup.optimizer,
+        algorithms=setup.algorithms,
+        callbacks=[recorder, *setup.callbacks],
+        device='cpu',
+        progress_bar=False,
+        log_to_console=False,
+        loggers=[],
+        seed=17,
+        python_log_level=None,
         parallelism_config=parallelism() if parallelism else None,
     )
     trainer.fit()
@@ -48,11 +57,16 @@ def _measure(method, task, layout: str) -> dict[str, Any]:
     estimated_options = {'freeze_start': 0.0, 'freeze_level': 0.5} if name == 'layer_freezing' else options(task)
     estimate = estimate_training_state(spec, name, estimated_options, world_size=2 if layout == 'FSDP2' else 1)
     return {
-        'method': method.key, 'label': method.label, 'layout': layout,
+        'method': method.key,
+        'label': method.label,
+        'layout': layout,
         'measured_at': 'peak batch' if method.key == 'hift_rotation' else 'last batch',
         'state_per_rank': dist.all_gather_object(vars(measured)),
-        'estimate': {'params': estimate.param_bytes, 'grads': estimate.grad_bytes,
-                     'optimizer_state': estimate.optimizer_state_bytes},
+        'estimate': {
+            'params': estimate.param_bytes,
+            'grads': estimate.grad_bytes,
+            'optimizer_state': estimate.optimizer_state_bytes,
+        },
     }
 
 
@@ -61,28 +75,38 @@ def _mib(n: float) -> str:
 
 
 def _table(rows: list[dict[str, Any]], title: str) -> str:
-    lines = [title, '', '| method | layout | batch | params (MiB) | grads (MiB) | optimizer state (MiB) | '
-             'total (MiB) | estimate (MiB) | vs estimate |', '|---|---|---|---|---|---|---|---|---|']
+    lines = [
+        title,
+        '',
+        '| method | layout | batch | params (MiB) | grads (MiB) | optimizer state (MiB) | '
+        'total (MiB) | estimate (MiB) | vs estimate |',
+        '|---|---|---|---|---|---|---|---|---|',
+    ]
     for row in rows:
         worst = max(row['state_per_rank'], key=lambda s: s['params'] + s['grads'] + s['optimizer_state'])
         total = worst['params'] + worst['grads'] + worst['optimizer_state']
         estimate = sum(row['estimate'].values())
-        lines.append(f"| {row['label']} | {row['layout']} | {row['measured_at']} | {_mib(worst['params'])} | "
-                     f"{_mib(worst['grads'])} | "
-                     f"{_mib(worst['optimizer_state'])} | {_mib(total)} | {_mib(estimate)} | "
-                     f'{(total - estimate) / estimate:+.2%} |')
+        lines.append(
+            f'| {row["label"]} | {row["layout"]} | {row["measured_at"]} | {_mib(worst["params"])} | '
+            f'{_mib(worst["grads"])} | '
+            f'{_mib(worst["optimizer_state"])} | {_mib(total)} | {_mib(estimate)} | '
+            f'{(total - estimate) / estimate:+.2%} |'
+        )
     return '\n'.join(lines)
 
 
 def main(only: Optional[list[str]] = None) -> None:
     task = build_tasks(quick=True, only=['decoder-m'], batches=4)[0]
-    rows = [_measure(method, task, layout) for method in METHODS if method.key in (only or MEASURED)
-            for layout in LAYOUTS]
+    rows = [
+        _measure(method, task, layout) for method in METHODS if method.key in (only or MEASURED) for layout in LAYOUTS
+    ]
     if dist.get_global_rank() == 0:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / 'sharded.json').write_text(json.dumps({'task': task.title, 'rows': rows}, indent=2))
-        title = (f'Per-process training state at world size 2 (the larger rank), {task.title}; the estimate is '
-                 '`thaw estimate --world-size 2` for FSDP2 and 1 for DDP:')
+        title = (
+            f'Per-process training state at world size 2 (the larger rank), {task.title}; the estimate is '
+            '`thaw estimate --world-size 2` for FSDP2 and 1 for DDP:'
+        )
         table = _table(rows, title)
         (RESULTS / 'sharded.md').write_text(table + '\n')
         print(table)

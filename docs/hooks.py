@@ -59,8 +59,12 @@ def _api_pages() -> dict[str, str]:
     (its ``__all__``), then each of its modules: the docstring and whatever the module declares public that the
     sub-package does not re-export, so every public object is documented once.
     """
-    pages = {'api/algorithms.md': '# `algorithms`\n\n' + _directive('algorithms', show_root_heading='false',
-                                                                     members='false') + '\n' + _public_names()}
+    pages = {
+        'api/algorithms.md': '# `algorithms`\n\n'
+        + _directive('algorithms', show_root_heading='false', members='false')
+        + '\n'
+        + _public_names()
+    }
     for module in sorted(pkgutil.iter_modules([str(PACKAGE)]), key=lambda m: m.name):
         if module.name.startswith('_'):
             continue
@@ -94,8 +98,14 @@ def on_config(config: MkDocsConfig) -> MkDocsConfig:
     cards = [f'algorithms/{path.parent.name}.md' for path in _algorithm_cards()]
     api = list(_api_pages())
     nav = list(config.nav or [])
-    position = next((i + 1 for i, item in enumerate(nav) if item == 'index.md' or (
-        isinstance(item, dict) and 'index.md' in item.values())), 0)
+    position = next(
+        (
+            i + 1
+            for i, item in enumerate(nav)
+            if item == 'index.md' or (isinstance(item, dict) and 'index.md' in item.values())
+        ),
+        0,
+    )
     nav.insert(position, {ALGORITHMS_SECTION: cards})
     nav.append({API_SECTION: api})
     config.nav = nav

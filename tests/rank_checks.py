@@ -29,7 +29,8 @@ class RankChecks(Callback):
 
     def after_train_batch(self, state, logger) -> None:  # gradients are all-reduced by now
         self.frozen_grads += sum(
-            1 for p in user_module(state.model).parameters() if not p.requires_grad and p.grad is not None)
+            1 for p in user_module(state.model).parameters() if not p.requires_grad and p.grad is not None
+        )
 
     def batch_end(self, state, logger) -> None:
         self.ranks_identical.append(len(set(dist.all_gather_object(parameter_checksum(state.model)))) == 1)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from composer import Trainer
@@ -52,17 +53,31 @@ def run_thaw(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
     return subprocess.run(
         [sys.executable, '-m', 'algorithms.cli', *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def launch(script: Path, *args: str, nproc: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run ``script`` in ``nproc`` processes through Composer's launcher (gloo on CPU); fail with its output."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore', HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1',
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / 'tests'), os.environ.get('PYTHONPATH', '')]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS='1',
+        PYTHONWARNINGS='ignore',
+        HF_HUB_OFFLINE='1',
+        TRANSFORMERS_OFFLINE='1',
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / 'tests'), os.environ.get('PYTHONPATH', '')]),
+    )
     result = subprocess.run(
         [sys.executable, '-m', 'composer.cli.launcher', '-n', str(nproc), str(script), *map(str, args)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result

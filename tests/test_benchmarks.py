@@ -9,24 +9,38 @@ import support
 
 sys.path.insert(0, str(support.REPO))  # the benchmarks package lives at the repository root
 
-from benchmarks import report, run  # noqa: E402
-from benchmarks.methods import METHODS, Method  # noqa: E402
+from benchmarks import report, run
+from benchmarks.methods import METHODS, Method
 
 
 def test_minimal_run_measures_every_method_and_writes_table_json_and_plots(tmp_path, monkeypatch):
-    missing = Method('missing_peer', 'a peer that is not installed', 'peer', lambda task, device: None,
-                     requires=('no_such_package_xyz',))
+    missing = Method(
+        'missing_peer',
+        'a peer that is not installed',
+        'peer',
+        lambda task, device: None,
+        requires=('no_such_package_xyz',),
+    )
     monkeypatch.setattr(run, 'METHODS', (*METHODS, missing))
 
-    result = run.run(quick=True, repeats=2, batches=2, tasks=['decoder-s'], rss_check=False, log=lambda *_: None,
-                     methods=['full', 'lora_inject', 'peft_lora', 'hift_package', 'badam',
-                              'missing_peer'])
+    result = run.run(
+        quick=True,
+        repeats=2,
+        batches=2,
+        tasks=['decoder-s'],
+        rss_check=False,
+        log=lambda *_: None,
+        methods=['full', 'lora_inject', 'peft_lora', 'hift_package', 'badam', 'missing_peer'],
+    )
     paths = report.write(result, tmp_path)
 
     rows = {row['method']: row for row in result['tasks'][0]['rows']}
     assert set(rows) == {'full', 'lora_inject', 'peft_lora', 'hift_package', 'badam', 'missing_peer'}
-    assert rows['missing_peer'] == {**rows['missing_peer'], 'available': False,
-                                    'reason': 'no_such_package_xyz is not installed'}
+    assert rows['missing_peer'] == {
+        **rows['missing_peer'],
+        'available': False,
+        'reason': 'no_such_package_xyz is not installed',
+    }
     for key in ('full', 'lora_inject', 'peft_lora', 'hift_package', 'badam'):
         row = rows[key]
         assert row['repeats'] == 2 and len(row['losses']) == 2 and row['step_seconds']['median'] > 0

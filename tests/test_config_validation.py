@@ -27,16 +27,19 @@ def test_builds_nested_dataclasses_from_mappings():
     assert built == Outer(name='b', count=3, tags=['x'], inner=Inner(rate=2))
 
 
-@pytest.mark.parametrize(('data', 'key', 'fragment'), [
-    ({'nmae': 'a'}, 'nmae', "did you mean 'name'"),
-    ({'name': 'c'}, 'name', "one of 'a', 'b'"),
-    ({'count': 'three'}, 'count', 'an integer'),
-    ({'count': True}, 'count', 'an integer'),
-    ({'tags': 'x'}, 'tags', 'a list of a string'),
-    ({'limit': 1.5}, 'limit', 'an integer or null'),
-    ({'inner': {'rate': 'fast'}}, 'inner.rate', 'a number (float)'),
-    ({'inner': 3}, 'inner', 'a mapping with keys rate'),
-])
+@pytest.mark.parametrize(
+    ('data', 'key', 'fragment'),
+    [
+        ({'nmae': 'a'}, 'nmae', "did you mean 'name'"),
+        ({'name': 'c'}, 'name', "one of 'a', 'b'"),
+        ({'count': 'three'}, 'count', 'an integer'),
+        ({'count': True}, 'count', 'an integer'),
+        ({'tags': 'x'}, 'tags', 'a list of a string'),
+        ({'limit': 1.5}, 'limit', 'an integer or null'),
+        ({'inner': {'rate': 'fast'}}, 'inner.rate', 'a number (float)'),
+        ({'inner': 3}, 'inner', 'a mapping with keys rate'),
+    ],
+)
 def test_each_bad_value_names_its_key_and_what_is_valid(data, key, fragment):
     with pytest.raises(ConfigError) as error:
         from_mapping(Outer, data, '')
@@ -51,7 +54,6 @@ def test_integers_are_accepted_where_floats_belong_but_not_booleans():
 
 
 class Takes:
-
     def __init__(self, required: int, option: Literal['on', 'off'] = 'on'):
         pass
 

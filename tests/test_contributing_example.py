@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from support import REPO
 
 EXAMPLE = REPO / 'tests' / 'example_algorithm'
@@ -28,10 +27,9 @@ def _install(root: Path) -> None:
     (which would need the network for build isolation): the package and a ``*.dist-info`` folder whose
     ``entry_points.txt`` is the ``[project.entry-points]`` table of its ``pyproject.toml``."""
     shutil.copytree(EXAMPLE / 'thaw_example', root / 'thaw_example', ignore=shutil.ignore_patterns('__pycache__'))
-    info = root / f"{PROJECT['name'].replace('-', '_')}-{PROJECT['version']}.dist-info"
+    info = root / f'{PROJECT["name"].replace("-", "_")}-{PROJECT["version"]}.dist-info'
     info.mkdir()
-    (info / 'METADATA').write_text(
-        f"Metadata-Version: 2.1\nName: {PROJECT['name']}\nVersion: {PROJECT['version']}\n")
+    (info / 'METADATA').write_text(f'Metadata-Version: 2.1\nName: {PROJECT["name"]}\nVersion: {PROJECT["version"]}\n')
     lines = []
     for group, entries in PROJECT['entry-points'].items():
         lines += [f'[{group}]', *(f'{name} = {target}' for name, target in entries.items()), '']
@@ -49,9 +47,24 @@ def test_the_example_algorithm_passes_the_generated_conformance_suite(tmp_path):
     _install(tmp_path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get('PYTHONPATH')])))
     result = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', 'tests/conformance', '-m', 'not multiprocess',
-         '-k', NAME],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            '-m',
+            'pytest',
+            '-q',
+            '-p',
+            'no:cacheprovider',
+            'tests/conformance',
+            '-m',
+            'not multiprocess',
+            '-k',
+            NAME,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     output = result.stdout + result.stderr
     counts = _summary_counts(result.stdout)
@@ -100,8 +113,9 @@ def test_the_repr_of_a_registered_third_party_algorithm_evals_back(thaw_example,
     from algorithms import registry
     from algorithms.algorithm_state import eval_repr
 
-    point = EntryPoint(name=NAME, value=PROJECT['entry-points'][registry.ENTRY_POINT_GROUP][NAME],
-                       group=registry.ENTRY_POINT_GROUP)
+    point = EntryPoint(
+        name=NAME, value=PROJECT['entry-points'][registry.ENTRY_POINT_GROUP][NAME], group=registry.ENTRY_POINT_GROUP
+    )
     monkeypatch.setattr(registry, 'entry_points', lambda group: [point] if group == registry.ENTRY_POINT_GROUP else [])
     registry.algorithm_registry.cache_clear()
     try:

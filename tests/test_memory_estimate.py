@@ -31,12 +31,15 @@ CASES = [
 def _apply(model, optimizer, algorithm, options):
     if algorithm == 'lora_inject':
         from algorithms.lora_inject import apply_lora
+
         apply_lora(model, optimizer, **options)
     elif algorithm == 'regex_freeze':
         from algorithms.regex_freeze import apply_regex_freeze
+
         apply_regex_freeze(model, optimizer, **options)
     elif algorithm == 'layer_freezing':
         from algorithms.layer_freezing import freeze_layers
+
         freeze_layers(model, optimizer, 1.0, **options)
 
 
@@ -52,8 +55,11 @@ def test_prediction_equals_the_bytes_after_a_real_step(algorithm, options):
     measured = training_state_bytes(model, optimizer)
     predicted = estimate_training_state(spec_of(model), algorithm, options)
 
-    assert (predicted.param_bytes, predicted.grad_bytes, predicted.optimizer_state_bytes) == \
-        (measured.params, measured.grads, measured.optimizer_state)
+    assert (predicted.param_bytes, predicted.grad_bytes, predicted.optimizer_state_bytes) == (
+        measured.params,
+        measured.grads,
+        measured.optimizer_state,
+    )
     assert predicted.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -97,26 +103,34 @@ def test_a_local_config_json_with_overrides(tmp_path):
     spec = load_model_config(tmp_path, overrides={'n_layer': 3})
 
     assert spec.task == 'causal-lm' and spec.config.n_layer == 3
-    assert estimate_training_state(spec, 'full', optimizer='sgd').optimizer_state_bytes == \
-        estimate_training_state(spec, 'full').grad_bytes
+    assert (
+        estimate_training_state(spec, 'full', optimizer='sgd').optimizer_state_bytes
+        == estimate_training_state(spec, 'full').grad_bytes
+    )
 
 
-@pytest.mark.parametrize('source,fragment', [
-    ('no-such-model', "'minilm', 'tiny-decoder'"),
-    ({'hidden_size': 8}, "no 'model_type'"),
-])
+@pytest.mark.parametrize(
+    'source,fragment',
+    [
+        ('no-such-model', "'minilm', 'tiny-decoder'"),
+        ({'hidden_size': 8}, "no 'model_type'"),
+    ],
+)
 def test_unknown_model_configs_name_what_is_valid(source, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_model_config(source)
 
 
-@pytest.mark.parametrize('algorithm,options,fragment', [
-    ('no_such', {}, 'choose one of full'),
-    ('lora_inject', {'r': 0}, 'r=0'),
-    ('lora_inject', {'rank': 8}, 'rank'),
-    ('regex_freeze', {'trainable': ['lm_haed']}, 'lm_haed'),
-    ('full', {'r': 1}, 'takes no options'),
-])
+@pytest.mark.parametrize(
+    'algorithm,options,fragment',
+    [
+        ('no_such', {}, 'choose one of full'),
+        ('lora_inject', {'r': 0}, 'r=0'),
+        ('lora_inject', {'rank': 8}, 'rank'),
+        ('regex_freeze', {'trainable': ['lm_haed']}, 'lm_haed'),
+        ('full', {'r': 1}, 'takes no options'),
+    ],
+)
 def test_bad_algorithms_or_options_raise_config_error(algorithm, options, fragment):
     with pytest.raises(ConfigError, match=fragment):
         estimate_training_state('tiny-decoder', algorithm, options)
@@ -125,20 +139,34 @@ def test_bad_algorithms_or_options_raise_config_error(algorithm, options, fragme
 def test_cli_prints_one_row_per_algorithm(capsys):
     from algorithms.cli import main
 
-    code = main(['estimate', '--model-config', 'tiny-decoder', '--set', 'num_hidden_layers=2', '--algorithm', 'full',
-                 '--algorithm', 'lora_inject={r: 8, target_modules: [q_proj, v_proj]}'])
+    code = main(
+        [
+            'estimate',
+            '--model-config',
+            'tiny-decoder',
+            '--set',
+            'num_hidden_layers=2',
+            '--algorithm',
+            'full',
+            '--algorithm',
+            'lora_inject={r: 8, target_modules: [q_proj, v_proj]}',
+        ]
+    )
 
     out = capsys.readouterr().out
     assert code == 0
     assert '| full | 3,' in out and "| lora_inject(r=8, target_modules=['q_proj', 'v_proj']) |" in out
 
 
-@pytest.mark.parametrize('args', [
-    ['--model-config', 'llama-7b', '--algorithm', 'lora_inject={r: -1}'],
-    ['--model-config', 'llama-7b', '--algorithm', 'lora_inject=[1, 2]'],
-    ['--model-config', 'nowhere/config.json'],
-    ['--model-config', 'gpt2', '--dtype', 'float8'],
-])
+@pytest.mark.parametrize(
+    'args',
+    [
+        ['--model-config', 'llama-7b', '--algorithm', 'lora_inject={r: -1}'],
+        ['--model-config', 'llama-7b', '--algorithm', 'lora_inject=[1, 2]'],
+        ['--model-config', 'nowhere/config.json'],
+        ['--model-config', 'gpt2', '--dtype', 'float8'],
+    ],
+)
 def test_cli_invalid_input_exits_2_with_one_line(args, capsys):
     from algorithms.cli import main
 

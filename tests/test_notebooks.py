@@ -16,11 +16,23 @@ NOTEBOOKS = support.REPO / 'notebooks'
 def _execute(name: str) -> tuple[nbformat.NotebookNode, float]:
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     notebook.cells.insert(0, nbformat.v4.new_code_cell('import sys; print(sys.executable)'))
-    client = NotebookClient(notebook, kernel_name='python3', timeout=60, allow_errors=False,
-                            resources={'metadata': {'path': str(NOTEBOOKS)}})
+    client = NotebookClient(
+        notebook,
+        kernel_name='python3',
+        timeout=60,
+        allow_errors=False,
+        resources={'metadata': {'path': str(NOTEBOOKS)}},
+    )
     started = time.perf_counter()
-    client.execute(env={'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'OMP_NUM_THREADS': '1',
-                        'PYTHONWARNINGS': 'ignore', 'PYTHONPATH': str(support.REPO)})
+    client.execute(
+        env={
+            'HF_HUB_OFFLINE': '1',
+            'TRANSFORMERS_OFFLINE': '1',
+            'OMP_NUM_THREADS': '1',
+            'PYTHONWARNINGS': 'ignore',
+            'PYTHONPATH': str(support.REPO),
+        }
+    )
     return notebook, time.perf_counter() - started
 
 
@@ -37,5 +49,8 @@ def test_notebook_runs_offline_on_this_venv_in_under_a_minute(name):
     if name == 'quickstart.ipynb':
         assert 'LoRAInject' in _text(notebook.cells[-1]) and 'llama-7b' in _text(notebook.cells[-1])
     else:
-        assert any(output.get('output_type') == 'display_data' and 'image/png' in output.get('data', {})
-                   for cell in notebook.cells for output in cell.get('outputs', []))
+        assert any(
+            output.get('output_type') == 'display_data' and 'image/png' in output.get('data', {})
+            for cell in notebook.cells
+            for output in cell.get('outputs', [])
+        )

@@ -3,8 +3,15 @@
 import torch
 from torch import nn
 
-from algorithms.optimizer_surgery import (add_params, group_index_of, offload_state, optimizer_state_bytes,
-                                          remove_params, restore_state, training_state_bytes)
+from algorithms.optimizer_surgery import (
+    add_params,
+    group_index_of,
+    offload_state,
+    optimizer_state_bytes,
+    remove_params,
+    restore_state,
+    training_state_bytes,
+)
 
 
 def _trained_adamw():

@@ -4,8 +4,13 @@ import pytest
 from torch import nn
 
 from algorithms.models import minilm_classifier, tiny_decoder
-from algorithms.parameter_selection import (closest_names, find_repeated_blocks, parameter_aliases, split_into_units,
-                                            user_module)
+from algorithms.parameter_selection import (
+    closest_names,
+    find_repeated_blocks,
+    parameter_aliases,
+    split_into_units,
+    user_module,
+)
 
 
 def test_user_module_strips_composer_and_ddp_wrappers():
@@ -18,15 +23,23 @@ def test_user_module_strips_composer_and_ddp_wrappers():
 def test_minilm_units_follow_hift_order():
     units = split_into_units(user_module(minilm_classifier(num_labels=3)))
     assert [u.name for u in units] == ['bert.embeddings'] + [f'bert.encoder.layer.{i}' for i in range(6)] + [
-        'bert.pooler', 'classifier']
+        'bert.pooler',
+        'classifier',
+    ]
     assert [u.kind for u in units][:2] == ['embedding', 'block']
 
 
 def test_llama_units_and_every_parameter_in_exactly_one_unit():
     inner = user_module(tiny_decoder('llama', num_layers=3, hidden_size=16))
     units = split_into_units(inner)
-    assert [u.name for u in units] == ['model.embed_tokens', 'model.layers.0', 'model.layers.1', 'model.layers.2',
-                                       'model.norm', 'lm_head']
+    assert [u.name for u in units] == [
+        'model.embed_tokens',
+        'model.layers.0',
+        'model.layers.1',
+        'model.layers.2',
+        'model.norm',
+        'lm_head',
+    ]
     names = [n for u in units for n in u.parameter_names]
     assert sorted(names) == sorted(dict(inner.named_parameters()))
 

@@ -12,5 +12,5 @@ def test_readme_python_example_trains():
     shortened = example.replace("max_duration='2ep'", "max_duration='2ba'")
     assert shortened != example
     namespace: dict = {}
-    exec(compile(shortened, 'README.md', 'exec'), namespace)  # noqa: S102 - our own documentation
+    exec(compile(shortened, 'README.md', 'exec'), namespace)
     assert int(namespace['trainer'].state.timestamp.batch) == 2

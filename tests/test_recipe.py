@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import REPO, run_thaw
 
 from algorithms.cli import EXIT_INVALID, main
 from algorithms.config_validation import ConfigError
 from algorithms.recipe import Recipe, load_recipe, recipe_from_mapping, recipe_to_mapping
-from support import REPO, run_thaw
 
 RECIPES = sorted((REPO / 'yamls').glob('*.yaml'))
 
@@ -34,21 +34,37 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 BAD_RECIPES = {
-    'misspelled algorithm': ('algorithms: {gradient_cliping: {}}', 'algorithms.gradient_cliping',
-                             "Did you mean 'gradient_clipping'"),
-    'missing model path': ('model: {name: hf, path: /nowhere/model}', 'model.path', 'expected a directory containing config.json'),
+    'misspelled algorithm': (
+        'algorithms: {gradient_cliping: {}}',
+        'algorithms.gradient_cliping',
+        "Did you mean 'gradient_clipping'",
+    ),
+    'missing model path': (
+        'model: {name: hf, path: /nowhere/model}',
+        'model.path',
+        'expected a directory containing config.json',
+    ),
     'string for a number': ('optimizer: {lr: fast}', 'optimizer.lr', 'expected a number (float)'),
     'unknown top-level key': ('max_durration: 1ep', 'max_durration', "did you mean 'max_duration'"),
-    'bad algorithm option type': ('algorithms: {gradient_clipping: {clipping_type: norm, clipping_threshold: high}}',
-                                  'algorithms.gradient_clipping.clipping_threshold', 'expected a number'),
+    'bad algorithm option type': (
+        'algorithms: {gradient_clipping: {clipping_type: norm, clipping_threshold: high}}',
+        'algorithms.gradient_clipping.clipping_threshold',
+        'expected a number',
+    ),
     'bad duration': ('max_duration: forever', 'max_duration', "Composer time string such as '2ep'"),
     'unknown logger': ('loggers: {slack: {}}', 'loggers.slack', 'valid loggers: console, file'),
     'missing checkpoint': ('load_path: /nowhere/ckpt.pt', 'load_path', 'no checkpoint file there'),
     'model and data mismatch': ('model: {name: tiny-decoder}', 'data.name', "use data.name 'python-topics'"),
-    'misspelled FSDP2 option': ('parallelism: {fsdp: {state_dict_typ: full}}', 'parallelism.fsdp.state_dict_typ',
-                                "did you mean 'state_dict_type'"),
-    'unknown checkpoint format': ('parallelism: {fsdp: {state_dict_type: local}}', 'parallelism.fsdp.state_dict_type',
-                                  "one of 'sharded', 'full'"),
+    'misspelled FSDP2 option': (
+        'parallelism: {fsdp: {state_dict_typ: full}}',
+        'parallelism.fsdp.state_dict_typ',
+        "did you mean 'state_dict_type'",
+    ),
+    'unknown checkpoint format': (
+        'parallelism: {fsdp: {state_dict_type: local}}',
+        'parallelism.fsdp.state_dict_type',
+        "one of 'sharded', 'full'",
+    ),
 }
 if not torch.cuda.is_available():
     BAD_RECIPES['gpu without CUDA'] = ('device: gpu', 'device', 'no CUDA device is visible')
@@ -100,9 +116,17 @@ def test_freeze_preview_of_a_pattern_that_matches_nothing_exits_2(capsys):
 def test_resuming_without_the_checkpoints_algorithm_is_refused_by_name(tmp_path, capsys):
     from algorithms.training import run_recipe
 
-    decoder = ['model.name=tiny-decoder', 'data.name=python-topics', 'data.max_seq_len=32', 'max_duration=2ba',
-               'global_train_batch_size=4', 'data.max_train_samples=16', 'data.max_eval_samples=4',
-               'progress_bar=false', 'algorithms={regex_freeze: {trainable: [lm_head]}}']
+    decoder = [
+        'model.name=tiny-decoder',
+        'data.name=python-topics',
+        'data.max_seq_len=32',
+        'max_duration=2ba',
+        'global_train_batch_size=4',
+        'data.max_train_samples=16',
+        'data.max_eval_samples=4',
+        'progress_bar=false',
+        'algorithms={regex_freeze: {trainable: [lm_head]}}',
+    ]
     run_recipe(load_recipe(REPO / 'yamls/demo.yaml', decoder + [f'save_folder={tmp_path}', 'save_interval=2ba']))
     checkpoint = tmp_path / 'ep0-ba2-rank0.pt'
     resume = [o.replace('algorithms={regex_freeze: {trainable: [lm_head]}}', 'algorithms={}') for o in decoder]
@@ -140,4 +164,4 @@ def test_version_is_the_installed_distributions(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(['--version'])
     assert exit_info.value.code == 0
-    assert capsys.readouterr().out.strip() == f"thaw (composer-thaw) {version('composer-thaw')}"
+    assert capsys.readouterr().out.strip() == f'thaw (composer-thaw) {version("composer-thaw")}'

@@ -45,7 +45,9 @@ def test_unknown_option_lists_the_valid_ones():
 
 
 def test_entry_points_extend_the_registry(monkeypatch):
-    point = EntryPoint(name='my_clipping', value='composer.algorithms:GradientClipping', group=registry.ENTRY_POINT_GROUP)
+    point = EntryPoint(
+        name='my_clipping', value='composer.algorithms:GradientClipping', group=registry.ENTRY_POINT_GROUP
+    )
 
     def fake_entry_points(group):
         return [point] if group == registry.ENTRY_POINT_GROUP else []

@@ -1,13 +1,19 @@
 """A recipe trains end to end under Composer and reports what it cost."""
 
 import pytest
+from support import REPO
 
 from algorithms.recipe import load_recipe
 from algorithms.training import format_summary, run_recipe
-from support import REPO
 
-SMALL = ['max_duration=4ba', 'global_train_batch_size=8', 'eval_batch_size=32', 'data.max_train_samples=64',
-         'data.max_eval_samples=32', 'progress_bar=false']
+SMALL = [
+    'max_duration=4ba',
+    'global_train_batch_size=8',
+    'eval_batch_size=32',
+    'data.max_train_samples=64',
+    'data.max_eval_samples=32',
+    'progress_bar=false',
+]
 
 
 def test_demo_recipe_runs_end_to_end_and_summarizes(tmp_path):
@@ -23,15 +29,26 @@ def test_demo_recipe_runs_end_to_end_and_summarizes(tmp_path):
     assert 0.0 <= summary.eval_metrics['eval/MulticlassAccuracy'] <= 1.0
     assert summary.samples_per_second > 0 and summary.peak_memory_bytes > summary.training_state_bytes
     table = format_summary(summary)
-    for row in ('total parameters', 'trainable parameters', 'training-state bytes', 'peak memory', 'samples/s',
-                'eval/MulticlassAccuracy', 'majority-class rate'):
+    for row in (
+        'total parameters',
+        'trainable parameters',
+        'training-state bytes',
+        'peak memory',
+        'samples/s',
+        'eval/MulticlassAccuracy',
+        'majority-class rate',
+    ):
         assert row in table
     assert (tmp_path / 's.json').exists()
 
 
 def test_decoder_recipe_trains_and_reports_perplexity():
-    summary = run_recipe(load_recipe(REPO / 'yamls/demo.yaml', SMALL + [
-        'model.name=tiny-decoder', 'data.name=python-topics', 'data.max_seq_len=32', 'algorithms={}']))
+    summary = run_recipe(
+        load_recipe(
+            REPO / 'yamls/demo.yaml',
+            SMALL + ['model.name=tiny-decoder', 'data.name=python-topics', 'data.max_seq_len=32', 'algorithms={}'],
+        )
+    )
     assert summary.eval_metrics['eval/LanguagePerplexity'] > 1.0
 
 
@@ -42,8 +59,9 @@ def _run_two_processes(recipe: str, overrides: list[str], tmp_path) -> dict:
     from support import run_thaw
 
     summary_path = tmp_path / 'summary.json'
-    result = run_thaw('run', recipe, '--nproc', '2', *[f'--set={o}' for o in overrides],
-                      f'--set=summary_path={summary_path}')
+    result = run_thaw(
+        'run', recipe, '--nproc', '2', *[f'--set={o}' for o in overrides], f'--set=summary_path={summary_path}'
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(summary_path.read_text())
     assert summary['world_size'] == 2
@@ -59,8 +77,14 @@ def test_two_processes_split_data_and_end_with_identical_parameters(tmp_path):
 
 @pytest.mark.multiprocess
 def test_a_sharded_recipe_holds_half_of_each_tensor_per_process(tmp_path):
-    reduced = ['max_duration=2ba', 'global_train_batch_size=4', 'data.max_train_samples=16',
-               'data.max_eval_samples=8', 'eval_interval=2ba', 'progress_bar=false']
+    reduced = [
+        'max_duration=2ba',
+        'global_train_batch_size=4',
+        'data.max_train_samples=16',
+        'data.max_eval_samples=8',
+        'eval_interval=2ba',
+        'progress_bar=false',
+    ]
     sharded = _run_two_processes('yamls/sharded_decoder.yaml', reduced, tmp_path)
     # fp32, and every dim 0 of this model is even: half of each tensor per process
     assert sharded['param_bytes'] * 2 == 4 * sharded['total_params']
@@ -70,9 +94,18 @@ def test_a_sharded_recipe_holds_half_of_each_tensor_per_process(tmp_path):
 
 
 def test_a_resumed_recipe_replays_the_data_and_ends_bit_identical(tmp_path):
-    decoder = ['model.name=tiny-decoder', 'data.name=python-topics', 'data.max_seq_len=32', 'algorithms={}',
-               'max_duration=6ba', 'global_train_batch_size=4', 'data.max_train_samples=40', 'data.max_eval_samples=8',
-               'progress_bar=false', 'eval_interval=100ba']
+    decoder = [
+        'model.name=tiny-decoder',
+        'data.name=python-topics',
+        'data.max_seq_len=32',
+        'algorithms={}',
+        'max_duration=6ba',
+        'global_train_batch_size=4',
+        'data.max_train_samples=40',
+        'data.max_eval_samples=8',
+        'progress_bar=false',
+        'eval_interval=100ba',
+    ]
     straight = run_recipe(load_recipe(REPO / 'yamls/demo.yaml', decoder))
     run_recipe(load_recipe(REPO / 'yamls/demo.yaml', decoder + [f'save_folder={tmp_path}', 'save_interval=2ba']))
     resumed = run_recipe(load_recipe(REPO / 'yamls/demo.yaml', decoder + [f'load_path={tmp_path}/ep0-ba4-rank0.pt']))
@@ -81,8 +114,15 @@ def test_a_resumed_recipe_replays_the_data_and_ends_bit_identical(tmp_path):
 
 
 RECIPES = sorted((REPO / 'yamls').glob('*.yaml'))
-REDUCED = ['max_duration=2ba', 'global_train_batch_size=4', 'eval_batch_size=8', 'data.max_train_samples=16',
-           'data.max_eval_samples=8', 'eval_interval=2ba', 'progress_bar=false']
+REDUCED = [
+    'max_duration=2ba',
+    'global_train_batch_size=4',
+    'eval_batch_size=8',
+    'data.max_train_samples=16',
+    'data.max_eval_samples=8',
+    'eval_interval=2ba',
+    'progress_bar=false',
+]
 
 
 @pytest.mark.parametrize('path', RECIPES, ids=[p.stem for p in RECIPES])

@@ -1,4 +1,4 @@
-"""HiFTRotation: hierarchical full-parameter fine-tuning, one group of units per step, inactive optimizer state offloaded.
+"""HiFTRotation: hierarchical full-parameter fine-tuning, one group of units per step, the rest's state offloaded.
 
 Example:
     >>> from algorithms.hift_rotation import HiFTRotation, rotation_preview

@@ -1,4 +1,4 @@
-"""HiFT: hierarchical full-parameter fine-tuning, one group of units trained per step, the others' optimizer state offloaded.
+"""HiFT: hierarchical full-parameter fine-tuning, one group of units trained per step, the others' state offloaded.
 
 :class:`GroupRotation` is the functional core and works in any training loop; :class:`HiFTRotation` is the
 Composer algorithm around it.
@@ -19,7 +19,8 @@ Example (Composer):
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Literal, Optional, Union
 
 import torch
 from composer.core import Algorithm, Event, State
@@ -75,8 +76,7 @@ def _check_int(name: str, value: Any, minimum: int, meaning: str) -> None:
 def _check_list(name: str, value: Any, item_type: type, meaning: str) -> None:
     if value is None:
         return
-    if not isinstance(value, (list, tuple)) or any(
-            isinstance(v, bool) or not isinstance(v, item_type) for v in value):
+    if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, item_type) for v in value):
         raise TypeError(f'{name}={value!r} must be None or a list of {item_type.__name__} ({meaning}).')
 
 
@@ -125,7 +125,7 @@ def _check_lora(root: nn.Module, lora: bool) -> None:
 
 
 class GroupRotation:
-    """Train one group of units per optimizer step, rotating HiFT's queue; inactive groups' state lives off the optimizer.
+    """Train one group of units per optimizer step, rotating HiFT's queue; inactive groups' state is offloaded.
 
     Construction checks everything against the model first (on error nothing is changed), then freezes all but the
     first group: inactive parameters stop requiring grad, lose their gradient and (with ``offload``) their
@@ -166,8 +166,9 @@ class GroupRotation:
         lr_per_pass: bool = False,
         seed: int = 0,
     ):
-        check_rotation_options(group_size, strategy, steps_per_group, freeze, always_trainable, groups, lora, offload,
-                               lr_per_pass)
+        check_rotation_options(
+            group_size, strategy, steps_per_group, freeze, always_trainable, groups, lora, offload, lr_per_pass
+        )
         found = single_optimizer(optimizer)
         if found is None:
             raise ValueError('HiFT rotation needs the optimizer that trains the model; got none.')
@@ -246,7 +247,7 @@ class GroupRotation:
             param.requires_grad_(True)
 
     def before_step(self) -> None:
-        """Call once per optimizer step, before its first forward pass: switch groups when due, hold the learning rate."""
+        """Call once per optimizer step, before its first forward pass: switch groups when due, hold the lr."""
         if self.steps_started > 0 and self.steps_started % self.steps_per_group == 0:
             self._switch()
         else:
@@ -450,8 +451,9 @@ class HiFTRotation(ConfigRepr, Algorithm):
         offload: bool = True,
         lr_per_pass: bool = False,
     ):
-        check_rotation_options(group_size, strategy, steps_per_group, freeze, always_trainable, groups, lora, offload,
-                               lr_per_pass)
+        check_rotation_options(
+            group_size, strategy, steps_per_group, freeze, always_trainable, groups, lora, offload, lr_per_pass
+        )
         self.group_size = group_size
         self.strategy = strategy
         self.steps_per_group = steps_per_group
@@ -482,8 +484,17 @@ class HiFTRotation(ConfigRepr, Algorithm):
             if self.rotation is not None:
                 self.rotation.close()
             self.rotation = GroupRotation(
-                state.model, state.optimizers, self.group_size, self.strategy, self.steps_per_group, self.freeze,
-                self.always_trainable, self.groups, self.lora, self.offload, self.lr_per_pass,
+                state.model,
+                state.optimizers,
+                self.group_size,
+                self.strategy,
+                self.steps_per_group,
+                self.freeze,
+                self.always_trainable,
+                self.groups,
+                self.lora,
+                self.offload,
+                self.lr_per_pass,
                 seed=state.rank_zero_seed,
             )
             if self._pending_state is not None:

@@ -9,7 +9,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -43,22 +44,28 @@ def rotation_preview(
     named = dict(user_module(model).named_parameters())
     sizes = [sum(named[n].numel() for n in unit.parameter_names) for unit in plan.units]
     total = sum(sizes)
-    bytes_per = [sum(2 * named[n].numel() * named[n].element_size() for n in unit.parameter_names) for unit in plan.units]
-    role = {i: 'rotates' for i in plan.rotating}
-    role.update({i: 'frozen' for i in plan.frozen})
-    role.update({i: 'always trainable' for i in plan.always})
+    bytes_per = [
+        sum(2 * named[n].numel() * named[n].element_size() for n in unit.parameter_names) for unit in plan.units
+    ]
+    role = dict.fromkeys(plan.rotating, 'rotates')
+    role.update(dict.fromkeys(plan.frozen, 'frozen'))
+    role.update(dict.fromkeys(plan.always, 'always trainable'))
     width = max(len(unit.name) for unit in plan.units)
     lines = [f'{"index":>5}  {"unit":<{width}}  {"params":>12}  {"share":>6}  {"Adam state":>11}  role']
     for i, unit in enumerate(plan.units):
-        lines.append(f'{i:>5}  {unit.name:<{width}}  {sizes[i]:>12,}  {sizes[i] / total:>6.1%}  '
-                     f'{bytes_per[i] / 2**20:>8.2f} MiB  {role[i]}')
+        lines.append(
+            f'{i:>5}  {unit.name:<{width}}  {sizes[i]:>12,}  {sizes[i] / total:>6.1%}  '
+            f'{bytes_per[i] / 2**20:>8.2f} MiB  {role[i]}'
+        )
     lines.append(f'{"":>5}  {"total":<{width}}  {total:>12,}')
     queue = GroupQueue(plan.rotating, group_size, strategy)
     always = sum(sizes[i] for i in plan.always)
     lines.append('')
     if strategy == 'random':
-        lines.append(f'strategy random: {plan.groups_per_pass} groups of {group_size} units per pass, a new order '
-                     'every pass (seeded by the run).')
+        lines.append(
+            f'strategy random: {plan.groups_per_pass} groups of {group_size} units per pass, a new order '
+            'every pass (seeded by the run).'
+        )
         return '\n'.join(lines)
     largest = 0
     for pass_index in range(passes):
@@ -67,7 +74,9 @@ def rotation_preview(
             group, _ = queue.next_group()
             share = sum(sizes[i] for i in group) + always
             largest = max(largest, share)
-            lines.append(f'  group {step + 1}: {", ".join(plan.units[i].name for i in group)}'
-                         f'  ({share / total:.1%} of the parameters train)')
+            lines.append(
+                f'  group {step + 1}: {", ".join(plan.units[i].name for i in group)}'
+                f'  ({share / total:.1%} of the parameters train)'
+            )
     lines.append(f'largest trainable share: {largest / total:.1%} (optimizer state resident at most this share)')
     return '\n'.join(lines)

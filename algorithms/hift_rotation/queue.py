@@ -16,7 +16,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -59,8 +60,8 @@ class GroupQueue:
             if self.strategy == 'random':
                 order = torch.randperm(len(self.units), generator=self.generator).tolist()
                 self.queue = [self.units[i] for i in order]
-        group = tuple(self.queue[:self.group_size])
-        self.queue = self.queue[self.group_size:] + list(group)
+        group = tuple(self.queue[: self.group_size])
+        self.queue = self.queue[self.group_size :] + list(group)
         self.switches_in_pass += 1
         return group, new_pass
 
@@ -70,8 +71,8 @@ class GroupQueue:
         queue = list(self.queue)
         groups = []
         for _ in range(self.groups_per_pass):
-            groups.append(tuple(queue[:self.group_size]))
-            queue = queue[self.group_size:] + queue[:self.group_size]
+            groups.append(tuple(queue[: self.group_size]))
+            queue = queue[self.group_size :] + queue[: self.group_size]
         return groups
 
     def state_dict(self) -> dict[str, Any]:
@@ -85,7 +86,7 @@ class GroupQueue:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         queue = [int(i) for i in state['queue']]
         if sorted(queue) != sorted(self.units):
-            raise ValueError(f'The checkpoint queue {queue} does not hold this rotation\'s units {list(self.units)}.')
+            raise ValueError(f"The checkpoint queue {queue} does not hold this rotation's units {list(self.units)}.")
         self.queue = queue
         self.switches_in_pass = int(state['switches_in_pass'])
         self.passes = int(state['passes'])

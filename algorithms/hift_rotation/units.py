@@ -19,8 +19,9 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -35,7 +36,8 @@ def trainable_parameters(root: nn.Module, optimizer: Optional[torch.optim.Optimi
     """Parameters of ``root`` that train now: ``requires_grad`` and, if ``optimizer`` is given, in its param groups."""
     in_optimizer = group_index_of(optimizer) if optimizer is not None else None
     return {
-        name: param for name, param in named_parameters(root).items()
+        name: param
+        for name, param in named_parameters(root).items()
         if param.requires_grad and (in_optimizer is None or id(param) in in_optimizer)
     }
 
@@ -64,7 +66,8 @@ def _units_from_patterns(names: Sequence[str], patterns: Sequence[str]) -> list[
             )
     if unmatched:
         raise ValueError(
-            f'{len(unmatched)} trainable parameter(s) match no groups entry and would never train, e.g. {unmatched[:3]}. '
+            f'{len(unmatched)} trainable parameter(s) match no groups entry and would never train, '
+            f'e.g. {unmatched[:3]}. '
             "Add a pattern for them (a last entry '.*' collects the rest); to keep a unit out of training, list it and "
             'name its index in `freeze`.',
         )
@@ -111,7 +114,7 @@ def rotation_units(
 
 @dataclass(frozen=True)
 class RotationPlan:
-    """The units and their roles: ``rotating`` (in model order), ``frozen`` (never train), ``always`` (train every step)."""
+    """The units and their roles: ``rotating`` (in model order), ``frozen`` (never train), ``always`` (every step)."""
 
     units: tuple[ModelUnit, ...]
     rotating: tuple[int, ...]
@@ -167,7 +170,9 @@ def plan_rotation(
         try:
             regex = re.compile(pattern)
         except re.error as error:
-            raise ValueError(f'always_trainable entry {pattern!r} is not a valid regular expression: {error}.') from None
+            raise ValueError(
+                f'always_trainable entry {pattern!r} is not a valid regular expression: {error}.'
+            ) from None
         matched = {i for i, unit in enumerate(units) if regex.search(unit.name)}
         if not matched:
             raise ValueError(

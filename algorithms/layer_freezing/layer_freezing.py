@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Optional, Union
 
 import torch
 from composer.core import Algorithm, Event, State, TimeUnit
@@ -54,7 +55,7 @@ _STATE_VERSION = 1
 
 
 def linear_schedule(elapsed: float, freeze_start: float, freeze_level: float) -> float:
-    """Composer's schedule: nothing until ``freeze_start``, then linear up to ``freeze_level`` at the end of training."""
+    """Composer's schedule: nothing until ``freeze_start``, then linear up to ``freeze_level`` at the end."""
     if elapsed <= freeze_start:
         return 0.0
     return freeze_level * ((elapsed - freeze_start) / (1.0 - freeze_start))
@@ -77,7 +78,8 @@ def _check_arguments(freeze_start: Any, freeze_level: Any, granularity: Any, sch
         )
     if schedule is not None and not callable(schedule):
         raise TypeError(
-            f'schedule={schedule!r} must be None (linear) or a callable (elapsed, freeze_start, freeze_level) -> fraction.',
+            f'schedule={schedule!r} must be None (linear) or a callable '
+            '(elapsed, freeze_start, freeze_level) -> fraction.',
         )
 
 
@@ -130,7 +132,8 @@ def freeze_layers(
     """
     _check_arguments(freeze_start, freeze_level, granularity, schedule)
     freeze_depth, freeze_percentage, _ = _freeze_by_schedule(
-        model, optimizers, current_duration, freeze_start, freeze_level, granularity, schedule)
+        model, optimizers, current_duration, freeze_start, freeze_level, granularity, schedule
+    )
     return freeze_depth, freeze_percentage
 
 
@@ -153,7 +156,12 @@ def _freeze_by_schedule(
     freeze_units(root, optimizers, units[:freeze_depth])
     log.info(
         'Layer freezing (freeze_start=%s, freeze_level=%s): %d of %d %s units frozen (%.1f%%).',
-        freeze_start, freeze_level, freeze_depth, len(units), granularity, freeze_percentage * 100,
+        freeze_start,
+        freeze_level,
+        freeze_depth,
+        len(units),
+        granularity,
+        freeze_percentage * 100,
     )
     return freeze_depth, freeze_percentage, units
 
@@ -222,7 +230,9 @@ class LayerFreezing(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            refuse_duplicates(self, state.algorithms, 'give one LayerFreezing (its schedule decides everything frozen).')
+            refuse_duplicates(
+                self, state.algorithms, 'give one LayerFreezing (its schedule decides everything frozen).'
+            )
             refuse_fsdp1(state, 'LayerFreezing')
             # Find the units now, so a model that cannot be frozen fails before training; keep the state so that
             # load_state_dict (which only receives the checkpoint) can re-freeze the model before the optimizer loads.
@@ -250,15 +260,20 @@ class LayerFreezing(ConfigRepr, Algorithm):
         )
         self._units_frozen = max(self._units_frozen, freeze_depth)
         model = user_module(state.model)
-        logger.log_metrics({
-            'layer_freezing/layers_frozen': freeze_depth,
-            'layer_freezing/percentage_frozen': freeze_percentage,
-            'layer_freezing/trainable_params': sum(p.numel() for p in model.parameters() if p.requires_grad),
-            'layer_freezing/optimizer_state_bytes': sum(optimizer_state_bytes(o) for o in ensure_tuple(state.optimizers)),
-        })
+        logger.log_metrics(
+            {
+                'layer_freezing/layers_frozen': freeze_depth,
+                'layer_freezing/percentage_frozen': freeze_percentage,
+                'layer_freezing/trainable_params': sum(p.numel() for p in model.parameters() if p.requires_grad),
+                'layer_freezing/optimizer_state_bytes': sum(
+                    optimizer_state_bytes(o) for o in ensure_tuple(state.optimizers)
+                ),
+            }
+        )
 
     def _elapsed(self, state: State) -> float:
-        """Elapsed fraction of training; within an epoch too when ``max_duration`` is in epochs and freezing is per batch."""
+        """Elapsed fraction of training; within an epoch too when ``max_duration`` is in epochs and freezing is per
+        batch."""
         max_duration = state.max_duration
         if max_duration is None:
             raise RuntimeError('LayerFreezing needs the trainer to have a max_duration.')
@@ -271,14 +286,14 @@ class LayerFreezing(ConfigRepr, Algorithm):
             'repr': repr(self),
             STATE_VERSION_KEY: _STATE_VERSION,
             'granularity': self.granularity,
-            'frozen_units': [unit.name for unit in self._units[:self._units_frozen]],
+            'frozen_units': [unit.name for unit in self._units[: self._units_frozen]],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_version(type(self).__name__, state, _STATE_VERSION)
         if state.get('granularity', self.granularity) != self.granularity:
             raise ValueError(
-                f"The checkpoint froze units at granularity={state['granularity']!r}, but this LayerFreezing has "
+                f'The checkpoint froze units at granularity={state["granularity"]!r}, but this LayerFreezing has '
                 f'granularity={self.granularity!r}; use the same granularity to resume.',
             )
         frozen = list(state.get('frozen_units', []))
@@ -291,11 +306,11 @@ class LayerFreezing(ConfigRepr, Algorithm):
         """Freeze the units a checkpoint recorded; they must be a prefix of this model's freezable units."""
         assert self._state is not None
         self._units = freezable_units(user_module(self._state.model), self.granularity)  # after any INIT surgery
-        expected = [unit.name for unit in self._units[:len(unit_names)]]
+        expected = [unit.name for unit in self._units[: len(unit_names)]]
         if unit_names != expected:
             raise ValueError(
                 f'The checkpoint froze units {unit_names}, but the first freezable units of this model are {expected}; '
                 'resume with the same model and granularity.',
             )
-        freeze_units(user_module(self._state.model), self._state.optimizers, self._units[:len(unit_names)])
+        freeze_units(user_module(self._state.model), self._state.optimizers, self._units[: len(unit_names)])
         self._units_frozen = max(self._units_frozen, len(unit_names))

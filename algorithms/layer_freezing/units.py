@@ -23,8 +23,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -96,8 +97,11 @@ def freezable_units(model: nn.Module, granularity: Granularity = 'leaf') -> list
     else:
         raise ValueError(f'granularity={granularity!r} is not supported; choose one of {list(GRANULARITIES)}.')
     if len(units) < 2:
-        what = ('the embeddings and each repeated block' if granularity == 'block' else
-                'the modules holding parameters, except the last one (never frozen)')
+        what = (
+            'the embeddings and each repeated block'
+            if granularity == 'block'
+            else 'the modules holding parameters, except the last one (never frozen)'
+        )
         raise ValueError(
             f'{type(model).__name__} has {len(units)} freezable unit(s) at granularity={granularity!r} '
             f'({[u.name for u in units]}); layer freezing needs at least 2. Units are {what}. '

@@ -24,8 +24,8 @@ from typing import Any, Literal, Optional, Union, get_args
 __all__ = [
     'ALL_LINEAR',
     'DEFAULT_TARGET_MODULES',
-    'InitMethod',
     'BiasMode',
+    'InitMethod',
     'LoRAConfig',
     'pattern_value',
 ]
@@ -163,8 +163,11 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         _check_rank('r', self.r)
         _check_positive_number('lora_alpha', self.lora_alpha, 'lora_alpha')
-        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or not (
-                0 <= self.lora_dropout < 1):
+        if (
+            isinstance(self.lora_dropout, bool)
+            or not isinstance(self.lora_dropout, (int, float))
+            or not (0 <= self.lora_dropout < 1)
+        ):
             raise ValueError(f'lora_dropout={self.lora_dropout!r} is invalid: it must be a number in [0, 1).')
         targets = self.target_modules
         if isinstance(targets, str):
@@ -181,8 +184,11 @@ class LoRAConfig:
         layers = self.layers_to_transform
         if layers is not None:
             indices = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
-            if not isinstance(indices, list) or not indices or not all(
-                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+            if (
+                not isinstance(indices, list)
+                or not indices
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices)
+            ):
                 raise ValueError(
                     f'layers_to_transform={layers!r} is invalid: give a block index or a non-empty list of block '
                     'indices (integers >= 0).',
@@ -212,13 +218,19 @@ class LoRAConfig:
         _check_bool('use_dora', self.use_dora)
         _check_choice('init', self.init, InitMethod)
         _check_choice('bias', self.bias, BiasMode)
-        if self.modules_to_save is not None and (not isinstance(self.modules_to_save, list) or not all(
-                isinstance(m, str) and m for m in self.modules_to_save)):
+        if self.modules_to_save is not None and (
+            not isinstance(self.modules_to_save, list)
+            or not all(isinstance(m, str) and m for m in self.modules_to_save)
+        ):
             raise ValueError(f'modules_to_save={self.modules_to_save!r} is invalid: give a list of module names.')
         for pattern, slices in self.enable_slices.items():
             _check_regex(f'enable_slices[{pattern!r}]', pattern)
-            if not isinstance(slices, list) or len(slices) < 2 or not all(isinstance(s, bool) for s in slices) or \
-                    not any(slices):
+            if (
+                not isinstance(slices, list)
+                or len(slices) < 2
+                or not all(isinstance(s, bool) for s in slices)
+                or not any(slices)
+            ):
                 raise ValueError(
                     f'enable_slices[{pattern!r}]={slices!r} is invalid: give one boolean per slice (at least two), '
                     'with at least one True, e.g. [True, False, True] for query and value of a fused qkv.',

@@ -87,7 +87,9 @@ def check_not_peft(model: nn.Module, root: nn.Module) -> None:
 
 
 def output_head_names(root: nn.Module) -> set[str]:
-    """Names of output heads that ``'all-linear'`` leaves out: the LM head, or a classifier's ``score``/``classifier``."""
+    """Names of output heads that ``'all-linear'`` leaves out: the LM head, or a classifier's ``score``/``classifier``
+    (PEFT's ``'all-linear'`` leaves out the output layer too).
+    """
     heads = set()
     get_output = getattr(root, 'get_output_embeddings', None)
     output = get_output() if callable(get_output) else None
@@ -134,9 +136,11 @@ def _resolve_targets(root: nn.Module, config: LoRAConfig, candidates: dict[str, 
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         heads = output_head_names(root)
         names = [
-            name for name, module in candidates.items()
-            if (isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d_transposed(module)) and name not in heads and
-            not matches_name(name, saved)
+            name
+            for name, module in candidates.items()
+            if (isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d_transposed(module))
+            and name not in heads
+            and not matches_name(name, saved)
         ]
         if not names:
             raise ValueError(f"target_modules='{ALL_LINEAR}' found no linear layer in {type(root).__name__}.")
@@ -240,9 +244,13 @@ def plan_injection(root: nn.Module, config: LoRAConfig) -> InjectionPlan:
     for name in _resolve_targets(root, config, candidates):
         module = candidates[name]
         r, alpha, slices = config.rank_of(name), config.alpha_of(name), config.slices_of(name)
-        if isinstance(module, LoRALayer) and (module.r, module.lora_alpha, module.use_dora, module.use_rslora,
-                                              getattr(module, 'enabled_slices', None)) == (
-                                                  r, alpha, config.use_dora, config.use_rslora, slices):
+        if isinstance(module, LoRALayer) and (
+            module.r,
+            module.lora_alpha,
+            module.use_dora,
+            module.use_rslora,
+            getattr(module, 'enabled_slices', None),
+        ) == (r, alpha, config.use_dora, config.use_rslora, slices):
             continue
         layer_class = _check_target(name, module, config, r, slices)
         targets.append(AdapterTarget(name, layer_class, r, alpha, slices))

@@ -23,7 +23,8 @@ takes it out again, exact up to the rounding of the weight's dtype.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,9 @@ def is_conv1d_transposed(module: nn.Module) -> bool:
 def is_quantized(module: nn.Module) -> bool:
     """Whether ``module``'s weight is stored quantized (bitsandbytes 4/8-bit): it can be adapted, not merged."""
     weight = getattr(module, 'weight', None)
-    return weight is not None and (not weight.dtype.is_floating_point or type(module).__name__ in (
-        'Linear4bit', 'Linear8bitLt'))
+    return weight is not None and (
+        not weight.dtype.is_floating_point or type(module).__name__ in ('Linear4bit', 'Linear8bitLt')
+    )
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -156,7 +158,8 @@ class LoRALayer(nn.Module):
         """A new tensor: the base weight with the adapter folded in (the layer itself is not changed)."""
         if is_quantized(self.base_layer):
             raise NotImplementedError(
-                f'Cannot merge into the quantized {type(self.base_layer).__name__}: dequantize the base first.')
+                f'Cannot merge into the quantized {type(self.base_layer).__name__}: dequantize the base first.'
+            )
         weight = self.base_layer.weight
         delta = self.delta_weight().to(weight.dtype)
         if not self.use_dora:
@@ -174,7 +177,8 @@ class LoRALayer(nn.Module):
         if self.use_dora:
             delta = self.delta_weight().to(weight.dtype)
             self._merge_factor = self._as_weight_factor(self.lora_magnitude / self._column_norm(weight + delta)).to(
-                weight.dtype)
+                weight.dtype
+            )
         weight.copy_(merged)
         self.merged = True
 
@@ -227,7 +231,8 @@ class LoRALinear(LoRALayer):
             if out_features % len(self.enabled_slices):
                 raise ValueError(
                     f'enabled_slices={list(self.enabled_slices)} splits {out_features} output features into '
-                    f'{len(self.enabled_slices)} slices, which does not divide evenly.')
+                    f'{len(self.enabled_slices)} slices, which does not divide evenly.'
+                )
             self.slice_size = out_features // len(self.enabled_slices)
             enabled = sum(self.enabled_slices)
             a_shape, b_shape = (enabled * r, in_features), (enabled * self.slice_size, r)
@@ -260,9 +265,9 @@ class LoRALinear(LoRALayer):
         weight = self.base_layer.weight
         full = self._weight_out_in(weight.to(torch.float32))
         u, s, vh = torch.linalg.svd(full, full_matrices=False)
-        root = torch.sqrt(s[:self.r] / self.scaling)
-        self.lora_A.copy_(root[:, None] * vh[:self.r])
-        self.lora_B.copy_(u[:, :self.r] * root[None, :])
+        root = torch.sqrt(s[: self.r] / self.scaling)
+        self.lora_A.copy_(root[:, None] * vh[: self.r])
+        self.lora_B.copy_(u[:, : self.r] * root[None, :])
         residual = full - self.scaling * self.lora_B.to(torch.float32) @ self.lora_A.to(torch.float32)
         weight.copy_(self._weight_out_in(residual).to(weight.dtype))
         # Kept so the trained adapter can be rewritten for the original (unmodified) base: see peft_format.py.
@@ -396,7 +401,8 @@ class LoRAConv(LoRALayer):
         if base_layer.groups != 1 or base_layer.padding_mode != 'zeros':
             raise ValueError(
                 f'{type(base_layer).__name__} with groups={base_layer.groups}, padding_mode='
-                f"{base_layer.padding_mode!r} is not supported: LoRA needs groups=1 and padding_mode='zeros'.")
+                f"{base_layer.padding_mode!r} is not supported: LoRA needs groups=1 and padding_mode='zeros'."
+            )
         self._conv = F.conv1d if isinstance(base_layer, nn.Conv1d) else F.conv2d
         weight = base_layer.weight
         factory = dict(device=weight.device, dtype=_adapter_dtype(weight))
@@ -458,7 +464,7 @@ def _map_plain_base_keys(layer: LoRALayer, state_dict: dict[str, Any], prefix: s
     # values, next to the checkpoint's: the plain keys are the checkpoint's, whole tensors, sharded here as the base.
     current = layer.base_layer.state_dict(keep_vars=True)
     for key in plain:
-        name, value = key[len(prefix):], state_dict.pop(key)
+        name, value = key[len(prefix) :], state_dict.pop(key)
         like = current.get(name)
         state_dict[base_prefix + name] = shard_like(value, like) if isinstance(like, torch.Tensor) else value
     layer._plain_load_prefix = prefix

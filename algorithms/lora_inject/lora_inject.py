@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from composer.core import Algorithm, Event, State
@@ -26,23 +27,38 @@ from torch import nn
 from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
 from algorithms.lora_inject.config import LoRAConfig
 from algorithms.lora_inject.injection import adapter_layers, check_not_peft, inject, plan_injection
-from algorithms.lora_inject.layers import LoRALayer, adapter_class_for
+from algorithms.lora_inject.layers import adapter_class_for
 from algorithms.optimizer_surgery import Optimizers, add_params, group_index_of, remove_params, single_optimizer
 from algorithms.parameter_selection import user_module
 from algorithms.sharding import refuse_fsdp1
 
 log = logging.getLogger(__name__)
 
-__all__ = ['EXAMPLES', 'LoRAInject', 'LoRASummary', 'apply_lora', 'check_no_conflicting_algorithms',
-           'freeze_outside_adapters', 'lora_config_of', 'merge_adapters', 'trainable_parameter_names',
-           'unmerge_adapters']
+__all__ = [
+    'EXAMPLES',
+    'LoRAInject',
+    'LoRASummary',
+    'apply_lora',
+    'check_no_conflicting_algorithms',
+    'freeze_outside_adapters',
+    'lora_config_of',
+    'merge_adapters',
+    'trainable_parameter_names',
+    'unmerge_adapters',
+]
 
 # Valid on tiny_decoder('llama', num_layers=4); the conformance suite runs each.
 EXAMPLES: tuple[dict[str, Any], ...] = (
     {'r': 4, 'lora_alpha': 8, 'target_modules': ['q_proj', 'v_proj']},
     {'r': 4, 'lora_alpha': 4, 'target_modules': 'all-linear', 'use_dora': True, 'layers_to_transform': [2, 3]},
-    {'r': 2, 'lora_alpha': 4, 'target_modules': ['embed_tokens', 'o_proj'], 'use_rslora': True,
-     'rank_pattern': {'o_proj': 4}, 'bias': 'all'},
+    {
+        'r': 2,
+        'lora_alpha': 4,
+        'target_modules': ['embed_tokens', 'o_proj'],
+        'use_rslora': True,
+        'rank_pattern': {'o_proj': 4},
+        'bias': 'all',
+    },
 )
 
 _CONFIG_ATTRIBUTE = 'thaw_lora_config'  # set on the user's model once adapters are injected
@@ -178,7 +194,8 @@ def _inject_adapters(model: nn.Module, optimizers: Optional[Optimizers], config:
             add_params(optimizer, additions, order)
 
     if getattr(root, 'is_gradient_checkpointing', False) and hasattr(root, 'enable_input_require_grads'):
-        # Re-entrant checkpointing only back-propagates into blocks whose inputs require grad; the embeddings are frozen.
+        # Re-entrant checkpointing only back-propagates into blocks whose inputs require grad; the embeddings are
+        # frozen.
         root.enable_input_require_grads()
 
     layers = adapter_layers(root)
@@ -217,8 +234,11 @@ def _check_base_layers_kept(root: nn.Module, config: LoRAConfig, save_merged: bo
     """After INIT-time surgery by other algorithms: a base layer replaced by a type LoRA cannot adapt (Factorize's
     ``FactorizedLinear``) still works under plain LoRA (its forward is used as is), but has no weight for DoRA or for
     merging."""
-    replaced = {name: type(layer.base_layer).__name__ for name, layer in adapter_layers(root).items()
-                if adapter_class_for(layer.base_layer) is None}
+    replaced = {
+        name: type(layer.base_layer).__name__
+        for name, layer in adapter_layers(root).items()
+        if adapter_class_for(layer.base_layer) is None
+    }
     if replaced and (config.use_dora or save_merged):
         what = 'use_dora=True needs' if config.use_dora else 'save_merged_to needs'
         raise ValueError(
@@ -353,19 +373,22 @@ class LoRAInject(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            refuse_duplicates(self, state.algorithms, 'give one LoRAInject (rank_pattern and alpha_pattern set '
-                              'per-target ranks).')
+            refuse_duplicates(
+                self, state.algorithms, 'give one LoRAInject (rank_pattern and alpha_pattern set per-target ranks).'
+            )
             check_no_conflicting_algorithms(state.algorithms, self.config)
             refuse_fsdp1(state, 'LoRAInject')
             # The same adapter initialization on every rank, as Composer does before sharding: FSDP2 keeps each rank's
             # own rows, so per-rank seeds would give a model that no single process could have built.
             with reproducibility.seed_context(state.rank_zero_seed):
                 summary = _inject_adapters(state.model, state.optimizers, self.config)
-            logger.log_metrics({
-                'lora_inject/adapted_modules': len(summary.adapted),
-                'lora_inject/trainable_params': summary.trainable_params,
-                'lora_inject/trainable_fraction': summary.trainable_fraction,
-            })
+            logger.log_metrics(
+                {
+                    'lora_inject/adapted_modules': len(summary.adapted),
+                    'lora_inject/trainable_params': summary.trainable_params,
+                    'lora_inject/trainable_fraction': summary.trainable_fraction,
+                }
+            )
             return
         if event == Event.BEFORE_LOAD:
             _check_base_layers_kept(user_module(state.model), self.config, bool(self.save_merged_to))

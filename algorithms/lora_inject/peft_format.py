@@ -41,7 +41,7 @@ from torch import nn
 
 from algorithms.lora_inject.config import LoRAConfig
 from algorithms.lora_inject.injection import adapter_layers
-from algorithms.lora_inject.layers import LoRAEmbedding, LoRALayer, LoRALinear, is_conv1d_transposed
+from algorithms.lora_inject.layers import LoRAEmbedding, LoRALayer, is_conv1d_transposed
 from algorithms.lora_inject.lora_inject import (
     LoRASummary,
     apply_lora,
@@ -117,8 +117,10 @@ def adapter_state_dict(model: nn.Module, convert_pissa: bool = True) -> dict[str
     """
     root, config, layers = _adapted_root(model)
     if _is_sliced(layers):
-        raise ValueError('Per-slice adapters (enable_slices) have no PEFT representation; use save_adapter, which '
-                         f'writes them in the {THAW_FORMAT} format.')
+        raise ValueError(
+            'Per-slice adapters (enable_slices) have no PEFT representation; use save_adapter, which '
+            f'writes them in the {THAW_FORMAT} format.'
+        )
     state: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         tensors = {attr: full_tensor(getattr(layer, attr).detach()) for attr in _peft_names(layer)}
@@ -136,8 +138,9 @@ def adapter_state_dict(model: nn.Module, convert_pissa: bool = True) -> dict[str
     return state
 
 
-def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = None,
-                     convert_pissa: bool = True) -> dict[str, Any]:
+def peft_config_dict(
+    model: nn.Module, base_model_name_or_path: Optional[str] = None, convert_pissa: bool = True
+) -> dict[str, Any]:
     """The ``adapter_config.json`` content: a PEFT ``LoraConfig`` naming exactly the adapted modules."""
     root, config, layers = _adapted_root(model)
     if base_model_name_or_path is None:
@@ -150,7 +153,7 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = 
         r, alpha = 2 * r, alpha * grow
         rank_pattern = {key: 2 * value for key, value in rank_pattern.items()}
         alpha_pattern = {key: value * grow for key, value in alpha_pattern.items()}
-    saved = [name for name in _saved_module_names(root, config)]
+    saved = list(_saved_module_names(root, config))
     return {
         'peft_type': 'LORA',
         'task_type': None,
@@ -204,8 +207,10 @@ def save_adapter(
     directory = Path(directory)
     if _is_sliced(layers):
         named = dict(root.named_parameters())
-        state = {name: full_tensor(named[name].detach()).clone().contiguous()
-                 for name in trainable_parameter_names(root, config)}
+        state = {
+            name: full_tensor(named[name].detach()).clone().contiguous()
+            for name in trainable_parameter_names(root, config)
+        }
         meta = {'format': THAW_FORMAT, 'version': 1, 'config': config.to_dict(), 'adapted_modules': sorted(layers)}
         config_name = THAW_CONFIG_NAME
     else:
@@ -215,8 +220,9 @@ def save_adapter(
     if dist.get_global_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / config_name).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        save_file({k: v.cpu() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS_NAME),
-                  metadata={'format': 'pt'})
+        save_file(
+            {k: v.cpu() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS_NAME), metadata={'format': 'pt'}
+        )
     return directory
 
 
@@ -230,7 +236,7 @@ def config_from_peft(peft_config: dict[str, Any], root: Optional[nn.Module] = No
         ValueError: for a non-LoRA adapter or LoRA options this package does not implement.
     """
     if peft_config.get('peft_type', 'LORA') != 'LORA':
-        raise ValueError(f"The adapter is a {peft_config.get('peft_type')!r} adapter; only LoRA adapters load.")
+        raise ValueError(f'The adapter is a {peft_config.get("peft_type")!r} adapter; only LoRA adapters load.')
     for key, default in _UNSUPPORTED_PEFT_FIELDS.items():
         value = peft_config.get(key, default)
         if value not in (default, [], {}, None, False):
@@ -276,7 +282,7 @@ def _our_name(key: str, layers: dict[str, LoRALayer]) -> str:
     """Our parameter name for a PEFT key (prefix already removed)."""
     for name, layer in layers.items():
         if key.startswith(name + '.'):
-            suffix = key[len(name) + 1:]
+            suffix = key[len(name) + 1 :]
             for attr, peft_suffix in _peft_names(layer).items():
                 if suffix == peft_suffix:
                     return f'{name}.{attr}'
@@ -291,13 +297,13 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], pe
     Every adapter tensor of the model must be present and every tensor must fit: a shape that differs (an adapter
     trained on another base, or with another rank) raises before anything is copied.
     """
-    root, config, layers = _adapted_root(model)
+    root, _, layers = _adapted_root(model)
     named = dict(root.named_parameters())
     assignments: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
     for key, tensor in state.items():
         if peft_keys:
-            key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            key = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
             name = _our_name(key, layers)
             if not name:
                 continue
@@ -313,8 +319,10 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], pe
     missing = [name for name in expected if name not in assignments]
     problems = []
     if mismatched:
-        problems.append('shapes differ (was the adapter trained on another base model or with another rank?): ' +
-                        '; '.join(mismatched))
+        problems.append(
+            'shapes differ (was the adapter trained on another base model or with another rank?): '
+            + '; '.join(mismatched)
+        )
     if unexpected:
         problems.append(f'tensors for parameters the model does not have: {unexpected[:10]}')
     if missing:
@@ -369,11 +377,13 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     root, _, layers = _adapted_root(model)
     merged = {f'{name}.base_layer.weight': layer.merged_weight() for name, layer in layers.items() if not layer.merged}
-    adapter_keys = tuple(f'.{attr}' for attr in ('lora_A', 'lora_B', 'lora_magnitude', 'pissa_initial_A',
-                                                  'pissa_initial_B'))
+    adapter_keys = tuple(
+        f'.{attr}' for attr in ('lora_A', 'lora_B', 'lora_magnitude', 'pissa_initial_A', 'pissa_initial_B')
+    )
     return {
         key.replace('.base_layer.', '.'): full_tensor(merged.get(key, value).detach())
-        for key, value in root.state_dict().items() if not key.endswith(adapter_keys)
+        for key, value in root.state_dict().items()
+        if not key.endswith(adapter_keys)
     }
 
 

@@ -24,8 +24,9 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Literal, Mapping, Optional, Sequence
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -134,7 +135,9 @@ def _parse_one(text: str, syntax: Syntax, list_name: str) -> ParameterPattern:
     try:
         regex = re.compile(source)
     except re.error as error:
-        raise ValueError(f'{list_name} pattern {text!r} is not a valid regular expression ({source!r}): {error}.')
+        raise ValueError(
+            f'{list_name} pattern {text!r} is not a valid regular expression ({source!r}): {error}.'
+        ) from error
     return ParameterPattern(text=text, regex=regex, syntax=syntax, start=start, end=end)
 
 
@@ -291,7 +294,7 @@ def _rows_of(pattern: ParameterPattern, list_name: str, name: str, shape: tuple[
 def _no_match_error(unmatched: list[tuple[str, ParameterPattern]], names: list[str], model_name: str) -> ValueError:
     lines = []
     for list_name, pattern in unmatched:
-        base = pattern.text if not pattern.has_range else pattern.text[:pattern.text.rindex('[')]
+        base = pattern.text if not pattern.has_range else pattern.text[: pattern.text.rindex('[')]
         close = ', '.join(repr(n) for n in closest_names(base.strip('^$'), names))
         lines.append(
             f'{list_name} pattern {pattern.text!r} ({pattern.describe_matching()}) matches no parameter of '

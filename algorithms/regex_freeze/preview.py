@@ -1,7 +1,8 @@
 """Show what RegexFreeze patterns would train, as a text table, without changing the model.
 
 Example:
-    >>> print(freeze_preview(tiny_decoder('llama', num_layers=2), trainable=['lm_head', 'model.embed_tokens.weight[0:10]']))
+    >>> model = tiny_decoder('llama', num_layers=2)
+    >>> print(freeze_preview(model, trainable=['lm_head', 'model.embed_tokens.weight[0:10]']))
     module                            trainable      total  rows
     model.embed_tokens                      640  1,953,408  weight: rows 0:10 of 30522
     model.layers.0.self_attn.q_proj           0      4,096  frozen
@@ -10,7 +11,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from torch import nn
 
@@ -60,21 +62,22 @@ def freeze_preview(
         modules.setdefault(module, []).append((leaf, tensor))
     rows = [('module', 'trainable', 'total', 'rows')]
     for module, tensors in modules.items():
-        rows.append((
-            module,
-            f'{sum(t.trainable_numel for _, t in tensors):,}',
-            f'{sum(t.numel for _, t in tensors):,}',
-            _rows_cell(tensors),
-        ))
-    rows.append((
-        'total',
-        f'{selection.trainable_params:,}',
-        f'{selection.total_params:,}',
-        f'{100 * selection.trainable_fraction:.2f}% trainable',
-    ))
+        rows.append(
+            (
+                module,
+                f'{sum(t.trainable_numel for _, t in tensors):,}',
+                f'{sum(t.numel for _, t in tensors):,}',
+                _rows_cell(tensors),
+            )
+        )
+    rows.append(
+        (
+            'total',
+            f'{selection.trainable_params:,}',
+            f'{selection.total_params:,}',
+            f'{100 * selection.trainable_fraction:.2f}% trainable',
+        )
+    )
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    lines = [
-        f'{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}'
-        for row in rows
-    ]
+    lines = [f'{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}' for row in rows]
     return '\n'.join(lines)

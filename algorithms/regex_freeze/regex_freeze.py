@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from composer.algorithms import EMA
 from composer.core import Algorithm, Event, State
@@ -23,7 +24,6 @@ from torch.optim import Optimizer
 from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
 from algorithms.optimizer_surgery import add_params, group_index_of, remove_params, single_optimizer
 from algorithms.parameter_selection import user_module
-from algorithms.sharding import refuse_fsdp1
 from algorithms.regex_freeze.patterns import (
     SYNTAXES,
     ParameterPattern,
@@ -33,6 +33,7 @@ from algorithms.regex_freeze.patterns import (
     select_parameters,
 )
 from algorithms.regex_freeze.row_freezing import RowFreezer, sync_ema_frozen_rows
+from algorithms.sharding import refuse_fsdp1
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class _OptimizerRecord:
     row_freezer: Optional[RowFreezer] = None
 
 
-_RECORDS: 'weakref.WeakKeyDictionary[Optimizer, _OptimizerRecord]' = weakref.WeakKeyDictionary()
+_RECORDS: weakref.WeakKeyDictionary[Optimizer, _OptimizerRecord] = weakref.WeakKeyDictionary()
 
 
 def _check_optimizer_holds(
@@ -88,7 +89,8 @@ def _check_optimizer_holds(
         return
     in_optimizer = group_index_of(optimizer)
     missing = [
-        name for name, t in selection.items()
+        name
+        for name, t in selection.items()
         if t.trainable_rows and id(params[name]) not in in_optimizer and id(params[name]) not in record.removed_groups
     ]
     if missing:
@@ -173,7 +175,9 @@ def apply_regex_freeze(
         )
     log.info(
         'RegexFreeze: training %d of %d parameters (%.2f%%) in %d tensors, %d of them partially.',
-        selection.trainable_params, selection.total_params, 100 * selection.trainable_fraction,
+        selection.trainable_params,
+        selection.total_params,
+        100 * selection.trainable_fraction,
         sum(1 for t in selection.values() if t.trainable_rows),
         sum(1 for t in selection.values() if t.partially_trainable),
     )
@@ -214,10 +218,17 @@ class RegexFreeze(ConfigRepr, Algorithm):
     Logs ``regex_freeze/trainable_params``, ``regex_freeze/total_params`` and ``regex_freeze/trainable_fraction``.
     """
 
-    _EMA_SYNC_EVENTS = frozenset({
-        Event.BATCH_END, Event.EPOCH_END, Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT, Event.ITERATION_CHECKPOINT,
-        Event.EVAL_START, Event.FIT_END,
-    })
+    _EMA_SYNC_EVENTS = frozenset(
+        {
+            Event.BATCH_END,
+            Event.EPOCH_END,
+            Event.BATCH_CHECKPOINT,
+            Event.EPOCH_CHECKPOINT,
+            Event.ITERATION_CHECKPOINT,
+            Event.EVAL_START,
+            Event.FIT_END,
+        }
+    )
     # every event it acts at
     events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, *sorted(_EMA_SYNC_EVENTS, key=lambda e: e.value))
 
@@ -235,7 +246,8 @@ class RegexFreeze(ConfigRepr, Algorithm):
                 f'train); got trainable={trainable!r}, frozen={frozen!r}.',
             )
         self._trainable_patterns: Optional[tuple[ParameterPattern, ...]] = (
-            None if trainable is None else parse_patterns(trainable, syntax, 'trainable'))
+            None if trainable is None else parse_patterns(trainable, syntax, 'trainable')
+        )
         self._frozen_patterns = parse_patterns(frozen, syntax, 'frozen')
         self.trainable = None if trainable is None else list(trainable)
         self.frozen = None if frozen is None else list(frozen)
@@ -253,7 +265,9 @@ class RegexFreeze(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
         if event == Event.INIT:
-            refuse_duplicates(self, state.algorithms, 'give one RegexFreeze with all the trainable and frozen patterns.')
+            refuse_duplicates(
+                self, state.algorithms, 'give one RegexFreeze with all the trainable and frozen patterns.'
+            )
             refuse_fsdp1(state, 'RegexFreeze')
             self._model, self._optimizers = state.model, state.optimizers
             return None
@@ -264,18 +278,19 @@ class RegexFreeze(ConfigRepr, Algorithm):
             self._apply_to(state.model, state.optimizers)  # again (idempotent): a checkpoint's surgery may have run
             self._syncs_ema = bool(self._frozen_rows) and any(isinstance(a, EMA) for a in state.algorithms)
             assert self.selection is not None
-            logger.log_metrics({
-                'regex_freeze/trainable_params': self.selection.trainable_params,
-                'regex_freeze/total_params': self.selection.total_params,
-                'regex_freeze/trainable_fraction': self.selection.trainable_fraction,
-            })
+            logger.log_metrics(
+                {
+                    'regex_freeze/trainable_params': self.selection.trainable_params,
+                    'regex_freeze/total_params': self.selection.total_params,
+                    'regex_freeze/trainable_fraction': self.selection.trainable_fraction,
+                }
+            )
             return None
         sync_ema_frozen_rows(state.model, state.algorithms, self._frozen_rows)
         return None
 
     def _apply_to(self, model: nn.Module, optimizers: Optional[Optimizers]) -> None:
-        selection = apply_regex_freeze(
-            model, optimizers, self._trainable_patterns, self._frozen_patterns, self.syntax)
+        selection = apply_regex_freeze(model, optimizers, self._trainable_patterns, self._frozen_patterns, self.syntax)
         self.selection = selection
         self._model, self._optimizers = model, optimizers
         self._frozen_rows = _frozen_rows_by_param(model, selection)
@@ -292,7 +307,8 @@ class RegexFreeze(ConfigRepr, Algorithm):
         if self._model is None:
             return  # not part of a Trainer yet: Event.AFTER_LOAD will apply it
         current = select_parameters(
-            user_module(self._model), self._trainable_patterns, self._frozen_patterns, self.syntax).as_plain_data()
+            user_module(self._model), self._trainable_patterns, self._frozen_patterns, self.syntax
+        ).as_plain_data()
         if saved is not None and saved != current:
             raise ValueError(_selection_mismatch(saved, current))
         # Model weights are loaded before algorithm state and the optimizer state after it; re-applying makes sure

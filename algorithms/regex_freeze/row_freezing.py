@@ -25,7 +25,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -41,7 +42,9 @@ Ranges = tuple[tuple[int, int], ...]
 def _zero_rows_hook(frozen_rows: Ranges):
     def zero_frozen_rows(grad: torch.Tensor) -> torch.Tensor:
         if grad.is_sparse:
-            raise NotImplementedError('RegexFreeze row ranges do not support sparse gradients (nn.Embedding(sparse=True)).')
+            raise NotImplementedError(
+                'RegexFreeze row ranges do not support sparse gradients (nn.Embedding(sparse=True)).'
+            )
         grad = grad.clone()
         for start, end in frozen_rows:
             grad[start:end] = 0

@@ -12,19 +12,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for `conformance.harness`
 
-import torch  # noqa: E402
-from composer.utils import dist  # noqa: E402
+import torch
+from composer.utils import dist
 
-from algorithms.training import parameter_checksum  # noqa: E402
-from conformance.harness import all_cases, make_trainer  # noqa: E402
+from algorithms.training import parameter_checksum
+from conformance.harness import all_cases, make_trainer
 
 
 def _fit(case, **kwargs):
     trainer = make_trainer([case.build()], **kwargs)
     trainer.fit()
     checksums = dist.all_gather_object(parameter_checksum(trainer.state.model))
-    params = {n: p.detach().clone() for n, p in trainer.state.model.module.model.named_parameters()} \
-        if hasattr(trainer.state.model, 'module') else None
+    params = (
+        {n: p.detach().clone() for n, p in trainer.state.model.module.model.named_parameters()}
+        if hasattr(trainer.state.model, 'module')
+        else None
+    )
     trainer.close()
     return checksums, params
 

@@ -15,26 +15,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for `conformance.harness`
 
-import torch  # noqa: E402
-from composer.utils import dist  # noqa: E402
-from composer.utils.parallelism import FSDP2Config  # noqa: E402
-from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
+import torch
+from composer.utils import dist
+from composer.utils.parallelism import FSDP2Config
+from torch.distributed.checkpoint import FileSystemReader
 
-from algorithms.hift_rotation.preview import rotation_preview  # noqa: E402
-from algorithms.lora_inject import LoRAInject  # noqa: E402
-from algorithms.parameter_selection import user_module  # noqa: E402
-from algorithms.regex_freeze.preview import freeze_preview  # noqa: E402
-from algorithms.sharding import full_tensor, is_sharded, local_tensor  # noqa: E402
-from conformance.harness import SHARDED_LR, adamw, all_cases, last_cases, make_trainer, tiny_model  # noqa: E402
+from algorithms.hift_rotation.preview import rotation_preview
+from algorithms.lora_inject import LoRAInject
+from algorithms.parameter_selection import user_module
+from algorithms.regex_freeze.preview import freeze_preview
+from algorithms.sharding import full_tensor, is_sharded, local_tensor
+from conformance.harness import SHARDED_LR, adamw, all_cases, last_cases, make_trainer, tiny_model
 
 PREVIEW_PATTERNS = ['model.embed_tokens.weight[0:100]', 'lm_head']
 
 
 def _trainer(case, state_dict_type: str, **kwargs):
     model = tiny_model()
-    return make_trainer([case.build()], max_duration='2ep', model=model, optimizers=adamw(model, SHARDED_LR),
-                        eval_dataloader=None, parallelism_config={'fsdp': FSDP2Config(state_dict_type=state_dict_type)},
-                        **kwargs)
+    return make_trainer(
+        [case.build()],
+        max_duration='2ep',
+        model=model,
+        optimizers=adamw(model, SHARDED_LR),
+        eval_dataloader=None,
+        parallelism_config={'fsdp': FSDP2Config(state_dict_type=state_dict_type)},
+        **kwargs,
+    )
 
 
 def _whole_parameters(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -45,12 +51,19 @@ def _optimizer_record(trainer, params: dict[str, torch.Tensor]) -> dict:
     names = {id(p): name for name, p in params.items()}
     state = trainer.state.optimizers[0].state
     local_bytes = sum(
-        local_tensor(v).numel() * v.element_size() for s in state.values() for v in s.values()
-        if isinstance(v, torch.Tensor) and v.ndim > 0)
-    sharded_state = all(is_sharded(v) for s in state.values() for v in s.values()
-                        if isinstance(v, torch.Tensor) and v.ndim > 0)
-    return {'names': sorted(names[id(p)] for p in state), 'local_bytes': dist.all_gather_object(local_bytes),
-            'sharded_state': sharded_state}
+        local_tensor(v).numel() * v.element_size()
+        for s in state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor) and v.ndim > 0
+    )
+    sharded_state = all(
+        is_sharded(v) for s in state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.ndim > 0
+    )
+    return {
+        'names': sorted(names[id(p)] for p in state),
+        'local_bytes': dist.all_gather_object(local_bytes),
+        'sharded_state': sharded_state,
+    }
 
 
 def _fit(case, state_dict_type: str, **kwargs):
@@ -119,11 +132,23 @@ def main(out: Path, plain_checkpoint: str) -> None:
 def export_lora(out: Path, **trainer_options) -> None:
     """2 epochs of LoRA (with a head trained in full), writing the adapter (PEFT format) and the merged model at the
     end: under FSDP2 every rank takes part in gathering the shards, rank 0 writes."""
-    lora = LoRAInject(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], modules_to_save=['lm_head'],
-                      save_adapter_to=str(out / 'adapter'), save_merged_to=str(out / 'merged'))
+    lora = LoRAInject(
+        r=4,
+        lora_alpha=8,
+        target_modules=['q_proj', 'v_proj'],
+        modules_to_save=['lm_head'],
+        save_adapter_to=str(out / 'adapter'),
+        save_merged_to=str(out / 'merged'),
+    )
     model = tiny_model()
-    trainer = make_trainer([lora], max_duration='2ep', model=model, optimizers=adamw(model, SHARDED_LR),
-                           eval_dataloader=None, **trainer_options)
+    trainer = make_trainer(
+        [lora],
+        max_duration='2ep',
+        model=model,
+        optimizers=adamw(model, SHARDED_LR),
+        eval_dataloader=None,
+        **trainer_options,
+    )
     trainer.fit()
     trainer.close()
 
@@ -131,8 +156,10 @@ def export_lora(out: Path, **trainer_options) -> None:
 def _previews() -> dict[str, str]:
     """The previews' tables of a sharded model (they read names and whole sizes)."""
     trainer = make_trainer([], parallelism_config={'fsdp': FSDP2Config()}, eval_dataloader=None)
-    previews = {'freeze': freeze_preview(trainer.state.model, PREVIEW_PATTERNS),
-                'rotation': rotation_preview(trainer.state.model, group_size=2)}
+    previews = {
+        'freeze': freeze_preview(trainer.state.model, PREVIEW_PATTERNS),
+        'rotation': rotation_preview(trainer.state.model, group_size=2),
+    }
     trainer.close()
     return previews
 

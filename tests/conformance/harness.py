@@ -11,8 +11,9 @@ topics corpus; 4 batches of 4 sequences per epoch (the global batch is split acr
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from composer import Trainer
@@ -92,8 +93,9 @@ def ids(cases: Sequence[Case]) -> list[str]:
 def lm_loader(split: int = 0, blocks: int = TRAIN_BLOCKS):
     tokenizer = load_tokenizer()
     dataset = LanguageModelingDataset(python_topics_corpus()[split], tokenizer, SEQ_LEN, blocks)
-    return build_dataloader(dataset, tokenizer, GLOBAL_BATCH // dist.get_world_size(), shuffle=split == 0,
-                            drop_last=split == 0)
+    return build_dataloader(
+        dataset, tokenizer, GLOBAL_BATCH // dist.get_world_size(), shuffle=split == 0, drop_last=split == 0
+    )
 
 
 def tiny_model():
@@ -166,8 +168,9 @@ def fixed_batch_loss(model) -> float:
     return loss
 
 
-def run(case: Case, max_duration: str = '3ep', extra: Sequence[Algorithm] = (), first: bool = True,
-        **kwargs: Any) -> RunResult:
+def run(
+    case: Case, max_duration: str = '3ep', extra: Sequence[Algorithm] = (), first: bool = True, **kwargs: Any
+) -> RunResult:
     """Train ``case`` (plus ``extra`` algorithms, ours first unless ``first=False``) and return the end state."""
     algorithm = case.build()
     events: set = set()
@@ -192,7 +195,8 @@ def run(case: Case, max_duration: str = '3ep', extra: Sequence[Algorithm] = (), 
         fixed_batch_loss(trainer.state.model),
         algorithm.state_dict(),
         float(trainer.state.eval_metrics['eval']['LanguageCrossEntropy'].compute())
-        if trainer.state.eval_metrics else 0.0,
+        if trainer.state.eval_metrics
+        else 0.0,
     )
     trainer.close()
     return result

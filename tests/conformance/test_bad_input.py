@@ -10,8 +10,7 @@ import torch
 
 from algorithms.config_validation import ConfigError, _matches
 from algorithms.registry import algorithm_registry, build_algorithm
-from conformance.harness import algorithm_module, covered_names
-from conformance.harness import adamw, make_trainer, tiny_model
+from conformance.harness import adamw, algorithm_module, covered_names, make_trainer, tiny_model
 
 WRONG_TYPE_CANDIDATES = ({'not': 'valid'}, 3.5, 'not-valid', [object])
 
@@ -31,8 +30,9 @@ def _constructor_arguments(name: str) -> list[tuple[str, str, Any, Any]]:
 
 
 ARGUMENTS = [row for name in covered_names() for row in _constructor_arguments(name)]
-ENUMS = [row for row in ARGUMENTS if get_origin(row[2]) is Literal or any(
-    get_origin(a) is Literal for a in get_args(row[2]))]
+ENUMS = [
+    row for row in ARGUMENTS if get_origin(row[2]) is Literal or any(get_origin(a) is Literal for a in get_args(row[2]))
+]
 
 
 def _kwargs_with(name: str, argument: str, value: Any) -> dict[str, Any]:
@@ -41,8 +41,9 @@ def _kwargs_with(name: str, argument: str, value: Any) -> dict[str, Any]:
     return base
 
 
-@pytest.mark.parametrize(('name', 'argument', 'annotation', 'wrong'), ARGUMENTS,
-                         ids=[f'{r[0]}.{r[1]}' for r in ARGUMENTS])
+@pytest.mark.parametrize(
+    ('name', 'argument', 'annotation', 'wrong'), ARGUMENTS, ids=[f'{r[0]}.{r[1]}' for r in ARGUMENTS]
+)
 def test_wrong_type_names_the_argument(name, argument, annotation, wrong):
     with pytest.raises(ConfigError) as error:
         build_algorithm(name, _kwargs_with(name, argument, wrong))
@@ -60,8 +61,9 @@ def test_unknown_choice_lists_the_valid_ones(name, argument, annotation, wrong):
     with pytest.raises(ValueError) as error:
         cls(**_kwargs_with(name, argument, 'no-such-choice'))
     message = str(error.value)
-    assert argument in message and all(repr(choice) in message or str(choice) in message
-                                       for choice in get_args(literal))
+    assert argument in message and all(
+        repr(choice) in message or str(choice) in message for choice in get_args(literal)
+    )
 
 
 def _bad_examples():
@@ -87,9 +89,13 @@ def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
 def _same(a, b) -> bool:
     params_a, modules_a, groups_a, state_a = a
     params_b, modules_b, groups_b, state_b = b
-    return (params_a.keys() == params_b.keys() and
-            all(torch.equal(params_a[k][0], params_b[k][0]) and params_a[k][1] == params_b[k][1] for k in params_a)
-            and modules_a == modules_b and groups_a == groups_b and state_a == state_b)
+    return (
+        params_a.keys() == params_b.keys()
+        and all(torch.equal(params_a[k][0], params_b[k][0]) and params_a[k][1] == params_b[k][1] for k in params_a)
+        and modules_a == modules_b
+        and groups_a == groups_b
+        and state_a == state_b
+    )
 
 
 @pytest.mark.parametrize(('name', 'kwargs', 'fragment'), BAD, ids=[f'{r[0]}:{r[2][:30]}' for r in BAD])
@@ -113,7 +119,12 @@ def test_a_model_without_parameters_gets_a_clear_error_before_training(name):
     stray = torch.nn.Parameter(torch.zeros(1))
     algorithm = build_algorithm(name, algorithm_module(name).EXAMPLES[0])
     with pytest.raises((ValueError, TypeError)) as error:
-        trainer = make_trainer([algorithm], model=model, optimizers=torch.optim.SGD([stray], lr=0.1),
-                               max_duration='1ba', eval_dataloader=None)
+        trainer = make_trainer(
+            [algorithm],
+            model=model,
+            optimizers=torch.optim.SGD([stray], lr=0.1),
+            max_duration='1ba',
+            eval_dataloader=None,
+        )
         trainer.fit()
     assert 'parameter' in str(error.value).lower()

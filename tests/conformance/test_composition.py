@@ -5,7 +5,7 @@ import pytest
 import torch
 from composer.algorithms import EMA, Factorize, GradientClipping
 
-from conformance.harness import baseline, first_cases, ids, make_trainer, parameters, run
+from conformance.harness import baseline, first_cases, make_trainer, parameters, run
 
 FIRST = first_cases()
 

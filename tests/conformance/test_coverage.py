@@ -6,14 +6,13 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections import Counter
 from pathlib import Path
 
 from conformance.harness import covered_names, examples_of
 
 SUITE = Path(__file__).parent
 
-PLUGIN = '''
+PLUGIN = """
 from composer.core import Algorithm, Event
 
 EXAMPLES = ({}, {'scale': 2.0})
@@ -30,13 +29,18 @@ class ThirdPartyNoOp(Algorithm):
 
     def apply(self, event, state, logger):
         pass
-'''
+"""
 
 
 def _collect(extra_path: Path) -> list[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(extra_path), env_path()]))
-    result = subprocess.run([sys.executable, '-m', 'pytest', '--collect-only', '-q', '-p', 'no:cacheprovider', str(SUITE)],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, '-m', 'pytest', '--collect-only', '-q', '-p', 'no:cacheprovider', str(SUITE)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [line for line in result.stdout.splitlines() if '::' in line]
 
@@ -51,14 +55,18 @@ def _install_plugin(root: Path) -> None:
     info.mkdir()
     (info / 'METADATA').write_text('Metadata-Version: 2.1\nName: thaw-plugin-example\nVersion: 0.1\n')
     (info / 'entry_points.txt').write_text(
-        '[composer_thaw.algorithms]\nthird_party_noop = thaw_plugin_example:ThirdPartyNoOp\n')
+        '[composer_thaw.algorithms]\nthird_party_noop = thaw_plugin_example:ThirdPartyNoOp\n'
+    )
 
 
 def _functions(test_ids: list[str], algorithm: str, example: int | None = None) -> set[str]:
     """The test functions generated for ``algorithm`` (for its example ``example`` if given)."""
     marker = f'{algorithm}[{example}]' if example is not None else algorithm
-    return {test_id.split('::')[1].split('[')[0] for test_id in test_ids
-            if re.search(r'[\[.+:]' + re.escape(marker), test_id.split('::')[1])}
+    return {
+        test_id.split('::')[1].split('[')[0]
+        for test_id in test_ids
+        if re.search(r'[\[.+:]' + re.escape(marker), test_id.split('::')[1])
+    }
 
 
 N_A_TO_A_PLUGIN_WITHOUT_ANNOTATED_CHOICES = {

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import launch
 
 from conformance.harness import all_cases, baseline, ids
-from support import launch
 
 CASES = all_cases()
 pytestmark = pytest.mark.multiprocess

@@ -9,11 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import launch
 
 from algorithms.parameter_selection import user_module
-from conformance.harness import (SHARDED_LR, adamw, all_cases, first_cases, ids, last_cases, make_trainer,
-                                 optimizer_state, parameters, tiny_model)
-from support import launch
+from conformance.harness import (
+    SHARDED_LR,
+    adamw,
+    all_cases,
+    first_cases,
+    ids,
+    last_cases,
+    make_trainer,
+    optimizer_state,
+    parameters,
+    tiny_model,
+)
 
 CASES = all_cases()
 
@@ -38,8 +48,9 @@ def sharded_results(tmp_path_factory):
 def _single_process(case):
     """The same training in one unsharded process: parameters and optimizer state at the end."""
     model = tiny_model()
-    trainer = make_trainer([case.build()], max_duration='2ep', model=model, optimizers=adamw(model, SHARDED_LR),
-                           eval_dataloader=None)
+    trainer = make_trainer(
+        [case.build()], max_duration='2ep', model=model, optimizers=adamw(model, SHARDED_LR), eval_dataloader=None
+    )
     trainer.fit()
     result = parameters(trainer), optimizer_state(trainer)
     trainer.close()
@@ -57,7 +68,8 @@ def test_sharded_training_matches_one_process(case, sharded_results):
     initial = dict(user_module(tiny_model()).named_parameters())
     differences = torch.cat([(sharded[name] - value).abs().flatten() for name, value in single.items()])
     assert differences.max() <= SINGLE_PROCESS_MAX_DIFF and differences.mean() <= SINGLE_PROCESS_MEAN_DIFF, (
-        f'sharded run differs from one process by up to {differences.max():.2e}, {differences.mean():.2e} on average')
+        f'sharded run differs from one process by up to {differences.max():.2e}, {differences.mean():.2e} on average'
+    )
     for name, value in single.items():
         before = initial.get(name.replace('.base_layer', ''))
         if before is not None and before.shape == value.shape:

@@ -10,8 +10,14 @@ from pathlib import Path
 
 import torch
 
-_HIFT_FILE = Path(sys.prefix) / 'lib' / f'python{sys.version_info.major}.{sys.version_info.minor}' / 'site-packages' / \
-    'hift' / 'registerCallBack.py'
+_HIFT_FILE = (
+    Path(sys.prefix)
+    / 'lib'
+    / f'python{sys.version_info.major}.{sys.version_info.minor}'
+    / 'site-packages'
+    / 'hift'
+    / 'registerCallBack.py'
+)
 
 
 def hift_callbacks():
@@ -37,8 +43,11 @@ def hift_unit_parameters(handler, model: torch.nn.Module) -> list[list[str]]:
     pattern = '|'.join(handler.pattern_list)
     units = []
     for element in elements:
-        names = [name for name, _ in model.named_parameters()
-                 if handler.check_selection([element], re.compile(pattern).findall(name))]
+        names = [
+            name
+            for name, _ in model.named_parameters()
+            if handler.check_selection([element], re.compile(pattern).findall(name))
+        ]
         units.append(names)
     return units
 

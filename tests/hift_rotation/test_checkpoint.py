@@ -26,8 +26,15 @@ def _train(options, seed, optimizer_cls=torch.optim.AdamW, **kwargs):
     model = seeded_tiny_decoder(seed=seed)
     watcher = StepWatcher()
     optimizer = optimizer_cls(model.parameters(), lr=1e-2)
-    cpu_trainer(model, [HiFTRotation(**options)], optimizer=optimizer, max_duration='13ba', callbacks=[watcher],
-                schedulers=LinearScheduler(alpha_f=0.1), **kwargs).fit()
+    cpu_trainer(
+        model,
+        [HiFTRotation(**options)],
+        optimizer=optimizer,
+        max_duration='13ba',
+        callbacks=[watcher],
+        schedulers=LinearScheduler(alpha_f=0.1),
+        **kwargs,
+    ).fit()
     return model, watcher, optimizer
 
 
@@ -35,13 +42,15 @@ def _train(options, seed, optimizer_cls=torch.optim.AdamW, **kwargs):
 def test_resume_mid_pass_is_bit_identical(tmp_path: Path, case):
     options = CASES[case]
     optimizer_cls = torch.optim.Adagrad if 'adagrad' in case else torch.optim.AdamW
-    straight, straight_watch, straight_optimizer = _train(options, 0, optimizer_cls, save_folder=str(tmp_path),
-                                                          save_interval='5ba')
+    straight, straight_watch, straight_optimizer = _train(
+        options, 0, optimizer_cls, save_folder=str(tmp_path), save_interval='5ba'
+    )
     saved = torch.load(tmp_path / 'ep0-ba5-rank0.pt', weights_only=False)['state']['algorithms'][0][1]
     assert saved[STATE_VERSION_KEY] == 1 and saved['offloaded_state'] and saved['steps_started'] == 5
 
-    resumed, resumed_watch, resumed_optimizer = _train(options, 1, optimizer_cls,
-                                                       load_path=str(tmp_path / 'ep0-ba5-rank0.pt'))
+    resumed, resumed_watch, resumed_optimizer = _train(
+        options, 1, optimizer_cls, load_path=str(tmp_path / 'ep0-ba5-rank0.pt')
+    )
     assert resumed_watch.trainable == straight_watch.trainable[5:]
     assert resumed_watch.lrs == straight_watch.lrs[5:]
     expected = dict(user_module(straight).named_parameters())

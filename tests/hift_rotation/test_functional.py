@@ -1,10 +1,10 @@
 """apply_hift_rotation trains one group per step in a plain torch loop, without a Trainer."""
 
 import torch
+from support import lm_loader, seeded_tiny_decoder
 
 from algorithms import apply_hift_rotation
 from algorithms.parameter_selection import user_module
-from support import lm_loader, seeded_tiny_decoder
 
 
 def test_plain_loop_trains_one_group_per_step_bottom_up():

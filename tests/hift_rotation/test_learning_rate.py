@@ -23,8 +23,15 @@ def _lrs(scheduler: str, **options):
     model = seeded_tiny_decoder()
     watcher = StepWatcher()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    cpu_trainer(model, [HiFTRotation(**options)], optimizer=optimizer, max_duration='12ba', callbacks=[watcher],
-                schedulers=SCHEDULERS[scheduler](optimizer), step_schedulers_every_batch=True).fit()
+    cpu_trainer(
+        model,
+        [HiFTRotation(**options)],
+        optimizer=optimizer,
+        max_duration='12ba',
+        callbacks=[watcher],
+        schedulers=SCHEDULERS[scheduler](optimizer),
+        step_schedulers_every_batch=True,
+    ).fit()
     return [lrs[0] for lrs in watcher.lrs], optimizer.param_groups[0]['lr']
 
 

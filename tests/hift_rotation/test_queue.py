@@ -52,8 +52,12 @@ def test_random_draws_a_fresh_permutation_each_pass_reproducible_from_the_seed()
 def test_trainer_switches_every_steps_per_group_steps_in_hift_order():
     watcher = StepWatcher()
     model = seeded_tiny_decoder()
-    cpu_trainer(model, [HiFTRotation(group_size=3, strategy='up2down', steps_per_group=2)], max_duration='8ba',
-                callbacks=[watcher]).fit()
+    cpu_trainer(
+        model,
+        [HiFTRotation(group_size=3, strategy='up2down', steps_per_group=2)],
+        max_duration='8ba',
+        callbacks=[watcher],
+    ).fit()
     units = [u.name for u in plan_rotation(user_module(seeded_tiny_decoder())).units]
     expected = [group for group in hift_visiting_order(list(reversed(range(7))), 3, 4) for _ in range(2)]
     for trainable, group in zip(watcher.trainable, expected):
@@ -64,8 +68,9 @@ def test_trainer_switches_every_steps_per_group_steps_in_hift_order():
 def test_random_order_is_seeded_by_the_run_seed_not_the_rank():
     def order(seed):
         watcher = StepWatcher()
-        cpu_trainer(seeded_tiny_decoder(), [HiFTRotation(strategy='random')], max_duration='7ba', callbacks=[watcher],
-                    seed=seed).fit()
+        cpu_trainer(
+            seeded_tiny_decoder(), [HiFTRotation(strategy='random')], max_duration='7ba', callbacks=[watcher], seed=seed
+        ).fit()
         return [names[0] for names in watcher.trainable]
 
     assert order(3) == order(3) != order(4)

@@ -26,8 +26,14 @@ def _run(optimizer: str, max_duration: str = '9ba', extra=(), trainer_options=No
     model = seeded_tiny_decoder()
     watcher = StepWatcher()
     algorithm = HiFTRotation(**options)
-    trainer = cpu_trainer(model, [algorithm, *extra], optimizer=OPTIMIZERS[optimizer](model.parameters()),
-                          max_duration=max_duration, callbacks=[watcher], **(trainer_options or {}))
+    trainer = cpu_trainer(
+        model,
+        [algorithm, *extra],
+        optimizer=OPTIMIZERS[optimizer](model.parameters()),
+        max_duration=max_duration,
+        callbacks=[watcher],
+        **(trainer_options or {}),
+    )
     trainer.fit()
     return model, watcher, algorithm, trainer
 
@@ -65,7 +71,9 @@ def test_resident_optimizer_state_is_the_active_groups_worth():
 
 
 def test_microbatches_of_one_step_train_the_same_group():
-    _, watcher, _, _ = _run('adamw', max_duration='6ba', trainer_options={'device_train_microbatch_size': 1}, group_size=1)
+    _, watcher, _, _ = _run(
+        'adamw', max_duration='6ba', trainer_options={'device_train_microbatch_size': 1}, group_size=1
+    )
     for step, per_microbatch in enumerate(watcher.microbatch_trainable):
         assert len(per_microbatch) == 4
         assert all(names == watcher.trainable[step] for names in per_microbatch)

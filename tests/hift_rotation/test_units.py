@@ -24,7 +24,9 @@ def test_minilm_units_are_hifts_bert_units_with_the_same_parameters(minilm):
     ours = rotation_units(minilm)
     theirs = hift_unit_parameters(hift_handler('bert', 'SEQ_CLS'), minilm)
     assert [u.name for u in ours] == ['bert.embeddings'] + [f'bert.encoder.layer.{i}' for i in range(6)] + [
-        'bert.pooler', 'classifier']
+        'bert.pooler',
+        'classifier',
+    ]
     assert [list(u.parameter_names) for u in ours] == theirs
 
 
@@ -32,8 +34,15 @@ def test_llama_units_are_hifts_llama_units_with_the_same_parameters():
     root = user_module(seeded_tiny_decoder())
     ours = rotation_units(root)
     theirs = hift_unit_parameters(hift_handler('llama', 'CAUSAL_LM'), root)
-    assert [u.name for u in ours] == ['model.embed_tokens', 'model.layers.0', 'model.layers.1', 'model.layers.2',
-                                      'model.layers.3', 'model.norm', 'lm_head']
+    assert [u.name for u in ours] == [
+        'model.embed_tokens',
+        'model.layers.0',
+        'model.layers.1',
+        'model.layers.2',
+        'model.layers.3',
+        'model.norm',
+        'lm_head',
+    ]
     assert [list(u.parameter_names) for u in ours] == theirs
 
 
@@ -56,8 +65,13 @@ def test_freeze_indices_drop_the_same_units_as_hifts_freeze_layers(minilm, freez
 def test_always_trainable_units_leave_the_rotation():
     plan = plan_rotation(user_module(seeded_tiny_decoder()), always_trainable=['embed', '^lm_head$'])
     assert plan.always == (0, 6)
-    assert plan.names(plan.rotating) == ['model.layers.0', 'model.layers.1', 'model.layers.2', 'model.layers.3',
-                                         'model.norm']
+    assert plan.names(plan.rotating) == [
+        'model.layers.0',
+        'model.layers.1',
+        'model.layers.2',
+        'model.layers.3',
+        'model.norm',
+    ]
 
 
 def test_explicit_group_regexes_replace_the_automatic_units_first_match_wins():
@@ -73,7 +87,12 @@ def test_only_parameters_that_train_at_the_start_are_rotated():
     root.model.norm.weight.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for n, p in root.named_parameters() if not n.startswith('lm_head')])
     assert [u.name for u in rotation_units(root, optimizer)] == [
-        'model.embed_tokens', 'model.layers.0', 'model.layers.1', 'model.layers.2', 'model.layers.3']
+        'model.embed_tokens',
+        'model.layers.0',
+        'model.layers.1',
+        'model.layers.2',
+        'model.layers.3',
+    ]
 
 
 def test_the_dry_run_table_lists_units_shares_and_the_groups_of_each_pass():

@@ -14,17 +14,23 @@ from algorithms.hift_rotation import EXAMPLES, GroupRotation, HiFTRotation
 from algorithms.registry import build_algorithm
 
 
-@pytest.mark.parametrize('kwargs,error,message', [
-    ({'strategy': 'top-down'}, ValueError, "strategy='top-down' is not supported; choose one of 'down2up', 'up2down', "
-                                           "'random'"),
-    ({'group_size': 0}, ValueError, r'group_size=0 must be >= 1'),
-    ({'group_size': True}, TypeError, r'group_size=True must be an integer'),
-    ({'steps_per_group': 0}, ValueError, r'steps_per_group=0 must be >= 1'),
-    ({'freeze': [-1]}, ValueError, 'freeze index -1 is out of range'),
-    ({'freeze': ['embeddings']}, TypeError, "freeze=\\['embeddings'\\] must be None or a list of int"),
-    ({'groups': []}, ValueError, r'groups=\[\] is empty'),
-    ({'offload': 'yes'}, TypeError, "offload='yes' must be true or false"),
-])
+@pytest.mark.parametrize(
+    'kwargs,error,message',
+    [
+        (
+            {'strategy': 'top-down'},
+            ValueError,
+            "strategy='top-down' is not supported; choose one of 'down2up', 'up2down', 'random'",
+        ),
+        ({'group_size': 0}, ValueError, r'group_size=0 must be >= 1'),
+        ({'group_size': True}, TypeError, r'group_size=True must be an integer'),
+        ({'steps_per_group': 0}, ValueError, r'steps_per_group=0 must be >= 1'),
+        ({'freeze': [-1]}, ValueError, 'freeze index -1 is out of range'),
+        ({'freeze': ['embeddings']}, TypeError, "freeze=\\['embeddings'\\] must be None or a list of int"),
+        ({'groups': []}, ValueError, r'groups=\[\] is empty'),
+        ({'offload': 'yes'}, TypeError, "offload='yes' must be true or false"),
+    ],
+)
 def test_bad_arguments_are_rejected_at_construction(kwargs, error, message):
     with pytest.raises(error, match=message):
         HiFTRotation(**kwargs)
@@ -55,8 +61,9 @@ def test_model_without_repeated_blocks_says_how_to_give_groups():
 def test_recipe_kwargs_are_type_checked():
     with pytest.raises(ConfigError, match='group_size'):
         build_algorithm('hift_rotation', {'group_size': 'two'})
-    assert build_algorithm('hift_rotation', {'strategy': 'random', 'freeze': [0]}) == HiFTRotation(strategy='random',
-                                                                                                   freeze=[0])
+    assert build_algorithm('hift_rotation', {'strategy': 'random', 'freeze': [0]}) == HiFTRotation(
+        strategy='random', freeze=[0]
+    )
 
 
 @pytest.mark.parametrize('kwargs', EXAMPLES)

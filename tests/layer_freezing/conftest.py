@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -52,11 +53,17 @@ def lm_dataset(tokenizer):
 
 @pytest.fixture
 def make_model() -> Callable[..., Any]:
-    def make(arch: str = 'llama', num_layers: int = 2, hidden_size: int = 32, tie_word_embeddings: bool = False,
-             seed: int = 0):
+    def make(
+        arch: str = 'llama',
+        num_layers: int = 2,
+        hidden_size: int = 32,
+        tie_word_embeddings: bool = False,
+        seed: int = 0,
+    ):
         torch.manual_seed(seed)
-        return tiny_decoder(arch, num_layers=num_layers, hidden_size=hidden_size, num_heads=4,
-                            tie_word_embeddings=tie_word_embeddings)
+        return tiny_decoder(
+            arch, num_layers=num_layers, hidden_size=hidden_size, num_heads=4, tie_word_embeddings=tie_word_embeddings
+        )
 
     return make
 

@@ -18,16 +18,16 @@ import tempfile
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
-import torch  # noqa: E402
-from composer import Trainer  # noqa: E402
-from composer.utils import dist  # noqa: E402
+import torch
+from composer import Trainer
+from composer.utils import dist
+from rank_checks import RankChecks
 
-from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus  # noqa: E402
-from algorithms.layer_freezing import LayerFreezing  # noqa: E402
-from algorithms.models import load_tokenizer, tiny_decoder  # noqa: E402
-from algorithms.parameter_selection import user_module  # noqa: E402
-from algorithms.training import parameter_checksum  # noqa: E402
-from rank_checks import RankChecks  # noqa: E402
+from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
+from algorithms.layer_freezing import LayerFreezing
+from algorithms.models import load_tokenizer, tiny_decoder
+from algorithms.parameter_selection import user_module
+from algorithms.training import parameter_checksum
 
 
 class Checks(RankChecks):

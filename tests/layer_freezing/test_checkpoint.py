@@ -18,8 +18,11 @@ from .conftest import frozen_names
 CASES = {
     # (algorithm options, checkpoint interval, checkpoint to resume from); freezing starts before the checkpoint
     'leaf-per-epoch': (dict(freeze_start=0.0, freeze_level=1.0), '1ep', 'ep2-ba8-rank0.pt'),
-    'block-every-3-batches': (dict(freeze_start=0.0, freeze_level=0.75, granularity='block', interval=3), '5ba',
-                              'ep2-ba10-rank0.pt'),
+    'block-every-3-batches': (
+        dict(freeze_start=0.0, freeze_level=0.75, granularity='block', interval=3),
+        '5ba',
+        'ep2-ba10-rank0.pt',
+    ),
 }
 
 
@@ -29,16 +32,22 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(make_model, make_t
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         uninterrupted = make_model(num_layers=3)
-        make_trainer(uninterrupted, [LayerFreezing(**options)], max_duration='4ep', save_folder=str(tmp_path),
-                     save_interval=save_interval).fit()
+        make_trainer(
+            uninterrupted,
+            [LayerFreezing(**options)],
+            max_duration='4ep',
+            save_folder=str(tmp_path),
+            save_interval=save_interval,
+        ).fit()
 
         checkpoint = torch.load(tmp_path / resume_from, weights_only=False)
         saved = checkpoint['state']['algorithms'][0][1]
         assert saved[STATE_VERSION_KEY] == 1 and saved['frozen_units']  # freezing happened before the save
 
         resumed = make_model(num_layers=3, seed=1)  # different initial weights: everything comes from the checkpoint
-        make_trainer(resumed, [LayerFreezing(**options)], max_duration='4ep',
-                     load_path=str(tmp_path / resume_from)).fit()
+        make_trainer(
+            resumed, [LayerFreezing(**options)], max_duration='4ep', load_path=str(tmp_path / resume_from)
+        ).fit()
 
     assert not [w for w in caught if 'resum' in str(w.message).lower()]
     assert frozen_names(resumed) == frozen_names(uninterrupted)
@@ -50,7 +59,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(make_model, make_t
 def test_checkpoint_from_another_granularity_is_refused(make_model, make_trainer):
     algorithm = LayerFreezing(granularity='block')
     make_trainer(make_model(), [algorithm])
-    with pytest.raises(ValueError, match="granularity='leaf'.*granularity='block'"):
+    with pytest.raises(ValueError, match=r"granularity='leaf'.*granularity='block'"):
         algorithm.load_state_dict({STATE_VERSION_KEY: 1, 'granularity': 'leaf', 'frozen_units': ['model.embed_tokens']})
 
 

@@ -15,9 +15,10 @@ def test_backward_does_not_run_through_the_frozen_prefix(make_model):
     records_graph: dict[str, bool] = {}
     hooks = [
         root.get_submodule(name).register_forward_hook(
-            lambda module, args, output, name=name: records_graph.__setitem__(name, output[0].requires_grad
-                                                                              if isinstance(output, tuple)
-                                                                              else output.requires_grad))
+            lambda module, args, output, name=name: records_graph.__setitem__(
+                name, output[0].requires_grad if isinstance(output, tuple) else output.requires_grad
+            )
+        )
         for name in ('model.embed_tokens', 'model.layers.0', 'model.layers.1', 'model.layers.2')
     ]
     ids = root.model.embed_tokens.weight.new_zeros((2, 8), dtype=int)
@@ -32,6 +33,9 @@ def test_backward_does_not_run_through_the_frozen_prefix(make_model):
         'model.layers.1': False,  # no graph through the frozen prefix: backward cannot reach it
         'model.layers.2': True,
     }
-    assert all(p.grad is None for n, p in root.named_parameters() if n.startswith(('model.embed', 'model.layers.0.',
-                                                                                   'model.layers.1.')))
+    assert all(
+        p.grad is None
+        for n, p in root.named_parameters()
+        if n.startswith(('model.embed', 'model.layers.0.', 'model.layers.1.'))
+    )
     assert all(p.grad is not None for n, p in root.named_parameters() if n.startswith('model.layers.2.'))

@@ -25,8 +25,9 @@ def test_frozen_parameters_leave_param_groups_and_optimizer_state_and_lose_gradi
     model = make_model(num_layers=2)
     optimizer = _one_adamw_step(model)
 
-    depth, _ = freeze_layers(model, optimizer, current_duration=1.0, freeze_start=0.0, freeze_level=2 / 3,
-                             granularity='block')
+    depth, _ = freeze_layers(
+        model, optimizer, current_duration=1.0, freeze_start=0.0, freeze_level=2 / 3, granularity='block'
+    )
 
     root = user_module(model)
     frozen = [p for n, p in root.named_parameters() if n.startswith(('model.embed_tokens.', 'model.layers.0.'))]
@@ -51,7 +52,8 @@ def test_optimizer_state_falls_by_the_frozen_share_of_parameters_where_composers
     composer_freeze_layers(theirs, theirs_optimizer, current_duration=0.5, freeze_start=0.0, freeze_level=1.0)
 
     frozen_share = sum(p.numel() for p in ours.parameters() if not p.requires_grad) / sum(
-        p.numel() for p in ours.parameters())
+        p.numel() for p in ours.parameters()
+    )
     assert 0.2 < frozen_share < 0.8
     assert 1 - optimizer_state_bytes(ours_optimizer) / before == pytest.approx(frozen_share, abs=1e-4)
     assert optimizer_state_bytes(theirs_optimizer) == before
@@ -81,8 +83,12 @@ class _FrozenStayUntouched(Callback):
 def test_frozen_parameters_receive_no_gradient_and_stay_bit_identical_while_training(make_model, make_trainer):
     model = make_model(num_layers=2)
     check = _FrozenStayUntouched()
-    make_trainer(model, [LayerFreezing(freeze_start=0.0, freeze_level=1.0, granularity='block', interval=1)],
-                 max_duration='2ep', callbacks=[check]).fit()
+    make_trainer(
+        model,
+        [LayerFreezing(freeze_start=0.0, freeze_level=1.0, granularity='block', interval=1)],
+        max_duration='2ep',
+        callbacks=[check],
+    ).fit()
 
     assert len(check.snapshots) == sum(1 for p in model.parameters() if not p.requires_grad) > 0
     assert check.checked_steps > 0

@@ -26,8 +26,16 @@ def test_a_single_epoch_run_freezes_progressively_every_interval_batches(make_mo
     make_trainer(model, [algorithm], max_duration='1ep', batch_size=2, callbacks=[recorder]).fit()  # 8 batches
 
     # elapsed 0.25, 0.5, 0.75, 1.0 at batches 2, 4, 6, 8 -> int(elapsed * 3 units) units frozen
-    assert _frozen_units(recorder) == [[], [], [], ['embed'], ['embed'], ['0', 'embed'], ['0', 'embed'],
-                                       ['0', '1', 'embed']]
+    assert _frozen_units(recorder) == [
+        [],
+        [],
+        [],
+        ['embed'],
+        ['embed'],
+        ['0', 'embed'],
+        ['0', 'embed'],
+        ['0', '1', 'embed'],
+    ]
 
 
 def test_interval_in_batches_with_max_duration_in_batches(make_model, make_trainer):
@@ -49,8 +57,9 @@ def test_schedule_hook_replaces_the_linear_schedule(make_model, make_trainer):
 
 def test_logs_layers_and_fraction_frozen_trainable_parameters_and_optimizer_state_bytes(make_model, make_trainer):
     model, metrics = make_model(num_layers=2), InMemoryLogger()
-    trainer = make_trainer(model, [LayerFreezing(freeze_start=0.0, granularity='block')], max_duration='2ep',
-                           loggers=[metrics])
+    trainer = make_trainer(
+        model, [LayerFreezing(freeze_start=0.0, granularity='block')], max_duration='2ep', loggers=[metrics]
+    )
     trainer.fit()
 
     def logged(key):

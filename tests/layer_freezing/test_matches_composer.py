@@ -18,14 +18,17 @@ def _run(make_model, make_trainer, algorithm, arch):
     model = make_model(arch)
     recorder, metrics = FrozenRecorder(), InMemoryLogger()
     make_trainer(model, [algorithm], max_duration='4ep', callbacks=[recorder], loggers=[metrics]).fit()
-    logged = {key: [value for _, value in metrics.data[key]]
-              for key in ('layer_freezing/layers_frozen', 'layer_freezing/percentage_frozen')}
+    logged = {
+        key: [value for _, value in metrics.data[key]]
+        for key in ('layer_freezing/layers_frozen', 'layer_freezing/percentage_frozen')
+    }
     return model, recorder.frozen, logged
 
 
 @pytest.mark.parametrize('arch', ['llama', 'gpt2'])
 def test_default_options_freeze_the_same_layers_at_the_same_epochs_and_train_identically(
-        make_model, make_trainer, arch):
+    make_model, make_trainer, arch
+):
     theirs, theirs_frozen, theirs_logged = _run(make_model, make_trainer, ComposerLayerFreezing(), arch)
     ours, ours_frozen, ours_logged = _run(make_model, make_trainer, LayerFreezing(), arch)
 
@@ -44,10 +47,12 @@ def test_functional_form_returns_and_freezes_what_composers_does(make_model, ela
     from composer.algorithms.layer_freezing import freeze_layers as composer_freeze_layers
 
     theirs, ours = make_model(num_layers=3), make_model(num_layers=3)
-    theirs_result = composer_freeze_layers(theirs, torch.optim.SGD(theirs.parameters(), lr=0.1), elapsed,
-                                           freeze_start, freeze_level)
+    theirs_result = composer_freeze_layers(
+        theirs, torch.optim.SGD(theirs.parameters(), lr=0.1), elapsed, freeze_start, freeze_level
+    )
     ours_result = freeze_layers(ours, torch.optim.SGD(ours.parameters(), lr=0.1), elapsed, freeze_start, freeze_level)
 
     assert ours_result == theirs_result
-    assert [n for n, p in ours.named_parameters() if p.requires_grad] == \
-        [n for n, p in theirs.named_parameters() if p.requires_grad]
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [
+        n for n, p in theirs.named_parameters() if p.requires_grad
+    ]

@@ -17,8 +17,12 @@ def _trainable(model):
 
 def test_block_granularity_freezes_embeddings_first_then_blocks_and_never_the_head(make_model):
     model = make_model(num_layers=3)
-    assert [u.name for u in freezable_units(user_module(model), 'block')] == \
-        ['model.embed_tokens', 'model.layers.0', 'model.layers.1', 'model.layers.2']
+    assert [u.name for u in freezable_units(user_module(model), 'block')] == [
+        'model.embed_tokens',
+        'model.layers.0',
+        'model.layers.1',
+        'model.layers.2',
+    ]
 
     depth, _ = freeze_layers(model, None, current_duration=0.5, freeze_start=0.0, freeze_level=1.0, granularity='block')
     assert depth == 2
@@ -30,8 +34,10 @@ def test_block_granularity_freezes_embeddings_first_then_blocks_and_never_the_he
 
 def test_block_granularity_finds_gpt2_blocks_with_both_embeddings_in_one_unit(make_model):
     units = freezable_units(user_module(make_model('gpt2', num_layers=2)), 'block')
-    assert [(u.name, u.parameter_names[:2]) for u in units][0] == \
-        ('transformer', ('transformer.wte.weight', 'transformer.wpe.weight'))
+    assert (units[0].name, units[0].parameter_names[:2]) == (
+        'transformer',
+        ('transformer.wte.weight', 'transformer.wpe.weight'),
+    )
     assert [u.name for u in units[1:]] == ['transformer.h.0', 'transformer.h.1']
 
 
@@ -87,6 +93,8 @@ def test_a_module_with_its_own_parameters_and_children_is_a_unit_before_its_chil
 def test_frozen_units_stay_frozen_when_the_schedule_falls(make_model):
     model = make_model(num_layers=2)
     freeze_layers(model, None, 1.0, 0.0, 1.0, granularity='block')
-    depth, _ = freeze_layers(model, None, 1.0, 0.0, 1.0, granularity='block', schedule=lambda elapsed, start, level: 0.0)
+    depth, _ = freeze_layers(
+        model, None, 1.0, 0.0, 1.0, granularity='block', schedule=lambda elapsed, start, level: 0.0
+    )
     assert depth == 0
     assert _trainable(model) == ['model.norm.weight', 'lm_head.weight']

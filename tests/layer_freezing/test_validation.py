@@ -13,15 +13,18 @@ from algorithms.layer_freezing.layer_freezing import linear_schedule  # noqa: F4
 from algorithms.registry import build_algorithm
 
 
-@pytest.mark.parametrize('kwargs,message', [
-    ({'freeze_start': 1.5}, r'freeze_start=1\.5 is outside \[0, 1\]'),
-    ({'freeze_start': -0.1}, r'freeze_start=-0\.1 is outside \[0, 1\]'),
-    ({'freeze_level': 2}, r'freeze_level=2 is outside \[0, 1\]'),
-    ({'granularity': 'layer'}, r"granularity='layer' is not supported; choose one of \['leaf', 'block'\]"),
-    ({'interval': 0}, r"interval=0 must be 'epoch' or a positive number of batches"),
-    ({'interval': 'batch'}, r"interval='batch' must be 'epoch' or a positive number of batches"),
-    ({'interval': True}, r"interval=True must be 'epoch'"),
-])
+@pytest.mark.parametrize(
+    'kwargs,message',
+    [
+        ({'freeze_start': 1.5}, r'freeze_start=1\.5 is outside \[0, 1\]'),
+        ({'freeze_start': -0.1}, r'freeze_start=-0\.1 is outside \[0, 1\]'),
+        ({'freeze_level': 2}, r'freeze_level=2 is outside \[0, 1\]'),
+        ({'granularity': 'layer'}, r"granularity='layer' is not supported; choose one of \['leaf', 'block'\]"),
+        ({'interval': 0}, r"interval=0 must be 'epoch' or a positive number of batches"),
+        ({'interval': 'batch'}, r"interval='batch' must be 'epoch' or a positive number of batches"),
+        ({'interval': True}, r"interval=True must be 'epoch'"),
+    ],
+)
 def test_bad_arguments_are_rejected_with_the_value_and_what_is_valid(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LayerFreezing(**kwargs)
@@ -35,7 +38,7 @@ def test_non_numbers_and_non_callables_are_type_errors():
 
 
 def test_functional_form_validates_too(make_model):
-    with pytest.raises(ValueError, match='freeze_level=1.5'):
+    with pytest.raises(ValueError, match=r'freeze_level=1\.5'):
         freeze_layers(make_model(), None, 0.5, freeze_level=1.5)
 
 
@@ -52,14 +55,15 @@ def test_a_model_with_fewer_than_two_freezable_units_fails_at_init_untouched(mak
 
 def test_block_granularity_on_a_model_without_repeated_blocks_suggests_leaf():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="granularity='block' needs repeated blocks.*granularity='leaf'"):
+    with pytest.raises(ValueError, match=r"granularity='block' needs repeated blocks.*granularity='leaf'"):
         freeze_layers(model, None, 1.0, granularity='block')
     assert all(p.requires_grad for p in model.parameters())
 
 
 def test_yaml_kwargs_are_type_checked_from_the_annotations():
-    assert build_algorithm('layer_freezing', {'interval': 10, 'granularity': 'block'}) == \
-        LayerFreezing(interval=10, granularity='block')
+    assert build_algorithm('layer_freezing', {'interval': 10, 'granularity': 'block'}) == LayerFreezing(
+        interval=10, granularity='block'
+    )
     with pytest.raises(ConfigError, match='interval'):
         build_algorithm('layer_freezing', {'interval': '10ba'})
     with pytest.raises(ConfigError, match='granularity'):

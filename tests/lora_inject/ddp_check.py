@@ -18,20 +18,20 @@ import sys
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
-import torch  # noqa: E402
-from composer import Trainer  # noqa: E402
-from composer.utils import dist  # noqa: E402
+import torch
+from composer import Trainer
+from composer.utils import dist
+from rank_checks import RankChecks
 
-from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus  # noqa: E402
-from algorithms.lora_inject import LoRAInject  # noqa: E402
-from algorithms.models import load_tokenizer, tiny_decoder  # noqa: E402
-from algorithms.parameter_selection import user_module  # noqa: E402
-from algorithms.training import parameter_checksum  # noqa: E402
-from rank_checks import RankChecks  # noqa: E402
+from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
+from algorithms.lora_inject import LoRAInject
+from algorithms.models import load_tokenizer, tiny_decoder
+from algorithms.parameter_selection import user_module
+from algorithms.training import parameter_checksum
 
-
-OPTIONS = dict(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'embed_tokens'], use_dora=True,
-               modules_to_save=['lm_head'])
+OPTIONS = dict(
+    r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'embed_tokens'], use_dora=True, modules_to_save=['lm_head']
+)
 
 
 def train(folder: str, load_path: str | None, seed: int):
@@ -66,7 +66,9 @@ def main() -> None:
     after = dict(user_module(model).named_parameters())
     base_unchanged = all(
         torch.equal(after.get(n, after.get(n.rsplit('.', 1)[0] + '.base_layer.' + n.rsplit('.', 1)[1])), v)
-        for n, v in base.items() if not n.startswith('lm_head'))
+        for n, v in base.items()
+        if not n.startswith('lm_head')
+    )
     first_batches = dist.all_gather_object(checks.first_batch_digest)
     checkpoint = next(f for f in sorted(os.listdir(os.path.join(folder, 'checkpoints'))) if '-ba4-rank0' in f)
     resumed, _, resumed_checks = train(folder, os.path.join(folder, 'checkpoints', checkpoint), seed=1)

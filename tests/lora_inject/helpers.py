@@ -9,12 +9,23 @@ import torch
 from torch import nn
 
 from algorithms.lora_inject import apply_lora, load_adapter_state_dict
-from algorithms.lora_inject.peft_format import PEFT_PREFIX, _our_name
 from algorithms.lora_inject.injection import adapter_layers
+from algorithms.lora_inject.peft_format import PEFT_PREFIX, _our_name
 from algorithms.parameter_selection import user_module
 
-PEFT_FIELDS = ('r', 'lora_alpha', 'target_modules', 'use_rslora', 'use_dora', 'bias', 'modules_to_save',
-               'rank_pattern', 'alpha_pattern', 'layers_to_transform', 'layers_pattern')
+PEFT_FIELDS = (
+    'r',
+    'lora_alpha',
+    'target_modules',
+    'use_rslora',
+    'use_dora',
+    'bias',
+    'modules_to_save',
+    'rank_pattern',
+    'alpha_pattern',
+    'layers_to_transform',
+    'layers_pattern',
+)
 
 
 def randomize_peft_adapters(peft_model: nn.Module, seed: int = 0) -> None:
@@ -48,7 +59,7 @@ def peft_grads_in_our_names(ours: nn.Module, peft_model: nn.Module) -> dict[str,
     grads = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
     renamed = get_peft_model_state_dict(peft_model, state_dict=grads)
     layers = adapter_layers(user_module(ours))
-    return {_our_name(k[len(PEFT_PREFIX):], layers): v for k, v in renamed.items()}
+    return {_our_name(k[len(PEFT_PREFIX) :], layers): v for k, v in renamed.items()}
 
 
 def our_grads(ours: nn.Module) -> dict[str, torch.Tensor]:

@@ -60,11 +60,14 @@ def test_an_unknown_choice_lists_every_valid_one(argument):
     assert all(repr(choice) in str(error.value) for choice in get_args(annotation))
 
 
-@pytest.mark.parametrize('argument, value, message', [
-    ('rank_pattern', {3: 4}, r'rank_pattern=\{3: 4\} is invalid: give a dict'),
-    ('alpha_pattern', {'q_proj': 'x'}, r"alpha_pattern\['q_proj'\]='x' is invalid"),
-    ('enable_slices', {'c_attn': 'TFT'}, r"enable_slices\['c_attn'\]='TFT' is invalid"),
-])
+@pytest.mark.parametrize(
+    'argument, value, message',
+    [
+        ('rank_pattern', {3: 4}, r'rank_pattern=\{3: 4\} is invalid: give a dict'),
+        ('alpha_pattern', {'q_proj': 'x'}, r"alpha_pattern\['q_proj'\]='x' is invalid"),
+        ('enable_slices', {'c_attn': 'TFT'}, r"enable_slices\['c_attn'\]='TFT' is invalid"),
+    ],
+)
 def test_pattern_mappings_are_checked_key_and_value(argument, value, message):
     with pytest.raises((TypeError, ValueError), match=message):
         LoRAInject(**{argument: value})

@@ -16,12 +16,18 @@ from algorithms.regex_freeze import RegexFreeze
 LORA = dict(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'])
 
 
-@pytest.mark.parametrize('freeze, suggestion', [
-    (dict(trainable=['lm_head']), "modules_to_save=['lm_head']"),
-    (dict(trainable=['lm_head', 'model.norm.weight', r'model\.layers\.\d+\.mlp']),
-     "modules_to_save=['lm_head', 'model.norm']"),
-    (dict(frozen=['model.embed_tokens']), "modules_to_save=['lm_head']"),
-], ids=['trainable-head', 'trainable-patterns', 'frozen-only'])
+@pytest.mark.parametrize(
+    'freeze, suggestion',
+    [
+        (dict(trainable=['lm_head']), "modules_to_save=['lm_head']"),
+        (
+            dict(trainable=['lm_head', 'model.norm.weight', r'model\.layers\.\d+\.mlp']),
+            "modules_to_save=['lm_head', 'model.norm']",
+        ),
+        (dict(frozen=['model.embed_tokens']), "modules_to_save=['lm_head']"),
+    ],
+    ids=['trainable-head', 'trainable-patterns', 'frozen-only'],
+)
 @pytest.mark.parametrize('lora_first', [True, False], ids=['lora-first', 'regex-first'])
 def test_regex_freeze_with_lora_is_refused_before_anything_changes(freeze, suggestion, lora_first):
     model = seeded_tiny_decoder(num_layers=2)
@@ -45,7 +51,8 @@ def test_the_suggested_modules_to_save_trains_adapters_and_head_and_keeps_the_ba
     trainer.fit()
     trains = {n for n, p in hf.named_parameters() if p.requires_grad}
     assert trains == {f'{name}.{leaf}' for name in adapter_layers(hf) for leaf in ('lora_A', 'lora_B')} | {
-        'lm_head.weight'}
+        'lm_head.weight'
+    }
     for name, param in hf.named_parameters():
         assert torch.equal(param, start[name]) == (name not in trains), name
 
@@ -74,7 +81,8 @@ def test_surgery_after_lora_at_init_finds_the_frozen_base_in_the_optimizer_and_i
     adapters = {f'{name}.{leaf}' for name in layers for leaf in ('lora_A', 'lora_B')}
     assert {n for n, p in hf.named_parameters() if p.requires_grad} == adapters
     assert {id(p) for g in optimizer.param_groups for p in g['params']} == {
-        id(p) for n, p in hf.named_parameters() if n in adapters}
+        id(p) for n, p in hf.named_parameters() if n in adapters
+    }
     start = {n: p.detach().clone() for n, p in hf.named_parameters()}
     trainer.fit()
     for name, param in hf.named_parameters():
@@ -86,5 +94,9 @@ def test_surgery_after_lora_at_init_finds_the_frozen_base_in_the_optimizer_and_i
 def test_dora_over_a_base_layer_another_algorithm_replaced_is_refused_before_training():
     model = seeded_tiny_decoder(num_layers=2)
     with pytest.raises(ValueError, match=r'replaced base layers of LoRA adapters .*use_dora=True needs their weight'):
-        cpu_trainer(model, [LoRAInject(**LORA, use_dora=True), _factorize()], optimizer=_two_group_adamw(model),
-                    max_duration='1ba')
+        cpu_trainer(
+            model,
+            [LoRAInject(**LORA, use_dora=True), _factorize()],
+            optimizer=_two_group_adamw(model),
+            max_duration='1ba',
+        )

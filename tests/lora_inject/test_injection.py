@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -26,8 +24,9 @@ def _gpt2():
 
 def _bert():
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, num_labels=3)
+    config = BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
     return BertForSequenceClassification(config)
 
 
@@ -38,8 +37,11 @@ def _adapted(model):
 def test_list_targets_match_whole_names_or_name_suffixes():
     model = _llama(2)
     apply_lora(model, r=2, target_modules=['q_proj', 'layers.1.mlp.up_proj'])
-    assert _adapted(model) == ['model.layers.0.self_attn.q_proj', 'model.layers.1.mlp.up_proj',
-                               'model.layers.1.self_attn.q_proj']
+    assert _adapted(model) == [
+        'model.layers.0.self_attn.q_proj',
+        'model.layers.1.mlp.up_proj',
+        'model.layers.1.self_attn.q_proj',
+    ]
 
 
 def test_regex_target_must_match_the_whole_name():
@@ -64,11 +66,14 @@ def test_all_linear_leaves_out_the_classifier_head_and_includes_conv1d():
     assert 'transformer.h.0.attn.c_attn' in _adapted(gpt2) and 'lm_head' not in _adapted(gpt2)
 
 
-@pytest.mark.parametrize('make, expected', [
-    (_llama, {'q_proj', 'v_proj'}),
-    (_gpt2, {'c_attn'}),
-    (_bert, {'query', 'value'}),
-])
+@pytest.mark.parametrize(
+    'make, expected',
+    [
+        (_llama, {'q_proj', 'v_proj'}),
+        (_gpt2, {'c_attn'}),
+        (_bert, {'query', 'value'}),
+    ],
+)
 def test_default_targets_follow_the_model_type(make, expected):
     model = make()
     apply_lora(model, r=2)
@@ -83,8 +88,14 @@ def test_layers_to_transform_selects_blocks():
 
 def test_rank_and_alpha_patterns_override_per_target():
     model = _llama(2)
-    apply_lora(model, r=2, lora_alpha=4, target_modules=['q_proj', 'v_proj'], rank_pattern={'v_proj': 6},
-               alpha_pattern={r'layers\.1\.self_attn\.q_proj': 1})
+    apply_lora(
+        model,
+        r=2,
+        lora_alpha=4,
+        target_modules=['q_proj', 'v_proj'],
+        rank_pattern={'v_proj': 6},
+        alpha_pattern={r'layers\.1\.self_attn\.q_proj': 1},
+    )
     layers = adapter_layers(model)
     assert layers['model.layers.0.self_attn.v_proj'].r == 6
     assert layers['model.layers.0.self_attn.v_proj'].lora_A.shape == (6, 32)
@@ -99,7 +110,8 @@ def test_only_adapters_modules_to_save_and_chosen_biases_train():
     query = 'bert.encoder.layer.{}.attention.self.query'
     assert trainable == {
         *(f'{query.format(i)}.{leaf}' for i in (0, 1) for leaf in ('lora_A', 'lora_B', 'base_layer.bias')),
-        'classifier.weight', 'classifier.bias',
+        'classifier.weight',
+        'classifier.bias',
     }
     assert isinstance(bert.classifier, nn.Linear)  # trained in full, not adapted
 
@@ -112,19 +124,25 @@ def test_bias_all_trains_every_bias():
     assert biases <= trainable and not any(n.endswith('.weight') for n in trainable)
 
 
-@pytest.mark.parametrize('kwargs, message', [
-    ({'target_modules': ['q_porj']}, r"'q_porj' matches no module .* Did you mean .*'q_proj'"),
-    ({'target_modules': ['self_attn']}, r"LlamaAttention, which LoRAInject cannot adapt. Supported types: nn.Linear"),
-    ({'target_modules': ['norm']}, r"LlamaRMSNorm.*Supported types"),
-    ({'target_modules': r'.*\.q_projection'}, r'matches no module'),
-    ({'target_modules': ['q_proj'], 'layers_to_transform': [9]}, r'layers_to_transform=\[9\].*leaves no target'),
-    ({'target_modules': ['q_proj'], 'modules_to_save': ['clasifier']}, r"modules_to_save entry 'clasifier'"),
-    ({'r': 0}, r'r=0 is invalid: the rank must be a positive integer'),
-    ({'r': 4, 'lora_alpha': -1}, r'lora_alpha=-1 is invalid'),
-    ({'lora_dropout': 1.0}, r'lora_dropout=1.0 is invalid: it must be a number in \[0, 1\)'),
-    ({'rank_pattern': {'q_proj': 0}}, r"rank_pattern\['q_proj'\]=0 is invalid"),
-    ({'init': 'pissa', 'target_modules': ['embed_tokens']}, r"init='pissa' supports linear layers only"),
-])
+@pytest.mark.parametrize(
+    'kwargs, message',
+    [
+        ({'target_modules': ['q_porj']}, r"'q_porj' matches no module .* Did you mean .*'q_proj'"),
+        (
+            {'target_modules': ['self_attn']},
+            r'LlamaAttention, which LoRAInject cannot adapt. Supported types: nn.Linear',
+        ),
+        ({'target_modules': ['norm']}, r'LlamaRMSNorm.*Supported types'),
+        ({'target_modules': r'.*\.q_projection'}, r'matches no module'),
+        ({'target_modules': ['q_proj'], 'layers_to_transform': [9]}, r'layers_to_transform=\[9\].*leaves no target'),
+        ({'target_modules': ['q_proj'], 'modules_to_save': ['clasifier']}, r"modules_to_save entry 'clasifier'"),
+        ({'r': 0}, r'r=0 is invalid: the rank must be a positive integer'),
+        ({'r': 4, 'lora_alpha': -1}, r'lora_alpha=-1 is invalid'),
+        ({'lora_dropout': 1.0}, r'lora_dropout=1.0 is invalid: it must be a number in \[0, 1\)'),
+        ({'rank_pattern': {'q_proj': 0}}, r"rank_pattern\['q_proj'\]=0 is invalid"),
+        ({'init': 'pissa', 'target_modules': ['embed_tokens']}, r"init='pissa' supports linear layers only"),
+    ],
+)
 def test_errors_name_the_problem_and_leave_model_and_optimizer_untouched(kwargs, message):
     model = _llama(2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -154,7 +172,7 @@ def test_no_default_for_an_unknown_model_type_is_a_clear_error():
 def test_algorithm_arguments_are_validated_on_construction():
     with pytest.raises(ValueError, match=r'r=-2 is invalid'):
         LoRAInject(r=-2)
-    with pytest.raises(ValueError, match=r"save_merged_to=3 is invalid"):
+    with pytest.raises(ValueError, match=r'save_merged_to=3 is invalid'):
         LoRAInject(save_merged_to=3)
 
 
@@ -206,11 +224,16 @@ def test_the_algorithm_repr_evals_back_and_is_equal():
     assert LoRAInject.required_on_load()
 
 
-@pytest.mark.parametrize('model, message', [
-    (nn.Flatten(), r'Flatten has no parameters, so LoRA has nothing to adapt'),
-    (nn.Sequential(nn.LayerNorm(4), nn.GELU()),
-     r'no module of a type LoRA can adapt: its parameters belong to LayerNorm'),
-])
+@pytest.mark.parametrize(
+    'model, message',
+    [
+        (nn.Flatten(), r'Flatten has no parameters, so LoRA has nothing to adapt'),
+        (
+            nn.Sequential(nn.LayerNorm(4), nn.GELU()),
+            r'no module of a type LoRA can adapt: its parameters belong to LayerNorm',
+        ),
+    ],
+)
 def test_a_model_without_adaptable_layers_is_named_as_such(model, message):
     with pytest.raises(ValueError, match=message) as error:
         apply_lora(model, r=2, target_modules=['q_proj'])

@@ -12,7 +12,7 @@ from algorithms.lora_inject.layers import LoRAConv, LoRAEmbedding, LoRALinear
 
 def _randomize(layer):
     with torch.no_grad():
-        for name, param in layer.adapter_parameters().items():
+        for param in layer.adapter_parameters().values():
             param.add_(torch.randn_like(param) * 0.2)
 
 

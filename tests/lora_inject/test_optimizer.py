@@ -15,8 +15,9 @@ def _model_and_grouped_optimizer():
     decay = [p for n, p in model.named_parameters() if 'mlp' in n or 'self_attn.q_proj' in n]
     ids = {id(p) for p in decay}
     no_decay = [p for p in model.parameters() if id(p) not in ids]
-    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, 'weight_decay': 0.0}],
-                                  lr=1e-3)
+    optimizer = torch.optim.AdamW(
+        [{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, 'weight_decay': 0.0}], lr=1e-3
+    )
     ids = torch.randint(0, 1000, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()  # every base parameter now has Adam state

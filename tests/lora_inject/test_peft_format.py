@@ -29,9 +29,16 @@ def _gpt2():
 
 def _bert():
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(config).eval()
 
 
@@ -64,20 +71,30 @@ def _out(model, inputs):
 def _randomize_ours(model, seed=0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 CASES = {
-    'llama-patterns': (_llama, dict(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'o_proj'],
-                                    rank_pattern={'o_proj': 2}, alpha_pattern={'v_proj': 3}, use_rslora=True)),
-    'llama-dora-embedding': (_llama, dict(r=2, lora_alpha=4, target_modules=['embed_tokens', 'q_proj'],
-                                          use_dora=True)),
+    'llama-patterns': (
+        _llama,
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=['q_proj', 'v_proj', 'o_proj'],
+            rank_pattern={'o_proj': 2},
+            alpha_pattern={'v_proj': 3},
+            use_rslora=True,
+        ),
+    ),
+    'llama-dora-embedding': (_llama, dict(r=2, lora_alpha=4, target_modules=['embed_tokens', 'q_proj'], use_dora=True)),
     'llama-layers': (_llama, dict(r=2, lora_alpha=4, target_modules=['gate_proj'], layers_to_transform=[0])),
     'gpt2-conv1d': (_gpt2, dict(r=2, lora_alpha=4, target_modules=['c_attn', 'c_proj'])),
-    'bert-save-bias': (_bert, dict(r=2, lora_alpha=4, target_modules=['query', 'value'],
-                                   modules_to_save=['classifier'], bias='all')),
+    'bert-save-bias': (
+        _bert,
+        dict(r=2, lora_alpha=4, target_modules=['query', 'value'], modules_to_save=['classifier'], bias='all'),
+    ),
     'conv': (_ConvNet, dict(r=2, lora_alpha=4, target_modules=['conv', 'seq'], use_dora=True)),
 }
 
@@ -105,7 +122,7 @@ def test_peft_saved_loads_in_ours_with_equal_outputs(case, tmp_path):
 
     make, lora = CASES[case]
     base = make()
-    peft_kwargs = {k: v for k, v in lora.items()}
+    peft_kwargs = dict(lora)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**peft_kwargs))
     randomize_peft_adapters(theirs)
     with torch.no_grad():

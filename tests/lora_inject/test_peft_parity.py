@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from algorithms.models import minilm_classifier, tiny_decoder
+
 from .helpers import our_grads, peft_grads_in_our_names, twin_models
 
 ATOL, RTOL = 1e-5, 1e-4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base(kind: str):
     torch.manual_seed(0)
     if kind == 'minilm':
@@ -37,20 +38,39 @@ def _batch(kind: str):
 CASES = {
     'minilm-linear': ('minilm', dict(r=4, lora_alpha=8, target_modules=['query', 'value'])),
     'minilm-embedding': ('minilm', dict(r=4, lora_alpha=8, target_modules=['word_embeddings', 'dense'])),
-    'minilm-dora': ('minilm', dict(r=4, lora_alpha=8, target_modules=['query', 'value', 'word_embeddings'],
-                                   use_dora=True)),
-    'minilm-rslora-patterns': ('minilm', dict(r=4, lora_alpha=8, target_modules=['query', 'key', 'value'],
-                                              use_rslora=True, rank_pattern={'key': 2}, alpha_pattern={'value': 3})),
-    'minilm-modules-to-save-bias': ('minilm', dict(r=2, lora_alpha=4, target_modules=['query'],
-                                                   modules_to_save=['classifier'], bias='all')),
+    'minilm-dora': (
+        'minilm',
+        dict(r=4, lora_alpha=8, target_modules=['query', 'value', 'word_embeddings'], use_dora=True),
+    ),
+    'minilm-rslora-patterns': (
+        'minilm',
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=['query', 'key', 'value'],
+            use_rslora=True,
+            rank_pattern={'key': 2},
+            alpha_pattern={'value': 3},
+        ),
+    ),
+    'minilm-modules-to-save-bias': (
+        'minilm',
+        dict(r=2, lora_alpha=4, target_modules=['query'], modules_to_save=['classifier'], bias='all'),
+    ),
     'llama-linear': ('decoder_llama', dict(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'down_proj'])),
-    'llama-embedding-dora': ('decoder_llama', dict(r=4, lora_alpha=8, target_modules=['embed_tokens', 'o_proj'],
-                                                   use_dora=True)),
-    'llama-layers': ('decoder_llama', dict(r=2, lora_alpha=2, target_modules=['q_proj', 'up_proj'],
-                                           layers_to_transform=[1])),
+    'llama-embedding-dora': (
+        'decoder_llama',
+        dict(r=4, lora_alpha=8, target_modules=['embed_tokens', 'o_proj'], use_dora=True),
+    ),
+    'llama-layers': (
+        'decoder_llama',
+        dict(r=2, lora_alpha=2, target_modules=['q_proj', 'up_proj'], layers_to_transform=[1]),
+    ),
     'gpt2-conv1d': ('decoder_gpt2', dict(r=4, lora_alpha=8, target_modules=['c_attn', 'c_fc'])),
-    'gpt2-conv1d-dora': ('decoder_gpt2', dict(r=4, lora_alpha=8, target_modules=['c_attn', 'c_proj', 'wte'],
-                                              use_dora=True)),
+    'gpt2-conv1d-dora': (
+        'decoder_gpt2',
+        dict(r=4, lora_alpha=8, target_modules=['c_attn', 'c_proj', 'wte'], use_dora=True),
+    ),
 }
 
 
@@ -68,4 +88,4 @@ def test_forward_and_gradients_equal_peft(case):
     actual = our_grads(ours)
     assert set(actual) == set(expected)
     for name, grad in expected.items():
-        torch.testing.assert_close(actual[name], grad, atol=ATOL, rtol=RTOL, msg=lambda m: f'{name}: {m}')
+        torch.testing.assert_close(actual[name], grad, atol=ATOL, rtol=RTOL, msg=lambda m, name=name: f'{name}: {m}')

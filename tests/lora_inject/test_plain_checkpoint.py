@@ -46,11 +46,15 @@ def _assert_adapters_at_init(layers) -> None:
         assert not zero.any(), f'{name}: the update is not zero'
 
 
-@pytest.mark.parametrize('arch, lora', [
-    ('llama', dict(target_modules=['embed_tokens', 'q_proj', 'o_proj'], bias='all')),
-    ('llama', dict(target_modules='all-linear', use_dora=True)),
-    ('gpt2', dict(target_modules=['c_attn', 'c_fc'], enable_slices={'c_attn': [True, False, True]})),
-], ids=['embedding+linear', 'dora', 'gpt2-conv1d-slices'])
+@pytest.mark.parametrize(
+    'arch, lora',
+    [
+        ('llama', dict(target_modules=['embed_tokens', 'q_proj', 'o_proj'], bias='all')),
+        ('llama', dict(target_modules='all-linear', use_dora=True)),
+        ('gpt2', dict(target_modules=['c_attn', 'c_fc'], enable_slices={'c_attn': [True, False, True]})),
+    ],
+    ids=['embedding+linear', 'dora', 'gpt2-conv1d-slices'],
+)
 def test_a_plain_state_dict_becomes_the_base_and_the_function_is_the_plain_models(arch, lora):
     plain = _hf(seed=1, arch=arch)
     model = _hf(seed=0, arch=arch)  # other weights: everything must come from the state dict
@@ -125,8 +129,13 @@ def test_a_plain_trainer_checkpoint_loads_weights_only_into_a_lora_trainer(tmp_p
     cpu_trainer(plain, [], max_duration='2ba', save_folder=str(tmp_path), save_interval='2ba').fit()
     expected = _logits(user_module(plain).eval())
     model = seeded_tiny_decoder(seed=0, num_layers=2)
-    trainer = cpu_trainer(model, [LoRAInject(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'])],
-                          max_duration='2ba', load_path=str(tmp_path / 'ep0-ba2-rank0.pt'), load_weights_only=True)
+    trainer = cpu_trainer(
+        model,
+        [LoRAInject(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'])],
+        max_duration='2ba',
+        load_path=str(tmp_path / 'ep0-ba2-rank0.pt'),
+        load_weights_only=True,
+    )
     hf = user_module(model)
     layers = adapter_layers(hf)
     _assert_adapters_at_init(layers)

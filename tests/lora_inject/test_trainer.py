@@ -64,31 +64,46 @@ def test_state_dict_is_versioned_and_a_different_configuration_is_refused():
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path: Path):
     options = dict(**OPTIONS, use_dora=True, lora_dropout=0.1)
     uninterrupted = seeded_tiny_decoder(num_layers=2)
-    cpu_trainer(uninterrupted, [LoRAInject(**options)], max_duration='6ba', save_folder=str(tmp_path),
-                save_interval='3ba').fit()
+    cpu_trainer(
+        uninterrupted, [LoRAInject(**options)], max_duration='6ba', save_folder=str(tmp_path), save_interval='3ba'
+    ).fit()
     resumed = seeded_tiny_decoder(seed=1, num_layers=2)  # different weights: everything comes from the checkpoint
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        cpu_trainer(resumed, [LoRAInject(**options)], max_duration='6ba',
-                    load_path=str(tmp_path / 'ep0-ba3-rank0.pt')).fit()
+        cpu_trainer(
+            resumed, [LoRAInject(**options)], max_duration='6ba', load_path=str(tmp_path / 'ep0-ba3-rank0.pt')
+        ).fit()
     assert not [w for w in caught if 'required_on_load' in str(w.message)]
     expected = _params(uninterrupted)
     for name, value in _params(resumed).items():
         assert torch.equal(value, expected[name]), name
 
 
-@pytest.mark.parametrize('load_options, error', [
-    ({}, KeyError),  # Composer fails loading the optimizer state of the (absent) adapters
-    ({'load_weights_only': True}, RuntimeError),  # strict model loading: missing q_proj.weight, unexpected lora_A
-])
+@pytest.mark.parametrize(
+    'load_options, error',
+    [
+        ({}, KeyError),  # Composer fails loading the optimizer state of the (absent) adapters
+        ({'load_weights_only': True}, RuntimeError),  # strict model loading: missing q_proj.weight, unexpected lora_A
+    ],
+)
 def test_loading_a_lora_checkpoint_without_lora_inject_fails(tmp_path: Path, load_options, error):
     # Composer re-applies only its own surgery algorithms; the user must pass LoRAInject when resuming. (With
     # load_weights_only=True and load_strict_model_weights=False, Composer loads silently and drops the adapters.)
-    cpu_trainer(seeded_tiny_decoder(num_layers=2), [LoRAInject(r=2, target_modules=['q_proj'])], max_duration='2ba',
-                save_folder=str(tmp_path), save_interval='2ba').fit()
+    cpu_trainer(
+        seeded_tiny_decoder(num_layers=2),
+        [LoRAInject(r=2, target_modules=['q_proj'])],
+        max_duration='2ba',
+        save_folder=str(tmp_path),
+        save_interval='2ba',
+    ).fit()
     with pytest.raises(error):
-        cpu_trainer(seeded_tiny_decoder(num_layers=2), [], max_duration='2ba',
-                    load_path=str(tmp_path / 'ep0-ba2-rank0.pt'), **load_options)
+        cpu_trainer(
+            seeded_tiny_decoder(num_layers=2),
+            [],
+            max_duration='2ba',
+            load_path=str(tmp_path / 'ep0-ba2-rank0.pt'),
+            **load_options,
+        )
 
 
 def test_fit_end_writes_the_adapter_and_the_merged_model(tmp_path: Path):
@@ -97,8 +112,12 @@ def test_fit_end_writes_the_adapter_and_the_merged_model(tmp_path: Path):
 
     model = seeded_tiny_decoder(num_layers=2)
     base = seeded_tiny_decoder(num_layers=2).model.eval()
-    algorithm = LoRAInject(r=2, target_modules=['q_proj', 'v_proj'], save_adapter_to=str(tmp_path / 'adapter'),
-                           save_merged_to=str(tmp_path / 'merged'))
+    algorithm = LoRAInject(
+        r=2,
+        target_modules=['q_proj', 'v_proj'],
+        save_adapter_to=str(tmp_path / 'adapter'),
+        save_merged_to=str(tmp_path / 'merged'),
+    )
     cpu_trainer(model, [algorithm], max_duration='3ba').fit()
     assert json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())['r'] == 2
     ids = torch.randint(0, 1000, (2, 8))

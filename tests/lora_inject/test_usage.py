@@ -60,8 +60,9 @@ def test_a_4bit_quantized_base_trains_its_adapters():
     model = user_module(seeded_tiny_decoder(num_layers=2))
     for layer in model.model.layers:
         linear = layer.self_attn.q_proj
-        quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
-                                      compute_dtype=torch.float32, quant_type='nf4')
+        quantized = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=False, compute_dtype=torch.float32, quant_type='nf4'
+        )
         quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type='nf4')
         layer.self_attn.q_proj = quantized
     model.cuda()

@@ -18,18 +18,17 @@ import sys
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
-import torch  # noqa: E402
-from composer import Trainer  # noqa: E402
-from composer.algorithms import GradientClipping  # noqa: E402
-from composer.utils import dist, reproducibility  # noqa: E402
+import torch
+from composer import Trainer
+from composer.algorithms import GradientClipping
+from composer.utils import dist, reproducibility
+from rank_checks import RankChecks
 
-from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus  # noqa: E402
-from algorithms.models import load_tokenizer, tiny_decoder  # noqa: E402
-from algorithms.parameter_selection import user_module  # noqa: E402
-from algorithms.training import parameter_checksum  # noqa: E402
-from algorithms.regex_freeze import RegexFreeze  # noqa: E402
-from rank_checks import RankChecks  # noqa: E402
-
+from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
+from algorithms.models import load_tokenizer, tiny_decoder
+from algorithms.parameter_selection import user_module
+from algorithms.regex_freeze import RegexFreeze
+from algorithms.training import parameter_checksum
 
 TRAINABLE = ['model.embed_tokens.weight[1000:2500]', 'lm_head.weight[1000:2500]', 'model.layers.1']
 FROZEN = ['model.layers.1.mlp.up_proj.weight[0:16]']
@@ -43,12 +42,24 @@ def build(save_folder, load_path=None):
     loader = build_dataloader(dataset, tokenizer, batch_size=4, shuffle=True, drop_last=True)
     check = RankChecks()
     trainer = Trainer(
-        model=model, train_dataloader=loader, max_duration='6ba', device='cpu', progress_bar=False,
-        log_to_console=False, seed=17, device_train_microbatch_size=2,
+        model=model,
+        train_dataloader=loader,
+        max_duration='6ba',
+        device='cpu',
+        progress_bar=False,
+        log_to_console=False,
+        seed=17,
+        device_train_microbatch_size=2,
         optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
-        algorithms=[RegexFreeze(trainable=TRAINABLE, frozen=FROZEN),
-                    GradientClipping(clipping_type='norm', clipping_threshold=0.1)],
-        callbacks=[check], save_folder=save_folder, save_interval='3ba', save_overwrite=True, load_path=load_path,
+        algorithms=[
+            RegexFreeze(trainable=TRAINABLE, frozen=FROZEN),
+            GradientClipping(clipping_type='norm', clipping_threshold=0.1),
+        ],
+        callbacks=[check],
+        save_folder=save_folder,
+        save_interval='3ba',
+        save_overwrite=True,
+        load_path=load_path,
     )
     return model, trainer, check
 
@@ -77,7 +88,8 @@ def main(out_path: str, checkpoint_dir: str) -> None:
 
     dist.barrier()
     resumed_model, resumed, resumed_check = build(
-        os.path.join(checkpoint_dir, 'resumed'), load_path=os.path.join(checkpoint_dir, 'ep0-ba3-rank{rank}.pt'))
+        os.path.join(checkpoint_dir, 'resumed'), load_path=os.path.join(checkpoint_dir, 'ep0-ba3-rank{rank}.pt')
+    )
     resumed.fit()
     result = {
         'world_size': dist.get_world_size(),
@@ -86,7 +98,8 @@ def main(out_path: str, checkpoint_dir: str) -> None:
         'frozen_elements_exact_on_every_rank': all(dist.all_gather_object(bool(frozen_exact))),
         'trainable_rows_moved': all(dist.all_gather_object(bool(trainable_moved))),
         'optimizer_state_only_for_trainable': all(dist.all_gather_object(state_only_trainable)),
-        'resumed_ranks_identical_after_every_batch': len(resumed_check.ranks_identical) == 3 and all(resumed_check.ranks_identical),
+        'resumed_ranks_identical_after_every_batch': len(resumed_check.ranks_identical) == 3
+        and all(resumed_check.ranks_identical),
         'resumed_equals_uninterrupted': all(dist.all_gather_object(parameter_checksum(resumed_model) == uninterrupted)),
     }
     resumed.close()

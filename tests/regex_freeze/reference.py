@@ -28,7 +28,7 @@ class RowsFromTrainableLeaf(nn.Module):
         for start, end in self.trainable_rows:
             if start > cursor:
                 pieces.append(self.frozen_values[cursor:start])
-            pieces.append(leaf[offset:offset + end - start])
+            pieces.append(leaf[offset : offset + end - start])
             offset += end - start
             cursor = end
         if cursor < self.num_rows:
@@ -39,7 +39,9 @@ class RowsFromTrainableLeaf(nn.Module):
         return torch.cat([full[start:end] for start, end in self.trainable_rows])
 
 
-def make_trainable_by_hand(model: nn.Module, trainable_rows: dict[str, tuple[tuple[int, int], ...]]) -> list[nn.Parameter]:
+def make_trainable_by_hand(
+    model: nn.Module, trainable_rows: dict[str, tuple[tuple[int, int], ...]]
+) -> list[nn.Parameter]:
     """Freeze ``model`` except ``trainable_rows`` (name -> ranges; absent: frozen). Returns the trainable leaves."""
     root = user_module(model)
     leaves = []

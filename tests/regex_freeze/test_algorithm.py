@@ -10,23 +10,25 @@ from composer.loggers import InMemoryLogger
 
 from algorithms.algorithm_state import STATE_VERSION_KEY
 from algorithms.parameter_selection import user_module
-from algorithms.registry import build_algorithm
 from algorithms.regex_freeze import EXAMPLES, RegexFreeze, apply_regex_freeze, freeze_preview
+from algorithms.registry import build_algorithm
 
 from .reference import full_parameters
 
 
 def test_repr_evals_back_and_compares_by_configuration():
-    algorithm = RegexFreeze(trainable=['lm_head', 'model.embed_tokens.weight[0:100]'], frozen=['lm_head.weight[0:5]'],
-                            syntax='regex')
+    algorithm = RegexFreeze(
+        trainable=['lm_head', 'model.embed_tokens.weight[0:100]'], frozen=['lm_head.weight[0:5]'], syntax='regex'
+    )
     rebuilt = eval(repr(algorithm))
     assert rebuilt == algorithm
     assert repr(RegexFreeze(frozen=['lm_head'])) == "RegexFreeze(frozen=['lm_head'])"
 
 
 def test_built_from_recipe_data_by_name():
-    algorithm = build_algorithm('regex_freeze', {'trainable': ['lm_head'], 'frozen': ['lm_head.weight[0:10]'],
-                                                 'syntax': 'regex'})
+    algorithm = build_algorithm(
+        'regex_freeze', {'trainable': ['lm_head'], 'frozen': ['lm_head.weight[0:10]'], 'syntax': 'regex'}
+    )
     assert algorithm == RegexFreeze(trainable=['lm_head'], frozen=['lm_head.weight[0:10]'], syntax='regex')
 
 
@@ -54,12 +56,15 @@ def test_runs_at_init_and_after_load_and_logs_counts():
     assert logger.data['regex_freeze/trainable_fraction'][-1][1] == pytest.approx(expected / total)
     # Frozen before the first step: the optimizer holds only trainable tensors.
     assert {id(p) for g in trainer.state.optimizers[0].param_groups for p in g['params']} == {
-        id(p) for n, p in params.items() if n.startswith(('lm_head.', 'model.layers.3.'))}
+        id(p) for n, p in params.items() if n.startswith(('lm_head.', 'model.layers.3.'))
+    }
 
 
 def test_frozen_list_alone_trains_everything_else():
     model = support.seeded_tiny_decoder()
-    selection = apply_regex_freeze(model, torch.optim.AdamW(model.parameters()), frozen=['model.embed_tokens', 'lm_head'])
+    selection = apply_regex_freeze(
+        model, torch.optim.AdamW(model.parameters()), frozen=['model.embed_tokens', 'lm_head']
+    )
     frozen = {name for name, t in selection.items() if not t.trainable_rows}
     assert frozen == {'model.embed_tokens.weight', 'lm_head.weight'}
     assert all(t.fully_trainable for name, t in selection.items() if name not in frozen)
@@ -68,9 +73,11 @@ def test_frozen_list_alone_trains_everything_else():
 def test_frozen_rows_are_taken_out_of_trainable_rows():
     model = support.seeded_tiny_decoder()
     selection = apply_regex_freeze(
-        model, torch.optim.AdamW(model.parameters()),
+        model,
+        torch.optim.AdamW(model.parameters()),
         trainable=['model.embed_tokens.weight[0:100]', 'model.embed_tokens.weight[200:300]'],
-        frozen=['model.embed_tokens.weight[50:250]', 'model.embed_tokens.weight[290]'])
+        frozen=['model.embed_tokens.weight[50:250]', 'model.embed_tokens.weight[290]'],
+    )
     assert selection['model.embed_tokens.weight'].trainable_rows == ((0, 50), (250, 290), (291, 300))
 
 
@@ -98,8 +105,12 @@ def test_applying_twice_is_the_same_as_once():
 def test_applying_new_patterns_returns_tensors_to_their_original_param_group():
     model = support.seeded_tiny_decoder()
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW([{'params': [p for p in params if p.ndim >= 2]},
-                                   {'params': [p for p in params if p.ndim < 2], 'weight_decay': 0.0}])
+    optimizer = torch.optim.AdamW(
+        [
+            {'params': [p for p in params if p.ndim >= 2]},
+            {'params': [p for p in params if p.ndim < 2], 'weight_decay': 0.0},
+        ]
+    )
     original = [[id(p) for p in g['params']] for g in optimizer.param_groups]
     apply_regex_freeze(model, optimizer, trainable=['lm_head.weight[0:10]'])
     assert [len(g['params']) for g in optimizer.param_groups] == [1, 0]
@@ -127,15 +138,21 @@ def test_from_a_yaml_recipe(tmp_path):
     from algorithms.recipe import recipe_from_mapping
     from algorithms.training import build_trainer
 
-    recipe = recipe_from_mapping({
-        'model': {'name': 'tiny-decoder', 'hidden_size': 32, 'num_layers': 2},
-        'data': {'name': 'python-topics', 'max_seq_len': 32, 'max_train_samples': 16, 'max_eval_samples': 4},
-        'optimizer': {'name': 'adamw', 'lr': 1e-2, 'weight_decay': 0.1},
-        'algorithms': {'regex_freeze': {'trainable': ['model.embed_tokens.weight[1000:3000]', 'model.layers.1',
-                                                      'model.norm']}},
-        'max_duration': '3ba', 'global_train_batch_size': 4, 'eval_interval': '3ba', 'progress_bar': False,
-        'device': 'cpu',
-    })
+    recipe = recipe_from_mapping(
+        {
+            'model': {'name': 'tiny-decoder', 'hidden_size': 32, 'num_layers': 2},
+            'data': {'name': 'python-topics', 'max_seq_len': 32, 'max_train_samples': 16, 'max_eval_samples': 4},
+            'optimizer': {'name': 'adamw', 'lr': 1e-2, 'weight_decay': 0.1},
+            'algorithms': {
+                'regex_freeze': {'trainable': ['model.embed_tokens.weight[1000:3000]', 'model.layers.1', 'model.norm']}
+            },
+            'max_duration': '3ba',
+            'global_train_batch_size': 4,
+            'eval_interval': '3ba',
+            'progress_bar': False,
+            'device': 'cpu',
+        }
+    )
     trainer, _, _ = build_trainer(recipe)
     model = trainer.state.model
     initial = full_parameters(model)
@@ -153,8 +170,11 @@ def test_from_a_yaml_recipe(tmp_path):
 
 def test_preview_table():
     model = support.seeded_tiny_decoder(num_layers=2)
-    table = freeze_preview(model, trainable=['lm_head', 'model.embed_tokens.weight[0:10]', 'model.layers.1.mlp'],
-                           frozen=['lm_head.weight[5:]'])
+    table = freeze_preview(
+        model,
+        trainable=['lm_head', 'model.embed_tokens.weight[0:10]', 'model.layers.1.mlp'],
+        frozen=['lm_head.weight[5:]'],
+    )
     lines = table.splitlines()
     assert lines[0].split() == ['module', 'trainable', 'total', 'rows']
     rows = {line.split()[0]: line for line in lines[1:]}

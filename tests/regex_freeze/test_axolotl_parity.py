@@ -89,14 +89,30 @@ def test_all_cases_together_equal_axolotl(decoder, minilm):
 NAMES = ['a.b', 'axb', 'a.bc', 'xa.b', 'a..b', 'model.layers.10.mlp', 'model.layers.1.mlp', 'model_layers_1']
 
 
-@pytest.mark.parametrize('pattern', [
-    'a.b', 'a.b$', '^a.b$', 'a.+', '.+b', 'a\\.b', 'model.layers.1', 'model.layers.1.', 'model.layers.1$',
-    'model.layers.1[0-9]', 'a..b', 'a.*', 'b',
-])
+@pytest.mark.parametrize(
+    'pattern',
+    [
+        'a.b',
+        'a.b$',
+        '^a.b$',
+        'a.+',
+        '.+b',
+        'a\\.b',
+        'model.layers.1',
+        'model.layers.1.',
+        'model.layers.1$',
+        'model.layers.1[0-9]',
+        'a..b',
+        'a.*',
+        'b',
+    ],
+)
 def test_name_matching_equals_axolotl(pattern):
     """Literal dots, anchoring at the start only, '$', '.+' — decided per name exactly as axolotl does."""
     (parsed,) = parse_patterns([pattern], 'axolotl', 'trainable')
-    assert [name for name in NAMES if parsed.matches(name)] == [name for name in NAMES if axolotl_matches(name, pattern)]
+    assert [name for name in NAMES if parsed.matches(name)] == [
+        name for name in NAMES if axolotl_matches(name, pattern)
+    ]
 
 
 def test_dot_is_literal_and_match_is_anchored_at_start():
@@ -115,8 +131,9 @@ def test_regex_syntax_searches_anywhere_without_rewriting_dots():
 
 
 def test_regex_syntax_on_decoder(decoder):
-    selection = select_parameters(user_module(decoder), trainable=[r'layers\.[23]\..*proj', 'embed_tokens.weight[0:5]'],
-                                  syntax='regex')
+    selection = select_parameters(
+        user_module(decoder), trainable=[r'layers\.[23]\..*proj', 'embed_tokens.weight[0:5]'], syntax='regex'
+    )
     trainable = {name for name, t in selection.items() if t.trainable_rows}
     expected = {n for n in shapes_of(decoder) if ('layers.2.' in n or 'layers.3.' in n) and 'proj' in n}
     assert trainable == expected | {'model.embed_tokens.weight'}

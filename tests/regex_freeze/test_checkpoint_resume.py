@@ -20,8 +20,15 @@ def _trainer(algorithms, save_folder, **kwargs):
     model = support.seeded_tiny_decoder()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     return model, support.cpu_trainer(
-        model, algorithms, optimizer=optimizer, max_duration='10ba', save_folder=str(save_folder), save_interval='5ba',
-        save_overwrite=True, **kwargs)
+        model,
+        algorithms,
+        optimizer=optimizer,
+        max_duration='10ba',
+        save_folder=str(save_folder),
+        save_interval='5ba',
+        save_overwrite=True,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize('with_ema', [False, True], ids=['RegexFreeze', 'RegexFreeze+EMA'])
@@ -45,7 +52,11 @@ def test_resume_equals_uninterrupted_run(with_ema, tmp_path):
     assert torch.equal(final['model.embed_tokens.weight'][2000:], initial['model.embed_tokens.weight'][2000:])
 
     optimizer = resumed.state.optimizers[0]
-    trainable = {id(p) for name, p in user_module(resumed_model).named_parameters() if name in algorithm.selection.as_plain_data()}
+    trainable = {
+        id(p)
+        for name, p in user_module(resumed_model).named_parameters()
+        if name in algorithm.selection.as_plain_data()
+    }
     assert {id(p) for p in optimizer.state} == trainable
 
 
@@ -53,16 +64,23 @@ def test_resuming_with_other_patterns_is_a_clear_error(tmp_path):
     _, trainer = _trainer([RegexFreeze(trainable=TRAINABLE, frozen=FROZEN)], tmp_path / 'run')
     trainer.fit(duration='5ba')
     with pytest.raises(ValueError, match=r'different selection of trainable parameters.*model\.layers\.2'):
-        _trainer([RegexFreeze(trainable=TRAINABLE + ['model.layers.2'], frozen=FROZEN)], tmp_path / 'other',
-                 load_path=str(tmp_path / 'run' / 'ep0-ba5-rank0.pt'))
+        _trainer(
+            [RegexFreeze(trainable=TRAINABLE + ['model.layers.2'], frozen=FROZEN)],
+            tmp_path / 'other',
+            load_path=str(tmp_path / 'run' / 'ep0-ba5-rank0.pt'),
+        )
 
 
 def test_load_weights_only_starts_a_new_phase_with_new_patterns(tmp_path):
     _, trainer = _trainer([RegexFreeze(trainable=TRAINABLE, frozen=FROZEN)], tmp_path / 'run')
     trainer.fit(duration='5ba')
     saved = torch.load(tmp_path / 'run' / 'ep0-ba5-rank0.pt', map_location='cpu', weights_only=False)['state']['model']
-    model, phase_two = _trainer([RegexFreeze(trainable=['model.layers.2'])], tmp_path / 'two',
-                                load_path=str(tmp_path / 'run' / 'ep0-ba5-rank0.pt'), load_weights_only=True)
+    model, phase_two = _trainer(
+        [RegexFreeze(trainable=['model.layers.2'])],
+        tmp_path / 'two',
+        load_path=str(tmp_path / 'run' / 'ep0-ba5-rank0.pt'),
+        load_weights_only=True,
+    )
     phase_two.fit(duration='2ba')
     final = full_parameters(model)
     for name, value in final.items():
@@ -74,7 +92,9 @@ def test_resuming_a_plain_checkpoint_drops_the_frozen_tensors_state(tmp_path):
     """A checkpoint of a run without RegexFreeze loads fully; the frozen tensors then leave the optimizer."""
     _, plain = _trainer([], tmp_path / 'plain')
     plain.fit(duration='5ba')
-    saved = torch.load(tmp_path / 'plain' / 'ep0-ba5-rank0.pt', map_location='cpu', weights_only=False)['state']['model']
+    saved = torch.load(tmp_path / 'plain' / 'ep0-ba5-rank0.pt', map_location='cpu', weights_only=False)['state'][
+        'model'
+    ]
     algorithm = RegexFreeze(trainable=TRAINABLE, frozen=FROZEN)
     model, resumed = _trainer([algorithm], tmp_path / 'resumed', load_path=str(tmp_path / 'plain' / 'ep0-ba5-rank0.pt'))
     resumed.fit()
@@ -84,4 +104,5 @@ def test_resuming_a_plain_checkpoint_drops_the_frozen_tensors_state(tmp_path):
     assert not torch.equal(final['model.layers.1.mlp.up_proj.weight'], saved['model.model.layers.1.mlp.up_proj.weight'])
     params = dict(user_module(model).named_parameters())
     assert {id(p) for p in resumed.state.optimizers[0].state} == {
-        id(params[name]) for name in algorithm.selection.as_plain_data()}
+        id(params[name]) for name in algorithm.selection.as_plain_data()
+    }

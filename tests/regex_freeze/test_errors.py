@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from algorithms.config_validation import ConfigError
-from algorithms.registry import build_algorithm
 from algorithms.regex_freeze import RegexFreeze, apply_regex_freeze, freeze_preview
+from algorithms.registry import build_algorithm
 
 
 def _snapshot(model, optimizer):
@@ -20,6 +20,7 @@ def _snapshot(model, optimizer):
 @pytest.fixture
 def fresh():
     import support
+
     model = support.seeded_tiny_decoder(num_layers=2)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
 
@@ -45,7 +46,9 @@ def test_pattern_matching_nothing_names_it_and_lists_closest_names(fresh):
 
 def test_pattern_anchored_at_start_that_matches_nothing_is_an_error(fresh):
     # 'layers.0' would match with re.search, but axolotl's syntax matches from the start of the name.
-    _raises_unchanged(fresh, r"trainable pattern 'layers\.0' .*re\.match.* matches no parameter", trainable=['layers.0'])
+    _raises_unchanged(
+        fresh, r"trainable pattern 'layers\.0' .*re\.match.* matches no parameter", trainable=['layers.0']
+    )
 
 
 def test_frozen_pattern_matching_nothing_is_an_error(fresh):
@@ -58,8 +61,10 @@ def test_every_unmatched_pattern_is_reported(fresh):
 
 def test_row_range_beyond_the_last_row(fresh):
     _raises_unchanged(
-        fresh, re.escape("selects rows [30000:40000] of 'model.embed_tokens.weight', which has 30522 rows"),
-        trainable=['model.embed_tokens.weight[30000:40000]'])
+        fresh,
+        re.escape("selects rows [30000:40000] of 'model.embed_tokens.weight', which has 30522 rows"),
+        trainable=['model.embed_tokens.weight[30000:40000]'],
+    )
 
 
 def test_row_index_beyond_the_last_row(fresh):
@@ -71,7 +76,7 @@ def test_open_range_starting_at_the_row_count_is_empty(fresh):
 
 
 def test_out_of_range_in_frozen_list(fresh):
-    _raises_unchanged(fresh, r"frozen pattern .* selects rows \[0:99\]", frozen=['model.norm.weight[0:99]'])
+    _raises_unchanged(fresh, r'frozen pattern .* selects rows \[0:99\]', frozen=['model.norm.weight[0:99]'])
 
 
 @pytest.mark.parametrize('pattern', ['lm_head.weight[5:5]', 'lm_head.weight[9:3]'])
@@ -80,10 +85,18 @@ def test_empty_row_range(pattern):
         RegexFreeze(trainable=[pattern])
 
 
-@pytest.mark.parametrize('pattern', [
-    'lm_head.weight[1:2:3]', 'lm_head.weight[-1]', 'lm_head.weight[-5:]', 'lm_head.weight[ 1:2]',
-    'lm_head.weight[a:b]', 'lm_head.weight[]', '[0:10]',
-])
+@pytest.mark.parametrize(
+    'pattern',
+    [
+        'lm_head.weight[1:2:3]',
+        'lm_head.weight[-1]',
+        'lm_head.weight[-5:]',
+        'lm_head.weight[ 1:2]',
+        'lm_head.weight[a:b]',
+        'lm_head.weight[]',
+        '[0:10]',
+    ],
+)
 def test_malformed_row_range(pattern):
     with pytest.raises(ValueError, match=r'malformed row range'):
         RegexFreeze(trainable=[pattern])
@@ -130,7 +143,9 @@ def test_bad_argument_types_and_values():
 
 
 def test_recipe_errors_name_the_key():
-    with pytest.raises(ConfigError, match=r"algorithms\.regex_freeze\.trainable = 'lm_head': expected a list of a string"):
+    with pytest.raises(
+        ConfigError, match=r"algorithms\.regex_freeze\.trainable = 'lm_head': expected a list of a string"
+    ):
         build_algorithm('regex_freeze', {'trainable': 'lm_head'})
     with pytest.raises(ConfigError, match=r'malformed row range'):
         build_algorithm('regex_freeze', {'trainable': ['lm_head.weight[1:2:3]']})

@@ -14,7 +14,8 @@ from algorithms.regex_freeze import RegexFreeze
 from .reference import full_parameters, make_trainable_by_hand
 
 TRAINABLE = [
-    'lm_head.weight[1000:3000]', 'lm_head.weight[2990:3100]',  # overlapping ranges merge to 1000:3100
+    'lm_head.weight[1000:3000]',
+    'lm_head.weight[2990:3100]',  # overlapping ranges merge to 1000:3100
     'model.embed_tokens.weight[1000:3000]',
     'model.layers.3',
     'model.layers.1.mlp.up_proj.weight[3:7]',
@@ -50,8 +51,13 @@ def runs():
     algorithm = RegexFreeze(trainable=TRAINABLE, frozen=FROZEN)
     trainer = support.cpu_trainer(model, [algorithm], optimizer=_adamw(model.parameters()), max_duration=STEPS)
     trainer.fit()
-    frozen_run = dict(model=model, trainer=trainer, algorithm=algorithm, final=full_parameters(model),
-                      bytes=training_state_bytes(model, trainer.state.optimizers))
+    frozen_run = dict(
+        model=model,
+        trainer=trainer,
+        algorithm=algorithm,
+        final=full_parameters(model),
+        bytes=training_state_bytes(model, trainer.state.optimizers),
+    )
 
     reference_model = support.seeded_tiny_decoder()
     leaves = make_trainable_by_hand(reference_model, BY_HAND)
@@ -61,8 +67,12 @@ def runs():
     baseline_model = support.seeded_tiny_decoder()
     baseline = support.cpu_trainer(baseline_model, optimizer=_adamw(baseline_model.parameters()), max_duration='1ba')
     baseline.fit()
-    return dict(initial=initial, frozen=frozen_run, reference=full_parameters(reference_model),
-                baseline_bytes=training_state_bytes(baseline_model, baseline.state.optimizers))
+    return dict(
+        initial=initial,
+        frozen=frozen_run,
+        reference=full_parameters(reference_model),
+        baseline_bytes=training_state_bytes(baseline_model, baseline.state.optimizers),
+    )
 
 
 def _trainable_mask(name, shape):
@@ -125,8 +135,10 @@ def test_training_state_bytes_shrink(runs):
     assert baseline.optimizer_state == sum(2 * p.numel() * 4 + 4 for p in params.values())
     # Partially trainable tensors keep full-size state: the two 30522-row embeddings dominate here.
     assert frozen.optimizer_state < baseline.optimizer_state
-    print(f'\noptimizer state bytes, rows of embeddings trainable: all trainable {baseline.optimizer_state:,}, '
-          f'RegexFreeze {frozen.optimizer_state:,} ({frozen.optimizer_state / baseline.optimizer_state:.1%})')
+    print(
+        f'\noptimizer state bytes, rows of embeddings trainable: all trainable {baseline.optimizer_state:,}, '
+        f'RegexFreeze {frozen.optimizer_state:,} ({frozen.optimizer_state / baseline.optimizer_state:.1%})'
+    )
 
 
 def test_training_state_bytes_shrink_with_whole_tensors():
@@ -146,9 +158,11 @@ def test_training_state_bytes_shrink_with_whole_tensors():
     kept = [p for name, p in params.items() if name.startswith(('model.layers.3.', 'model.norm.'))]
     assert measured['layers.3 + norm'].optimizer_state == sum(2 * p.numel() * 4 + 4 for p in kept)
     assert measured['layers.3 + norm'].grads == sum(p.numel() * 4 for p in kept)
-    print(f"\ntraining state bytes (params + grads + optimizer state): all trainable {measured['all'].total:,}, "
-          f"model.layers.3 + model.norm {measured['layers.3 + norm'].total:,}; optimizer state "
-          f"{measured['all'].optimizer_state:,} -> {measured['layers.3 + norm'].optimizer_state:,}")
+    print(
+        f'\ntraining state bytes (params + grads + optimizer state): all trainable {measured["all"].total:,}, '
+        f'model.layers.3 + model.norm {measured["layers.3 + norm"].total:,}; optimizer state '
+        f'{measured["all"].optimizer_state:,} -> {measured["layers.3 + norm"].optimizer_state:,}'
+    )
 
 
 def test_frozen_rows_get_zero_gradient_and_frozen_tensors_none(runs):

@@ -18,9 +18,19 @@ BY_HAND = {
     'model.embed_tokens.weight': ((1000, 2500),),
     'lm_head.weight': ((1000, 2500),),
     'model.norm.weight': ((0, 32),),
-    **{f'model.layers.2.{leaf}.weight': ((0, rows),) for leaf, rows in [
-        ('self_attn.q_proj', 32), ('self_attn.k_proj', 32), ('self_attn.v_proj', 32), ('self_attn.o_proj', 32),
-        ('mlp.gate_proj', 64), ('mlp.down_proj', 32), ('input_layernorm', 32), ('post_attention_layernorm', 32)]},
+    **{
+        f'model.layers.2.{leaf}.weight': ((0, rows),)
+        for leaf, rows in [
+            ('self_attn.q_proj', 32),
+            ('self_attn.k_proj', 32),
+            ('self_attn.v_proj', 32),
+            ('self_attn.o_proj', 32),
+            ('mlp.gate_proj', 64),
+            ('mlp.down_proj', 32),
+            ('input_layernorm', 32),
+            ('post_attention_layernorm', 32),
+        ]
+    },
     'model.layers.2.mlp.up_proj.weight': ((32, 64),),
 }
 
@@ -34,10 +44,16 @@ def _frozen_mask(name, shape):
 
 def _run(model, algorithms, params, save_folder):
     trainer = support.cpu_trainer(
-        model, algorithms, optimizer=torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1), max_duration='8ba',
+        model,
+        algorithms,
+        optimizer=torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+        max_duration='8ba',
         device_train_microbatch_size=2,  # batches of 4: two microbatches accumulate
-        eval_dataloader=support.lm_loader(batch_size=8, max_blocks=8, split=1), eval_interval='3ba',
-        save_folder=str(save_folder), save_interval='4ba', save_overwrite=True,
+        eval_dataloader=support.lm_loader(batch_size=8, max_blocks=8, split=1),
+        eval_interval='3ba',
+        save_folder=str(save_folder),
+        save_interval='4ba',
+        save_overwrite=True,
     )
     trainer.fit()
     return trainer
@@ -100,7 +116,9 @@ def test_without_the_ema_sync_checkpoints_would_hold_moved_frozen_rows(tmp_path,
     monkeypatch.setattr(RegexFreeze, '_EMA_SYNC_EVENTS', frozenset())
     model = support.seeded_tiny_decoder()
     initial = full_parameters(model)
-    _run(model, [RegexFreeze(trainable=TRAINABLE, frozen=FROZEN), *_composer_algorithms()], model.parameters(), tmp_path)
+    _run(
+        model, [RegexFreeze(trainable=TRAINABLE, frozen=FROZEN), *_composer_algorithms()], model.parameters(), tmp_path
+    )
     weights = torch.load(tmp_path / 'ep0-ba4-rank0.pt', map_location='cpu', weights_only=False)['state']['model']
     frozen = _frozen_mask('lm_head.weight', initial['lm_head.weight'].shape)
     assert not torch.equal(weights['model.lm_head.weight'][frozen], initial['lm_head.weight'][frozen])

@@ -18,7 +18,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence, Union, get_args
+from collections.abc import Sequence
+from typing import Any, Literal, Optional, Union, get_args
 
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
