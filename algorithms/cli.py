@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Literal, Optional, cast
 
 from algorithms.config_validation import ConfigError
 
@@ -148,7 +148,7 @@ def _model_and_recipe_options(source: str, algorithm: str) -> tuple[Any, dict[st
         config = recipe.model
         options = dict(recipe.algorithms.get(algorithm) or {})
     elif source in ('minilm', 'tiny-decoder'):
-        config = ModelConfig(name=source)
+        config = ModelConfig(name=cast(Literal['minilm', 'tiny-decoder'], source))
     elif (Path(source) / 'config.json').is_file():
         config = ModelConfig(name='hf', path=source)
     else:

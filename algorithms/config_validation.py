@@ -87,8 +87,8 @@ def _matches(value: Any, annotation: Any) -> bool:
     if origin in (Union, types.UnionType):
         return any(_matches(value, a) for a in get_args(annotation))
     if origin in (list, tuple, typing.Sequence, _abc_sequence()):
-        args = [a for a in get_args(annotation) if a is not Ellipsis]
-        return isinstance(value, (list, tuple)) and (not args or all(_matches(v, args[0]) for v in value))
+        item_args = [a for a in get_args(annotation) if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and (not item_args or all(_matches(v, item_args[0]) for v in value))
     if origin in (dict, typing.Mapping, _abc_mapping()):
         args = get_args(annotation)
         return isinstance(value, Mapping) and (
@@ -156,7 +156,7 @@ def from_mapping(cls: type, data: Any, key: str) -> Any:
     return cls(**values)
 
 
-def check_call_kwargs(where: str, cls: type, kwargs: Mapping[str, Any]) -> None:
+def check_call_kwargs(where: str, cls: type[Any], kwargs: Mapping[str, Any]) -> None:
     """Check ``kwargs`` against ``cls.__init__``: unknown names, missing required ones, and annotated types."""
     parameters = {
         name: parameter

@@ -123,7 +123,8 @@ def python_topics_corpus() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The Python documentation topics as ``(train_texts, eval_texts)``: distinct texts, split by a hash of the text."""
     from pydoc_data.topics import topics
 
-    train, eval_ = [], []
+    train: list[str] = []
+    eval_: list[str] = []
     for text in sorted(set(topics.values()), key=_digest):
         (eval_ if _is_eval(text) else train).append(text)
     return tuple(train), tuple(eval_)

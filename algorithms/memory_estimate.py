@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -203,7 +203,9 @@ def spec_of(model: nn.Module) -> ModelSpec:
     from algorithms.parameter_selection import user_module
 
     root = user_module(model)
-    task = 'sequence-classification' if 'SequenceClassification' in type(root).__name__ else 'causal-lm'
+    task: Literal['causal-lm', 'sequence-classification'] = (
+        'sequence-classification' if 'SequenceClassification' in type(root).__name__ else 'causal-lm'
+    )
     return ModelSpec(copy.deepcopy(root.config), task, type(root).__name__)
 
 
@@ -307,6 +309,13 @@ def _hift_rotation(
     return resident, resident_state, offloaded, note
 
 
+def _optimizer_name(optimizer: str) -> OptimizerName:
+    """``optimizer``, checked to be one :data:`OPTIMIZER_STATE` knows."""
+    if optimizer not in OPTIMIZER_STATE:
+        raise ConfigError('--optimizer', optimizer, f'choose one of {", ".join(OPTIMIZER_STATE)}.')
+    return cast(OptimizerName, optimizer)
+
+
 def estimate_training_state(
     model: Union[ModelSpec, str, Mapping[str, Any]],
     algorithm: str = 'full',
@@ -334,8 +343,7 @@ def estimate_training_state(
     """
     options = dict(options or {})
     spec = model if isinstance(model, ModelSpec) else load_model_config(model)
-    if optimizer not in OPTIMIZER_STATE:
-        raise ConfigError('--optimizer', optimizer, f'choose one of {", ".join(OPTIMIZER_STATE)}.')
+    optimizer = _optimizer_name(optimizer)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError('--world-size', world_size, 'expected a whole number of processes, at least 1.')
     _validate(algorithm, options)
@@ -449,7 +457,7 @@ _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 def estimate_report(
     model_config: str,
     algorithms: list[str],
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     optimizer: str = 'adamw',
     dtype: str = 'float32',
     world_size: int = 1,
@@ -459,7 +467,7 @@ def estimate_report(
         raise ConfigError('--dtype', dtype, f'choose one of {", ".join(_DTYPES)}.')
     spec = load_model_config(model_config, dict(_parse_override(o) for o in overrides))
     rows = [
-        estimate_training_state(spec, name, options, optimizer, _DTYPES[dtype], world_size)
+        estimate_training_state(spec, name, options, _optimizer_name(optimizer), _DTYPES[dtype], world_size)
         for name, options in map(parse_algorithm, algorithms or ['full'])
     ]
     where = (

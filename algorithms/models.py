@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import HuggingFaceModel
 from torchmetrics.classification import MulticlassAccuracy
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 __all__ = [
     'DecoderArch',
@@ -114,6 +117,8 @@ def tiny_decoder(
         raise ValueError(f'arch={arch!r} is not a built-in decoder; choose one of {list(DECODER_ARCHS)}.')
     tokenizer = load_tokenizer()
     common = dict(vocab_size=len(tokenizer), tie_word_embeddings=tie_word_embeddings)
+    config: PretrainedConfig
+    model: PreTrainedModel
     if arch == 'llama':
         config = LlamaConfig(
             hidden_size=hidden_size,

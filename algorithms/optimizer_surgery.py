@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -83,7 +83,7 @@ def remove_params(optimizer: Optimizer, params: Iterable[torch.Tensor]) -> dict[
 
 def add_params(
     optimizer: Optimizer,
-    params_by_group: dict[int, list[torch.Tensor]],
+    params_by_group: Mapping[int, Sequence[torch.Tensor]],
     order: Optional[dict[int, int]] = None,
 ) -> None:
     """Add parameters to the param groups given by index; keep each group sorted by ``order`` if given.

@@ -174,7 +174,7 @@ def split_into_units(model: nn.Module) -> list[ModelUnit]:
             f'No repeated blocks found in {type(model).__name__}: no nn.ModuleList or nn.Sequential holds two or '
             'more children of one type with parameters. Name the groups explicitly with regexes instead.',
         )
-    block_of = {}
+    block_of: dict[str, list[str]] = {}
     for block in blocks.block_names:
         block_of[block] = []
     before: list[str] = []

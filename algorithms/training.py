@@ -13,6 +13,7 @@ import json
 import resource
 import time
 import warnings
+from collections.abc import Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -54,6 +55,7 @@ def build_model(config: ModelConfig, num_labels: Optional[int]):
         )
     assert num_labels is not None
     path = models.embedded_minilm_path() if config.name == 'minilm' else config.path
+    assert path is not None  # check_recipe: model.name 'hf' needs model.path
     return models.hf_classifier(path, num_labels=num_labels, dropout=config.dropout)
 
 
@@ -69,6 +71,8 @@ def build_data(config: DataConfig, tokenizer, train_batch_size: int, eval_batch_
     """Train and eval loaders for the recipe's built-in data set (batch sizes are per process)."""
     from algorithms import data
 
+    train_set: torch.utils.data.Dataset
+    eval_set: torch.utils.data.Dataset
     if config.name == 'stdlib-docs':
         train, eval_ = data.stdlib_docs_examples(max_per_class=config.max_per_class)
         train, eval_ = train[: config.max_train_samples], eval_[: config.max_eval_samples]
@@ -101,19 +105,20 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Op
         ]
     else:
         groups = [{'params': params}]
-    betas = tuple(config.betas)
-    common = {'lr': config.lr, 'weight_decay': config.weight_decay}
+    beta1, beta2 = config.betas  # check_recipe: two numbers
+    betas = (beta1, beta2)
+    lr, weight_decay = config.lr, config.weight_decay
     if config.name == 'adamw':
-        return torch.optim.AdamW(groups, betas=betas, eps=config.eps, **common)
+        return torch.optim.AdamW(groups, betas=betas, eps=config.eps, lr=lr, weight_decay=weight_decay)
     if config.name == 'adam':
-        return torch.optim.Adam(groups, betas=betas, eps=config.eps, **common)
+        return torch.optim.Adam(groups, betas=betas, eps=config.eps, lr=lr, weight_decay=weight_decay)
     if config.name == 'decoupled_adamw':
-        return composer.optim.DecoupledAdamW(groups, betas=betas, eps=config.eps, **common)
+        return composer.optim.DecoupledAdamW(groups, betas=betas, eps=config.eps, lr=lr, weight_decay=weight_decay)
     if config.name == 'sgd':
-        return torch.optim.SGD(groups, momentum=config.momentum, **common)
+        return torch.optim.SGD(groups, momentum=config.momentum, lr=lr, weight_decay=weight_decay)
     if config.name == 'decoupled_sgdw':
-        return composer.optim.DecoupledSGDW(groups, momentum=config.momentum, **common)
-    return torch.optim.Adagrad(groups, eps=config.eps, **common)
+        return composer.optim.DecoupledSGDW(groups, momentum=config.momentum, lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adagrad(groups, eps=config.eps, lr=lr, weight_decay=weight_decay)
 
 
 def build_parallelism(config: ParallelismConfig) -> Optional[dict[str, Any]]:
@@ -247,7 +252,9 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData]
     tokenizer = load_tokenizer(recipe.model.path if recipe.model.name == 'hf' else None)
     data = build_data(recipe.data, tokenizer, recipe.global_train_batch_size // world_size, recipe.eval_batch_size)
     if len(data.train_dataloader) == 0:  # batches drop the remainder, so a too small set would train nothing
-        examples = len(data.train_dataloader.dataset)
+        train_set = data.train_dataloader.dataset
+        assert isinstance(train_set, Sized)  # build_data's data sets have a length
+        examples = len(train_set)
         raise ConfigError(
             'global_train_batch_size',
             recipe.global_train_batch_size,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, TypedDict
 
 from torch import nn
 
@@ -20,6 +20,7 @@ from algorithms.lora_inject.layers import (
     LoRAEmbedding,
     LoRALayer,
     LoRALinear,
+    _weight_of,
     adapter_class_for,
     is_conv1d_transposed,
     is_quantized,
@@ -164,8 +165,8 @@ def _resolve_targets(root: nn.Module, config: LoRAConfig, candidates: dict[str, 
             names += [name for name in found if name not in names]
         names = [name for name in candidates if name in set(names)]  # model order
     if config.layers_to_transform is not None:
-        wanted = config.layers_to_transform
-        wanted = {wanted} if isinstance(wanted, int) else set(wanted)
+        layers = config.layers_to_transform
+        wanted = {layers} if isinstance(layers, int) else set(layers)
         names = [name for name in names if _layer_index(name, config.layers_pattern) in wanted]
         if not names:
             raise ValueError(
@@ -198,7 +199,8 @@ def _check_target(name: str, module: nn.Module, config: LoRAConfig, r: int, slic
     if slices is not None:
         if layer_class is not LoRALinear:
             raise ValueError(f'enable_slices applies to linear layers; target {name!r} is a {type(module).__name__}.')
-        out_features = module.weight.shape[1] if is_conv1d_transposed(module) else module.out_features
+        # a linear layer, or transformers' Conv1D (weight stored (in, out))
+        out_features = module.out_features if isinstance(module, nn.Linear) else _weight_of(module).shape[1]
         if out_features % len(slices):
             raise ValueError(
                 f'enable_slices for {name!r} has {len(slices)} slices, which do not divide its {out_features} output '
@@ -263,12 +265,23 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+class _LayerOptions(TypedDict):
+    """The constructor arguments every adapter layer takes."""
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+    use_dora: bool
+    init: str
+
+
 def inject(root: nn.Module, plan: InjectionPlan, config: LoRAConfig) -> dict[str, LoRALayer]:
     """Replace each planned module by its adapter layer; returns the new layers by name."""
     created: dict[str, LoRALayer] = {}
     for target in plan.targets:
         base = root.get_submodule(target.name)
-        common = dict(
+        common = _LayerOptions(
             r=target.r,
             lora_alpha=target.lora_alpha,
             lora_dropout=config.lora_dropout,
@@ -276,11 +289,14 @@ def inject(root: nn.Module, plan: InjectionPlan, config: LoRAConfig) -> dict[str
             use_dora=config.use_dora,
             init=config.init,
         )
+        layer: LoRALayer
         if target.layer_class is LoRALinear:
             layer = LoRALinear(base, enabled_slices=target.enabled_slices, **common)
         elif target.layer_class is LoRAEmbedding:
+            assert isinstance(base, nn.Embedding)  # adapter_class_for chose LoRAEmbedding for it
             layer = LoRAEmbedding(base, **common)
         else:
+            assert isinstance(base, (nn.Conv1d, nn.Conv2d))  # adapter_class_for chose LoRAConv for it
             layer = LoRAConv(base, **common)
         if not base.training:
             layer.eval()

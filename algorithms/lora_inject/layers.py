@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,14 @@ def is_quantized(module: nn.Module) -> bool:
     return weight is not None and (
         not weight.dtype.is_floating_point or type(module).__name__ in ('Linear4bit', 'Linear8bitLt')
     )
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` (torch types the attributes of a module as ``Tensor | Module``)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f'{type(module).__name__}.weight is a {type(weight).__name__}, not a tensor.')
+    return weight
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -129,7 +137,7 @@ class LoRALayer(nn.Module):
     @torch.no_grad()
     def _magnitude_of_weight(self) -> torch.Tensor:
         """DoRA's initial magnitude: the channel norms of the base weight with the adapter's update added."""
-        weight = self.base_layer.weight.detach().to(self.lora_A.dtype)
+        weight = _weight_of(self.base_layer).detach().to(self.lora_A.dtype)
         return self._column_norm(weight + self.delta_weight().to(weight.dtype))
 
     def _init_magnitude(self) -> None:
@@ -149,7 +157,7 @@ class LoRALayer(nn.Module):
 
     def _dora_scale(self) -> torch.Tensor:
         """``m / ||W + scaling * B A||`` per channel, the norm treated as a constant (DoRA paper, section 4.3)."""
-        weight = self.base_layer.weight.to(self.lora_A.dtype)
+        weight = _weight_of(self.base_layer).to(self.lora_A.dtype)
         norm = self._column_norm(weight + self.delta_weight().detach()).detach()
         return self.lora_magnitude / norm
 
@@ -160,7 +168,7 @@ class LoRALayer(nn.Module):
             raise NotImplementedError(
                 f'Cannot merge into the quantized {type(self.base_layer).__name__}: dequantize the base first.'
             )
-        weight = self.base_layer.weight
+        weight = _weight_of(self.base_layer)
         delta = self.delta_weight().to(weight.dtype)
         if not self.use_dora:
             return weight + delta
@@ -172,7 +180,7 @@ class LoRALayer(nn.Module):
         """Fold the adapter into the base weight. Merging a merged layer does nothing."""
         if self.merged:
             return
-        weight = self.base_layer.weight
+        weight = _weight_of(self.base_layer)
         merged = self.merged_weight()
         if self.use_dora:
             delta = self.delta_weight().to(weight.dtype)
@@ -187,9 +195,10 @@ class LoRALayer(nn.Module):
         """Take the adapter out of the base weight again. Unmerging an unmerged layer does nothing."""
         if not self.merged:
             return
-        weight = self.base_layer.weight
+        weight = _weight_of(self.base_layer)
         delta = self.delta_weight().to(weight.dtype)
         if self.use_dora:
+            assert self._merge_factor is not None  # merge() set it
             weight.copy_(weight / self._merge_factor - delta)
             self._merge_factor = None
         else:
@@ -221,11 +230,12 @@ class LoRALinear(LoRALayer):
     ):
         super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora, use_dora)
         self.fan_in_fan_out = is_conv1d_transposed(base_layer)
-        weight = base_layer.weight
+        weight = _weight_of(base_layer)
         if self.fan_in_fan_out:
             in_features, out_features = weight.shape
         else:
-            in_features, out_features = base_layer.in_features, base_layer.out_features
+            # int attributes of the base (nn.Linear, a quantized linear); torch's stubs type them Tensor | Module
+            in_features, out_features = base_layer.in_features, base_layer.out_features  # type: ignore[assignment]
         self.enabled_slices = tuple(enabled_slices) if enabled_slices is not None else None
         if self.enabled_slices is not None:
             if out_features % len(self.enabled_slices):
@@ -238,9 +248,9 @@ class LoRALinear(LoRALayer):
             a_shape, b_shape = (enabled * r, in_features), (enabled * self.slice_size, r)
         else:
             a_shape, b_shape = (r, in_features), (out_features, r)
-        factory = dict(device=weight.device, dtype=_adapter_dtype(weight))
-        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))
+        device, dtype = weight.device, _adapter_dtype(weight)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
         if init == 'kaiming':
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         elif init == 'gaussian':
@@ -262,7 +272,7 @@ class LoRALinear(LoRALayer):
     @torch.no_grad()
     def _pissa_init(self) -> None:
         """A, B from the top-r singular triplets of W; W keeps the residual, so the output is unchanged."""
-        weight = self.base_layer.weight
+        weight = _weight_of(self.base_layer)
         full = self._weight_out_in(weight.to(torch.float32))
         u, s, vh = torch.linalg.svd(full, full_matrices=False)
         root = torch.sqrt(s[: self.r] / self.scaling)
@@ -332,12 +342,14 @@ class LoRALinear(LoRALayer):
             bias = getattr(self.base_layer, 'bias', None)
             base = result if bias is None else result - bias
         else:
-            base = F.linear(dropped, self._weight_out_in(self.base_layer.weight).to(dropped.dtype))
+            base = F.linear(dropped, self._weight_out_in(_weight_of(self.base_layer)).to(dropped.dtype))
         return result + ((scale - 1) * base + scale * update * self.scaling).to(result.dtype)
 
 
 class LoRAEmbedding(LoRALayer):
     """LoRA on ``nn.Embedding``: A starts at zero (one column per token), B normal, as in loralib and PEFT."""
+
+    base_layer: nn.Embedding
 
     def __init__(
         self,
@@ -353,9 +365,9 @@ class LoRAEmbedding(LoRALayer):
         if init == 'pissa':
             raise ValueError("init='pissa' is supported for linear layers only, not for nn.Embedding.")
         weight = base_layer.weight
-        factory = dict(device=weight.device, dtype=_adapter_dtype(weight))
-        self.lora_A = nn.Parameter(torch.zeros(r, base_layer.num_embeddings, **factory))
-        self.lora_B = nn.Parameter(torch.randn(base_layer.embedding_dim, r, **factory))
+        device, dtype = weight.device, _adapter_dtype(weight)
+        self.lora_A = nn.Parameter(torch.zeros(r, base_layer.num_embeddings, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.randn(base_layer.embedding_dim, r, device=device, dtype=dtype))
         if use_dora:
             self._init_magnitude()
 
@@ -385,9 +397,11 @@ class LoRAConv(LoRALayer):
     """LoRA on ``nn.Conv1d`` / ``nn.Conv2d``: A is a convolution like the base's with ``r`` output channels, B a
     1x1 convolution from ``r`` channels to the base's output channels."""
 
+    base_layer: Union[nn.Conv1d, nn.Conv2d]
+
     def __init__(
         self,
-        base_layer: nn.Module,
+        base_layer: Union[nn.Conv1d, nn.Conv2d],
         r: int,
         lora_alpha: float,
         lora_dropout: float = 0.0,
@@ -405,10 +419,10 @@ class LoRAConv(LoRALayer):
             )
         self._conv = F.conv1d if isinstance(base_layer, nn.Conv1d) else F.conv2d
         weight = base_layer.weight
-        factory = dict(device=weight.device, dtype=_adapter_dtype(weight))
+        device, dtype = weight.device, _adapter_dtype(weight)
         ones = (1,) * (weight.dim() - 2)
-        self.lora_A = nn.Parameter(torch.empty(r, *weight.shape[1:], **factory))
-        self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], r, *ones, **factory))
+        self.lora_A = nn.Parameter(torch.empty(r, *weight.shape[1:], device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], r, *ones, device=device, dtype=dtype))
         if init == 'kaiming':
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         else:

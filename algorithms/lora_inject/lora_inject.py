@@ -193,10 +193,11 @@ def _inject_adapters(model: nn.Module, optimizers: Optional[Optimizers], config:
             order = {id(p): index for index, p in enumerate(root.parameters())}
             add_params(optimizer, additions, order)
 
-    if getattr(root, 'is_gradient_checkpointing', False) and hasattr(root, 'enable_input_require_grads'):
+    enable_input_require_grads = getattr(root, 'enable_input_require_grads', None)
+    if getattr(root, 'is_gradient_checkpointing', False) and enable_input_require_grads is not None:
         # Re-entrant checkpointing only back-propagates into blocks whose inputs require grad; the embeddings are
         # frozen.
-        root.enable_input_require_grads()
+        enable_input_require_grads()
 
     layers = adapter_layers(root)
     trainable_numel = sum(p.numel() for p in root.parameters() if p.requires_grad)

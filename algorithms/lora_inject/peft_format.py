@@ -395,10 +395,11 @@ def export_merged(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
     on every rank.
     """
     root, _, _ = _adapted_root(model)
-    if not hasattr(root, 'save_pretrained'):
+    save_pretrained = getattr(root, 'save_pretrained', None)
+    if save_pretrained is None:
         raise TypeError(f'{type(root).__name__} has no save_pretrained: export_merged needs a Hugging Face model.')
     directory = Path(directory)
     state = merged_state_dict(root)
     if dist.get_global_rank() == 0:
-        root.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+        save_pretrained(str(directory), state_dict=state, safe_serialization=True)
     return directory

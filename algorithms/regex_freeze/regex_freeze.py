@@ -104,8 +104,8 @@ def _check_optimizer_holds(
 def apply_regex_freeze(
     model: nn.Module,
     optimizers: Optional[Optimizers],
-    trainable: Optional[Sequence[str]] = None,
-    frozen: Optional[Sequence[str]] = None,
+    trainable: Optional[Union[Sequence[str], Sequence[ParameterPattern]]] = None,
+    frozen: Optional[Union[Sequence[str], Sequence[ParameterPattern]]] = None,
     syntax: Syntax = 'axolotl',
 ) -> Selection:
     """Train only what ``trainable`` names (minus what ``frozen`` names); freeze everything else for real.
