@@ -55,7 +55,7 @@ class ShardLayout:
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> ShardLayout:
-        return cls(tensor.device_mesh, tuple(tensor.placements), tensor.shape, tensor.stride())  # type: ignore
+        return cls(tensor.device_mesh, tuple(tensor.placements), tensor.shape, tensor.stride())  # type: ignore[attr-defined]
 
     def wrap(self, local: torch.Tensor) -> torch.Tensor:
         """A DTensor of this layout whose local part is ``local`` (no communication)."""
@@ -83,7 +83,7 @@ def row_offset(tensor: torch.Tensor) -> int:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     placements = tensor.placements  # type: ignore[attr-defined]
-    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, placements)  # type: ignore
+    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, placements)  # type: ignore[attr-defined]
     return int(offset[0]) if offset else 0
 
 
