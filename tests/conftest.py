@@ -5,3 +5,22 @@ import os
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+
+import pytest
+
+
+@pytest.fixture(scope='session')
+def two_processes(tmp_path_factory):
+    """The folder tests/two_processes.py wrote: every 2-process check, run in one ``composer -n 2`` launch."""
+    from pathlib import Path
+
+    from conformance.harness import make_trainer
+    from support import launch
+
+    out = tmp_path_factory.mktemp('two-processes')
+    plain = make_trainer([], max_duration='1ep', save_folder=str(out / 'plain'), save_interval='1ep')
+    plain.fit()  # the unsharded single-process checkpoint the FSDP2 part loads
+    plain.close()
+    launch(Path(__file__).with_name('two_processes.py'), out, out / 'plain' / 'ep1-ba4-rank0.pt', timeout=1500)
+    return out

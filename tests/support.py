@@ -81,3 +81,14 @@ def launch(script: Path, *args: str, nproc: int = 2, timeout: int = 900) -> subp
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
+
+
+def two_process_part(out: Path, name: str) -> Path:
+    """The folder of the part ``name`` of the 2-process launch (tests/two_processes.py); fails the calling test
+    with the part's traceback if it raised."""
+    import pytest
+
+    errors = sorted((out / name).glob('error-rank*.txt'))
+    if errors:
+        pytest.fail(f'the 2-process part {name!r} raised:\n' + errors[0].read_text(), pytrace=False)
+    return out / name

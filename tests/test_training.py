@@ -69,13 +69,6 @@ def _run_two_processes(recipe: str, overrides: list[str], tmp_path) -> dict:
 
 
 @pytest.mark.multiprocess
-def test_two_processes_split_data_and_end_with_identical_parameters(tmp_path):
-    summary = _run_two_processes('yamls/demo.yaml', SMALL, tmp_path)
-    assert len(summary['param_checksums']) == 2
-    assert summary['param_checksums'][0] == summary['param_checksums'][1]
-
-
-@pytest.mark.multiprocess
 def test_a_sharded_recipe_holds_half_of_each_tensor_per_process(tmp_path):
     reduced = [
         'max_duration=2ba',

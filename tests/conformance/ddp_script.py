@@ -1,4 +1,4 @@
-"""Run by ``composer -n 2`` from test_distributed.py: every conformance case at world size 2, in one launch.
+"""Part of the one 2-process launch (tests/two_processes.py): every conformance case under DDP at world size 2.
 
 For each case: an uninterrupted run, a run saved after 2 epochs, and a resumption of it. Writes, from rank 0,
 ``<out>/results.json`` (per case: each rank's parameter checksum for the straight and resumed runs) and

@@ -1,9 +1,9 @@
-"""Run by ``composer -n 2`` from test_sharded.py: every conformance case sharded with Composer's FSDP2, in one launch.
+"""Part of the one 2-process launch (tests/two_processes.py): conformance cases sharded with Composer's FSDP2.
 
-For each case: a run of 2 epochs (8 AdamW steps at lr 1e-3). For the last case of each algorithm (by then frozen
-parameters have left the optimizer, or HiFT's group changed) it saves a checkpoint after each epoch, in FSDP2's
-default sharded format and in the full one, and resumes from the first checkpoint in each format; for the first
-case, a weights-only load of the unsharded single-process checkpoint given as the second argument.
+For each algorithm's first and last example: a run of 2 epochs (8 AdamW steps at lr 1e-3). For the last example
+(by then frozen parameters have left the optimizer, or HiFT's group changed) it saves a checkpoint after each
+epoch, in FSDP2's default sharded format and in the full one, and resumes from the first checkpoint in each format;
+for the first example, a weights-only load of the unsharded single-process checkpoint given as the second argument.
 Last, the previews of a sharded model, and LoRAInject's exports from one (``<out>/lora-export``). Writes, from rank 0,
 ``<out>/results.json`` and ``<out>/<case id>.pt`` (the whole parameters at the end, gathered from the shards).
 """
@@ -25,7 +25,7 @@ from algorithms.lora_inject import LoRAInject
 from algorithms.parameter_selection import user_module
 from algorithms.regex_freeze.preview import freeze_preview
 from algorithms.sharding import full_tensor, is_sharded, local_tensor
-from conformance.harness import SHARDED_LR, adamw, all_cases, last_cases, make_trainer, tiny_model
+from conformance.harness import SHARDED_LR, adamw, first_and_last_cases, last_cases, make_trainer, tiny_model
 
 PREVIEW_PATTERNS = ['model.embed_tokens.weight[0:100]', 'lm_head']
 
@@ -106,7 +106,7 @@ def main(out: Path, plain_checkpoint: str) -> None:
     results = {}
     shared = Path(os.environ.get('THAW_DDP_TMP', out)) / 'sharded-checkpoints'
     checkpointed = {case.id for case in last_cases()}
-    for case in all_cases():
+    for case in first_and_last_cases():
         result: dict = {}
         folders = {state_dict_type: shared / state_dict_type / case.id for state_dict_type in ('sharded', 'full')}
         saving = {'save_folder': str(folders['sharded']), 'save_interval': '1ep'} if case.id in checkpointed else {}

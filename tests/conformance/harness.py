@@ -86,6 +86,12 @@ def last_cases() -> list[Case]:
     return [case for case in all_cases() if case.index == len(examples_of(case.name)) - 1]
 
 
+def first_and_last_cases() -> list[Case]:
+    """Each algorithm's first and last example (for the checks too expensive to run on every example)."""
+    ends = {case.id for case in first_cases() + last_cases()}
+    return [case for case in all_cases() if case.id in ends]
+
+
 def ids(cases: Sequence[Case]) -> list[str]:
     return [case.id for case in cases]
 

@@ -2,11 +2,10 @@
 close to a single-process run with the same global batch, and resumes at world size 2 bit-identically."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from support import launch
+from support import two_process_part
 
 from conformance.harness import all_cases, baseline, ids
 
@@ -19,9 +18,8 @@ SINGLE_PROCESS_ATOL = 1e-4
 
 
 @pytest.fixture(scope='module')
-def ddp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp('ddp')
-    launch(Path(__file__).with_name('ddp_script.py'), out)
+def ddp_results(two_processes):
+    out = two_process_part(two_processes, 'ddp')
     return out, json.loads((out / 'results.json').read_text())
 
 

@@ -5,17 +5,16 @@ and LoRAInject's exports of a sharded model equal those of an unsharded one. FSD
 naming FSDP2."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from support import launch
+from support import two_process_part
 
 from algorithms.parameter_selection import user_module
 from conformance.harness import (
     SHARDED_LR,
     adamw,
-    all_cases,
+    first_and_last_cases,
     first_cases,
     ids,
     last_cases,
@@ -25,7 +24,7 @@ from conformance.harness import (
     tiny_model,
 )
 
-CASES = all_cases()
+CASES = first_and_last_cases()  # every example under DDP; the ends here, where a launch costs more
 
 # FSDP2 reduce-scatters gradients in another order than one process sums them. After these 8 steps a plain model
 # ends at most 3e-4 from one process, 2.9e-6 on average per element. Where a gradient element is nearly zero its
@@ -36,12 +35,8 @@ SINGLE_PROCESS_MEAN_DIFF = 1e-5
 
 
 @pytest.fixture(scope='module')
-def sharded_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp('fsdp2')
-    plain = make_trainer([], max_duration='1ep', save_folder=str(out / 'plain'), save_interval='1ep')
-    plain.fit()
-    plain.close()
-    launch(Path(__file__).with_name('fsdp2_script.py'), out, out / 'plain' / 'ep1-ba4-rank0.pt')
+def sharded_results(two_processes):
+    out = two_process_part(two_processes, 'fsdp2')
     return out, json.loads((out / 'results.json').read_text())
 
 

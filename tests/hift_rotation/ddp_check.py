@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
@@ -68,16 +67,18 @@ def train(save_folder, load_path, seed, duration='2ep'):
     return model, checks
 
 
-def main() -> None:
-    out_path = sys.argv[1]
-    folder = sys.argv[2] if len(sys.argv) > 2 else tempfile.mkdtemp()
+def main(out_path: str, folder: str) -> None:
     uninterrupted, checks = train(folder, None, seed=0)
     dist.barrier()
     resumed, resumed_checks = train(folder, os.path.join(folder, 'ep0-ba4-rank0.pt'), seed=1)
 
     # the pitfall: keep the inactive groups frozen while DDP wraps the model
+    require_grad_everywhere = GroupRotation.require_grad_everywhere
     GroupRotation.require_grad_everywhere = lambda self: None
-    _, pitfall = train(None, None, seed=0, duration='8ba')
+    try:
+        _, pitfall = train(None, None, seed=0, duration='8ba')
+    finally:
+        GroupRotation.require_grad_everywhere = require_grad_everywhere
 
     batch_digests = dist.all_gather_object(checks.first_batch_digest)
     final = dist.all_gather_object(parameter_checksum(uninterrupted))
@@ -99,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    main(sys.argv[1], sys.argv[2])

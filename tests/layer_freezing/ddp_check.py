@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
@@ -67,9 +66,7 @@ def train(save_folder: str, load_path: str | None, seed: int) -> tuple[torch.nn.
     return model, checks
 
 
-def main() -> None:
-    out_path = sys.argv[1]
-    folder = sys.argv[2] if len(sys.argv) > 2 else tempfile.mkdtemp()
+def main(out_path: str, folder: str) -> None:
     uninterrupted, checks = train(folder, None, seed=0)
     dist.barrier()
     resumed, resumed_checks = train(folder, os.path.join(folder, 'ep0-ba4-rank0.pt'), seed=1)
@@ -92,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    main(sys.argv[1], sys.argv[2])

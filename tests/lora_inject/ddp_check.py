@@ -60,8 +60,7 @@ def train(folder: str, load_path: str | None, seed: int):
     return model, base, checks
 
 
-def main() -> None:
-    out, folder = sys.argv[1], sys.argv[2]
+def main(out: str, folder: str) -> None:
     model, base, checks = train(folder, None, seed=0)
     after = dict(user_module(model).named_parameters())
     base_unchanged = all(
@@ -88,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    main(sys.argv[1], sys.argv[2])

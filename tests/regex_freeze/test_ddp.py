@@ -6,15 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from support import launch
-
-HERE = Path(__file__).resolve().parent
+from support import two_process_part
 
 
 @pytest.mark.multiprocess
-def test_two_process_ddp(tmp_path: Path):
-    out = tmp_path / 'result.json'
-    launch(HERE / 'ddp_check.py', out, tmp_path / 'checkpoints')
+def test_two_process_ddp(two_processes: Path):
+    out = two_process_part(two_processes, 'regex_freeze') / 'result.json'
     result = json.loads(out.read_text())
     assert result == {
         'world_size': 2,

@@ -1,0 +1,55 @@
+"""Run by ``composer -n 2`` once per test session: every 2-process check of the suite in one launch.
+
+Starting two processes that import torch, Composer and transformers costs more than most of the checks, so the
+``two_processes`` fixture (tests/conftest.py) launches this script once and the tests read what each part wrote:
+
+* ``<out>/ddp``: the conformance suite under DDP (conformance/ddp_script.py);
+* ``<out>/fsdp2``: the conformance suite sharded with FSDP2 (conformance/fsdp2_script.py); the second argument is
+  the unsharded single-process checkpoint it loads;
+* ``<out>/<algorithm>/result.json``: each algorithm's own DDP check (``<algorithm>/ddp_check.py``).
+
+A part that raises writes its traceback to ``<out>/<part>/error-rank<r>.txt`` and the next part runs, so one failure
+fails only its own tests.
+"""
+
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tests folder
+
+from composer.utils import dist
+
+ALGORITHM_CHECKS = ('layer_freezing', 'regex_freeze', 'lora_inject', 'hift_rotation')
+
+
+def parts(out: Path, plain_checkpoint: str) -> dict[str, Callable[[Path], None]]:
+    """Each part's name and how to run it into its folder."""
+    import importlib
+
+    from conformance import ddp_script, fsdp2_script
+
+    runs: dict[str, Callable[[Path], None]] = {
+        'ddp': ddp_script.main,
+        'fsdp2': lambda folder: fsdp2_script.main(folder, plain_checkpoint),
+    }
+    for name in ALGORITHM_CHECKS:
+        check = importlib.import_module(f'{name}.ddp_check')
+        runs[name] = lambda folder, check=check: check.main(str(folder / 'result.json'), str(folder / 'checkpoints'))
+    return runs
+
+
+def main(out: Path, plain_checkpoint: str) -> None:
+    for name, run in parts(out, plain_checkpoint).items():
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            run(folder)
+        except Exception:
+            (folder / f'error-rank{dist.get_global_rank()}.txt').write_text(traceback.format_exc())
+        dist.barrier()
+
+
+if __name__ == '__main__':
+    main(Path(sys.argv[1]), sys.argv[2])
