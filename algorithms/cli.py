@@ -221,7 +221,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return commands[args.command](args)
     except ConfigError as error:
         what = 'recipe' if args.command == 'run' else 'input'
-        print(f'thaw {args.command}: invalid {what}: {error}', file=sys.stderr)
+        one_line = ' '.join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f'thaw {args.command}: invalid {what}: {one_line}', file=sys.stderr)
         return EXIT_INVALID
 
 

@@ -82,7 +82,10 @@ def hf_classifier(path: str | Path, num_labels: int, dropout: Optional[float] = 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the fresh head's "newly initialized weights" notice is expected
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), config=config)
+        # A checkpoint's own head (another number of labels) is replaced by a fresh one, as for a base model.
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), config=config, ignore_mismatched_sizes=True
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
     return HuggingFaceModel(

@@ -19,6 +19,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from algorithms.config_validation import ConfigError, from_mapping
+from algorithms.run_files import check_checkpoint_path, check_writable_folder
 
 __all__ = [
     'DataConfig',
@@ -45,6 +48,10 @@ __all__ = [
 ]
 
 LOGGER_NAMES = ('console', 'file', 'tensorboard', 'wandb', 'mlflow')
+# The package each logger imports (Composer's own loggers need nothing more).
+LOGGER_PACKAGES = {'tensorboard': 'tensorboard', 'wandb': 'wandb', 'mlflow': 'mlflow'}
+# Learning rates above this diverge with every optimizer the recipes offer (the run would end in NaN losses).
+MAX_LEARNING_RATE = 10.0
 
 
 @dataclass
@@ -139,30 +146,49 @@ class Recipe:
     summary_path: Optional[str] = None
 
 
-def _check_time(key: str, value: Union[str, int]) -> None:
-    from composer.core import Time
+_TIME_EXAMPLES = "a Composer time string such as '2ep', '100ba', '1000sp' or '0.5dur'"
 
+
+def _check_time(key: str, value: Union[str, int], *, positive: bool = False, fraction: bool = True) -> None:
+    """``value`` is a whole number of epochs or a Composer time string with a whole count (or a fraction of the
+    run in ``dur``, where ``fraction``); ``positive`` refuses zero, which would run or save nothing."""
+    from composer.core import Time, TimeUnit
+
+    valid = (
+        f'expected {_TIME_EXAMPLES}'
+        if fraction
+        else "expected a Composer time string such as '2ep', '100ba' or '1000sp'"
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(key, value, f'{valid}.')
     if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(key, value, 'expected a non-negative duration.')
-        return
-    try:
-        Time.from_timestring(value)
-    except ValueError:
-        raise ConfigError(
-            key, value, "expected a Composer time string such as '2ep', '100ba', '1000sp' or '0.5dur'."
-        ) from None
+        count: float = value
+    else:
+        try:
+            time = Time.from_timestring(value)
+        except TypeError:  # a fraction of a unit that counts whole things ('1.5ep')
+            raise ConfigError(key, value, f'epochs, batches, samples and tokens are whole numbers; {valid}.') from None
+        except ValueError:
+            raise ConfigError(key, value, f'{valid}.') from None
+        if time.unit == TimeUnit.DURATION and not fraction:
+            raise ConfigError(key, value, f"a fraction of the run cannot set the run's own length; {valid}.")
+        if time.unit != TimeUnit.DURATION and not float(time.value).is_integer():
+            raise ConfigError(key, value, f'a whole number of {time.unit.value}s is needed; {valid}.')
+        count = time.value
+    if count < 0 or (positive and count == 0):
+        raise ConfigError(key, value, f'expected a {"positive" if positive else "non-negative"} duration.')
 
 
 def _check_positive(key: str, value: Optional[Union[int, float]]) -> None:
-    if value is not None and value <= 0:
-        raise ConfigError(key, value, 'expected a positive number.')
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(key, value, 'expected a positive, finite number.')
 
 
 def validate_recipe(recipe: Recipe) -> None:
     """Check everything that can be checked without building the model: values, files, algorithm options."""
-    for key in ('max_duration', 'eval_interval', 'save_interval'):
-        _check_time(key, getattr(recipe, key))
+    _check_time('max_duration', recipe.max_duration, positive=True, fraction=False)
+    _check_time('eval_interval', recipe.eval_interval, positive=True)
+    _check_time('save_interval', recipe.save_interval, positive=True)
     _check_time('scheduler.t_warmup', recipe.scheduler.t_warmup)
     for key in ('global_train_batch_size', 'device_train_microbatch_size', 'eval_batch_size'):
         _check_positive(key, getattr(recipe, key))
@@ -170,7 +196,11 @@ def validate_recipe(recipe: Recipe) -> None:
         _check_positive(f'optimizer.{key}', getattr(recipe.optimizer, key))
     for key in ('max_seq_len', 'max_per_class', 'max_train_samples', 'max_eval_samples'):
         _check_positive(f'data.{key}', getattr(recipe.data, key))
-    if recipe.optimizer.weight_decay < 0:
+    if recipe.optimizer.lr > MAX_LEARNING_RATE:
+        raise ConfigError(
+            'optimizer.lr', recipe.optimizer.lr, f'above {MAX_LEARNING_RATE:g} every supported optimizer diverges.'
+        )
+    if not (math.isfinite(recipe.optimizer.weight_decay) and recipe.optimizer.weight_decay >= 0):
         raise ConfigError('optimizer.weight_decay', recipe.optimizer.weight_decay, 'expected a number >= 0.')
     if len(recipe.optimizer.betas) != 2 or not all(0 <= b < 1 for b in recipe.optimizer.betas):
         raise ConfigError('optimizer.betas', recipe.optimizer.betas, 'expected two numbers in [0, 1).')
@@ -210,11 +240,22 @@ def validate_recipe(recipe: Recipe) -> None:
     for key in ('num_layers', 'hidden_size', 'num_heads'):
         _check_positive(f'model.{key}', getattr(model, key))
 
-    if recipe.load_path is not None and '://' not in recipe.load_path and not Path(recipe.load_path).exists():
-        raise ConfigError('load_path', recipe.load_path, 'no checkpoint file there.')
+    if recipe.autoresume and (recipe.run_name is None or recipe.save_folder is None):
+        raise ConfigError(
+            'autoresume',
+            True,
+            'needs run_name and save_folder: it resumes from the latest checkpoint of that run there.',
+        )
     for name in recipe.loggers:
         if name not in LOGGER_NAMES:
             raise ConfigError(f'loggers.{name}', name, f'unknown logger; valid loggers: {", ".join(LOGGER_NAMES)}.')
+        package = LOGGER_PACKAGES.get(name)
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ConfigError(f'loggers.{name}', name, f'needs the {package!r} package: pip install {package}.')
+    if recipe.save_folder is not None:
+        check_writable_folder('save_folder', recipe.save_folder)
+    if recipe.load_path is not None and '://' not in recipe.load_path:
+        check_checkpoint_path('load_path', recipe.load_path, sharded=_saves_sharded(recipe))
 
     from algorithms.checkpointing import check_checkpoint_algorithms
     from algorithms.registry import build_algorithm
@@ -260,8 +301,39 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 
+def _construct_mapping_once(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    """A mapping in which every key appears once: YAML keeps the last of repeated keys, silently."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f'key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})',
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_once)
+
+
 def _parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_RecipeLoader)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what, in one line: `` at line 3, column 5: expected ','``."""
+    mark = getattr(error, 'problem_mark', None)
+    where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+    return f'{where}: {getattr(error, "problem", None) or str(error).splitlines()[0]}'
+
+
+def _saves_sharded(recipe: Recipe) -> bool:
+    fsdp = recipe.parallelism.fsdp
+    return fsdp is not None and fsdp.state_dict_type == 'sharded'
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -279,7 +351,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if not isinstance(child, dict):
                 raise ConfigError(path, override, f'{key!r} holds {child!r}, not a mapping, so it has no sub-keys.')
             node = child
-        node[keys[-1]] = _parse_yaml(raw)
+        try:
+            node[keys[-1]] = _parse_yaml(raw)
+        except yaml.YAMLError as error:
+            raise ConfigError('--set', override, f'the value is not valid YAML{_yaml_problem(error)}.') from error
     return data
 
 
@@ -289,12 +364,13 @@ def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe
     if not path.is_file():
         raise ConfigError('recipe', str(path), 'no such file.')
     try:
-        data = _parse_yaml(path.read_text()) or {}
+        data = _parse_yaml(path.read_text())
     except yaml.YAMLError as error:
-        mark = getattr(error, 'problem_mark', None)
-        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
-        problem = getattr(error, 'problem', None) or str(error).splitlines()[0]
-        raise ConfigError('recipe', str(path), f'not valid YAML{where}: {problem}.') from error
+        raise ConfigError('recipe', str(path), f'not valid YAML{_yaml_problem(error)}.') from error
+    if data is None:
+        raise ConfigError(
+            'recipe', str(path), 'the file is empty; a recipe names at least its model and data (see yamls/demo.yaml).'
+        )
     if not isinstance(data, Mapping):
         raise ConfigError('recipe', str(path), 'expected a YAML mapping at the top level.')
     return recipe_from_mapping(apply_overrides(dict(data), overrides))

@@ -12,8 +12,10 @@ import hashlib
 import json
 import resource
 import time
+import traceback
 import warnings
-from collections.abc import Sized
+from collections.abc import Iterator, Sized
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -241,7 +243,29 @@ class TrainingSummary(Callback):
 
 
 def build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData]:
-    """Build model, data, optimizer, algorithms and the Trainer for ``recipe`` (already validated)."""
+    """Build model, data, optimizer, algorithms and the Trainer for ``recipe`` (already validated).
+
+    What only the model reveals (a checkpoint folder transformers cannot read, a sequence longer than the model's
+    positions, an algorithm option that fits no part of the model, nothing left to train) raises
+    :class:`ConfigError` before any training step, leaving no save folder behind.
+    """
+    with _no_new_folder_on_error(recipe.save_folder):
+        return _build_trainer(recipe)
+
+
+@contextmanager
+def _no_new_folder_on_error(folder: Optional[str]) -> Iterator[None]:
+    """Remove ``folder`` again if it did not exist before and is still empty when a ConfigError leaves."""
+    created = None if folder is None or Path(folder).exists() else Path(folder)
+    try:
+        yield
+    except ConfigError:
+        if created is not None and created.is_dir() and not any(created.iterdir()):
+            created.rmdir()
+        raise
+
+
+def _build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData]:
     from algorithms.models import load_tokenizer
     from algorithms.registry import build_algorithm
 
@@ -249,8 +273,12 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData]
     check_processes(recipe, world_size, str(world_size))
     algorithms = [build_algorithm(name, kwargs) for name, kwargs in recipe.algorithms.items()]
     reproducibility.seed_all(recipe.seed)
-    tokenizer = load_tokenizer(recipe.model.path if recipe.model.name == 'hf' else None)
+    with _model_folder_errors(recipe, 'no tokenizer loads from there'):
+        tokenizer = load_tokenizer(recipe.model.path if recipe.model.name == 'hf' else None)
     data = build_data(recipe.data, tokenizer, recipe.global_train_batch_size // world_size, recipe.eval_batch_size)
+    with _model_folder_errors(recipe, 'not a loadable Hugging Face checkpoint'):
+        model = build_model(recipe.model, data.num_labels)
+    _check_sequence_length(recipe, model)
     if len(data.train_dataloader) == 0:  # batches drop the remainder, so a too small set would train nothing
         train_set = data.train_dataloader.dataset
         assert isinstance(train_set, Sized)  # build_data's data sets have a length
@@ -261,10 +289,25 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData]
             f'the training set has only {examples} examples (data.max_train_samples={recipe.data.max_train_samples}), '
             'too few for one batch; lower the batch size or use more data.',
         )
-    model = build_model(recipe.model, data.num_labels)
     optimizer = build_optimizer(model, recipe.optimizer)
     summary = TrainingSummary()
-    trainer = Trainer(
+    with _algorithm_errors(recipe, algorithms):  # they check themselves against the model at INIT and BEFORE_LOAD
+        trainer = _trainer(recipe, model, data, optimizer, algorithms, summary)
+    if not any(param.requires_grad for param in model.parameters()):
+        trainer.close()
+        raise ConfigError(
+            'algorithms',
+            dict(recipe.algorithms),
+            'together they leave no parameter to train (every one is frozen), so the first backward pass would fail; '
+            'name something to train.',
+        )
+    summary.summary.majority_rate = data.majority_rate
+    summary.summary.algorithms = [repr(a) if isinstance(a, ConfigRepr) else type(a).__name__ for a in algorithms]
+    return trainer, summary, data
+
+
+def _trainer(recipe: Recipe, model, data: RecipeData, optimizer, algorithms: list, summary: TrainingSummary) -> Trainer:
+    return Trainer(
         model=model,
         train_dataloader=data.train_dataloader,
         eval_dataloader=data.eval_dataloader,
@@ -290,9 +333,50 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData]
         parallelism_config=build_parallelism(recipe.parallelism),
         python_log_level=None,
     )
-    summary.summary.majority_rate = data.majority_rate
-    summary.summary.algorithms = [repr(a) if isinstance(a, ConfigRepr) else type(a).__name__ for a in algorithms]
-    return trainer, summary, data
+
+
+@contextmanager
+def _model_folder_errors(recipe: Recipe, problem: str) -> Iterator[None]:
+    """What transformers (or safetensors) cannot read in a local checkpoint folder becomes an error naming
+    ``model.path``: a broken config.json, missing or truncated weights, missing tokenizer files."""
+    from safetensors import SafetensorError
+
+    if recipe.model.name != 'hf':
+        yield
+        return
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError('model.path', recipe.model.path, f'{problem}: {detail}') from error
+
+
+def _check_sequence_length(recipe: Recipe, model: nn.Module) -> None:
+    config = getattr(getattr(model, 'model', model), 'config', None)
+    positions = getattr(config, 'max_position_embeddings', None) or getattr(config, 'n_positions', None)
+    if isinstance(positions, int) and recipe.data.max_seq_len > positions:
+        raise ConfigError(
+            'data.max_seq_len',
+            recipe.data.max_seq_len,
+            f'the model has {positions} positions; use at most {positions}.',
+        )
+
+
+@contextmanager
+def _algorithm_errors(recipe: Recipe, algorithms: list) -> Iterator[None]:
+    """An algorithm that refuses the model while the Trainer is built (before any training step) becomes an error
+    naming its recipe key; the algorithm is found among the frames that raised."""
+    names = {id(algorithm): name for name, algorithm in zip(recipe.algorithms, algorithms)}
+    try:
+        yield
+    except (ValueError, NotImplementedError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        for frame, _ in traceback.walk_tb(error.__traceback__):
+            name = names.get(id(frame.f_locals.get('self')))
+            if name is not None:
+                raise ConfigError(f'algorithms.{name}', recipe.algorithms[name] or {}, str(error)) from error
+        raise
 
 
 def _metric_values(trainer: Trainer) -> dict[str, float]:

@@ -1,0 +1,84 @@
+"""Files a run reads and writes, checked before anything is built: the save folder and the checkpoint to load.
+
+A save folder that cannot be written would otherwise be discovered at the first save (with save-at-end, after
+the whole run); a checkpoint that cannot be read, at load time with a message from deep inside ``torch.load``.
+Each check raises :class:`~algorithms.config_validation.ConfigError` naming the recipe key and leaves nothing
+behind: the probe file and any folders made for it are removed.
+
+Example:
+    >>> check_writable_folder('save_folder', 'runs/my-run')
+    >>> check_checkpoint_path('load_path', 'runs/my-run/ep1-ba100-rank0.pt', sharded=False)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+from algorithms.config_validation import ConfigError
+
+__all__ = ['check_checkpoint_path', 'check_writable_folder']
+
+
+def check_writable_folder(key: str, folder: str) -> None:
+    """Raise unless files can be created in ``folder`` (made if missing); leave the file system as it was."""
+    path = Path(folder).expanduser().absolute()
+    missing = []
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise ConfigError(key, folder, f'{str(candidate)!r} is a file, so no folder can be made there.')
+            break
+        missing.append(candidate)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f'.thaw-write-probe-{os.getpid()}'
+        probe.write_bytes(b'')
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(key, folder, f'cannot write there ({error.strerror or error}).') from error
+    finally:
+        for made in missing:  # innermost first
+            if made.is_dir() and not any(made.iterdir()):
+                made.rmdir()
+
+
+def check_checkpoint_path(key: str, checkpoint: str, *, sharded: bool) -> None:
+    """Raise unless ``checkpoint`` is a readable Composer checkpoint: a complete ``torch.save`` file, or, for
+    sharded runs, a folder written by ``torch.distributed.checkpoint`` (it holds ``.metadata``)."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ConfigError(key, checkpoint, 'no checkpoint file there.')
+    if path.is_dir():
+        if sharded and (path / '.metadata').is_file():
+            return
+        expected = (
+            "a sharded checkpoint folder (one holding '.metadata')"
+            if sharded
+            else "a checkpoint file such as 'ep1-ba100-rank0.pt' (a folder is a sharded checkpoint only with "
+            'parallelism.fsdp.state_dict_type: sharded)'
+        )
+        raise ConfigError(key, checkpoint, f'a folder; expected {expected}.')
+    if path.stat().st_size == 0:
+        raise ConfigError(key, checkpoint, 'the file is empty (a save that was interrupted?).')
+    problem = _unreadable_torch_file(path)
+    if problem is not None:
+        raise ConfigError(key, checkpoint, f'not a readable Composer checkpoint: {problem}.')
+
+
+def _unreadable_torch_file(path: Path) -> Optional[str]:
+    """Why ``torch.load`` could not read ``path``, judged from its framing without loading it; ``None`` if it can.
+
+    ``torch.save`` writes a zip archive whose central directory comes last, so a save that was cut short leaves
+    a file that starts like an archive but has none.
+    """
+    with path.open('rb') as file:
+        head = file.read(4)
+    if head.startswith(b'PK'):
+        return None if zipfile.is_zipfile(path) else 'the archive is truncated (a save that was interrupted?)'
+    if head[:1] == pickle.PROTO:  # a legacy (pre-zip) torch.save file
+        return None
+    return 'it is neither a torch.save archive nor a pickle (a text file?)'

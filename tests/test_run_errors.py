@@ -1,0 +1,190 @@
+"""``thaw run`` refuses a recipe it can tell is wrong before any training step: exit 2, one line naming the key, its
+value and what is valid, no traceback, and nothing written (no save folder, no checkpoint). One case per mistake,
+from the recipe alone, from the files it names, and from the model it builds."""
+
+import importlib.util
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support import REPO
+
+from algorithms.cli import EXIT_INVALID, main
+
+DEMO = REPO / 'yamls/demo.yaml'
+# The built-in decoder for 2 batches: what a case does not change trains quickly.
+TINY = [
+    'model.name=tiny-decoder',
+    'data.name=python-topics',
+    'data.max_seq_len=32',
+    'algorithms={}',
+    'max_duration=2ba',
+    'global_train_batch_size=4',
+    'data.max_train_samples=16',
+    'data.max_eval_samples=8',
+    'progress_bar=false',
+]
+# A classifier loaded from a local folder (see `checkpoint_folders`) instead of the decoder.
+FROM_FOLDER = ['model.name=hf', 'data.name=stdlib-docs', 'algorithms={}']
+
+Case = Callable[[Path, dict[str, Path]], list[str]]  # (tmp_path, model folders) -> overrides
+
+
+def _fixed(*overrides: str) -> Case:
+    return lambda tmp_path, folders: list(overrides)
+
+
+def _file(content: bytes, key: str = 'load_path', *more: str) -> Case:
+    def build(tmp_path: Path, folders: dict[str, Path]) -> list[str]:
+        path = tmp_path / 'given'
+        path.write_bytes(content)
+        return [f'{key}={path}', *more]
+
+    return build
+
+
+def _truncated_checkpoint(tmp_path: Path, folders: dict[str, Path]) -> list[str]:
+    import torch
+
+    path = tmp_path / 'ep1-ba4-rank0.pt'
+    torch.save({'state': {'model': {'w': torch.zeros(1000)}}}, path)
+    path.write_bytes(path.read_bytes()[:-200])  # killed during the save
+    return [f'load_path={path}']
+
+
+def _model_folder(name: str) -> Case:
+    return lambda tmp_path, folders: [*FROM_FOLDER, f'model.path={folders[name]}']
+
+
+def _under_a_file(tmp_path: Path, folders: dict[str, Path]) -> list[str]:
+    (tmp_path / 'a-file').write_text('')
+    return [f'save_folder={tmp_path / "a-file" / "runs"}']
+
+
+def _missing_logger_package() -> list[str]:
+    return [name for name in ('wandb', 'mlflow', 'tensorboard') if importlib.util.find_spec(name) is None]
+
+
+CASES: dict[str, tuple[Case, str]] = {
+    # the recipe alone
+    'max_duration of 0': (_fixed('max_duration=0'), 'max_duration'),
+    'negative max_duration': (_fixed('max_duration=-2'), 'max_duration'),
+    'max_duration of 1.5ep': (_fixed('max_duration=1.5ep'), 'max_duration'),
+    'max_duration as a fraction of itself': (_fixed('max_duration=0.5dur'), 'max_duration'),
+    'max_duration as a float': (_fixed('max_duration=0.5'), 'max_duration'),
+    'save_interval of 0': (_fixed('save_interval=0'), 'save_interval'),
+    'eval_interval of 0': (_fixed('eval_interval=0'), 'eval_interval'),
+    'lr nan': (_fixed('optimizer.lr=.nan'), 'optimizer.lr'),
+    'lr inf': (_fixed('optimizer.lr=.inf'), 'optimizer.lr'),
+    'lr 1e9': (_fixed('optimizer.lr=1e9'), 'optimizer.lr'),
+    'autoresume without run_name': (_fixed('autoresume=true'), 'autoresume'),
+    'broken YAML in --set': (_fixed('optimizer.lr=[1e-4'), '--set'),
+    # files the recipe names
+    'save_folder under a file': (_under_a_file, 'save_folder'),
+    'save_folder not writable': (_fixed('save_folder=/proc/thaw-cannot-write-here/runs'), 'save_folder'),
+    'empty load_path file': (_file(b''), 'load_path'),
+    'text file as load_path': (_file(b'not a checkpoint\n'), 'load_path'),
+    'truncated load_path': (_truncated_checkpoint, 'load_path'),
+    'folder as load_path': (lambda tmp_path, folders: [f'load_path={tmp_path}'], 'load_path'),
+    'model folder with a broken config.json': (_model_folder('bad config'), 'model.path'),
+    'model folder without weights': (_model_folder('no weights'), 'model.path'),
+    'model folder without a tokenizer': (_model_folder('no tokenizer'), 'model.path'),
+    'model folder with truncated weights': (_model_folder('truncated weights'), 'model.path'),
+    # the model
+    'sequence longer than the positions': (_fixed('data.max_seq_len=4096'), 'data.max_seq_len'),
+    'RegexFreeze pattern matching nothing': (
+        _fixed('algorithms={regex_freeze: {trainable: [lm_haed]}}'),
+        'algorithms.regex_freeze',
+    ),
+    'RegexFreeze rows past the end': (
+        _fixed('algorithms={regex_freeze: {trainable: ["model.embed_tokens.weight[30000:40000]"]}}'),
+        'algorithms.regex_freeze',
+    ),
+    'nothing left to train': (_fixed('algorithms={regex_freeze: {trainable: []}}'), 'algorithms'),
+    'LoRA targets naming nothing': (
+        _fixed('algorithms={lora_inject: {target_modules: [q_prj]}}'),
+        'algorithms.lora_inject',
+    ),
+    'LoRA modules_to_save naming nothing': (
+        _fixed('algorithms={lora_inject: {target_modules: [q_proj], modules_to_save: [lm_haed]}}'),
+        'algorithms.lora_inject',
+    ),
+    'LoRA on a norm': (
+        _fixed('algorithms={lora_inject: {target_modules: [input_layernorm]}}'),
+        'algorithms.lora_inject',
+    ),
+    'HiFT group_size larger than the model': (
+        _fixed('algorithms={hift_rotation: {group_size: 99}}'),
+        'algorithms.hift_rotation',
+    ),
+    'HiFT unknown always_trainable': (
+        _fixed('algorithms={hift_rotation: {always_trainable: [lm_haed]}}'),
+        'algorithms.hift_rotation',
+    ),
+    'HiFT lora without LoRAInject': (_fixed('algorithms={hift_rotation: {lora: true}}'), 'algorithms.hift_rotation'),
+}
+missing = _missing_logger_package()
+if missing:
+    CASES['logger whose package is missing'] = (_fixed(f'loggers={{{missing[0]}: {{}}}}'), f'loggers.{missing[0]}')
+
+
+@pytest.fixture(scope='module')
+def checkpoint_folders(tmp_path_factory) -> dict[str, Path]:
+    """A small BERT classifier saved as Hugging Face does, and copies of it broken in the ways users meet."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from algorithms.models import load_tokenizer
+
+    root = tmp_path_factory.mktemp('models')
+    good = root / 'good'
+    config = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    BertForSequenceClassification(config).save_pretrained(good)
+    load_tokenizer().save_pretrained(good)
+
+    def broken(name: str, edit: Callable[[Path], object]) -> Path:
+        folder = root / name.replace(' ', '-')
+        shutil.copytree(good, folder)
+        edit(folder)
+        return folder
+
+    weights = 'model.safetensors'
+    return {
+        'bad config': broken('bad config', lambda f: (f / 'config.json').write_text('{"model_type": "bert", ')),
+        'no weights': broken('no weights', lambda f: (f / weights).unlink()),
+        'no tokenizer': broken(
+            'no tokenizer', lambda f: [p.unlink() for p in f.iterdir() if 'token' in p.name or p.name == 'vocab.txt']
+        ),
+        'truncated weights': broken('truncated weights', lambda f: (f / weights).write_bytes(b'\x08' * 64)),
+    }
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_refused_before_training_in_one_line(name, tmp_path, checkpoint_folders, capsys):
+    build, key = CASES[name]
+    overrides = [*TINY, f'save_folder={tmp_path / "runs"}', *build(tmp_path, checkpoint_folders)]
+    before = sorted(tmp_path.rglob('*'))
+    code = main(['run', str(DEMO), *[arg for override in overrides for arg in ('--set', override)]])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == EXIT_INVALID, captured.err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f'thaw run: invalid recipe: {key} = '), captured.err[-2000:]
+    assert 'Traceback' not in captured.err + captured.out
+    assert sorted(tmp_path.rglob('*')) == before, 'a refused run wrote files'
+
+
+def _recipe_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / 'recipe.yaml'
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    'text, problem',
+    [('', 'the file is empty'), ('seed: 1\nmax_duration: 2ba\nseed: 2\n', "key 'seed' appears twice (lines 1 and 3)")],
+    ids=['empty recipe', 'duplicate key'],
+)
+def test_recipe_files_that_would_train_something_else_are_refused(text, problem, tmp_path, capsys):
+    assert main(['run', str(_recipe_file(tmp_path, text))]) == EXIT_INVALID
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('thaw run: invalid recipe: recipe = ') and problem in lines[0]
