@@ -1,13 +1,20 @@
 """What to adapt and how: :class:`LoRAConfig`, validated on construction.
 
-Target selection follows PEFT's rules, so a PEFT ``adapter_config.json`` means the same thing here:
+Module selection means what it means in PEFT (0.16), so a PEFT ``adapter_config.json`` selects the same modules
+here; the rules are written once, in :mod:`algorithms.lora_inject.matching`:
 
 * ``target_modules`` as a list: a module is a target if its name equals an entry or ends with ``'.' + entry``
   (``'q_proj'`` matches ``model.layers.0.self_attn.q_proj``).
 * ``target_modules`` as a string: a regex that must match the whole module name, or the shorthand ``'all-linear'``
-  (every ``nn.Linear`` and GPT-2 ``Conv1D`` except the output head).
+  (the full names of every ``nn.Linear`` and GPT-2 ``Conv1D`` but the LM head of a transformers model).
 * ``target_modules=None``: the default for the model's ``config.model_type`` (PEFT's mapping, see
   :data:`DEFAULT_TARGET_MODULES`).
+* ``layers_to_transform`` (with a list of ``target_modules`` only): a module matched by name suffix must sit in a
+  block with one of these indices (``model.layers.<i>.``; ``layers_pattern`` names the container). A module named
+  in full in the list is adapted whatever its block, as in PEFT.
+* ``exclude_modules``: never adapted (a regex matching the whole name, or a list matched like ``target_modules``).
+* ``modules_to_save``: every module whose name *ends with* an entry (a plain suffix: ``'classifier'`` also saves
+  ``pre_classifier``) trains in full. A module named like an entry (dot boundary), or inside one, is never adapted.
 * ``rank_pattern`` / ``alpha_pattern``: ``{pattern: value}``; the first pattern ``p`` for which
   ``re.match(rf'(.*\\.)?({p})$', name)`` holds gives that module its own rank / alpha.
 
@@ -35,12 +42,15 @@ ALL_LINEAR = 'all-linear'
 InitMethod = Literal['kaiming', 'gaussian', 'pissa']
 BiasMode = Literal['none', 'all', 'lora_only']
 
-# Default targets per Hugging Face ``config.model_type``: the same choices as PEFT's
-# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (query and value projections of attention).
+# Default targets per Hugging Face ``config.model_type``: PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+# entry by entry (tests/lora_inject/test_matching.py compares them); mostly the query and value projections.
 DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     'bart': ('q_proj', 'v_proj'),
     'bert': ('query', 'value'),
+    'blip-2': ('q', 'v', 'q_proj', 'v_proj'),
     'bloom': ('query_key_value',),
+    'btlm': ('c_proj', 'c_attn'),
+    'chatglm': ('query_key_value',),
     'codegen': ('qkv_proj',),
     'deberta': ('in_proj',),
     'deberta-v2': ('query_proj', 'value_proj'),
@@ -65,6 +75,8 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     'phi': ('q_proj', 'v_proj', 'fc1', 'fc2'),
     'qwen2': ('q_proj', 'v_proj'),
     'qwen3': ('q_proj', 'v_proj'),
+    'RefinedWeb': ('query_key_value',),
+    'RefinedWebModel': ('query_key_value',),
     'roberta': ('query', 'value'),
     'stablelm': ('q_proj', 'v_proj'),
     't5': ('q', 'v'),
@@ -116,6 +128,42 @@ def _check_regex(key: str, pattern: str) -> None:
         raise ValueError(f'{key}={pattern!r} is not a valid regular expression: {error}.') from error
 
 
+def _checked_names(key: str, value: Any) -> Optional[Union[list[str], str]]:
+    """A list of module names / name suffixes (a set or tuple becomes a sorted list), a regex string, or ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        _check_regex(key, value)
+        return value
+    if isinstance(value, (set, tuple)):
+        value = sorted(value)
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise TypeError(f'{key}={value!r} is invalid: give a list of module names or name suffixes, a regex, or None.')
+    return value
+
+
+def _checked_layers_pattern(value: Any, layers: Any) -> Optional[Union[list[str], str]]:
+    """``layers_pattern``: a regex or a list of them, ``None`` when empty (PEFT's reading); needs block indices."""
+    if value is None or (isinstance(value, (str, list, tuple)) and not value):
+        return None
+    if isinstance(value, tuple):
+        value = list(value)
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+        raise TypeError(
+            f'layers_pattern={value!r} is invalid: give the name of the block container as a string (e.g. '
+            "'layers' or 'h'), a list of such names, or None.",
+        )
+    if layers is None:
+        raise ValueError(
+            f'layers_pattern={value!r} needs layers_to_transform: it only says where block indices are in module '
+            'names.',
+        )
+    for pattern in patterns:
+        _check_regex('layers_pattern', pattern)
+    return value
+
+
 @dataclass
 class LoRAConfig:
     """Configuration of low-rank adapters (field names and meanings as in PEFT's ``LoraConfig``).
@@ -125,9 +173,11 @@ class LoRAConfig:
         lora_alpha: scale numerator: the update is ``lora_alpha / r * B @ A`` (``lora_alpha / sqrt(r)`` with rsLoRA).
         target_modules: list of names / name suffixes, a full-match regex, ``'all-linear'``, or ``None`` for the
             default of the model's ``model_type``.
-        layers_to_transform: only adapt targets inside these block indices (``model.layers.<i>.``).
-        layers_pattern: name of the block container (``'layers'``, ``'h'``) for ``layers_to_transform``; by default
-            the index after any ``<name>.<i>.`` is used, as in PEFT.
+        exclude_modules: modules never adapted: a list of names / name suffixes, or a full-match regex.
+        layers_to_transform: with a list of ``target_modules``: adapt modules matched by name suffix only inside
+            these block indices (``model.layers.<i>.``).
+        layers_pattern: name (a regex) of the block container (``'layers'``, ``'h'``), or a list of them tried in
+            order, for ``layers_to_transform``; by default the index in the last ``.<name>.<i>.`` is used, as in PEFT.
         rank_pattern: per-target rank overrides ``{pattern: r}``.
         alpha_pattern: per-target alpha overrides ``{pattern: alpha}``.
         lora_dropout: dropout on the adapter's input, in ``[0, 1)``.
@@ -137,8 +187,10 @@ class LoRAConfig:
             with std ``1/r``, B zero) or ``'pissa'`` (A, B from the top-r singular vectors; the base weight becomes the
             residual).
         bias: which biases train: ``'none'``, ``'all'``, or ``'lora_only'`` (biases of adapted modules).
-        modules_to_save: modules trained in full besides the adapters (e.g. ``['classifier']``), matched like
-            ``target_modules`` lists. They are never adapted.
+        modules_to_save: modules trained in full besides the adapters (e.g. ``['classifier']``): every module
+            whose name ends with an entry (a plain suffix, as in PEFT: ``'classifier'`` also saves
+            ``pre_classifier``). A module named like an entry, or inside one, is never adapted; a target that is
+            saved only by the plain suffix is refused (exclude it with ``exclude_modules``).
         enable_slices: fused projections adapted per slice, ``{pattern: [True, False, True]}``: the output features
             are split into equal slices and only the enabled slices get an adapter (loralib's ``MergedLinear``), e.g.
             ``{'c_attn': [True, False, True]}`` adapts query and value of GPT-2's fused ``c_attn``. Patterns match as in
@@ -148,8 +200,9 @@ class LoRAConfig:
     r: int = 8
     lora_alpha: float = 8
     target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
     layers_to_transform: Optional[Union[list[int], int]] = None
-    layers_pattern: Optional[str] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_dropout: float = 0.0
@@ -193,18 +246,14 @@ class LoRAConfig:
                     f'layers_to_transform={layers!r} is invalid: give a block index or a non-empty list of block '
                     'indices (integers >= 0).',
                 )
-        if self.layers_pattern is not None:
-            if not isinstance(self.layers_pattern, str):
-                raise TypeError(
-                    f'layers_pattern={self.layers_pattern!r} is invalid: give the name of the block container as a '
-                    "string (e.g. 'layers' or 'h'), or None.",
-                )
-            if layers is None:
-                raise ValueError(
-                    f'layers_pattern={self.layers_pattern!r} needs layers_to_transform: it only says where block '
-                    'indices are in module names.',
-                )
-            _check_regex('layers_pattern', self.layers_pattern)
+        self.exclude_modules = _checked_names('exclude_modules', self.exclude_modules)
+        self.layers_pattern = _checked_layers_pattern(self.layers_pattern, layers)
+        if isinstance(targets, str) and layers is not None:
+            raise ValueError(
+                f'layers_to_transform={layers!r} cannot be combined with target_modules={targets!r}: as in PEFT, '
+                "block indices apply to a list of module names only. Give a list (e.g. ['q_proj', 'v_proj']), or "
+                "write the block indices into the regex (e.g. r'.*\\.layers\\.(2|3)\\..*_proj')."
+            )
         _check_mapping('rank_pattern', self.rank_pattern, 'rank')
         _check_mapping('alpha_pattern', self.alpha_pattern, 'alpha')
         _check_mapping('enable_slices', self.enable_slices, '[True, False, ...]')
@@ -223,6 +272,8 @@ class LoRAConfig:
             or not all(isinstance(m, str) and m for m in self.modules_to_save)
         ):
             raise ValueError(f'modules_to_save={self.modules_to_save!r} is invalid: give a list of module names.')
+        for entry in self.modules_to_save or []:
+            _check_regex('modules_to_save', entry)  # PEFT reads each entry as a regex too (never adapted: see matching)
         for pattern, slices in self.enable_slices.items():
             _check_regex(f'enable_slices[{pattern!r}]', pattern)
             if (

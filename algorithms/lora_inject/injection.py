@@ -7,9 +7,9 @@ then only performs the planned replacements and cannot fail half-way on bad inpu
 
 from __future__ import annotations
 
-import re
+import warnings
 from dataclasses import dataclass, field
-from typing import Optional, TypedDict
+from typing import Optional, TypedDict, Union
 
 from torch import nn
 
@@ -25,20 +25,29 @@ from algorithms.lora_inject.layers import (
     is_conv1d_transposed,
     is_quantized,
 )
+from algorithms.lora_inject.matching import (
+    is_excluded,
+    is_saved,
+    is_target,
+    matches_name_list,
+    matches_target_modules,
+    saved_modules,
+)
 from algorithms.parameter_selection import closest_names
 
 __all__ = [
     'AdapterTarget',
     'InjectionPlan',
     'adapter_layers',
+    'all_linear_names',
     'check_not_peft',
+    'default_target_modules',
     'inject',
-    'matches_name',
-    'output_head_names',
+    'output_layer_name',
     'plan_injection',
+    'saved_module_names',
+    'selectable_modules',
 ]
-
-_CLASSIFIER_HEAD_NAMES = ('score', 'classifier')  # PEFT's SEQ_CLS_HEAD_NAMES
 
 
 @dataclass(frozen=True)
@@ -69,11 +78,6 @@ def adapter_layers(root: nn.Module) -> dict[str, LoRALayer]:
     return {name: module for name, module in root.named_modules() if isinstance(module, LoRALayer)}
 
 
-def matches_name(name: str, entries: list[str]) -> bool:
-    """PEFT's list rule: ``name`` equals an entry or ends with ``'.' + entry``."""
-    return any(name == entry or name.endswith('.' + entry) for entry in entries)
-
-
 def check_not_peft(model: nn.Module, root: nn.Module) -> None:
     """Refuse a model that PEFT already adapted (``PeftModel``, ``HuggingFaceModel(peft_config=...)``)."""
     for module in (model, root, *root.modules()):
@@ -87,33 +91,14 @@ def check_not_peft(model: nn.Module, root: nn.Module) -> None:
             )
 
 
-def output_head_names(root: nn.Module) -> set[str]:
-    """Names of output heads that ``'all-linear'`` leaves out: the LM head, or a classifier's ``score``/``classifier``
-    (PEFT's ``'all-linear'`` leaves out the output layer too).
+def selectable_modules(root: nn.Module) -> dict[str, nn.Module]:
+    """The modules the selection rules see, by name: all of ``root``'s but the root itself and the insides of
+    adapter layers (an adapted module is seen under its own name, as PEFT skips its adapters' internals).
+
+    Example:
+        >>> sorted(selectable_modules(nn.Sequential(nn.Linear(2, 2))))
+        ['0']
     """
-    heads = set()
-    get_output = getattr(root, 'get_output_embeddings', None)
-    output = get_output() if callable(get_output) else None
-    if output is not None:
-        heads |= {name for name, module in root.named_modules() if module is output}
-    for name in _CLASSIFIER_HEAD_NAMES:
-        head = getattr(root, name, None)
-        if isinstance(head, nn.Module):
-            # a head that is a Sequential/MLP: leave out its last linear layer
-            linear = [n for n, m in head.named_modules() if isinstance(m, nn.Linear) or is_conv1d_transposed(m)]
-            if linear:
-                heads.add(f'{name}.{linear[-1]}' if linear[-1] else name)
-    return heads
-
-
-def _layer_index(name: str, layers_pattern: Optional[str]) -> Optional[int]:
-    pattern = rf'.*\.{layers_pattern}\.(\d+)\.' if layers_pattern else r'.*\.[^.]*\.(\d+)\.'
-    match = re.match(pattern, name)
-    return int(match.group(1)) if match else None
-
-
-def _candidate_modules(root: nn.Module) -> dict[str, nn.Module]:
-    """Modules that may be targeted: all but the insides of adapter layers (already adapted modules are kept)."""
     inside: set[str] = set()
     for name, module in root.named_modules():
         if isinstance(module, LoRALayer):
@@ -121,59 +106,68 @@ def _candidate_modules(root: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in root.named_modules() if name and name not in inside}
 
 
-def _resolve_targets(root: nn.Module, config: LoRAConfig, candidates: dict[str, nn.Module]) -> list[str]:
-    targets = config.target_modules
-    saved = config.modules_to_save or []
-    if targets is None:
-        model_type = getattr(getattr(root, 'config', None), 'model_type', None)
-        if model_type not in DEFAULT_TARGET_MODULES:
-            known = ', '.join(sorted(DEFAULT_TARGET_MODULES))
-            raise ValueError(
-                f'target_modules=None asks for the default targets of the model type, but there is no default for '
-                f'model_type={model_type!r} ({type(root).__name__}). Name the modules, e.g. '
-                f"target_modules=['q_proj', 'v_proj'], or use 'all-linear'. Model types with a default: {known}.",
-            )
-        targets = list(DEFAULT_TARGET_MODULES[model_type])
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        heads = output_head_names(root)
-        names = [
-            name
-            for name, module in candidates.items()
-            if (isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d_transposed(module))
-            and name not in heads
-            and not matches_name(name, saved)
-        ]
-        if not names:
-            raise ValueError(f"target_modules='{ALL_LINEAR}' found no linear layer in {type(root).__name__}.")
-    elif isinstance(targets, str):
-        names = [name for name in candidates if re.fullmatch(targets, name)]
-        if not names:
-            raise ValueError(
-                f'target_modules={targets!r} matches no module of {type(root).__name__} (the regex must match the '
-                f'whole name). Close names: {closest_names(targets, candidates)}.',
-            )
-    else:
-        names = []
-        for entry in targets:
-            found = [name for name in candidates if matches_name(name, [entry])]
-            if not found:
-                leaves = sorted({name.rsplit('.', 1)[-1] for name in candidates} | set(candidates))
-                raise ValueError(
-                    f'target_modules entry {entry!r} matches no module of {type(root).__name__}. '
-                    f'Did you mean one of {closest_names(entry, leaves)}?',
-                )
-            names += [name for name in found if name not in names]
-        names = [name for name in candidates if name in set(names)]  # model order
-    if config.layers_to_transform is not None:
-        layers = config.layers_to_transform
-        wanted = {layers} if isinstance(layers, int) else set(layers)
-        names = [name for name in names if _layer_index(name, config.layers_pattern) in wanted]
-        if not names:
-            raise ValueError(
-                f'layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) leaves '
-                f'no target: no matched module is inside a block with one of those indices.',
-            )
-    return [name for name in names if not matches_name(name, saved)]
+def output_layer_name(root: nn.Module) -> Optional[str]:
+    """The name of the output layer ``'all-linear'`` leaves out, as PEFT: ``get_output_embeddings()`` of a
+    transformers ``PreTrainedModel`` (the LM head), else ``None`` (a classifier's head is not left out).
+
+    Example:
+        >>> output_layer_name(nn.Sequential(nn.Linear(2, 2))) is None
+        True
+    """
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    output = root.get_output_embeddings() if isinstance(root, PreTrainedModel) else None
+    if output is None:
+        return None
+    return next((name for name, module in root.named_modules() if module is output), None)
+
+
+def all_linear_names(root: nn.Module, candidates: dict[str, nn.Module]) -> list[str]:
+    """What ``'all-linear'`` stands for (PEFT's ``_maybe_include_all_linear_layers``): the full names of every
+    ``nn.Linear``, transformers ``Conv1D`` and linear adapter layer, but the output layer (:func:`output_layer_name`).
+    They are then matched as a ``target_modules`` list.
+
+    Example:
+        >>> all_linear_names(nn.Sequential(nn.Linear(2, 2)), selectable_modules(nn.Sequential(nn.Linear(2, 2))))
+        ['0']
+    """
+    output = output_layer_name(root)
+    return [
+        name
+        for name, module in candidates.items()
+        if (isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d_transposed(module)) and name != output
+    ]
+
+
+def default_target_modules(root: nn.Module) -> list[str]:
+    """``target_modules=None``: the entry of :data:`DEFAULT_TARGET_MODULES` for ``root.config.model_type``.
+
+    Example:
+        >>> default_target_modules(tiny_llama)
+        ['q_proj', 'v_proj']
+    """
+    model_type = getattr(getattr(root, 'config', None), 'model_type', None)
+    if model_type not in DEFAULT_TARGET_MODULES:
+        known = ', '.join(sorted(DEFAULT_TARGET_MODULES))
+        raise ValueError(
+            f'target_modules=None asks for the default targets of the model type, but there is no default for '
+            f'model_type={model_type!r} ({type(root).__name__}). Name the modules, e.g. '
+            f"target_modules=['q_proj', 'v_proj'], or use 'all-linear'. Model types with a default: {known}.",
+        )
+    return list(DEFAULT_TARGET_MODULES[model_type])
+
+
+def saved_module_names(root: nn.Module, config: LoRAConfig) -> list[str]:
+    """The modules ``config.modules_to_save`` trains in full (:func:`~algorithms.lora_inject.matching.saved_modules`:
+    every module whose name ends with an entry, outermost only), in model order.
+
+    Example:
+        >>> saved_module_names(distilbert_classifier, LoRAConfig(modules_to_save=['classifier']))
+        ['pre_classifier', 'classifier']
+    """
+    return saved_modules(selectable_modules(root), config.modules_to_save)
 
 
 def _check_target(name: str, module: nn.Module, config: LoRAConfig, r: int, slices) -> type[LoRALayer]:
@@ -225,25 +219,118 @@ def _check_has_adaptable_modules(root: nn.Module, candidates: dict[str, nn.Modul
     )
 
 
+def _checked_saved_modules(root: nn.Module, config: LoRAConfig, candidates: dict[str, nn.Module]) -> list[str]:
+    """:func:`saved_module_names`, refusing an entry that saves nothing (PEFT ignores it silently: a typo)."""
+    for entry in config.modules_to_save or []:
+        if not any(is_saved(name, [entry]) for name in candidates):
+            raise ValueError(
+                f'modules_to_save entry {entry!r} matches no module of {type(root).__name__} (a module is saved when '
+                f'its name ends with an entry). Did you mean one of {closest_names(entry, sorted(candidates))}?',
+            )
+    return saved_modules(candidates, config.modules_to_save)
+
+
+def _resolved_target_modules(
+    root: nn.Module, config: LoRAConfig, candidates: dict[str, nn.Module]
+) -> Union[str, list[str]]:
+    """``config.target_modules`` with ``None`` and ``'all-linear'`` replaced by what they stand for."""
+    targets = config.target_modules
+    if targets is None:
+        return default_target_modules(root)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        names = all_linear_names(root, candidates)
+        if not names:
+            raise ValueError(f"target_modules='{ALL_LINEAR}' found no linear layer in {type(root).__name__}.")
+        return names
+    return targets
+
+
+def _check_each_entry_matches(root: nn.Module, config: LoRAConfig, names: list[str]) -> None:
+    """Refuse a ``target_modules`` list entry that matches no module (PEFT only refuses a list that matches nothing
+    at all, so a misspelt entry next to a good one would go unnoticed)."""
+    targets = config.target_modules
+    if not isinstance(targets, list):
+        return
+    for entry in targets:
+        if not any(matches_name_list(name, [entry]) for name in names):
+            leaves = sorted({name.rsplit('.', 1)[-1] for name in names} | set(names))
+            raise ValueError(
+                f'target_modules entry {entry!r} matches no module of {type(root).__name__}. '
+                f'Did you mean one of {closest_names(entry, leaves)}?',
+            )
+
+
+def _select_targets(
+    root: nn.Module, config: LoRAConfig, candidates: dict[str, nn.Module], saved: list[str]
+) -> list[str]:
+    """The names of the modules to adapt, in model order (:mod:`~algorithms.lora_inject.matching`'s rules), or a
+    ValueError saying which option left nothing."""
+    targets = _resolved_target_modules(root, config, candidates)
+    names = list(candidates)
+    _check_each_entry_matches(root, config, names)
+    matched = [name for name in names if matches_target_modules(name, targets)]
+    if not matched:
+        if isinstance(targets, str):
+            raise ValueError(
+                f'target_modules={targets!r} matches no module of {type(root).__name__} (the regex must match the '
+                f'whole name). Close names: {closest_names(targets, candidates)}.',
+            )
+        raise ValueError(
+            f'target_modules=None stands for {targets} (the default of the model type), which matches no module of '
+            f"{type(root).__name__}. Name the modules, e.g. target_modules=['q_proj', 'v_proj'], or use "
+            f"'{ALL_LINEAR}'.",
+        )
+    layers, pattern = config.layers_to_transform, config.layers_pattern
+    in_layers = [name for name in matched if matches_target_modules(name, targets, layers, pattern)]
+    if not in_layers:
+        raise ValueError(
+            f'layers_to_transform={layers!r} (layers_pattern={pattern!r}) leaves no target: no matched module is '
+            'inside a block with one of those indices.',
+        )
+    if config.exclude_modules and not any(is_excluded(name, config.exclude_modules) for name in names):
+        warnings.warn(f'exclude_modules={config.exclude_modules!r} excludes no module.', stacklevel=2)
+    kept = [
+        name
+        for name in in_layers
+        if is_target(
+            name,
+            targets,
+            exclude_modules=config.exclude_modules,
+            modules_to_save=config.modules_to_save,
+            layers_to_transform=layers,
+            layers_pattern=pattern,
+        )
+    ]
+    if not kept:
+        raise ValueError(
+            f'target_modules={config.target_modules!r} matches {in_layers[:5]}{"..." if len(in_layers) > 5 else ""}, '
+            f'but exclude_modules={config.exclude_modules!r} and modules_to_save={config.modules_to_save!r} leave '
+            'none of them to adapt (a module named like a modules_to_save entry, or inside one, is never adapted).',
+        )
+    for name in kept:
+        owner = next((s for s in saved if name == s or name.startswith(s + '.')), None)
+        if owner is not None:
+            raise ValueError(
+                f'{name!r} would be both adapted and trained in full: modules_to_save={config.modules_to_save!r} '
+                f"saves {owner!r}, because a module is saved when its name ends with an entry (PEFT's rule: "
+                "'classifier' also saves 'pre_classifier'), but only a module named exactly like an entry, or inside "
+                f'one, is kept out of the targets. Add {name!r} to exclude_modules to train it in full only, or '
+                'leave it out of target_modules.',
+            )
+    return kept
+
+
 def plan_injection(root: nn.Module, config: LoRAConfig) -> InjectionPlan:
     """Decide what :func:`inject` will do, raising on any problem before anything changes.
 
     Modules that are already adapters with exactly the planned configuration are left out of the plan (applying
     twice is applying once).
     """
-    candidates = _candidate_modules(root)
+    candidates = selectable_modules(root)
     _check_has_adaptable_modules(root, candidates)
-    saved: list[str] = []
-    for entry in config.modules_to_save or []:
-        found = [name for name in candidates if matches_name(name, [entry])]
-        if not found:
-            raise ValueError(
-                f'modules_to_save entry {entry!r} matches no module of {type(root).__name__}. Did you mean one of '
-                f'{closest_names(entry, sorted(candidates))}?',
-            )
-        saved += [name for name in found if name not in saved and not any(name.startswith(s + '.') for s in saved)]
+    saved = _checked_saved_modules(root, config, candidates)
     targets = []
-    for name in _resolve_targets(root, config, candidates):
+    for name in _select_targets(root, config, candidates, saved):
         module = candidates[name]
         r, alpha, slices = config.rank_of(name), config.alpha_of(name), config.slices_of(name)
         if isinstance(module, LoRALayer) and (

@@ -26,7 +26,13 @@ from torch import nn
 
 from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
 from algorithms.lora_inject.config import LoRAConfig
-from algorithms.lora_inject.injection import adapter_layers, check_not_peft, inject, plan_injection
+from algorithms.lora_inject.injection import (
+    adapter_layers,
+    check_not_peft,
+    inject,
+    plan_injection,
+    saved_module_names,
+)
 from algorithms.lora_inject.layers import adapter_class_for
 from algorithms.optimizer_surgery import Optimizers, add_params, group_index_of, remove_params, single_optimizer
 from algorithms.parameter_selection import user_module
@@ -50,7 +56,13 @@ __all__ = [
 # Valid on tiny_decoder('llama', num_layers=4); the conformance suite runs each.
 EXAMPLES: tuple[dict[str, Any], ...] = (
     {'r': 4, 'lora_alpha': 8, 'target_modules': ['q_proj', 'v_proj']},
-    {'r': 4, 'lora_alpha': 4, 'target_modules': 'all-linear', 'use_dora': True, 'layers_to_transform': [2, 3]},
+    {
+        'r': 4,
+        'lora_alpha': 4,
+        'target_modules': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+        'use_dora': True,
+        'layers_to_transform': [2, 3],
+    },
     {
         'r': 2,
         'lora_alpha': 4,
@@ -85,7 +97,7 @@ def lora_config_of(model: nn.Module) -> Optional[LoRAConfig]:
 def trainable_parameter_names(root: nn.Module, config: LoRAConfig) -> list[str]:
     """Names (in ``root``) of the parameters that train under ``config``, once adapters are injected."""
     layers = adapter_layers(root)
-    saved = tuple(f'{name}.' for name in _saved_modules(root, config))
+    saved = tuple(f'{name}.' for name in saved_module_names(root, config))
     lora_biases = {f'{name}.base_layer.bias' for name in layers}
     names = []
     for name, _ in root.named_parameters():
@@ -97,17 +109,6 @@ def trainable_parameter_names(root: nn.Module, config: LoRAConfig) -> list[str]:
         elif config.bias == 'all' and leaf == 'bias':
             names.append(name)
         elif config.bias == 'lora_only' and name in lora_biases:
-            names.append(name)
-    return names
-
-
-def _saved_modules(root: nn.Module, config: LoRAConfig) -> list[str]:
-    from algorithms.lora_inject.injection import matches_name
-
-    entries = config.modules_to_save or []
-    names: list[str] = []
-    for name, _ in root.named_modules():
-        if name and matches_name(name, entries) and not any(name.startswith(n + '.') for n in names):
             names.append(name)
     return names
 
@@ -324,8 +325,9 @@ class LoRAInject(ConfigRepr, Algorithm):
         r: int = 8,
         lora_alpha: float = 8,
         target_modules: Optional[Union[list[str], str]] = None,
+        exclude_modules: Optional[Union[list[str], str]] = None,
         layers_to_transform: Optional[Union[list[int], int]] = None,
-        layers_pattern: Optional[str] = None,
+        layers_pattern: Optional[Union[list[str], str]] = None,
         rank_pattern: Optional[dict[str, int]] = None,
         alpha_pattern: Optional[dict[str, float]] = None,
         lora_dropout: float = 0.0,
@@ -339,6 +341,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         save_merged_to: Optional[str] = None,
     ):
         self.r, self.lora_alpha, self.target_modules = r, lora_alpha, target_modules
+        self.exclude_modules = exclude_modules
         self.layers_to_transform, self.layers_pattern = layers_to_transform, layers_pattern
         self.rank_pattern, self.alpha_pattern = rank_pattern, alpha_pattern
         self.lora_dropout, self.use_rslora, self.use_dora = lora_dropout, use_rslora, use_dora
@@ -352,6 +355,7 @@ class LoRAInject(ConfigRepr, Algorithm):
             r=r,
             lora_alpha=lora_alpha,
             target_modules=target_modules,
+            exclude_modules=exclude_modules,
             layers_to_transform=layers_to_transform,
             layers_pattern=layers_pattern,
             rank_pattern=_copy_of_mapping(rank_pattern),

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -40,7 +41,7 @@ from composer.utils import dist
 from torch import nn
 
 from algorithms.lora_inject.config import LoRAConfig
-from algorithms.lora_inject.injection import adapter_layers
+from algorithms.lora_inject.injection import adapter_layers, saved_module_names, selectable_modules
 from algorithms.lora_inject.layers import LoRAEmbedding, LoRALayer, is_conv1d_transposed
 from algorithms.lora_inject.lora_inject import (
     LoRASummary,
@@ -48,6 +49,7 @@ from algorithms.lora_inject.lora_inject import (
     lora_config_of,
     trainable_parameter_names,
 )
+from algorithms.lora_inject.matching import is_saved, matches_name_list, matches_target_modules
 from algorithms.optimizer_surgery import Optimizers
 from algorithms.parameter_selection import user_module
 from algorithms.sharding import full_tensor
@@ -59,6 +61,7 @@ __all__ = [
     'adapter_state_dict',
     'config_from_peft',
     'export_merged',
+    'exported_target_modules',
     'load_adapter',
     'load_adapter_state_dict',
     'peft_config_dict',
@@ -73,7 +76,6 @@ PEFT_PREFIX = 'base_model.model.'
 
 # PEFT LoraConfig fields this package cannot honour when loading; loading refuses adapters that set them.
 _UNSUPPORTED_PEFT_FIELDS = {
-    'exclude_modules': None,
     'layer_replication': None,
     'lora_bias': False,
     'trainable_token_indices': None,
@@ -138,6 +140,21 @@ def adapter_state_dict(model: nn.Module, convert_pissa: bool = True) -> dict[str
     return state
 
 
+def exported_target_modules(root: nn.Module, adapted: list[str]) -> Union[list[str], str]:
+    """``target_modules`` for ``adapter_config.json``: the adapted modules' full names, which PEFT's list rule
+    (name equal to an entry, or ending with ``'.' + entry``) maps back to exactly those modules; when it would also
+    pick another module (``'fc'`` adapted at the top level, ``'block.fc'`` not), a regex matching just these names.
+
+    Example:
+        >>> exported_target_modules(model, ['model.layers.0.self_attn.q_proj'])
+        ['model.layers.0.self_attn.q_proj']
+    """
+    picked = [name for name in selectable_modules(root) if matches_target_modules(name, adapted)]
+    if sorted(picked) == sorted(adapted):
+        return adapted
+    return '(?:' + '|'.join(re.escape(name) for name in adapted) + ')'
+
+
 def peft_config_dict(
     model: nn.Module, base_model_name_or_path: Optional[str] = None, convert_pissa: bool = True
 ) -> dict[str, Any]:
@@ -153,7 +170,7 @@ def peft_config_dict(
         r, alpha = 2 * r, alpha * grow
         rank_pattern = {key: 2 * value for key, value in rank_pattern.items()}
         alpha_pattern = {key: value * grow for key, value in alpha_pattern.items()}
-    saved = list(_saved_module_names(root, config))
+    saved = saved_module_names(root, config)
     return {
         'peft_type': 'LORA',
         'task_type': None,
@@ -162,7 +179,8 @@ def peft_config_dict(
         'inference_mode': True,
         'r': r,
         'lora_alpha': alpha,
-        'target_modules': sorted(layers),
+        'target_modules': exported_target_modules(root, sorted(layers)),
+        'exclude_modules': None,
         'lora_dropout': config.lora_dropout,
         'fan_in_fan_out': any(is_conv1d_transposed(layer.base_layer) for layer in layers.values()),
         'bias': config.bias,
@@ -175,12 +193,6 @@ def peft_config_dict(
         'rank_pattern': rank_pattern,
         'alpha_pattern': alpha_pattern,
     }
-
-
-def _saved_module_names(root: nn.Module, config: LoRAConfig) -> list[str]:
-    from algorithms.lora_inject.lora_inject import _saved_modules
-
-    return _saved_modules(root, config)
 
 
 def save_adapter(
@@ -229,8 +241,8 @@ def save_adapter(
 def config_from_peft(peft_config: dict[str, Any], root: Optional[nn.Module] = None) -> LoRAConfig:
     """Our :class:`LoRAConfig` for a PEFT ``adapter_config.json`` (as a dict).
 
-    ``modules_to_save`` entries that match no module of ``root`` are dropped (PEFT adds ``'classifier'`` and
-    ``'score'`` for every sequence classifier).
+    With ``root``, list entries of ``target_modules`` and ``modules_to_save`` that match no module of ``root`` are
+    dropped, as PEFT ignores them (PEFT adds ``'classifier'`` and ``'score'`` for every sequence classifier).
 
     Raises:
         ValueError: for a non-LoRA adapter or LoRA options this package does not implement.
@@ -251,22 +263,21 @@ def config_from_peft(peft_config: dict[str, Any], root: Optional[nn.Module] = No
     targets = peft_config.get('target_modules')
     if isinstance(targets, (set, tuple)):
         targets = list(targets)
-    layers_pattern = peft_config.get('layers_pattern')
-    if isinstance(layers_pattern, list):
-        layers_pattern = '(' + '|'.join(layers_pattern) + ')' if layers_pattern else None
     saved = peft_config.get('modules_to_save')
-    if saved and root is not None:
-        from algorithms.lora_inject.injection import matches_name
-
-        names = [name for name, _ in root.named_modules()]
-        saved = [entry for entry in saved if any(matches_name(name, [entry]) for name in names)] or None
+    if root is not None:
+        names = list(selectable_modules(root))
+        if saved:
+            saved = [entry for entry in saved if any(is_saved(name, [entry]) for name in names)] or None
+        if isinstance(targets, list):  # PEFT ignores entries that match nothing as long as one matches
+            targets = [entry for entry in targets if any(matches_name_list(name, [entry]) for name in names)] or targets
     layers = peft_config.get('layers_to_transform')
     return LoRAConfig(
         r=peft_config.get('r', 8),
         lora_alpha=peft_config.get('lora_alpha', 8),
         target_modules=targets,
+        exclude_modules=peft_config.get('exclude_modules'),
         layers_to_transform=layers if layers not in ([], None) else None,
-        layers_pattern=layers_pattern if layers not in ([], None) else None,
+        layers_pattern=peft_config.get('layers_pattern') if layers not in ([], None) else None,
         rank_pattern=dict(peft_config.get('rank_pattern') or {}),
         alpha_pattern=dict(peft_config.get('alpha_pattern') or {}),
         lora_dropout=peft_config.get('lora_dropout', 0.0),

@@ -57,10 +57,14 @@ def test_all_linear_leaves_out_the_lm_head():
     assert len(names) == 2 * 7 and 'lm_head' not in names
 
 
-def test_all_linear_leaves_out_the_classifier_head_and_includes_conv1d():
+def test_all_linear_adapts_a_classifier_head_unless_saved_and_includes_conv1d():
+    # PEFT without task_type leaves out only the LM head; a head in modules_to_save is never adapted
     bert = _bert()
     apply_lora(bert, r=2, target_modules='all-linear')
-    assert 'classifier' not in _adapted(bert) and 'bert.pooler.dense' in _adapted(bert)
+    assert 'classifier' in _adapted(bert) and 'bert.pooler.dense' in _adapted(bert)
+    saved = _bert()
+    apply_lora(saved, r=2, target_modules='all-linear', modules_to_save=['classifier'])
+    assert 'classifier' not in _adapted(saved) and isinstance(saved.classifier, nn.Linear)
     gpt2 = _gpt2()
     apply_lora(gpt2, r=2, target_modules='all-linear')
     assert 'transformer.h.0.attn.c_attn' in _adapted(gpt2) and 'lm_head' not in _adapted(gpt2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from algorithms.lora_inject import apply_lora, export_merged, load_adapter, save
 from algorithms.lora_inject.injection import adapter_layers
 from algorithms.models import tiny_decoder
 
-from .helpers import randomize_peft_adapters
+from .helpers import randomize_peft_adapters, randomize_trainable, tiny_hf_model
 
 
 def _llama(hidden=32):
@@ -68,14 +69,6 @@ def _out(model, inputs):
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-def _randomize_ours(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-
-
 CASES = {
     'llama-patterns': (
         _llama,
@@ -96,6 +89,15 @@ CASES = {
         dict(r=2, lora_alpha=4, target_modules=['query', 'value'], modules_to_save=['classifier'], bias='all'),
     ),
     'conv': (_ConvNet, dict(r=2, lora_alpha=4, target_modules=['conv', 'seq'], use_dora=True)),
+    'llama-exclude': (
+        _llama,
+        dict(r=2, lora_alpha=4, target_modules=['q_proj', 'v_proj'], exclude_modules=['layers.0.self_attn.v_proj']),
+    ),
+    # modules_to_save matches by plain suffix: 'classifier' saves pre_classifier too
+    'distilbert-save': (
+        functools.partial(tiny_hf_model, 'distilbert'),
+        dict(r=2, lora_alpha=4, target_modules=['q_lin', 'v_lin'], modules_to_save=['classifier']),
+    ),
 }
 
 
@@ -107,7 +109,7 @@ def test_ours_saved_loads_in_peft_with_equal_outputs(case, tmp_path):
     base = make()
     ours = copy.deepcopy(base)
     apply_lora(ours, **lora)
-    _randomize_ours(ours)
+    randomize_trainable(ours)
     save_adapter(ours, tmp_path)
     config = json.loads((tmp_path / 'adapter_config.json').read_text())
     assert config['peft_type'] == 'LORA' and config['target_modules'] == sorted(adapter_layers(ours))
@@ -153,7 +155,7 @@ def test_pissa_adapter_is_saved_for_the_original_base(tmp_path):
     apply_lora(ours, r=2, lora_alpha=4, target_modules=['q_proj', 'v_proj'], init='pissa')
     inputs = _inputs(base)
     torch.testing.assert_close(_out(ours, inputs), _out(base, inputs), atol=1e-5, rtol=1e-4)  # unchanged at step 0
-    _randomize_ours(ours)
+    randomize_trainable(ours)
     save_adapter(ours, tmp_path)
     assert json.loads((tmp_path / 'adapter_config.json').read_text())['r'] == 4
     theirs = peft.PeftModel.from_pretrained(base, tmp_path)  # the original, unmodified base
@@ -163,7 +165,7 @@ def test_pissa_adapter_is_saved_for_the_original_base(tmp_path):
 def test_sliced_adapters_round_trip_in_our_own_format(tmp_path):
     ours = _gpt2()
     apply_lora(ours, r=2, target_modules=['c_attn'], enable_slices={'c_attn': [True, False, True]})
-    _randomize_ours(ours)
+    randomize_trainable(ours)
     save_adapter(ours, tmp_path)
     assert (tmp_path / 'thaw_lora_config.json').exists() and not (tmp_path / 'adapter_config.json').exists()
     loaded = _gpt2()
@@ -175,7 +177,7 @@ def test_sliced_adapters_round_trip_in_our_own_format(tmp_path):
 def test_merged_export_is_a_plain_checkpoint_with_the_same_outputs(tmp_path):
     ours = _llama()
     apply_lora(ours, r=2, target_modules=['q_proj', 'embed_tokens'], use_dora=True)
-    _randomize_ours(ours)
+    randomize_trainable(ours)
     before = {n: p.detach().clone() for n, p in ours.named_parameters()}
     export_merged(ours, tmp_path)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
