@@ -56,5 +56,6 @@ def check_checkpoint_algorithms(path: Union[str, Path], algorithms: Sequence[Alg
         raise ValueError(
             f'checkpoint {str(path)!r} was trained with {listed}, which this run does not use. Composer restores only '
             'its own algorithms; add them (recipe key `algorithms:` or `Trainer(algorithms=[...])`, e.g. '
-            '`algorithms.checkpointing.algorithms_in_checkpoint(path)`), or load weights only.',
+            '`algorithms.checkpointing.algorithms_in_checkpoint(path)`), or load only its weights '
+            '(Trainer(load_weights_only=True), recipe key load_weights_only: true).',
         )

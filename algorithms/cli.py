@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, Optional, cast
 
 from algorithms.config_validation import ConfigError
@@ -24,6 +25,7 @@ from algorithms.config_validation import ConfigError
 __all__ = ['main']
 
 EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,15 +130,35 @@ def _run(args: argparse.Namespace) -> int:
 
     from algorithms.training import format_summary, run_recipe
 
-    summary = run_recipe(recipe)
+    try:
+        summary = run_recipe(recipe)
+    except KeyboardInterrupt:
+        print(f'thaw run: interrupted. {_how_to_resume(recipe)}', file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     if dist.get_global_rank() == 0:
         print(format_summary(summary), flush=True)
     return 0
 
 
+def _how_to_resume(recipe: Any) -> str:
+    """One sentence on picking up an interrupted run from what it saved."""
+    if recipe.save_folder is None:
+        return 'Nothing was saved (the recipe has no save_folder); set save_folder to be able to resume a run.'
+    if not (Path(recipe.save_folder) / 'latest-rank0.pt').exists():
+        return f'No checkpoint was written to {recipe.save_folder!r} yet; a new run starts from the beginning.'
+    if recipe.run_name is not None:
+        return (
+            f'Checkpoints so far are in {recipe.save_folder!r}; run the same command with --set autoresume=true to '
+            'continue from the latest one.'
+        )
+    return (
+        f'Checkpoints so far are in {recipe.save_folder!r}; continue from the latest one with '
+        f'--set load_path={recipe.save_folder}/latest-rank0.pt (or set run_name and autoresume: true).'
+    )
+
+
 def _model_and_recipe_options(source: str, algorithm: str) -> tuple[Any, dict[str, Any]]:
     """The model a preview is about and the recipe's options for ``algorithm`` (empty unless ``source`` is a recipe)."""
-    from pathlib import Path
 
     from algorithms.data import STDLIB_DOCS_CLASSES
     from algorithms.recipe import ModelConfig, load_recipe

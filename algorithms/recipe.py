@@ -142,6 +142,7 @@ class Recipe:
     save_folder: Optional[str] = None
     save_interval: Union[str, int] = '1ep'
     load_path: Optional[str] = None
+    load_weights_only: bool = False
     autoresume: bool = False
     summary_path: Optional[str] = None
 
@@ -240,6 +241,8 @@ def validate_recipe(recipe: Recipe) -> None:
     for key in ('num_layers', 'hidden_size', 'num_heads'):
         _check_positive(f'model.{key}', getattr(model, key))
 
+    if recipe.load_weights_only and recipe.load_path is None:
+        raise ConfigError('load_weights_only', True, 'needs load_path: the checkpoint whose weights to start from.')
     if recipe.autoresume and (recipe.run_name is None or recipe.save_folder is None):
         raise ConfigError(
             'autoresume',

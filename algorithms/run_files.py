@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Optional
 
 from algorithms.config_validation import ConfigError
 
-__all__ = ['check_checkpoint_path', 'check_writable_folder']
+__all__ = ['check_checkpoint_path', 'check_writable_folder', 'resume_from_a_complete_checkpoint']
 
 
 def check_writable_folder(key: str, folder: str) -> None:
@@ -82,3 +83,41 @@ def _unreadable_torch_file(path: Path) -> Optional[str]:
     if head[:1] == pickle.PROTO:  # a legacy (pre-zip) torch.save file
         return None
     return 'it is neither a torch.save archive nor a pickle (a text file?)'
+
+
+def resume_from_a_complete_checkpoint(folder: str, rank: int) -> Optional[str]:
+    """Before ``autoresume``: if ``latest-rank<rank>.pt`` in ``folder`` links to a checkpoint that a killed save
+    left incomplete, link it to the newest complete checkpoint of that rank instead; say what changed, if anything.
+
+    Raises:
+        ConfigError: the latest checkpoint is incomplete and no complete one is left.
+    """
+    link = Path(folder) / f'latest-rank{rank}.pt'
+    if not link.is_symlink():
+        return None
+    target = link.parent / os.readlink(link)
+    if target.is_dir() or _complete(target):  # a sharded checkpoint folder, or nothing wrong
+        return None
+    complete = [path for path in link.parent.glob(f'*-rank{rank}.pt') if not path.is_symlink() and _complete(path)]
+    if not complete:
+        raise ConfigError(
+            'autoresume',
+            True,
+            f'the latest checkpoint {str(target)!r} is incomplete and {folder!r} holds no complete one.',
+        )
+    newest = max(complete, key=_batches_done)
+    link.unlink()
+    link.symlink_to(newest.name)
+    return (
+        f'the latest checkpoint {target.name} is incomplete (a save that was interrupted); resuming from {newest.name}'
+    )
+
+
+def _complete(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0 and _unreadable_torch_file(path) is None
+
+
+def _batches_done(path: Path) -> int:
+    """The batch count in Composer's checkpoint names (``ep1-ba100-rank0.pt``), ``-1`` for other names."""
+    match = re.search(r'ba(\d+)', path.name)
+    return int(match.group(1)) if match else -1

@@ -38,6 +38,7 @@ from algorithms.recipe import (
     SchedulerConfig,
     check_processes,
 )
+from algorithms.run_files import resume_from_a_complete_checkpoint
 from algorithms.sharding import full_tensor
 
 __all__ = ['RunSummary', 'TrainingSummary', 'build_trainer', 'format_summary', 'run_recipe']
@@ -271,6 +272,10 @@ def _build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData
 
     world_size = dist.get_world_size()
     check_processes(recipe, world_size, str(world_size))
+    if recipe.autoresume and recipe.save_folder is not None:
+        fallback = resume_from_a_complete_checkpoint(recipe.save_folder, dist.get_global_rank())
+        if fallback is not None:
+            warnings.warn(f'autoresume: {fallback}.', UserWarning, stacklevel=2)
     algorithms = [build_algorithm(name, kwargs) for name, kwargs in recipe.algorithms.items()]
     reproducibility.seed_all(recipe.seed)
     with _model_folder_errors(recipe, 'no tokenizer loads from there'):
@@ -329,6 +334,7 @@ def _trainer(recipe: Recipe, model, data: RecipeData, optimizer, algorithms: lis
         save_interval=recipe.save_interval,
         save_overwrite=True,
         load_path=recipe.load_path,
+        load_weights_only=recipe.load_weights_only,
         autoresume=recipe.autoresume,
         parallelism_config=build_parallelism(recipe.parallelism),
         python_log_level=None,

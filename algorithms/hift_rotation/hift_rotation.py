@@ -29,7 +29,13 @@ from composer.utils import dist
 from torch import nn
 from torch.optim import Optimizer
 
-from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
+from algorithms.algorithm_state import (
+    STATE_VERSION_KEY,
+    ConfigRepr,
+    check_state_version,
+    eval_repr,
+    refuse_duplicates,
+)
 from algorithms.hift_rotation.queue import STRATEGIES, GroupQueue, Strategy
 from algorithms.hift_rotation.units import RotationPlan, plan_rotation
 from algorithms.optimizer_surgery import (
@@ -63,6 +69,8 @@ BAD_EXAMPLES: tuple[tuple[dict[str, Any], str], ...] = (
 )
 
 _STATE_VERSION = 1
+# Options that decide the rotation's queue and position; a checkpoint resumes only with the same values.
+_ROTATION_OPTIONS = ('group_size', 'strategy', 'steps_per_group', 'freeze', 'always_trainable', 'groups', 'lora')
 _OFFLOAD_DEVICE = 'cpu'
 
 
@@ -513,6 +521,23 @@ class HiFTRotation(ConfigRepr, Algorithm):
         self.rotation.before_step()
         logger.log_metrics({f'hift_rotation/{key}': value for key, value in self.rotation.metrics().items()})
 
+    def _refuse_another_rotation(self, saved_repr: Optional[str]) -> None:
+        """The saved queue and position belong to the rotation that wrote them: resuming with other rotation
+        options would follow neither configuration."""
+        if saved_repr is None:
+            return
+        saved = eval_repr(saved_repr)
+        changed = [name for name in _ROTATION_OPTIONS if getattr(saved, name) != getattr(self, name)]
+        if changed:
+            differences = ', '.join(
+                f'{name}={getattr(saved, name)!r} (now {getattr(self, name)!r})' for name in changed
+            )
+            raise ValueError(
+                f'The checkpoint was trained with {saved_repr}: {differences}. Its saved queue and position only fit '
+                'that rotation; resume with the same options, or load only its weights to start a new rotation '
+                '(Trainer(load_weights_only=True), recipe key load_weights_only: true).'
+            )
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {'repr': repr(self), STATE_VERSION_KEY: _STATE_VERSION}
         if self.rotation is not None:
@@ -521,6 +546,7 @@ class HiFTRotation(ConfigRepr, Algorithm):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_version(type(self).__name__, state, _STATE_VERSION)
+        self._refuse_another_rotation(state.get('repr'))
         if 'units' not in state:
             return  # saved before the rotation started
         if self.rotation is None:

@@ -326,5 +326,6 @@ def _selection_mismatch(saved: dict[str, list[list[int]]], current: dict[str, li
     return (
         'RegexFreeze: the checkpoint was trained with a different selection of trainable parameters than these '
         f'patterns give ({shown}), so its optimizer state does not fit. Resume with the patterns it was trained '
-        'with, or load only its weights (load_weights_only=True) to start a new phase with new patterns.'
+        'with, or load only its weights (Trainer(load_weights_only=True), recipe key load_weights_only: true) to '
+        'start a new phase with new patterns.'
     )
