@@ -1,4 +1,5 @@
-"""What every algorithm of this package shares: a ``repr`` that evals back, versioned checkpoint state.
+"""What every algorithm of this package shares: constructor arguments checked by name and type, a ``repr`` that
+evals back, versioned checkpoint state.
 
 Example:
     >>> class MyFreeze(ConfigRepr, Algorithm):
@@ -6,14 +7,29 @@ Example:
     ...         self.patterns, self.lr_scale = patterns, lr_scale
     >>> repr(MyFreeze(['lm_head']))
     "MyFreeze(patterns=['lm_head'])"
+    >>> MyFreeze(['lm_head'], lr_scael=0.1)
+    Traceback (most recent call last):
+    ConfigTypeError: MyFreeze.lr_scael = 0.1: MyFreeze has no option 'lr_scael' (did you mean 'lr_scale'?); valid
+    options: patterns, lr_scale.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ['STATE_VERSION_KEY', 'ConfigRepr', 'check_state_version', 'eval_repr', 'init_arguments', 'refuse_duplicates']
+__all__ = [
+    'STATE_VERSION_KEY',
+    'ConfigRepr',
+    'check_state_version',
+    'checked_init',
+    'config_key',
+    'eval_repr',
+    'init_arguments',
+    'refuse_duplicates',
+]
 
 STATE_VERSION_KEY = 'thaw_state_version'
 
@@ -30,12 +46,67 @@ def init_arguments(obj: Any) -> dict[str, Any]:
     return arguments
 
 
+def config_key(cls: type) -> str:
+    """Where ``cls``'s options sit in a recipe: ``'algorithms.<registered name>'``, or the class name if unregistered.
+
+    Example:
+        >>> config_key(LoRAInject)
+        'algorithms.lora_inject'
+    """
+    from algorithms.registry import registered_name
+
+    name = registered_name(cls)
+    return f'algorithms.{name}' if name is not None else cls.__name__
+
+
+def checked_init(cls: type, init: Callable[..., None]) -> Callable[..., None]:
+    """``cls``'s constructor ``init``, wrapped so that its arguments are checked (names, required ones, annotated
+    types) before it runs.
+
+    The errors are those ``thaw run`` gives for a recipe (:func:`~algorithms.config_validation.check_call_kwargs`,
+    keys under :func:`config_key`), so ``cls(**kwargs)`` from an llm-foundry YAML reads the same. The wrapper keeps
+    the signature, annotations and docstring (``functools.wraps``), so ``inspect.signature(cls)`` and
+    ``typing.get_type_hints(cls.__init__)`` see the original.
+
+    Example:
+        >>> class Scale(ConfigRepr, Algorithm):  # ConfigRepr wraps __init__ with checked_init
+        ...     def __init__(self, factor: float = 1.0):
+        ...         self.factor = factor
+        >>> Scale(factor='big')
+        Traceback (most recent call last):
+        ConfigTypeError: Scale.factor = 'big': expected a number (float).
+    """
+    positional = [
+        p.name
+        for p in list(inspect.signature(init).parameters.values())[1:]
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+    @functools.wraps(init)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        from algorithms.config_validation import ConfigError, check_call_kwargs
+
+        try:
+            check_call_kwargs('', cls, {**dict(zip(positional, args)), **kwargs})
+        except ConfigError as error:
+            raise error.under(config_key(cls)) from None
+        init(self, *args, **kwargs)
+
+    return checked
+
+
 class ConfigRepr:
-    """Mixin: ``repr`` is the constructor call (keyword arguments that differ from defaults), so
+    """Mixin: constructor arguments are checked by name and type (:func:`checked_init`, applied to each subclass's
+    ``__init__``); ``repr`` is the constructor call (keyword arguments that differ from defaults), so
     ``eval(repr(algorithm))`` rebuilds an equal algorithm, and ``==`` compares configurations.
 
     The constructor must store each argument under an attribute of the same name.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if '__init__' in cls.__dict__:
+            cls.__init__ = checked_init(cls, cls.__dict__['__init__'])  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         arguments = ', '.join(f'{name}={value!r}' for name, value in init_arguments(self).items())

@@ -3,19 +3,28 @@
 Example:
     >>> check_value('optimizer.lr', 'fast', float)
     Traceback (most recent call last):
-    ConfigError: optimizer.lr = 'fast': expected a number (float).
+    ConfigTypeError: optimizer.lr = 'fast': expected a number (float).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
-__all__ = ['ConfigError', 'check_call_kwargs', 'check_value', 'describe_type', 'from_mapping']
+__all__ = [
+    'ConfigError',
+    'ConfigTypeError',
+    'check_call_kwargs',
+    'check_value',
+    'close_matches',
+    'describe_type',
+    'from_mapping',
+]
 
 
 class ConfigError(ValueError):
@@ -24,6 +33,26 @@ class ConfigError(ValueError):
     def __init__(self, key: str, value: Any, problem: str):
         self.key, self.value, self.problem = key, value, problem
         super().__init__(f'{key} = {value!r}: {problem}')
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickle (errors cross process boundaries) with all three arguments
+        return type(self), (self.key, self.value, self.problem)
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error (same class) with its key placed under ``prefix``.
+
+        Example:
+            >>> str(ConfigError('r', '8', 'expected an integer.').under('algorithms.lora_inject'))
+            "algorithms.lora_inject.r = '8': expected an integer."
+        """
+        return type(self)(f'{prefix}.{self.key}' if self.key else prefix, self.value, self.problem)
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An unknown or missing key, or a value of the wrong type: where a Python call raises ``TypeError``.
+
+    Both a :class:`ConfigError` (so a ``ValueError``) and a ``TypeError``, so code that catches the ``TypeError`` of
+    ``cls(**kwargs)`` with a misspelled keyword (``unexpected keyword argument``) still catches it.
+    """
 
 
 def describe_type(annotation: Any) -> str:
@@ -88,7 +117,9 @@ def _matches(value: Any, annotation: Any) -> bool:
         return any(_matches(value, a) for a in get_args(annotation))
     if origin in (list, tuple, typing.Sequence, _abc_sequence()):
         item_args = [a for a in get_args(annotation) if a is not Ellipsis]
-        return isinstance(value, (list, tuple)) and (not item_args or all(_matches(v, item_args[0]) for v in value))
+        # sets too: Python callers pass {'q_proj', 'v_proj'} where a list of names is meant (PEFT accepts them)
+        collection = isinstance(value, (list, tuple, set, frozenset))
+        return collection and (not item_args or all(_matches(v, item_args[0]) for v in value))
     if origin in (dict, typing.Mapping, _abc_mapping()):
         args = get_args(annotation)
         return isinstance(value, Mapping) and (
@@ -102,9 +133,9 @@ def _matches(value: Any, annotation: Any) -> bool:
 
 
 def check_value(key: str, value: Any, annotation: Any) -> None:
-    """Raise :class:`ConfigError` unless ``value`` fits ``annotation``."""
+    """Raise :class:`ConfigTypeError` unless ``value`` fits ``annotation``."""
     if not _matches(value, annotation):
-        raise ConfigError(key, value, f'expected {describe_type(annotation)}.')
+        raise ConfigTypeError(key, value, f'expected {describe_type(annotation)}.')
 
 
 def _nested_dataclass(annotation: Any) -> Any:
@@ -123,7 +154,7 @@ def from_mapping(cls: type, data: Any, key: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(key, data, f'expected {describe_type(cls)}.')
+        raise ConfigTypeError(key, data, f'expected {describe_type(cls)}.')
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = [k for k in data if k not in fields]
@@ -132,7 +163,7 @@ def from_mapping(cls: type, data: Any, key: str) -> Any:
 
         bad = unknown[0]
         suggestion = closest_names(str(bad), list(fields), n=1)
-        raise ConfigError(
+        raise ConfigTypeError(
             f'{key}.{bad}' if key else str(bad),
             data[bad],
             f'unknown key {bad!r}'
@@ -144,7 +175,7 @@ def from_mapping(cls: type, data: Any, key: str) -> Any:
         path = f'{key}.{name}' if key else name
         if name not in data:
             if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-                raise ConfigError(path, None, f'missing required key; expected {describe_type(hints[name])}.')
+                raise ConfigTypeError(path, None, f'missing required key; expected {describe_type(hints[name])}.')
             continue
         annotation = hints[name]
         nested = _nested_dataclass(annotation)
@@ -156,11 +187,41 @@ def from_mapping(cls: type, data: Any, key: str) -> Any:
     return cls(**values)
 
 
+def close_matches(name: str, choices: Sequence[str]) -> list[str]:
+    """Up to three of ``choices`` that look like a misspelling of ``name``, closest first: the close ones if there
+    are any (similarity 0.6, difflib's default), else the loosely similar ones (0.4), else none.
+
+    Example:
+        >>> close_matches('lora_alhpa', ['r', 'lora_alpha', 'lora_dropout'])
+        ['lora_alpha']
+        >>> close_matches('rank', ['r', 'lora_alpha', 'rank_pattern'])
+        ['rank_pattern', 'r']
+    """
+    return difflib.get_close_matches(name, choices, n=3) or difflib.get_close_matches(name, choices, n=3, cutoff=0.4)
+
+
+def _did_you_mean(name: str, choices: Sequence[str]) -> str:
+    suggestions = close_matches(name, choices)
+    return f' (did you mean {" or ".join(map(repr, suggestions))}?)' if suggestions else ''
+
+
 def check_call_kwargs(where: str, cls: type[Any], kwargs: Mapping[str, Any]) -> None:
-    """Check ``kwargs`` against ``cls.__init__``: unknown names, missing required ones, and annotated types."""
+    """Check ``kwargs`` against ``cls.__init__``: unknown names, missing required ones, and annotated types.
+
+    Raises :class:`ConfigTypeError` (a ``ValueError`` and a ``TypeError``) with keys under ``where``; a misspelled
+    name gets the closest valid ones and the full list. A constructor with ``**kwargs`` accepts any name.
+
+    Example:
+        >>> check_call_kwargs('algorithms.lora_inject', LoRAInject, {'lora_alhpa': 16})
+        Traceback (most recent call last):
+        ConfigTypeError: algorithms.lora_inject.lora_alhpa = 16: LoRAInject has no option 'lora_alhpa' (did you mean
+        'lora_alpha'?); valid options: r, lora_alpha, ...
+    """
+    signature = inspect.signature(cls.__init__)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     parameters = {
         name: parameter
-        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        for name, parameter in signature.parameters.items()
         if name != 'self' and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
     }
     try:
@@ -169,16 +230,19 @@ def check_call_kwargs(where: str, cls: type[Any], kwargs: Mapping[str, Any]) -> 
         hints = {}
     for key, value in kwargs.items():
         if key not in parameters:
-            raise ConfigError(
-                f'{where}.{key}',
+            if takes_any:
+                continue
+            raise ConfigTypeError(
+                f'{where}.{key}' if where else key,
                 value,
-                f'{cls.__name__} has no option {key!r}; valid options: {", ".join(parameters) or "(none)"}.',
+                f'{cls.__name__} has no option {key!r}{_did_you_mean(key, list(parameters))}; valid options: '
+                f'{", ".join(parameters) or "(none)"}.',
             )
         if key in hints:
-            check_value(f'{where}.{key}', value, hints[key])
+            check_value(f'{where}.{key}' if where else key, value, hints[key])
     missing = [key for key, p in parameters.items() if p.default is p.empty and key not in kwargs]
     if missing:
-        raise ConfigError(
+        raise ConfigTypeError(
             where,
             dict(kwargs),
             f'{cls.__name__} needs {", ".join(f"{k} ({describe_type(hints.get(k, Any))})" for k in missing)}.',

@@ -20,13 +20,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Optional
 
 from composer.core import Algorithm
 
 from algorithms.config_validation import ConfigError, check_call_kwargs
 
-__all__ = ['ENTRY_POINT_GROUP', 'AlgorithmEntry', 'algorithm_registry', 'build_algorithm', 'our_algorithm_names']
+__all__ = [
+    'ENTRY_POINT_GROUP',
+    'AlgorithmEntry',
+    'algorithm_registry',
+    'build_algorithm',
+    'our_algorithm_names',
+    'registered_name',
+]
 
 ENTRY_POINT_GROUP = 'composer_thaw.algorithms'
 
@@ -79,12 +86,27 @@ def our_algorithm_names() -> list[str]:
     return [name for name, entry in algorithm_registry().items() if entry.source == 'composer-thaw']
 
 
+def registered_name(cls: type) -> Optional[str]:
+    """The name ``cls`` is registered under, or ``None``; only classes named like ``cls`` are imported.
+
+    Example:
+        >>> registered_name(LoRAInject)
+        'lora_inject'
+    """
+    for name, entry in algorithm_registry().items():
+        if entry.target.rpartition(':')[2] == cls.__name__ and entry.load() is cls:
+            return name
+    return None
+
+
 def build_algorithm(name: str, kwargs: Mapping[str, Any] | None, where: str = 'algorithms') -> Algorithm:
     """Instantiate the algorithm registered as ``name`` from plain-data ``kwargs``.
 
     Unknown names, unknown keyword arguments and values of the wrong type raise :class:`ConfigError` naming the
-    key, the value and the valid choices; errors raised by the algorithm's own validation are re-raised as
-    :class:`ConfigError` with the key path prefixed.
+    key, the value and the valid choices (for keyword arguments and types a :class:`ConfigTypeError`, also a
+    ``TypeError``); other errors raised by the algorithm's own validation are re-raised as :class:`ConfigError` with
+    the key path prefixed. Our algorithms check their keyword arguments the same way when constructed directly
+    (``LoRAInject(**kwargs)``, as llm-foundry does), with the same message.
     """
     registry = algorithm_registry()
     if name not in registry:
@@ -102,5 +124,7 @@ def build_algorithm(name: str, kwargs: Mapping[str, Any] | None, where: str = 'a
     check_call_kwargs(f'{where}.{name}', cls, kwargs)
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as error:
         raise ConfigError(f'{where}.{name}', kwargs, str(error)) from error

@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from algorithms.config_validation import ConfigError, check_call_kwargs, check_value, from_mapping
+from algorithms.config_validation import ConfigError, ConfigTypeError, check_call_kwargs, check_value, from_mapping
 
 
 @dataclass
@@ -60,9 +60,31 @@ class Takes:
 
 def test_call_kwargs_report_unknown_missing_and_mistyped_options():
     check_call_kwargs('algorithms.takes', Takes, {'required': 1})
-    with pytest.raises(ConfigError, match="has no option 'opton'; valid options: required, option"):
+    with pytest.raises(
+        ConfigTypeError, match=r"has no option 'opton' \(did you mean 'option'\?\); valid options: required, option\."
+    ):
         check_call_kwargs('algorithms.takes', Takes, {'required': 1, 'opton': 'on'})
+    with pytest.raises(TypeError, match="has no option 'zzz'; valid options"):  # nothing close: no suggestion
+        check_call_kwargs('algorithms.takes', Takes, {'required': 1, 'zzz': 'on'})
     with pytest.raises(ConfigError, match='needs required'):
         check_call_kwargs('algorithms.takes', Takes, {})
     with pytest.raises(ConfigError, match="one of 'on', 'off'"):
         check_call_kwargs('algorithms.takes', Takes, {'required': 1, 'option': 'maybe'})
+
+
+class TakesAnything:
+    def __init__(self, option: int = 0, **kwargs: object):
+        pass
+
+
+def test_a_constructor_with_kwargs_accepts_any_name_but_checks_its_own():
+    check_call_kwargs('algorithms.takes', TakesAnything, {'anything': 1})
+    with pytest.raises(ConfigTypeError, match='an integer'):
+        check_call_kwargs('algorithms.takes', TakesAnything, {'option': 'one'})
+
+
+def test_errors_keep_their_class_under_a_prefix_and_are_value_and_type_errors():
+    error = ConfigTypeError('r', '8', 'expected an integer.').under('algorithms.lora_inject')
+    assert type(error) is ConfigTypeError and isinstance(error, ValueError) and isinstance(error, TypeError)
+    assert str(error) == "algorithms.lora_inject.r = '8': expected an integer."
+    assert not isinstance(ConfigError('k', 1, 'out of range.'), TypeError)

@@ -21,6 +21,7 @@ from algorithms.lora_inject.lora_inject import (
 from algorithms.lora_inject.peft_format import (
     adapter_state_dict,
     export_merged,
+    expose_merged_state_dict,
     load_adapter,
     load_adapter_state_dict,
     save_adapter,
@@ -39,6 +40,7 @@ __all__ = [
     'adapter_state_dict',
     'apply_lora',
     'export_merged',
+    'expose_merged_state_dict',
     'freeze_outside_adapters',
     'load_adapter',
     'load_adapter_state_dict',

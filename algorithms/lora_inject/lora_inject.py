@@ -252,6 +252,22 @@ def _check_base_layers_kept(root: nn.Module, config: LoRAConfig, save_merged: bo
         log.info('LoRA: base layers replaced by another algorithm after injection (kept frozen): %s', replaced)
 
 
+def _expose_merged_model_to_hugging_face(model: nn.Module) -> None:
+    """Under Composer, the Hugging Face model's own state dict is the merged plain model's (for ``save_pretrained``
+    and llm-foundry's ``hf_checkpointer``); Composer's model around it, which checkpoints save, keeps the adapters.
+
+    Only for a ``transformers`` model inside Composer's wrapper: were it ``state.model`` itself, checkpoints would
+    lose the adapters.
+    """
+    from transformers import PreTrainedModel
+
+    from algorithms.lora_inject.peft_format import expose_merged_state_dict
+
+    root = user_module(model)
+    if root is not model and isinstance(root, PreTrainedModel):
+        expose_merged_state_dict(root)
+
+
 def merge_adapters(model: nn.Module) -> None:
     """Fold every adapter into its base weight (for inference or export); the forward pass uses the base alone."""
     for layer in adapter_layers(user_module(model)).values():
@@ -306,6 +322,11 @@ class LoRAInject(ConfigRepr, Algorithm):
             ``adapter_model.safetensors``) to this directory.
         save_merged_to: at ``Event.FIT_END``, write the merged model as a plain Hugging Face checkpoint
             (``save_pretrained`` layout) to this directory.
+
+    The Hugging Face model's own ``state_dict()`` (``state.model.model``: what ``save_pretrained`` and llm-foundry's
+    ``hf_checkpointer`` save) is the merged plain model, so they write a normal Hugging Face folder with the adapters
+    merged in; Composer's checkpoints (the state dict of ``state.model``) keep the adapters apart. See
+    :func:`~algorithms.lora_inject.peft_format.expose_merged_state_dict`.
 
     Resume a checkpoint written with ``LoRAInject`` by passing the same ``LoRAInject`` to the new Trainer: Composer
     re-applies only its own surgery algorithms automatically. A checkpoint written without LoRA (a plain run) loads
@@ -387,6 +408,7 @@ class LoRAInject(ConfigRepr, Algorithm):
             # own rows, so per-rank seeds would give a model that no single process could have built.
             with reproducibility.seed_context(state.rank_zero_seed):
                 summary = _inject_adapters(state.model, state.optimizers, self.config)
+            _expose_merged_model_to_hugging_face(state.model)
             logger.log_metrics(
                 {
                     'lora_inject/adapted_modules': len(summary.adapted),

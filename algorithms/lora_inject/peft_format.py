@@ -62,8 +62,11 @@ __all__ = [
     'config_from_peft',
     'export_merged',
     'exported_target_modules',
+    'expose_merged_state_dict',
     'load_adapter',
     'load_adapter_state_dict',
+    'merge_into_state_dict',
+    'merged_state_dict',
     'peft_config_dict',
     'save_adapter',
 ]
@@ -380,22 +383,99 @@ def load_adapter(
     return summary
 
 
+def merge_into_state_dict(root: nn.Module, state: dict[str, Any], prefix: str = '') -> None:
+    """Turn ``state``, the state dict of the adapted ``root`` (keys under ``prefix``), into the merged plain model's,
+    in place: each adapter layer's base tensors move back to the base module's own names (``q_proj.weight``, not
+    ``q_proj.base_layer.weight``) with the adapter folded into the weight, and the adapter tensors are dropped.
+
+    Merged weights are new tensors (sharded like the base weight under FSDP2); ``root`` is not changed. Keys already
+    plain are left alone, so applying it twice changes nothing.
+
+    Example:
+        >>> state = model.state_dict()  # model adapted by apply_lora
+        >>> merge_into_state_dict(model, state)
+        >>> type(model)(model.config).load_state_dict(state)  # a plain model of the same class: strict
+    """
+    layers = adapter_layers(root)
+    renamed: dict[str, Any] = {}
+    for key, value in state.items():
+        name, rest = _adapter_layer_of(key[len(prefix) :], layers) if key.startswith(prefix) else ('', '')
+        attribute, _, leaf = rest.partition('.')
+        if not name or attribute not in _own_names(layers[name]):  # not an adapter layer's, or already plain
+            renamed[key] = value
+        elif attribute == 'base_layer':
+            layer = layers[name]
+            # from the layer, not from `value` (which another hook may have replaced): the same collectives on
+            # every rank under FSDP2
+            merge = leaf == 'weight' and not layer.merged
+            renamed[f'{prefix}{name}.{leaf}'] = layer.merged_weight().detach() if merge else value
+    state.clear()
+    state.update(renamed)
+    metadata = getattr(state, '_metadata', None)
+    if metadata is not None:  # module versions, read by load_state_dict: the base module's, under its own name
+        for name in layers:
+            base = metadata.pop(f'{prefix}{name}.base_layer', None)
+            for key in [k for k in metadata if k == f'{prefix}{name}' or k.startswith(f'{prefix}{name}.')]:
+                del metadata[key]
+            if base is not None:
+                metadata[f'{prefix}{name}'] = base
+
+
+def _own_names(layer: LoRALayer) -> set[str]:
+    """The layer's own parameters, buffers and submodules (``base_layer``, ``lora_A``, ``lora_dropout``...)."""
+    return {*layer._parameters, *layer._buffers, *layer._modules}
+
+
+def _adapter_layer_of(key: str, layers: dict[str, LoRALayer]) -> tuple[str, str]:
+    """``(layer name, rest of the key)`` when ``key`` belongs to an adapter layer, else ``('', '')``."""
+    owner = key
+    while '.' in owner:
+        owner = owner.rpartition('.')[0]
+        if owner in layers:
+            return owner, key[len(owner) + 1 :]
+    return '', ''
+
+
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapted model's weights with every adapter merged in, under the base model's own names.
 
     The model is not changed (merged weights are new tensors). Of a sharded (FSDP2) model the whole tensors,
     gathered from every rank: call it on every rank.
     """
-    root, _, layers = _adapted_root(model)
-    merged = {f'{name}.base_layer.weight': layer.merged_weight() for name, layer in layers.items() if not layer.merged}
-    adapter_keys = tuple(
-        f'.{attr}' for attr in ('lora_A', 'lora_B', 'lora_magnitude', 'pissa_initial_A', 'pissa_initial_B')
-    )
-    return {
-        key.replace('.base_layer.', '.'): full_tensor(merged.get(key, value).detach())
-        for key, value in root.state_dict().items()
-        if not key.endswith(adapter_keys)
-    }
+    root, _, _ = _adapted_root(model)
+    state = root.state_dict()
+    merge_into_state_dict(root, state)
+    return {key: full_tensor(value.detach()) for key, value in state.items()}
+
+
+def _merged_view_hook(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict post-hook of :func:`expose_merged_state_dict`: merge when the state dict is the module's own."""
+    if not prefix:
+        merge_into_state_dict(module, state)
+
+
+def expose_merged_state_dict(model: nn.Module) -> None:
+    """Make the state dict of the adapted model itself the merged plain model's, as Hugging Face code expects.
+
+    Afterwards ``root.state_dict()`` (``root = user_module(model)``: the Hugging Face model) has the base model's
+    own keys with every adapter merged in, so ``save_pretrained`` and llm-foundry's ``hf_checkpointer`` (which
+    loads it strictly into ``type(root)(config)``) write a plain Hugging Face model that computes what the adapted
+    one does. The state dict of any module that contains ``root`` (Composer's model, DDP: what checkpoints hold)
+    keeps the adapters, so a resumed run continues exactly. ``LoRAInject`` calls it on Hugging Face models.
+
+    The training state of ``root`` alone is no longer its ``state_dict()``: save adapters with :func:`save_adapter`,
+    and do not load ``root.state_dict()`` back into the adapted ``root`` (the merged weights would become the base,
+    under the trained adapters).
+
+    Example:
+        >>> apply_lora(hf_model, r=8, target_modules=['q_proj', 'v_proj'])
+        >>> expose_merged_state_dict(hf_model)
+        >>> plain = type(hf_model)(hf_model.config)
+        >>> plain.load_state_dict(hf_model.state_dict())  # strict; plain computes what hf_model computes
+    """
+    root, _, _ = _adapted_root(model)
+    if not any(hook is _merged_view_hook for hook in root._state_dict_hooks.values()):
+        root.register_state_dict_post_hook(_merged_view_hook)
 
 
 def export_merged(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:

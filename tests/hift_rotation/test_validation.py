@@ -17,18 +17,19 @@ from algorithms.registry import build_algorithm
 @pytest.mark.parametrize(
     'kwargs,error,message',
     [
+        # wrong types and choices: checked against the annotations first, as in a recipe
         (
             {'strategy': 'top-down'},
             ValueError,
-            "strategy='top-down' is not supported; choose one of 'down2up', 'up2down', 'random'",
+            r"^algorithms\.hift_rotation\.strategy = 'top-down': expected one of 'down2up', 'up2down', 'random'\.",
         ),
         ({'group_size': 0}, ValueError, r'group_size=0 must be >= 1'),
-        ({'group_size': True}, TypeError, r'group_size=True must be an integer'),
+        ({'group_size': True}, TypeError, r'hift_rotation\.group_size = True: expected an integer'),
         ({'steps_per_group': 0}, ValueError, r'steps_per_group=0 must be >= 1'),
         ({'freeze': [-1]}, ValueError, 'freeze index -1 is out of range'),
-        ({'freeze': ['embeddings']}, TypeError, "freeze=\\['embeddings'\\] must be None or a list of int"),
+        ({'freeze': ['embeddings']}, TypeError, r"freeze = \['embeddings'\]: expected a list of an integer or null"),
         ({'groups': []}, ValueError, r'groups=\[\] is empty'),
-        ({'offload': 'yes'}, TypeError, "offload='yes' must be true or false"),
+        ({'offload': 'yes'}, TypeError, r"offload = 'yes': expected true or false"),
     ],
 )
 def test_bad_arguments_are_rejected_at_construction(kwargs, error, message):

@@ -19,10 +19,11 @@ from algorithms.registry import build_algorithm
         ({'freeze_start': 1.5}, r'freeze_start=1\.5 is outside \[0, 1\]'),
         ({'freeze_start': -0.1}, r'freeze_start=-0\.1 is outside \[0, 1\]'),
         ({'freeze_level': 2}, r'freeze_level=2 is outside \[0, 1\]'),
-        ({'granularity': 'layer'}, r"granularity='layer' is not supported; choose one of \['leaf', 'block'\]"),
+        # wrong types and choices: checked against the annotations first, as in a recipe
+        ({'granularity': 'layer'}, r"layer_freezing\.granularity = 'layer': expected one of 'leaf', 'block'"),
         ({'interval': 0}, r"interval=0 must be 'epoch' or a positive number of batches"),
-        ({'interval': 'batch'}, r"interval='batch' must be 'epoch' or a positive number of batches"),
-        ({'interval': True}, r"interval=True must be 'epoch'"),
+        ({'interval': 'batch'}, r"interval = 'batch': expected one of 'epoch' or an integer"),
+        ({'interval': True}, r"interval = True: expected one of 'epoch' or an integer"),
     ],
 )
 def test_bad_arguments_are_rejected_with_the_value_and_what_is_valid(kwargs, message):
@@ -31,7 +32,7 @@ def test_bad_arguments_are_rejected_with_the_value_and_what_is_valid(kwargs, mes
 
 
 def test_non_numbers_and_non_callables_are_type_errors():
-    with pytest.raises(TypeError, match="freeze_level='all'"):
+    with pytest.raises(TypeError, match=r"freeze_level = 'all': expected a number"):
         LayerFreezing(freeze_level='all')  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="schedule='cosine'"):
         LayerFreezing(schedule='cosine')  # type: ignore[arg-type]

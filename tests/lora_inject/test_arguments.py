@@ -10,7 +10,8 @@ from typing import Literal, get_args, get_origin
 import pytest
 from composer.core import Event
 
-from algorithms.lora_inject import LoRAInject
+from algorithms.config_validation import ConfigTypeError
+from algorithms.lora_inject import LoRAConfig, LoRAInject
 
 WRONG = {
     'r': '8',
@@ -39,16 +40,26 @@ def test_every_constructor_argument_has_a_wrong_type_case():
 
 @pytest.mark.parametrize('argument', sorted(WRONG))
 def test_a_wrong_type_is_refused_naming_the_argument(argument):
-    with pytest.raises((TypeError, ValueError), match=rf'^{argument}=') as error:
+    # checked against the annotations before the constructor runs, as a recipe is (a TypeError and a ValueError)
+    with pytest.raises(ConfigTypeError, match=rf'^algorithms\.lora_inject\.{argument} = ') as error:
         LoRAInject(**{'r': 4, 'target_modules': ['q_proj'], argument: WRONG[argument]})
+    assert ': expected ' in str(error.value)
+
+
+@pytest.mark.parametrize('argument', sorted(set(WRONG) & set(LoRAConfig.field_names())))
+def test_the_config_refuses_a_wrong_type_naming_the_argument(argument):
+    with pytest.raises((TypeError, ValueError), match=rf'^{argument}=') as error:
+        LoRAConfig(**{'r': 4, 'target_modules': ['q_proj'], argument: WRONG[argument]})
     assert 'is invalid' in str(error.value)
 
 
 @pytest.mark.parametrize('argument', ['use_rslora', 'use_dora'])
 @pytest.mark.parametrize('value', [1, 0, 'true', None])
 def test_flags_must_be_bools(argument, value):
-    with pytest.raises(TypeError, match=rf'{argument}=.* must be a bool'):
+    with pytest.raises(TypeError, match=rf'{argument} = .*: expected true or false'):
         LoRAInject(**{argument: value})
+    with pytest.raises(TypeError, match=rf'{argument}=.* must be a bool'):
+        LoRAConfig(**{argument: value})
 
 
 @pytest.mark.parametrize('argument', ['init', 'bias'])
@@ -71,6 +82,8 @@ def test_an_unknown_choice_lists_every_valid_one(argument):
 )
 def test_pattern_mappings_are_checked_key_and_value(argument, value, message):
     with pytest.raises((TypeError, ValueError), match=message):
+        LoRAConfig(**{argument: value})
+    with pytest.raises(ConfigTypeError, match=rf'^algorithms\.lora_inject\.{argument} = .*: expected a mapping'):
         LoRAInject(**{argument: value})
 
 

@@ -176,8 +176,10 @@ def test_no_default_for_an_unknown_model_type_is_a_clear_error():
 def test_algorithm_arguments_are_validated_on_construction():
     with pytest.raises(ValueError, match=r'r=-2 is invalid'):
         LoRAInject(r=-2)
-    with pytest.raises(ValueError, match=r'save_merged_to=3 is invalid'):
+    with pytest.raises(ValueError, match=r'save_merged_to = 3: expected a string or null'):
         LoRAInject(save_merged_to=3)
+    with pytest.raises(ValueError, match=r"save_merged_to='' is invalid"):
+        LoRAInject(save_merged_to='')
 
 
 def test_a_peft_model_is_refused():

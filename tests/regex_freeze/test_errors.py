@@ -130,11 +130,14 @@ def test_invalid_regex():
 
 
 def test_bad_argument_types_and_values():
-    with pytest.raises(TypeError, match=r"trainable must be a list of pattern strings, got 'lm_head'"):
+    # wrong types and choices: checked against the annotations first, as in a recipe
+    with pytest.raises(
+        TypeError, match=r"^algorithms\.regex_freeze\.trainable = 'lm_head': expected a list of a string"
+    ):
         RegexFreeze(trainable='lm_head')
-    with pytest.raises(TypeError, match='patterns must be strings'):
+    with pytest.raises(TypeError, match=r"trainable = \['lm_head', 3\]: expected a list of a string"):
         RegexFreeze(trainable=['lm_head', 3])
-    with pytest.raises(ValueError, match="syntax='glob' is not a pattern syntax"):
+    with pytest.raises(ValueError, match=r"syntax = 'glob': expected one of 'axolotl', 'regex'"):
         RegexFreeze(trainable=['lm_head'], syntax='glob')
     with pytest.raises(ValueError, match='needs patterns'):
         RegexFreeze()
