@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
@@ -204,7 +205,34 @@ def _inject_adapters(model: nn.Module, optimizers: Optional[Optimizers], config:
     trainable_numel = sum(p.numel() for p in root.parameters() if p.requires_grad)
     total_numel = sum(p.numel() for p in root.parameters())
     log.info('LoRA: adapted %d modules; %d of %d parameters train.', len(layers), trainable_numel, total_numel)
+    _warn_if_task_head_frozen(root)
     return LoRASummary(tuple(layers), trainable_numel, total_numel)
+
+
+# Hugging Face task models whose head is new when fine-tuning starts, and the head's name; PEFT's task types add
+# these to modules_to_save (SEQ_CLS and TOKEN_CLS: classifier, score; QUESTION_ANS: qa_outputs).
+_TASK_HEADS = {
+    'ForSequenceClassification': ('classifier', 'score'),
+    'ForTokenClassification': ('classifier', 'score'),
+    'ForQuestionAnswering': ('qa_outputs',),
+}
+
+
+def _warn_if_task_head_frozen(root: nn.Module) -> None:
+    """Warn when a task model's head (usually freshly initialized) keeps its own weights frozen: only the adapters
+    around it would learn, on top of random weights."""
+    heads = next((names for suffix, names in _TASK_HEADS.items() if type(root).__name__.endswith(suffix)), ())
+    for name in heads:
+        head = getattr(root, name, None)
+        weights = [p for n, p in head.named_parameters() if 'lora_' not in n] if isinstance(head, nn.Module) else []
+        if weights and not any(p.requires_grad for p in weights):
+            warnings.warn(
+                f'LoRAInject: the head {name!r} of {type(root).__name__} stays frozen; a task head is usually newly '
+                f'initialized, so its random weights would never train. Add it to modules_to_save '
+                f"(modules_to_save=['{name}'], as PEFT's task types do).",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def freeze_outside_adapters(model: nn.Module, optimizers: Optional[Optimizers] = None) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,8 @@ from transformers import BertConfig, BertForSequenceClassification
 from algorithms.lora_inject import LoRAInject, LoRALinear, apply_lora
 from algorithms.lora_inject.injection import adapter_layers
 from algorithms.models import tiny_decoder
+
+from .helpers import tiny_hf_model
 
 
 def _llama(num_layers=4):
@@ -244,3 +248,14 @@ def test_a_model_without_adaptable_layers_is_named_as_such(model, message):
     with pytest.raises(ValueError, match=message) as error:
         apply_lora(model, r=2, target_modules=['q_proj'])
     assert '[]' not in str(error.value)
+
+
+def test_a_task_head_left_frozen_is_warned_about_and_a_saved_one_is_not():
+    with pytest.warns(UserWarning, match="head 'classifier' of BertForSequenceClassification stays frozen"):
+        apply_lora(tiny_hf_model('bert'), r=2, target_modules=['query', 'value'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        apply_lora(tiny_hf_model('bert'), r=2, target_modules=['query', 'value'], modules_to_save=['classifier'])
+        apply_lora(
+            tiny_decoder('llama', num_layers=2).model, r=2, target_modules=['q_proj']
+        )  # a language model has no task head
