@@ -25,6 +25,8 @@ from __future__ import annotations
 import os
 import tempfile
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -103,33 +105,27 @@ def load_deferred_optimizer(state: State) -> None:
     state.load_optim_state({'optimizers': optimizers})
 
 
-class _checkpoint_reader:
+@contextmanager
+def _checkpoint_reader(load_path: str, state: State) -> Iterator[dist_cp.StorageReader]:
     """The sharded checkpoint at ``load_path`` (a folder, a link to one, or an object-store URI), as Composer reads
-    it."""
+    it; an object store's files are downloaded to a temporary folder for the duration."""
+    from composer.utils.checkpoint import DistCPObjectStoreReader, FileSystemReaderWithValidation
+    from composer.utils.file_helpers import maybe_create_object_store_from_uri, parse_uri
 
-    def __init__(self, load_path: str, state: State):
-        self.load_path, self.state = load_path, state
-        self.download: Optional[tempfile.TemporaryDirectory] = None
-
-    def __enter__(self) -> dist_cp.StorageReader:
-        from composer.utils.checkpoint import DistCPObjectStoreReader, FileSystemReaderWithValidation
-        from composer.utils.file_helpers import maybe_create_object_store_from_uri, parse_uri
-
-        object_store = maybe_create_object_store_from_uri(self.load_path)
-        _, _, path = parse_uri(self.load_path)
-        if object_store is None:
-            return FileSystemReaderWithValidation(os.path.realpath(path))
-        self.download = tempfile.TemporaryDirectory()
+    object_store = maybe_create_object_store_from_uri(load_path)
+    _, _, path = parse_uri(load_path)
+    if object_store is None:
+        yield FileSystemReaderWithValidation(os.path.realpath(path))
+        return
+    with tempfile.TemporaryDirectory() as download:
         local_rank_zero = dist.get_global_rank() - dist.get_local_rank()
-        folder = str(dist.all_gather_object(self.download.name)[local_rank_zero])
-        return DistCPObjectStoreReader(
-            source_path=path,
-            destination_path=str(Path(folder) / 'checkpoints'),
-            object_store=object_store,
-            device_mesh=self.state.device_mesh,
-        )
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.download is not None:
-            dist.barrier()
-            self.download.cleanup()
+        folder = str(dist.all_gather_object(download)[local_rank_zero])
+        try:
+            yield DistCPObjectStoreReader(
+                source_path=path,
+                destination_path=str(Path(folder) / 'checkpoints'),
+                object_store=object_store,
+                device_mesh=state.device_mesh,
+            )
+        finally:
+            dist.barrier()  # every rank has read before local rank 0's download is removed

@@ -2,12 +2,11 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
-
-
-import pytest
 
 
 @pytest.fixture(scope='session')

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForCausalLM
 
 from algorithms.lora_inject import apply_lora, export_merged, load_adapter, save_adapter
 from algorithms.lora_inject.injection import adapter_layers
@@ -26,21 +26,6 @@ def _llama(hidden=32):
 def _gpt2():
     torch.manual_seed(0)
     return tiny_decoder('gpt2', num_layers=2, hidden_size=32, num_heads=2).model.eval()
-
-
-def _bert():
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(config).eval()
 
 
 class _ConvNet(nn.Module):
@@ -85,7 +70,7 @@ CASES = {
     'llama-layers': (_llama, dict(r=2, lora_alpha=4, target_modules=['gate_proj'], layers_to_transform=[0])),
     'gpt2-conv1d': (_gpt2, dict(r=2, lora_alpha=4, target_modules=['c_attn', 'c_proj'])),
     'bert-save-bias': (
-        _bert,
+        functools.partial(tiny_hf_model, 'bert'),
         dict(r=2, lora_alpha=4, target_modules=['query', 'value'], modules_to_save=['classifier'], bias='all'),
     ),
     'conv': (_ConvNet, dict(r=2, lora_alpha=4, target_modules=['conv', 'seq'], use_dora=True)),
