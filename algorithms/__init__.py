@@ -2,7 +2,7 @@
 
 Example:
     >>> from composer import Trainer
-    >>> from algorithms import RegexFreeze
+    >>> from composer_thaw import RegexFreeze
     >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep',
     ...                   algorithms=[RegexFreeze(trainable=['lm_head', 'model.layers.3'])])
 """
@@ -14,16 +14,16 @@ from typing import Any
 
 __version__ = '0.1.0'
 
-# Public name -> sub-package; imported on first use so `import algorithms` stays light.
+# Public name -> sub-package; imported on first use so `import composer_thaw` stays light.
 _PUBLIC = {
-    'LayerFreezing': 'algorithms.layer_freezing',
-    'freeze_layers': 'algorithms.layer_freezing',
-    'RegexFreeze': 'algorithms.regex_freeze',
-    'apply_regex_freeze': 'algorithms.regex_freeze',
-    'HiFTRotation': 'algorithms.hift_rotation',
-    'apply_hift_rotation': 'algorithms.hift_rotation',
-    'LoRAInject': 'algorithms.lora_inject',
-    'apply_lora': 'algorithms.lora_inject',
+    'LayerFreezing': 'composer_thaw.layer_freezing',
+    'freeze_layers': 'composer_thaw.layer_freezing',
+    'RegexFreeze': 'composer_thaw.regex_freeze',
+    'apply_regex_freeze': 'composer_thaw.regex_freeze',
+    'HiFTRotation': 'composer_thaw.hift_rotation',
+    'apply_hift_rotation': 'composer_thaw.hift_rotation',
+    'LoRAInject': 'composer_thaw.lora_inject',
+    'apply_lora': 'composer_thaw.lora_inject',
 }
 
 __all__ = list(_PUBLIC)

@@ -53,7 +53,7 @@ def config_key(cls: type) -> str:
         >>> config_key(LoRAInject)
         'algorithms.lora_inject'
     """
-    from algorithms.registry import registered_name
+    from composer_thaw.registry import registered_name
 
     name = registered_name(cls)
     return f'algorithms.{name}' if name is not None else cls.__name__
@@ -63,7 +63,7 @@ def checked_init(cls: type, init: Callable[..., None]) -> Callable[..., None]:
     """``cls``'s constructor ``init``, wrapped so that its arguments are checked (names, required ones, annotated
     types) before it runs.
 
-    The errors are those ``thaw run`` gives for a recipe (:func:`~algorithms.config_validation.check_call_kwargs`,
+    The errors are those ``thaw run`` gives for a recipe (:func:`~composer_thaw.config_validation.check_call_kwargs`,
     keys under :func:`config_key`), so ``cls(**kwargs)`` from an llm-foundry YAML reads the same. The wrapper keeps
     the signature, annotations and docstring (``functools.wraps``), so ``inspect.signature(cls)`` and
     ``typing.get_type_hints(cls.__init__)`` see the original.
@@ -84,7 +84,7 @@ def checked_init(cls: type, init: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(init)
     def checked(self: Any, *args: Any, **kwargs: Any) -> None:
-        from algorithms.config_validation import ConfigError, check_call_kwargs
+        from composer_thaw.config_validation import ConfigError, check_call_kwargs
 
         try:
             check_call_kwargs('', cls, {**dict(zip(positional, args)), **kwargs})
@@ -139,10 +139,10 @@ def eval_repr(text: str) -> Any:
     The names it can use are this package's public names and the class of each third-party algorithm registered
     under the ``composer_thaw.algorithms`` entry point (only the one the text calls is imported).
     """
-    import algorithms
-    from algorithms.registry import algorithm_registry
+    import composer_thaw
+    from composer_thaw.registry import algorithm_registry
 
-    namespace = {name: getattr(algorithms, name) for name in algorithms.__all__}
+    namespace = {name: getattr(composer_thaw, name) for name in composer_thaw.__all__}
     class_name = text.partition('(')[0].strip()
     if class_name not in namespace:
         for entry in algorithm_registry().values():

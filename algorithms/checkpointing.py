@@ -18,13 +18,13 @@ from typing import Any, Union
 import torch
 from composer.core import Algorithm
 
-from algorithms.algorithm_state import eval_repr
+from composer_thaw.algorithm_state import eval_repr
 
 __all__ = ['algorithms_in_checkpoint', 'check_checkpoint_algorithms', 'recorded_algorithms']
 
 
 def _registered_class_names() -> dict[str, str]:
-    from algorithms.registry import algorithm_registry
+    from composer_thaw.registry import algorithm_registry
 
     return {
         entry.target.partition(':')[2]: name
@@ -56,6 +56,6 @@ def check_checkpoint_algorithms(path: Union[str, Path], algorithms: Sequence[Alg
         raise ValueError(
             f'checkpoint {str(path)!r} was trained with {listed}, which this run does not use. Composer restores only '
             'its own algorithms; add them (recipe key `algorithms:` or `Trainer(algorithms=[...])`, e.g. '
-            '`algorithms.checkpointing.algorithms_in_checkpoint(path)`), or load only its weights '
+            '`composer_thaw.checkpointing.algorithms_in_checkpoint(path)`), or load only its weights '
             '(Trainer(load_weights_only=True), recipe key load_weights_only: true).',
         )

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, cast
 
-from algorithms.config_validation import ConfigError
+from composer_thaw.config_validation import ConfigError
 
 __all__ = ['main']
 
@@ -110,14 +110,24 @@ def _launch(recipe: str, overrides: Sequence[str], nproc: int) -> int:
     """Re-run ``thaw run`` under Composer's launcher with ``nproc`` processes."""
     env = dict(os.environ)
     env.setdefault('OMP_NUM_THREADS', '1')
-    command = [sys.executable, '-m', 'composer.cli.launcher', '-n', str(nproc), '-m', 'algorithms.cli', 'run', recipe]
+    command = [
+        sys.executable,
+        '-m',
+        'composer.cli.launcher',
+        '-n',
+        str(nproc),
+        '-m',
+        'composer_thaw.cli',
+        'run',
+        recipe,
+    ]
     for override in overrides:
         command += ['--set', override]
     return subprocess.call(command, env=env)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from algorithms.recipe import check_processes, load_recipe
+    from composer_thaw.recipe import check_processes, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # validates everything before any model is built
     if args.nproc < 1:
@@ -128,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from composer.utils import dist
 
-    from algorithms.training import format_summary, run_recipe
+    from composer_thaw.training import format_summary, run_recipe
 
     try:
         summary = run_recipe(recipe)
@@ -160,9 +170,9 @@ def _how_to_resume(recipe: Any) -> str:
 def _model_and_recipe_options(source: str, algorithm: str) -> tuple[Any, dict[str, Any]]:
     """The model a preview is about and the recipe's options for ``algorithm`` (empty unless ``source`` is a recipe)."""
 
-    from algorithms.data import STDLIB_DOCS_CLASSES
-    from algorithms.recipe import ModelConfig, load_recipe
-    from algorithms.training import build_model
+    from composer_thaw.data import STDLIB_DOCS_CLASSES
+    from composer_thaw.recipe import ModelConfig, load_recipe
+    from composer_thaw.training import build_model
 
     options: dict[str, Any] = {}
     if source.endswith(('.yaml', '.yml')):
@@ -188,7 +198,7 @@ def _override(options: dict[str, Any], args: argparse.Namespace, keys: Sequence[
 
 def _preview(args: argparse.Namespace) -> int:
     """Print what RegexFreeze would train on a recipe's model (with its regex_freeze options) or a named model."""
-    from algorithms.regex_freeze import freeze_preview
+    from composer_thaw.regex_freeze import freeze_preview
 
     model, options = _model_and_recipe_options(args.source, 'regex_freeze')
     options = _override(options, args, ('trainable', 'frozen', 'syntax'))
@@ -201,7 +211,7 @@ def _preview(args: argparse.Namespace) -> int:
 
 def _hift_preview(args: argparse.Namespace) -> int:
     """Print HiFTRotation's units and the groups its first passes visit (with the recipe's hift_rotation options)."""
-    from algorithms.hift_rotation import rotation_preview
+    from composer_thaw.hift_rotation import rotation_preview
 
     model, options = _model_and_recipe_options(args.source, 'hift_rotation')
     keys = ('group_size', 'strategy', 'freeze', 'always_trainable', 'groups')
@@ -214,7 +224,7 @@ def _hift_preview(args: argparse.Namespace) -> int:
 
 
 def _list_algorithms(args: argparse.Namespace) -> int:
-    from algorithms.registry import algorithm_registry
+    from composer_thaw.registry import algorithm_registry
 
     for name, entry in sorted(algorithm_registry().items()):
         print(f'{name:28} {entry.source:14} {entry.target}')
@@ -222,7 +232,7 @@ def _list_algorithms(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from algorithms.memory_estimate import estimate_report
+    from composer_thaw.memory_estimate import estimate_report
 
     print(
         estimate_report(args.model_config, args.algorithm, args.overrides, args.optimizer, args.dtype, args.world_size)

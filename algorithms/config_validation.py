@@ -159,7 +159,7 @@ def from_mapping(cls: type, data: Any, key: str) -> Any:
     hints = typing.get_type_hints(cls)
     unknown = [k for k in data if k not in fields]
     if unknown:
-        from algorithms.parameter_selection import closest_names
+        from composer_thaw.parameter_selection import closest_names
 
         bad = unknown[0]
         suggestion = closest_names(str(bad), list(fields), n=1)

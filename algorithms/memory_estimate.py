@@ -26,7 +26,7 @@ from typing import Any, Literal, Optional, Union, cast
 import torch
 from torch import nn
 
-from algorithms.config_validation import ConfigError
+from composer_thaw.config_validation import ConfigError
 
 __all__ = [
     'BUILTIN_CONFIGS',
@@ -127,7 +127,7 @@ class MemoryEstimate:
 
 
 def _tiny_decoder_config() -> dict[str, Any]:
-    # The defaults of algorithms.models.tiny_decoder('llama'); the vocabulary is the embedded tokenizer's.
+    # The defaults of composer_thaw.models.tiny_decoder('llama'); the vocabulary is the embedded tokenizer's.
     return {
         'model_type': 'llama',
         'hidden_size': 64,
@@ -161,7 +161,7 @@ def load_model_config(
     if isinstance(source, Mapping):
         data = dict(source)
     elif source == 'minilm':
-        from algorithms.models import embedded_minilm_path
+        from composer_thaw.models import embedded_minilm_path
 
         data = json.loads((embedded_minilm_path() / 'config.json').read_text())
     elif source == 'tiny-decoder':
@@ -200,7 +200,7 @@ def load_model_config(
 
 def spec_of(model: nn.Module) -> ModelSpec:
     """The :class:`ModelSpec` of a built model (Composer-wrapped or not), to estimate exactly what it trains."""
-    from algorithms.parameter_selection import user_module
+    from composer_thaw.parameter_selection import user_module
 
     root = user_module(model)
     task: Literal['causal-lm', 'sequence-classification'] = (
@@ -255,7 +255,7 @@ def _validate(algorithm: str, options: Mapping[str, Any]) -> None:
         if options:
             raise ConfigError('--algorithm full', dict(options), 'full fine-tuning takes no options.')
         return
-    from algorithms.registry import algorithm_registry, build_algorithm
+    from composer_thaw.registry import algorithm_registry, build_algorithm
 
     if algorithm not in algorithm_registry():
         raise ConfigError('--algorithm', algorithm, 'this algorithm is not installed in this version.')
@@ -268,7 +268,7 @@ def _hift_rotation(
     """Resident (largest group + always-trainable units) and offloaded state under HiFT's rotation."""
     from itertools import combinations
 
-    from algorithms.hift_rotation import GroupQueue, plan_rotation
+    from composer_thaw.hift_rotation import GroupQueue, plan_rotation
 
     if options.get('lora'):
         raise ConfigError(
@@ -352,15 +352,15 @@ def estimate_training_state(
     note, offloaded = '', 0
     try:
         if algorithm == 'lora_inject':
-            from algorithms.lora_inject import apply_lora
+            from composer_thaw.lora_inject import apply_lora
 
             apply_lora(root, torch_optimizer, **options)
         elif algorithm == 'regex_freeze':
-            from algorithms.regex_freeze import apply_regex_freeze
+            from composer_thaw.regex_freeze import apply_regex_freeze
 
             apply_regex_freeze(root, torch_optimizer, **options)
         elif algorithm == 'layer_freezing':
-            from algorithms.layer_freezing import freeze_layers
+            from composer_thaw.layer_freezing import freeze_layers
 
             depth, _ = freeze_layers(
                 root,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from algorithms.sharding import ShardLayout, is_sharded, local_tensor
+from composer_thaw.sharding import ShardLayout, is_sharded, local_tensor
 
 __all__ = [
     'OffloadedTensor',

@@ -29,8 +29,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from algorithms.config_validation import ConfigError, from_mapping
-from algorithms.run_files import check_checkpoint_path, check_writable_folder
+from composer_thaw.config_validation import ConfigError, from_mapping
+from composer_thaw.run_files import check_checkpoint_path, check_writable_folder
 
 __all__ = [
     'DataConfig',
@@ -260,8 +260,8 @@ def validate_recipe(recipe: Recipe) -> None:
     if recipe.load_path is not None and '://' not in recipe.load_path:
         check_checkpoint_path('load_path', recipe.load_path, sharded=_saves_sharded(recipe))
 
-    from algorithms.checkpointing import check_checkpoint_algorithms
-    from algorithms.registry import build_algorithm
+    from composer_thaw.checkpointing import check_checkpoint_algorithms
+    from composer_thaw.registry import build_algorithm
 
     built = [build_algorithm(name, kwargs) for name, kwargs in recipe.algorithms.items()]
     if recipe.load_path is not None and Path(recipe.load_path).is_file():

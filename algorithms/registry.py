@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from composer.core import Algorithm
 
-from algorithms.config_validation import ConfigError, check_call_kwargs
+from composer_thaw.config_validation import ConfigError, check_call_kwargs
 
 __all__ = [
     'ENTRY_POINT_GROUP',
@@ -39,10 +39,10 @@ ENTRY_POINT_GROUP = 'composer_thaw.algorithms'
 
 # name -> "module:Class"; imported only when used.
 _OURS = {
-    'layer_freezing': 'algorithms.layer_freezing:LayerFreezing',
-    'regex_freeze': 'algorithms.regex_freeze:RegexFreeze',
-    'hift_rotation': 'algorithms.hift_rotation:HiFTRotation',
-    'lora_inject': 'algorithms.lora_inject:LoRAInject',
+    'layer_freezing': 'composer_thaw.layer_freezing:LayerFreezing',
+    'regex_freeze': 'composer_thaw.regex_freeze:RegexFreeze',
+    'hift_rotation': 'composer_thaw.hift_rotation:HiFTRotation',
+    'lora_inject': 'composer_thaw.lora_inject:LoRAInject',
 }
 _COMPOSER_RENAMES = {'LayerFreezing': 'composer_layer_freezing'}
 
@@ -110,7 +110,7 @@ def build_algorithm(name: str, kwargs: Mapping[str, Any] | None, where: str = 'a
     """
     registry = algorithm_registry()
     if name not in registry:
-        from algorithms.parameter_selection import closest_names
+        from composer_thaw.parameter_selection import closest_names
 
         suggestions = closest_names(name, sorted(registry), n=3)
         raise ConfigError(

@@ -2,7 +2,7 @@
 
 A save folder that cannot be written would otherwise be discovered at the first save (with save-at-end, after
 the whole run); a checkpoint that cannot be read, at load time with a message from deep inside ``torch.load``.
-Each check raises :class:`~algorithms.config_validation.ConfigError` naming the recipe key and leaves nothing
+Each check raises :class:`~composer_thaw.config_validation.ConfigError` naming the recipe key and leaves nothing
 behind: the probe file and any folders made for it are removed.
 
 Example:
@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from algorithms.config_validation import ConfigError
+from composer_thaw.config_validation import ConfigError
 
 __all__ = ['check_checkpoint_path', 'check_writable_folder', 'resume_from_a_complete_checkpoint']
 

@@ -1,4 +1,4 @@
-"""Turn a validated :class:`~algorithms.recipe.Recipe` into a Composer ``Trainer``, run it, and summarize it.
+"""Turn a validated :class:`~composer_thaw.recipe.Recipe` into a Composer ``Trainer``, run it, and summarize it.
 
 Example:
     >>> recipe = load_recipe('yamls/demo.yaml', overrides=['max_duration=10ba'])
@@ -25,11 +25,11 @@ from composer import Callback, Logger, State, Trainer
 from composer.utils import dist, reproducibility
 from torch import nn
 
-from algorithms.algorithm_state import ConfigRepr
-from algorithms.config_validation import ConfigError, check_call_kwargs
-from algorithms.optimizer_surgery import training_state_bytes
-from algorithms.parameter_selection import user_module
-from algorithms.recipe import (
+from composer_thaw.algorithm_state import ConfigRepr
+from composer_thaw.config_validation import ConfigError, check_call_kwargs
+from composer_thaw.optimizer_surgery import training_state_bytes
+from composer_thaw.parameter_selection import user_module
+from composer_thaw.recipe import (
     DataConfig,
     ModelConfig,
     OptimizerConfig,
@@ -38,15 +38,15 @@ from algorithms.recipe import (
     SchedulerConfig,
     check_processes,
 )
-from algorithms.run_files import resume_from_a_complete_checkpoint
-from algorithms.sharding import full_tensor
+from composer_thaw.run_files import resume_from_a_complete_checkpoint
+from composer_thaw.sharding import full_tensor
 
 __all__ = ['RunSummary', 'TrainingSummary', 'build_trainer', 'format_summary', 'run_recipe']
 
 
 def build_model(config: ModelConfig, num_labels: Optional[int]):
     """The recipe's model as a :class:`composer.models.HuggingFaceModel`."""
-    from algorithms import models
+    from composer_thaw import models
 
     if config.name == 'tiny-decoder':
         return models.tiny_decoder(
@@ -72,7 +72,7 @@ class RecipeData:
 
 def build_data(config: DataConfig, tokenizer, train_batch_size: int, eval_batch_size: int) -> RecipeData:
     """Train and eval loaders for the recipe's built-in data set (batch sizes are per process)."""
-    from algorithms import data
+    from composer_thaw import data
 
     train_set: torch.utils.data.Dataset
     eval_set: torch.utils.data.Dataset
@@ -267,8 +267,8 @@ def _no_new_folder_on_error(folder: Optional[str]) -> Iterator[None]:
 
 
 def _build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData]:
-    from algorithms.models import load_tokenizer
-    from algorithms.registry import build_algorithm
+    from composer_thaw.models import load_tokenizer
+    from composer_thaw.registry import build_algorithm
 
     world_size = dist.get_world_size()
     check_processes(recipe, world_size, str(world_size))

@@ -28,8 +28,8 @@ import torch
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algorithms.memory_estimate import estimate_training_state, spec_of
 from benchmarks.measure import quiet_allocator, rss_bytes, trim
+from composer_thaw.memory_estimate import estimate_training_state, spec_of
 
 TOLERANCE = 0.03  # relative, on gradients + optimizer state
 ABSOLUTE_SLACK = 4 * 2**20  # bytes: allocator bookkeeping, autograd's small buffers
@@ -70,8 +70,8 @@ class RssCheck:
 
 
 def build_decoder(hidden: int, layers: int, seed: int = 0):
-    from algorithms.models import tiny_decoder
-    from algorithms.parameter_selection import user_module
+    from composer_thaw.models import tiny_decoder
+    from composer_thaw.parameter_selection import user_module
 
     torch.manual_seed(seed)
     return user_module(
@@ -81,11 +81,11 @@ def build_decoder(hidden: int, layers: int, seed: int = 0):
 
 def _apply(model, optimizer, algorithm: str, options: dict[str, Any]) -> None:
     if algorithm == 'regex_freeze':
-        from algorithms.regex_freeze import apply_regex_freeze
+        from composer_thaw.regex_freeze import apply_regex_freeze
 
         apply_regex_freeze(model, optimizer, **options)
     elif algorithm == 'layer_freezing':
-        from algorithms.layer_freezing import freeze_layers
+        from composer_thaw.layer_freezing import freeze_layers
 
         freeze_layers(model, optimizer, 1.0, options['freeze_start'], options['freeze_level'], options['granularity'])
 

@@ -6,7 +6,7 @@ Quick part (``python -m benchmarks.hift_bench``, about 2 minutes on one CPU thre
 of steps (two HiFT passes) for each method, AdamW throughout:
 
 * ``full``: plain fine-tuning.
-* ``HiFTRotation``: our :class:`~algorithms.hift_rotation.GroupRotation` (group_size 1, ``down2up``), offloaded
+* ``HiFTRotation``: our :class:`~composer_thaw.hift_rotation.GroupRotation` (group_size 1, ``down2up``), offloaded
   state.
 * ``hift (by hand)``: ``import hift`` fails with this transformers and its own optimizers need bitsandbytes, so this
   is the package's grouping (``registerCallBack`` loaded by file path) with ``HiFTrainer.update_parameter_state``'s
@@ -50,11 +50,11 @@ from torch import nn
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algorithms.data import ClassificationDataset, build_dataloader, stdlib_docs_examples
-from algorithms.hift_rotation import GroupRotation, rotation_units
-from algorithms.models import load_tokenizer, minilm_classifier
-from algorithms.optimizer_surgery import optimizer_state_bytes
-from algorithms.parameter_selection import user_module
+from composer_thaw.data import ClassificationDataset, build_dataloader, stdlib_docs_examples
+from composer_thaw.hift_rotation import GroupRotation, rotation_units
+from composer_thaw.models import load_tokenizer, minilm_classifier
+from composer_thaw.optimizer_surgery import optimizer_state_bytes
+from composer_thaw.parameter_selection import user_module
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'hift_rotation.json'
 HIFT_REGISTER = Path(torch.__file__).resolve().parents[1] / 'hift' / 'registerCallBack.py'
@@ -249,7 +249,7 @@ def demo_recipe(overrides: list[str]):
     """``yamls/demo.yaml`` as full fine-tuning (its RegexFreeze dropped, lr 1e-4), with ``overrides`` applied."""
     import yaml
 
-    from algorithms.recipe import apply_overrides, recipe_from_mapping, validate_recipe
+    from composer_thaw.recipe import apply_overrides, recipe_from_mapping, validate_recipe
 
     data = yaml.safe_load((Path(__file__).resolve().parents[1] / 'yamls' / 'demo.yaml').read_text())
     data['algorithms'].pop('regex_freeze', None)
@@ -273,7 +273,7 @@ ACCURACY_RUNS = {
 
 
 def accuracy(budget: list[str], runs: list[str]) -> dict[str, Any]:
-    from algorithms.training import run_recipe
+    from composer_thaw.training import run_recipe
 
     out = {}
     for name in runs:

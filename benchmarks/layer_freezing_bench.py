@@ -34,11 +34,11 @@ from torch import nn
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algorithms.layer_freezing import freezable_units, freeze_layers, freeze_units
-from algorithms.models import tiny_decoder
-from algorithms.optimizer_surgery import optimizer_state_bytes
-from algorithms.parameter_selection import user_module
 from benchmarks.measure import adamw, interleaved_times, train_step
+from composer_thaw.layer_freezing import freezable_units, freeze_layers, freeze_units
+from composer_thaw.models import tiny_decoder
+from composer_thaw.optimizer_surgery import optimizer_state_bytes
+from composer_thaw.parameter_selection import user_module
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'layer_freezing.json'
 

@@ -37,12 +37,12 @@ from torch import nn
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algorithms.lora_inject import apply_lora
-from algorithms.models import tiny_decoder
-from algorithms.optimizer_surgery import training_state_bytes
-from algorithms.parameter_selection import user_module
 from benchmarks.measure import adamw, interleaved_times, train_step
 from benchmarks.methods import swap_in_loralib
+from composer_thaw.lora_inject import apply_lora
+from composer_thaw.models import tiny_decoder
+from composer_thaw.optimizer_surgery import training_state_bytes
+from composer_thaw.parameter_selection import user_module
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'lora_inject.json'
 TARGETS = ['q_proj', 'v_proj']
@@ -147,9 +147,9 @@ def accuracy_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     from composer import Trainer
     from composer.utils import reproducibility
 
-    from algorithms.data import STDLIB_DOCS_CLASSES, ClassificationDataset, build_dataloader, stdlib_docs_examples
-    from algorithms.lora_inject import LoRAInject
-    from algorithms.models import load_tokenizer, minilm_classifier
+    from composer_thaw.data import STDLIB_DOCS_CLASSES, ClassificationDataset, build_dataloader, stdlib_docs_examples
+    from composer_thaw.lora_inject import LoRAInject
+    from composer_thaw.models import load_tokenizer, minilm_classifier
 
     tokenizer = load_tokenizer()
     train, evaluation = stdlib_docs_examples()

@@ -32,8 +32,8 @@ from composer import Callback, Logger, State
 from composer.models import HuggingFaceModel
 from torch import nn
 
-from algorithms.optimizer_surgery import TrainingStateBytes, optimizer_state_bytes, training_state_bytes
-from algorithms.parameter_selection import user_module
+from composer_thaw.optimizer_surgery import TrainingStateBytes, optimizer_state_bytes, training_state_bytes
+from composer_thaw.parameter_selection import user_module
 
 __all__ = ['METHODS', 'Method', 'Setup', 'Task', 'build_tasks', 'default_batches', 'swap_in_loralib']
 
@@ -67,8 +67,8 @@ def _decoder_task(
 ) -> Task:
     from composer.utils import reproducibility
 
-    from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
-    from algorithms.models import load_tokenizer, tiny_decoder
+    from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
+    from composer_thaw.models import load_tokenizer, tiny_decoder
 
     tokenizer = load_tokenizer()
     reproducibility.seed_all(0)
@@ -100,8 +100,8 @@ def _decoder_task(
 def _minilm_task(batch_size: int, seq_len: int, train_examples: int, eval_examples: int) -> Task:
     from composer.utils import reproducibility
 
-    from algorithms.data import STDLIB_DOCS_CLASSES, ClassificationDataset, build_dataloader, stdlib_docs_examples
-    from algorithms.models import load_tokenizer, minilm_classifier
+    from composer_thaw.data import STDLIB_DOCS_CLASSES, ClassificationDataset, build_dataloader, stdlib_docs_examples
+    from composer_thaw.models import load_tokenizer, minilm_classifier
 
     tokenizer = load_tokenizer()
     reproducibility.seed_all(0)
@@ -218,14 +218,14 @@ def _full(task: Task, device: str) -> Setup:
 
 
 def _ours_layer_freezing(task: Task, device: str) -> Setup:
-    from algorithms.layer_freezing import LayerFreezing
+    from composer_thaw.layer_freezing import LayerFreezing
 
     model = task.fresh_model()
     return Setup(model, _adamw(model.parameters(), task.lr), [LayerFreezing(freeze_start=0.0, freeze_level=1.0)])
 
 
 def _ours_regex_freeze(task: Task, device: str) -> Setup:
-    from algorithms.regex_freeze import RegexFreeze
+    from composer_thaw.regex_freeze import RegexFreeze
 
     model = task.fresh_model()
     return Setup(model, _adamw(model.parameters(), task.lr), [RegexFreeze(trainable=task.top_patterns)])
@@ -239,14 +239,14 @@ def _lora_options(task: Task) -> dict[str, Any]:
 
 
 def _ours_lora(task: Task, device: str) -> Setup:
-    from algorithms.lora_inject import LoRAInject
+    from composer_thaw.lora_inject import LoRAInject
 
     model = task.fresh_model()
     return Setup(model, _adamw(model.parameters(), task.adapter_lr), [LoRAInject(**_lora_options(task))])
 
 
 def _ours_hift(task: Task, device: str) -> Setup:
-    from algorithms.hift_rotation import HiFTRotation
+    from composer_thaw.hift_rotation import HiFTRotation
 
     model = task.fresh_model()
     return Setup(model, _adamw(model.parameters(), task.lr), [HiFTRotation(group_size=1, strategy='down2up')])
@@ -499,7 +499,7 @@ METHODS: tuple[Method, ...] = (
         'ours',
         _ours_hift,
         closest_peer='hift_package',
-        requires=('algorithms.hift_rotation',),
+        requires=('composer_thaw.hift_rotation',),
         estimate=('hift_rotation', lambda t: {'group_size': 1}),
     ),
     Method(

@@ -140,7 +140,7 @@ def _total(counts: Optional[dict[str, int]]) -> int:
 
 def estimator_rows(task: Task, methods: list[Method], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The estimator's prediction for full fine-tuning and each of ours, next to the measured training state."""
-    from algorithms.memory_estimate import estimate_training_state, spec_of
+    from composer_thaw.memory_estimate import estimate_training_state, spec_of
 
     measured = {row['method']: row for row in rows if row['available']}
     spec = spec_of(task.base)
@@ -187,7 +187,7 @@ def environment(device: str) -> dict[str, Any]:
         pass
     gpu = torch.cuda.get_device_name(0) if device == 'gpu' else None
     return {
-        'date': datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC'),
+        'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         'device': device,
         'gpu': gpu,
         'cpu': cpu,

@@ -1,7 +1,7 @@
 """MkDocs hook: pages made from the repository at build time, so nothing is copied into docs/ by hand.
 
 - ``algorithms/<name>.md``: each algorithm's method card, ``algorithms/<name>/README.md``, as it is.
-- ``api/<module>.md``: one API reference page per module and sub-package of ``algorithms`` (mkdocstrings
+- ``api/<module>.md``: one API reference page per module and sub-package of ``composer_thaw`` (mkdocstrings
   renders the docstrings; a sub-package's page holds each of its modules), found by listing the package, so a
   new module gets its page without editing anything.
 - ``benchmarks/results/*.png``: the benchmark plots, at the same paths as in the repository.
@@ -53,22 +53,22 @@ def _directive(name: str, **options: object) -> str:
 
 
 def _api_pages() -> dict[str, str]:
-    """``api/<name>.md`` -> its Markdown: the package ``algorithms`` and each of its modules and sub-packages.
+    """``api/<name>.md`` -> its Markdown: the package ``composer_thaw`` and each of its modules and sub-packages.
 
     A module's page renders what its ``__all__`` names. A sub-package's page renders what the sub-package exports
     (its ``__all__``), then each of its modules: the docstring and whatever the module declares public that the
     sub-package does not re-export, so every public object is documented once.
     """
     pages = {
-        'api/algorithms.md': '# `algorithms`\n\n'
-        + _directive('algorithms', show_root_heading='false', members='false')
+        'api/composer_thaw.md': '# `composer_thaw`\n\n'
+        + _directive('composer_thaw', show_root_heading='false', members='false')
         + '\n'
         + _public_names()
     }
     for module in sorted(pkgutil.iter_modules([str(PACKAGE)]), key=lambda m: m.name):
         if module.name.startswith('_'):
             continue
-        name = f'algorithms.{module.name}'
+        name = f'composer_thaw.{module.name}'
         text = f'# `{name}`\n\n' + _directive(name, show_root_heading='false')
         if module.ispkg:
             exported = set(_declared_all(PACKAGE / module.name / '__init__.py') or ())
@@ -87,9 +87,9 @@ def _api_pages() -> dict[str, str]:
 
 
 def _public_names() -> str:
-    """The names ``algorithms`` exports (its ``_PUBLIC`` table: name -> sub-package), each linked to its reference."""
+    """The names ``composer_thaw`` exports (its ``_PUBLIC`` table: name -> sub-package), each linked to its page."""
     public = _assigned(PACKAGE / '__init__.py', '_PUBLIC')
-    lines = ['Public names (`from algorithms import ...`):', '']
+    lines = ['Public names (`from composer_thaw import ...`):', '']
     lines += [f'- [`{name}`][{module}.{name}] (`{module}`)' for name, module in public.items()]
     return '\n'.join(lines) + '\n'
 

@@ -7,8 +7,8 @@ import hashlib
 from composer import Callback
 from composer.utils import dist
 
-from algorithms.parameter_selection import user_module
-from algorithms.training import parameter_checksum
+from composer_thaw.parameter_selection import user_module
+from composer_thaw.training import parameter_checksum
 
 
 class RankChecks(Callback):

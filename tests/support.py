@@ -13,8 +13,8 @@ import torch
 from composer import Trainer
 from composer.utils import reproducibility
 
-from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
-from algorithms.models import load_tokenizer, tiny_decoder
+from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
+from composer_thaw.models import load_tokenizer, tiny_decoder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def run_thaw(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the ``thaw`` CLI in a subprocess (as a user would), capturing output."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
     return subprocess.run(
-        [sys.executable, '-m', 'algorithms.cli', *args],
+        [sys.executable, '-m', 'composer_thaw.cli', *args],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -7,12 +7,16 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 from support import REPO
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest depends on tomli below 3.11
+    import tomli as tomllib
 
 EXAMPLE = REPO / 'tests' / 'example_algorithm'
 PROJECT = tomllib.loads((EXAMPLE / 'pyproject.toml').read_text())['project']
@@ -110,8 +114,8 @@ def test_the_repr_of_a_registered_third_party_algorithm_evals_back(thaw_example,
     """``eval_repr`` (used to rebuild algorithms from checkpoints) knows classes registered under the entry point."""
     from importlib.metadata import EntryPoint
 
-    from algorithms import registry
-    from algorithms.algorithm_state import eval_repr
+    from composer_thaw import registry
+    from composer_thaw.algorithm_state import eval_repr
 
     point = EntryPoint(
         name=NAME, value=PROJECT['entry-points'][registry.ENTRY_POINT_GROUP][NAME], group=registry.ENTRY_POINT_GROUP

@@ -2,8 +2,8 @@
 
 import hashlib
 
-from algorithms import data
-from algorithms.models import load_tokenizer
+from composer_thaw import data
+from composer_thaw.models import load_tokenizer
 
 
 def _fingerprint(examples):

@@ -11,14 +11,14 @@ import pytest
 import support
 import torch
 
-from algorithms.config_validation import ConfigError
-from algorithms.memory_estimate import estimate_training_state, load_model_config, spec_of
-from algorithms.optimizer_surgery import training_state_bytes
-from algorithms.parameter_selection import user_module
+from composer_thaw.config_validation import ConfigError
+from composer_thaw.memory_estimate import estimate_training_state, load_model_config, spec_of
+from composer_thaw.optimizer_surgery import training_state_bytes
+from composer_thaw.parameter_selection import user_module
 
 sys.path.insert(0, str(support.REPO))  # the benchmarks package lives at the repository root
 
-HAS_HIFT = importlib.util.find_spec('algorithms.hift_rotation') is not None
+HAS_HIFT = importlib.util.find_spec('composer_thaw.hift_rotation') is not None
 
 CASES = [
     ('full', {}),
@@ -30,15 +30,15 @@ CASES = [
 
 def _apply(model, optimizer, algorithm, options):
     if algorithm == 'lora_inject':
-        from algorithms.lora_inject import apply_lora
+        from composer_thaw.lora_inject import apply_lora
 
         apply_lora(model, optimizer, **options)
     elif algorithm == 'regex_freeze':
-        from algorithms.regex_freeze import apply_regex_freeze
+        from composer_thaw.regex_freeze import apply_regex_freeze
 
         apply_regex_freeze(model, optimizer, **options)
     elif algorithm == 'layer_freezing':
-        from algorithms.layer_freezing import freeze_layers
+        from composer_thaw.layer_freezing import freeze_layers
 
         freeze_layers(model, optimizer, 1.0, **options)
 
@@ -74,7 +74,7 @@ def test_prediction_matches_process_memory_growth_on_a_32m_parameter_decoder():
         assert check.within_tolerance, estimator_check.markdown(checks, 384, 6)
 
 
-@pytest.mark.skipif(not HAS_HIFT, reason='algorithms.hift_rotation is not in this checkout')
+@pytest.mark.skipif(not HAS_HIFT, reason='composer_thaw.hift_rotation is not in this checkout')
 def test_hift_rotation_keeps_only_the_largest_group_resident():
     spec = load_model_config('tiny-decoder')
     full = estimate_training_state(spec, 'full')
@@ -137,7 +137,7 @@ def test_bad_algorithms_or_options_raise_config_error(algorithm, options, fragme
 
 
 def test_cli_prints_one_row_per_algorithm(capsys):
-    from algorithms.cli import main
+    from composer_thaw.cli import main
 
     code = main(
         [
@@ -168,7 +168,7 @@ def test_cli_prints_one_row_per_algorithm(capsys):
     ],
 )
 def test_cli_invalid_input_exits_2_with_one_line(args, capsys):
-    from algorithms.cli import main
+    from composer_thaw.cli import main
 
     assert main(['estimate', *args]) == 2
     assert capsys.readouterr().err.count('\n') == 1

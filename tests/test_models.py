@@ -2,8 +2,8 @@
 
 import torch
 
-from algorithms.models import embedded_minilm_path, minilm_classifier, tiny_decoder
-from algorithms.parameter_selection import split_into_units, user_module
+from composer_thaw.models import embedded_minilm_path, minilm_classifier, tiny_decoder
+from composer_thaw.parameter_selection import split_into_units, user_module
 
 
 def test_minilm_loads_the_pretrained_weights_offline():

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from composer.core import Algorithm
 
-from algorithms.algorithm_state import ConfigRepr, config_key, eval_repr
-from algorithms.config_validation import ConfigError, ConfigTypeError, _matches
-from algorithms.registry import algorithm_registry, build_algorithm, our_algorithm_names, registered_name
+from composer_thaw.algorithm_state import ConfigRepr, config_key, eval_repr
+from composer_thaw.config_validation import ConfigError, ConfigTypeError, _matches
+from composer_thaw.registry import algorithm_registry, build_algorithm, our_algorithm_names, registered_name
 
 NAMES = our_algorithm_names()
 WRONG_TYPE_CANDIDATES = ({'not': 'valid'}, 3.5, 'not-valid', [object])
@@ -95,14 +95,14 @@ def test_lora_rank_as_peft_users_misspell_it():
 
 
 def test_what_the_constructors_accepted_before_still_passes_the_checks():
-    from algorithms.lora_inject import LoRAInject
+    from composer_thaw.lora_inject import LoRAInject
 
     assert LoRAInject(target_modules={'q_proj', 'v_proj'}).config.target_modules == ['q_proj', 'v_proj']  # a set
     assert LoRAInject(r=4, lora_alpha=16).lora_alpha == 16  # an int where a float is annotated
 
 
 def test_positional_arguments_are_checked_too():
-    from algorithms.regex_freeze import RegexFreeze
+    from composer_thaw.regex_freeze import RegexFreeze
 
     assert RegexFreeze(['lm_head']).trainable == ['lm_head']
     with pytest.raises(ConfigTypeError, match=r"^algorithms\.regex_freeze\.trainable = 'lm_head': expected"):

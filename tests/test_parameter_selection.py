@@ -3,8 +3,8 @@
 import pytest
 from torch import nn
 
-from algorithms.models import minilm_classifier, tiny_decoder
-from algorithms.parameter_selection import (
+from composer_thaw.models import minilm_classifier, tiny_decoder
+from composer_thaw.parameter_selection import (
     closest_names,
     find_repeated_blocks,
     parameter_aliases,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from support import REPO, run_thaw
 
-from algorithms.cli import EXIT_INVALID, main
-from algorithms.config_validation import ConfigError
-from algorithms.recipe import Recipe, load_recipe, recipe_from_mapping, recipe_to_mapping
+from composer_thaw.cli import EXIT_INVALID, main
+from composer_thaw.config_validation import ConfigError
+from composer_thaw.recipe import Recipe, load_recipe, recipe_from_mapping, recipe_to_mapping
 
 RECIPES = sorted((REPO / 'yamls').glob('*.yaml'))
 
@@ -114,7 +114,7 @@ def test_freeze_preview_of_a_pattern_that_matches_nothing_exits_2(capsys):
 
 
 def test_resuming_without_the_checkpoints_algorithm_is_refused_by_name(tmp_path, capsys):
-    from algorithms.training import run_recipe
+    from composer_thaw.training import run_recipe
 
     decoder = [
         'model.name=tiny-decoder',

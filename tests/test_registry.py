@@ -6,8 +6,8 @@ import pytest
 from composer.algorithms import EMA, GradientClipping
 from composer.algorithms import LayerFreezing as ComposerLayerFreezing
 
-from algorithms import registry
-from algorithms.config_validation import ConfigError
+from composer_thaw import registry
+from composer_thaw.config_validation import ConfigError
 
 
 def test_composer_algorithms_resolve_under_their_folder_names():
@@ -23,7 +23,7 @@ def test_our_four_algorithms_take_their_names():
     assert registry.our_algorithm_names() == ['layer_freezing', 'regex_freeze', 'hift_rotation', 'lora_inject']
     for name in registry.our_algorithm_names():
         assert table[name].source == 'composer-thaw'
-        assert table[name].load().__module__.startswith(f'algorithms.{name}')
+        assert table[name].load().__module__.startswith(f'composer_thaw.{name}')
 
 
 def test_build_algorithm_passes_options_through():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from support import REPO
 
-from algorithms.cli import EXIT_INVALID, main
+from composer_thaw.cli import EXIT_INVALID, main
 
 DEMO = REPO / 'yamls/demo.yaml'
 # The built-in decoder for 2 batches: what a case does not change trains quickly.
@@ -134,7 +134,7 @@ def checkpoint_folders(tmp_path_factory) -> dict[str, Path]:
     """A small BERT classifier saved as Hugging Face does, and copies of it broken in the ways users meet."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from algorithms.models import load_tokenizer
+    from composer_thaw.models import load_tokenizer
 
     root = tmp_path_factory.mktemp('models')
     good = root / 'good'

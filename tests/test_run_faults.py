@@ -5,9 +5,9 @@ the weights only, when asked)."""
 import pytest
 from support import REPO
 
-from algorithms.cli import EXIT_INTERRUPTED, EXIT_INVALID, main
-from algorithms.recipe import load_recipe
-from algorithms.training import run_recipe
+from composer_thaw.cli import EXIT_INTERRUPTED, EXIT_INVALID, main
+from composer_thaw.recipe import load_recipe
+from composer_thaw.training import run_recipe
 
 DEMO = REPO / 'yamls/demo.yaml'
 TINY = [

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-from algorithms.sharded_checkpoints import defer_optimizer_load, load_deferred_optimizer
+from composer_thaw.sharded_checkpoints import defer_optimizer_load, load_deferred_optimizer
 
 
 def _model_and_optimizer():

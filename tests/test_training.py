@@ -3,8 +3,8 @@
 import pytest
 from support import REPO
 
-from algorithms.recipe import load_recipe
-from algorithms.training import format_summary, run_recipe
+from composer_thaw.recipe import load_recipe
+from composer_thaw.training import format_summary, run_recipe
 
 SMALL = [
     'max_duration=4ba',

@@ -1,12 +1,12 @@
 """HiFTRotation: hierarchical full-parameter fine-tuning, one group of units per step, the rest's state offloaded.
 
 Example:
-    >>> from algorithms.hift_rotation import HiFTRotation, rotation_preview
+    >>> from composer_thaw.hift_rotation import HiFTRotation, rotation_preview
     >>> print(rotation_preview(model, group_size=2))
     >>> trainer = Trainer(..., algorithms=[HiFTRotation(group_size=2, strategy='random')])
 """
 
-from algorithms.hift_rotation.hift_rotation import (
+from composer_thaw.hift_rotation.hift_rotation import (
     BAD_EXAMPLES,
     EXAMPLES,
     GroupRotation,
@@ -14,9 +14,9 @@ from algorithms.hift_rotation.hift_rotation import (
     apply_hift_rotation,
     check_rotation_options,
 )
-from algorithms.hift_rotation.preview import rotation_preview
-from algorithms.hift_rotation.queue import STRATEGIES, GroupQueue
-from algorithms.hift_rotation.units import RotationPlan, plan_rotation, rotation_units
+from composer_thaw.hift_rotation.preview import rotation_preview
+from composer_thaw.hift_rotation.queue import STRATEGIES, GroupQueue
+from composer_thaw.hift_rotation.units import RotationPlan, plan_rotation, rotation_units
 
 __all__ = [
     'BAD_EXAMPLES',

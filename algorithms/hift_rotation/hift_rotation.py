@@ -29,25 +29,25 @@ from composer.utils import dist
 from torch import nn
 from torch.optim import Optimizer
 
-from algorithms.algorithm_state import (
+from composer_thaw.algorithm_state import (
     STATE_VERSION_KEY,
     ConfigRepr,
     check_state_version,
     eval_repr,
     refuse_duplicates,
 )
-from algorithms.hift_rotation.queue import STRATEGIES, GroupQueue, Strategy
-from algorithms.hift_rotation.units import RotationPlan, plan_rotation
-from algorithms.optimizer_surgery import (
+from composer_thaw.hift_rotation.queue import STRATEGIES, GroupQueue, Strategy
+from composer_thaw.hift_rotation.units import RotationPlan, plan_rotation
+from composer_thaw.optimizer_surgery import (
     OffloadedTensor,
     offload_state,
     optimizer_state_bytes,
     restore_state,
     single_optimizer,
 )
-from algorithms.parameter_selection import named_parameters, user_module
-from algorithms.sharded_checkpoints import defer_optimizer_load, load_deferred_optimizer
-from algorithms.sharding import ShardLayout, full_tensor, is_sharded, local_part, refuse_fsdp1
+from composer_thaw.parameter_selection import named_parameters, user_module
+from composer_thaw.sharded_checkpoints import defer_optimizer_load, load_deferred_optimizer
+from composer_thaw.sharding import ShardLayout, full_tensor, is_sharded, local_part, refuse_fsdp1
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def check_rotation_options(
 
 
 def _check_lora(root: nn.Module, lora: bool) -> None:
-    from algorithms.lora_inject import lora_config_of
+    from composer_thaw.lora_inject import lora_config_of
 
     has_adapters = lora_config_of(root) is not None
     if lora and not has_adapters:
@@ -402,8 +402,8 @@ def apply_hift_rotation(
 
 def _refuse_other_freezing(algorithms: Sequence[Algorithm]) -> None:
     """Raise if another algorithm also decides which parameters train: together they would undo each other."""
-    from algorithms.layer_freezing import LayerFreezing
-    from algorithms.regex_freeze import RegexFreeze
+    from composer_thaw.layer_freezing import LayerFreezing
+    from composer_thaw.regex_freeze import RegexFreeze
 
     others = [type(a).__name__ for a in algorithms if isinstance(a, (LayerFreezing, RegexFreeze))]
     if others:

@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from algorithms.hift_rotation.queue import GroupQueue, Strategy
-from algorithms.hift_rotation.units import plan_rotation
-from algorithms.parameter_selection import user_module
+from composer_thaw.hift_rotation.queue import GroupQueue, Strategy
+from composer_thaw.hift_rotation.units import plan_rotation
+from composer_thaw.parameter_selection import user_module
 
 __all__ = ['rotation_preview']
 

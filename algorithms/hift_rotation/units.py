@@ -2,7 +2,7 @@
 
 A *unit* is what the ``hift`` package calls a layer: the embeddings (unit 0), each repeated block (units 1..n),
 then each module after the blocks (final norm, pooler, classifier, ``lm_head``), in the order the package's
-per-model regex lists give them. Here they come from :func:`algorithms.parameter_selection.split_into_units`,
+per-model regex lists give them. Here they come from :func:`composer_thaw.parameter_selection.split_into_units`,
 so any model with a ``ModuleList`` of blocks works without registration; an explicit list of regexes
 (``groups``) replaces the discovery for models without one.
 
@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from algorithms.optimizer_surgery import group_index_of
-from algorithms.parameter_selection import ModelUnit, closest_names, named_parameters, split_into_units
+from composer_thaw.optimizer_surgery import group_index_of
+from composer_thaw.parameter_selection import ModelUnit, closest_names, named_parameters, split_into_units
 
 __all__ = ['RotationPlan', 'plan_rotation', 'rotation_units', 'trainable_parameters']
 
@@ -82,7 +82,7 @@ def rotation_units(
     """The units in HiFT's order (embeddings, blocks, trailing modules), restricted to parameters that train now.
 
     Args:
-        root: the user's model (:func:`~algorithms.parameter_selection.user_module` of a Composer model).
+        root: the user's model (:func:`~composer_thaw.parameter_selection.user_module` of a Composer model).
         optimizer: if given, only parameters in its param groups count as trainable.
         groups: regexes, one unit each, replacing the automatic discovery.
 

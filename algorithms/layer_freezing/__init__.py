@@ -1,6 +1,6 @@
 """Progressive layer freezing that frees optimizer memory, skips frozen backward and resumes from checkpoints."""
 
-from algorithms.layer_freezing.layer_freezing import (
+from composer_thaw.layer_freezing.layer_freezing import (
     EXAMPLES,
     FreezeSchedule,
     LayerFreezing,
@@ -8,7 +8,7 @@ from algorithms.layer_freezing.layer_freezing import (
     freeze_units,
     linear_schedule,
 )
-from algorithms.layer_freezing.units import FreezeUnit, freezable_units, parameters_to_freeze
+from composer_thaw.layer_freezing.units import FreezeUnit, freezable_units, parameters_to_freeze
 
 __all__ = [
     'EXAMPLES',

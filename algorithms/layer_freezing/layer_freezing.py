@@ -6,7 +6,7 @@ every module using them is frozen; freezing can be re-evaluated every N batches;
 checkpointed, so a resumed run is bit-identical to an uninterrupted one.
 
 Example:
-    >>> from algorithms.layer_freezing import LayerFreezing
+    >>> from composer_thaw.layer_freezing import LayerFreezing
     >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep',
     ...                   algorithms=[LayerFreezing(freeze_start=0.0, freeze_level=0.5,
     ...                                             granularity='block', interval=10)])
@@ -25,18 +25,18 @@ from composer.loggers import Logger
 from composer.utils import ensure_tuple
 from torch.optim import Optimizer
 
-from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
-from algorithms.layer_freezing.units import (
+from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
+from composer_thaw.layer_freezing.units import (
     GRANULARITIES,
     FreezeUnit,
     Granularity,
     freezable_units,
     parameters_to_freeze,
 )
-from algorithms.optimizer_surgery import optimizer_state_bytes, remove_params
-from algorithms.parameter_selection import user_module
-from algorithms.sharded_checkpoints import defer_optimizer_load, load_deferred_optimizer
-from algorithms.sharding import refuse_fsdp1
+from composer_thaw.optimizer_surgery import optimizer_state_bytes, remove_params
+from composer_thaw.parameter_selection import user_module
+from composer_thaw.sharded_checkpoints import defer_optimizer_load, load_deferred_optimizer
+from composer_thaw.sharding import refuse_fsdp1
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
     when resuming, before it is wrapped, for units that stay frozen for good), so ranks stay identical. Under FSDP2
     frozen shards leave the optimizer on every rank alike, and both checkpoint formats resume exactly: a sharded
     checkpoint's optimizer state is read after the frozen units are frozen again
-    (:mod:`algorithms.sharded_checkpoints`). FSDP1 is refused.
+    (:mod:`composer_thaw.sharded_checkpoints`). FSDP1 is refused.
 
     Args:
         freeze_start: fraction of training to run before freezing begins, in ``[0, 1]``. Default: ``0.5``.

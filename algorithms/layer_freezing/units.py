@@ -8,7 +8,7 @@ A *unit* is a named group of parameter names. Two granularities:
   before its children, so its parameters can be frozen as well.
 * ``'block'``: the embeddings (everything registered before the first repeated block), then each block
   (``model.layers.3``, ``bert.encoder.layer.3``), found with
-  :func:`algorithms.parameter_selection.split_into_units`. What follows the blocks (final norm, head) is
+  :func:`composer_thaw.parameter_selection.split_into_units`. What follows the blocks (final norm, head) is
   never frozen.
 
 Units list every name a parameter is reachable under, so tied weights are handled in one rule: a
@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from algorithms.parameter_selection import parameter_aliases, split_into_units
+from composer_thaw.parameter_selection import parameter_aliases, split_into_units
 
 __all__ = ['GRANULARITIES', 'FreezeUnit', 'Granularity', 'freezable_units', 'parameters_to_freeze']
 
@@ -81,7 +81,7 @@ def freezable_units(model: nn.Module, granularity: Granularity = 'leaf') -> list
     """The units of ``model`` that may be frozen, in freezing order (first frozen first).
 
     For ``'leaf'`` this is Composer's list of leaf modules without the last one (the head is never frozen);
-    for ``'block'`` the embedding unit and the blocks. Pass :func:`algorithms.parameter_selection.user_module`
+    for ``'block'`` the embedding unit and the blocks. Pass :func:`composer_thaw.parameter_selection.user_module`
     of a Composer model so names are the Hugging Face model's own.
 
     Raises:

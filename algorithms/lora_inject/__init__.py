@@ -2,13 +2,13 @@
 with PEFT's adapter files.
 
 Example:
-    >>> from algorithms.lora_inject import LoRAInject, apply_lora
+    >>> from composer_thaw.lora_inject import LoRAInject, apply_lora
     >>> summary = apply_lora(model, optimizer, r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])
 """
 
-from algorithms.lora_inject.config import DEFAULT_TARGET_MODULES, LoRAConfig
-from algorithms.lora_inject.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
-from algorithms.lora_inject.lora_inject import (
+from composer_thaw.lora_inject.config import DEFAULT_TARGET_MODULES, LoRAConfig
+from composer_thaw.lora_inject.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
+from composer_thaw.lora_inject.lora_inject import (
     EXAMPLES,
     LoRAInject,
     LoRASummary,
@@ -18,7 +18,7 @@ from algorithms.lora_inject.lora_inject import (
     merge_adapters,
     unmerge_adapters,
 )
-from algorithms.lora_inject.peft_format import (
+from composer_thaw.lora_inject.peft_format import (
     adapter_state_dict,
     export_merged,
     expose_merged_state_dict,

@@ -1,7 +1,7 @@
 """What to adapt and how: :class:`LoRAConfig`, validated on construction.
 
 Module selection means what it means in PEFT (0.16), so a PEFT ``adapter_config.json`` selects the same modules
-here; the rules are written once, in :mod:`algorithms.lora_inject.matching`:
+here; the rules are written once, in :mod:`composer_thaw.lora_inject.matching`:
 
 * ``target_modules`` as a list: a module is a target if its name equals an entry or ends with ``'.' + entry``
   (``'q_proj'`` matches ``model.layers.0.self_attn.q_proj``).

@@ -13,8 +13,8 @@ from typing import Optional, TypedDict, Union
 
 from torch import nn
 
-from algorithms.lora_inject.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, LoRAConfig
-from algorithms.lora_inject.layers import (
+from composer_thaw.lora_inject.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, LoRAConfig
+from composer_thaw.lora_inject.layers import (
     SUPPORTED_TYPES,
     LoRAConv,
     LoRAEmbedding,
@@ -25,7 +25,7 @@ from algorithms.lora_inject.layers import (
     is_conv1d_transposed,
     is_quantized,
 )
-from algorithms.lora_inject.matching import (
+from composer_thaw.lora_inject.matching import (
     is_excluded,
     is_saved,
     is_target,
@@ -33,7 +33,7 @@ from algorithms.lora_inject.matching import (
     matches_target_modules,
     saved_modules,
 )
-from algorithms.parameter_selection import closest_names
+from composer_thaw.parameter_selection import closest_names
 
 __all__ = [
     'AdapterTarget',
@@ -87,7 +87,7 @@ def check_not_peft(model: nn.Module, root: nn.Module) -> None:
                 f'The model is already a PEFT model (found {type(module).__name__} from {module_path}): LoRAInject '
                 'would adapt it twice. Pass the plain Hugging Face model (without `peft_config` in HuggingFaceModel, '
                 'without get_peft_model), or load a PEFT adapter into the plain model with '
-                '`algorithms.lora_inject.load_adapter(model, directory)`.',
+                '`composer_thaw.lora_inject.load_adapter(model, directory)`.',
             )
 
 
@@ -160,7 +160,7 @@ def default_target_modules(root: nn.Module) -> list[str]:
 
 
 def saved_module_names(root: nn.Module, config: LoRAConfig) -> list[str]:
-    """The modules ``config.modules_to_save`` trains in full (:func:`~algorithms.lora_inject.matching.saved_modules`:
+    """The modules ``config.modules_to_save`` trains in full (:func:`~composer_thaw.lora_inject.matching.saved_modules`:
     every module whose name ends with an entry, outermost only), in model order.
 
     Example:
@@ -263,7 +263,7 @@ def _check_each_entry_matches(root: nn.Module, config: LoRAConfig, names: list[s
 def _select_targets(
     root: nn.Module, config: LoRAConfig, candidates: dict[str, nn.Module], saved: list[str]
 ) -> list[str]:
-    """The names of the modules to adapt, in model order (:mod:`~algorithms.lora_inject.matching`'s rules), or a
+    """The names of the modules to adapt, in model order (:mod:`~composer_thaw.lora_inject.matching`'s rules), or a
     ValueError saying which option left nothing."""
     targets = _resolved_target_modules(root, config, candidates)
     names = list(candidates)

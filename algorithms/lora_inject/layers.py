@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.sharding import shard_like
+from composer_thaw.sharding import shard_like
 
 __all__ = [
     'LoRAConv',

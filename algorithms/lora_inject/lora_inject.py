@@ -2,7 +2,7 @@
 
 Example:
     >>> from composer import Trainer
-    >>> from algorithms.lora_inject import LoRAInject
+    >>> from composer_thaw.lora_inject import LoRAInject
     >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep',
     ...                   algorithms=[LoRAInject(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])])
 
@@ -25,19 +25,19 @@ from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 from torch import nn
 
-from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
-from algorithms.lora_inject.config import LoRAConfig
-from algorithms.lora_inject.injection import (
+from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
+from composer_thaw.lora_inject.config import LoRAConfig
+from composer_thaw.lora_inject.injection import (
     adapter_layers,
     check_not_peft,
     inject,
     plan_injection,
     saved_module_names,
 )
-from algorithms.lora_inject.layers import adapter_class_for
-from algorithms.optimizer_surgery import Optimizers, add_params, group_index_of, remove_params, single_optimizer
-from algorithms.parameter_selection import user_module
-from algorithms.sharding import refuse_fsdp1
+from composer_thaw.lora_inject.layers import adapter_class_for
+from composer_thaw.optimizer_surgery import Optimizers, add_params, group_index_of, remove_params, single_optimizer
+from composer_thaw.parameter_selection import user_module
+from composer_thaw.sharding import refuse_fsdp1
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def _expose_merged_model_to_hugging_face(model: nn.Module) -> None:
     """
     from transformers import PreTrainedModel
 
-    from algorithms.lora_inject.peft_format import expose_merged_state_dict
+    from composer_thaw.lora_inject.peft_format import expose_merged_state_dict
 
     root = user_module(model)
     if root is not model and isinstance(root, PreTrainedModel):
@@ -315,7 +315,7 @@ def check_no_conflicting_algorithms(algorithms: Sequence[Algorithm], config: LoR
     (they match none of its ``trainable`` patterns) or ask to train LoRA's frozen base. LoRA itself says what trains
     besides the adapters: whole modules with ``modules_to_save``, biases with ``bias``.
     """
-    from algorithms.regex_freeze import RegexFreeze
+    from composer_thaw.regex_freeze import RegexFreeze
 
     for algorithm in algorithms:
         if isinstance(algorithm, RegexFreeze):
@@ -343,7 +343,7 @@ def _copy_of_mapping(value: Any) -> Any:
 class LoRAInject(ConfigRepr, Algorithm):
     """Low-rank adapters (LoRA, DoRA, rsLoRA, PiSSA) injected at ``Event.INIT``.
 
-    The arguments are those of :class:`~algorithms.lora_inject.config.LoRAConfig`, plus:
+    The arguments are those of :class:`~composer_thaw.lora_inject.config.LoRAConfig`, plus:
 
     Args:
         save_adapter_to: at ``Event.FIT_END``, write the adapter in PEFT's format (``adapter_config.json`` +
@@ -354,12 +354,12 @@ class LoRAInject(ConfigRepr, Algorithm):
     The Hugging Face model's own ``state_dict()`` (``state.model.model``: what ``save_pretrained`` and llm-foundry's
     ``hf_checkpointer`` save) is the merged plain model, so they write a normal Hugging Face folder with the adapters
     merged in; Composer's checkpoints (the state dict of ``state.model``) keep the adapters apart. See
-    :func:`~algorithms.lora_inject.peft_format.expose_merged_state_dict`.
+    :func:`~composer_thaw.lora_inject.peft_format.expose_merged_state_dict`.
 
     Resume a checkpoint written with ``LoRAInject`` by passing the same ``LoRAInject`` to the new Trainer: Composer
     re-applies only its own surgery algorithms automatically. A checkpoint written without LoRA (a plain run) loads
     with ``load_weights_only=True``: its weights become the base weights and the adapters start at their
-    initialisation (see :class:`~algorithms.lora_inject.layers.LoRALayer`).
+    initialisation (see :class:`~composer_thaw.lora_inject.layers.LoRALayer`).
 
     ``RegexFreeze`` in the same Trainer is refused (at ``Event.INIT``, before anything changes): it would override
     what LoRA trains. Train extra modules in full with ``modules_to_save``, biases with ``bias``.
@@ -449,7 +449,7 @@ class LoRAInject(ConfigRepr, Algorithm):
             _check_base_layers_kept(user_module(state.model), self.config, bool(self.save_merged_to))
             freeze_outside_adapters(state.model, state.optimizers)
             return
-        from algorithms.lora_inject.peft_format import export_merged, save_adapter
+        from composer_thaw.lora_inject.peft_format import export_merged, save_adapter
 
         # On every rank: under FSDP2 the whole tensors are gathered from all of them; rank 0 writes.
         if self.save_adapter_to:

@@ -1,7 +1,7 @@
 """RegexFreeze: train exactly the parameters, and the rows of parameters, that patterns name.
 
 Example:
-    >>> from algorithms.regex_freeze import RegexFreeze
+    >>> from composer_thaw.regex_freeze import RegexFreeze
     >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep',
     ...                   algorithms=[RegexFreeze(trainable=['lm_head', 'model.layers.3'])])
 """
@@ -21,10 +21,10 @@ from composer.loggers import Logger
 from torch import nn
 from torch.optim import Optimizer
 
-from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
-from algorithms.optimizer_surgery import add_params, group_index_of, remove_params, single_optimizer
-from algorithms.parameter_selection import user_module
-from algorithms.regex_freeze.patterns import (
+from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
+from composer_thaw.optimizer_surgery import add_params, group_index_of, remove_params, single_optimizer
+from composer_thaw.parameter_selection import user_module
+from composer_thaw.regex_freeze.patterns import (
     SYNTAXES,
     ParameterPattern,
     Selection,
@@ -32,8 +32,8 @@ from algorithms.regex_freeze.patterns import (
     parse_patterns,
     select_parameters,
 )
-from algorithms.regex_freeze.row_freezing import RowFreezer, sync_ema_frozen_rows
-from algorithms.sharding import refuse_fsdp1
+from composer_thaw.regex_freeze.row_freezing import RowFreezer, sync_ema_frozen_rows
+from composer_thaw.sharding import refuse_fsdp1
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +120,14 @@ def apply_regex_freeze(
 
     Args:
         model: a Hugging Face model, or it wrapped by Composer and/or DDP; patterns match the names of
-            :func:`~algorithms.parameter_selection.user_module` (e.g. ``model.layers.3.mlp.up_proj.weight``).
+            :func:`~composer_thaw.parameter_selection.user_module` (e.g. ``model.layers.3.mlp.up_proj.weight``).
         optimizers: the optimizer (one) that trains ``model``; ``None`` is allowed when no pattern has a row range.
-        trainable: patterns of what to train (``None``: everything), see :mod:`algorithms.regex_freeze.patterns`.
+        trainable: patterns of what to train (``None``: everything), see :mod:`composer_thaw.regex_freeze.patterns`.
         frozen: patterns applied afterwards, freezing tensors or rows ("everything but X" is ``frozen=['X']``).
         syntax: ``'axolotl'`` (default; axolotl's ``unfrozen_parameters``) or ``'regex'`` (``re.search``).
 
     Returns:
-        The :class:`~algorithms.regex_freeze.patterns.Selection` applied (trainable rows per tensor, counts).
+        The :class:`~composer_thaw.regex_freeze.patterns.Selection` applied (trainable rows per tensor, counts).
 
     Raises:
         ValueError: a pattern matching no parameter, a bad row range, a trainable tensor outside the optimizer.

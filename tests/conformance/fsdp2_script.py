@@ -20,11 +20,11 @@ from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config
 from torch.distributed.checkpoint import FileSystemReader
 
-from algorithms.hift_rotation.preview import rotation_preview
-from algorithms.lora_inject import LoRAInject
-from algorithms.parameter_selection import user_module
-from algorithms.regex_freeze.preview import freeze_preview
-from algorithms.sharding import full_tensor, is_sharded, local_tensor
+from composer_thaw.hift_rotation.preview import rotation_preview
+from composer_thaw.lora_inject import LoRAInject
+from composer_thaw.parameter_selection import user_module
+from composer_thaw.regex_freeze.preview import freeze_preview
+from composer_thaw.sharding import full_tensor, is_sharded, local_tensor
 from conformance.harness import SHARDED_LR, adamw, first_and_last_cases, last_cases, make_trainer, tiny_model
 
 PREVIEW_PATTERNS = ['model.embed_tokens.weight[0:100]', 'lm_head']

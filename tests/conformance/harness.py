@@ -20,10 +20,10 @@ from composer import Trainer
 from composer.core import Algorithm
 from composer.utils import dist, reproducibility
 
-from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
-from algorithms.models import load_tokenizer, tiny_decoder
-from algorithms.parameter_selection import user_module
-from algorithms.registry import algorithm_registry, build_algorithm
+from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
+from composer_thaw.models import load_tokenizer, tiny_decoder
+from composer_thaw.parameter_selection import user_module
+from composer_thaw.registry import algorithm_registry, build_algorithm
 
 GLOBAL_BATCH = 4
 TRAIN_BLOCKS = 16

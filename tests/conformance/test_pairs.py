@@ -14,7 +14,7 @@ construction with an error that says what to do instead — never silent wrong t
 import pytest
 import torch
 
-from algorithms.registry import build_algorithm, our_algorithm_names
+from composer_thaw.registry import build_algorithm, our_algorithm_names
 from conformance.harness import adamw, first_cases, ids, make_trainer, parameters, tiny_model
 
 LORA = ('lora_inject', {'r': 4, 'lora_alpha': 8, 'target_modules': ['q_proj', 'v_proj']})

@@ -10,7 +10,7 @@ import pytest
 import torch
 from support import two_process_part
 
-from algorithms.parameter_selection import user_module
+from composer_thaw.parameter_selection import user_module
 from conformance.harness import (
     SHARDED_LR,
     adamw,
@@ -108,8 +108,8 @@ def test_an_unsharded_checkpoint_loads_into_a_sharded_model(case, sharded_result
 
 @pytest.mark.multiprocess
 def test_previews_of_a_sharded_model_equal_the_unsharded_ones(sharded_results):
-    from algorithms.hift_rotation.preview import rotation_preview
-    from algorithms.regex_freeze.preview import freeze_preview
+    from composer_thaw.hift_rotation.preview import rotation_preview
+    from composer_thaw.regex_freeze.preview import freeze_preview
     from conformance.fsdp2_script import PREVIEW_PATTERNS
 
     previews = sharded_results[1]['previews']

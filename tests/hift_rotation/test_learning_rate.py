@@ -9,7 +9,7 @@ import torch
 from composer.optim import LinearScheduler
 from support import cpu_trainer, seeded_tiny_decoder
 
-from algorithms.hift_rotation import HiFTRotation
+from composer_thaw.hift_rotation import HiFTRotation
 
 from .helpers import StepWatcher
 

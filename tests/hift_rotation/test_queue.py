@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from support import cpu_trainer, seeded_tiny_decoder
 
-from algorithms.hift_rotation import GroupQueue, HiFTRotation, plan_rotation
-from algorithms.parameter_selection import user_module
+from composer_thaw.hift_rotation import GroupQueue, HiFTRotation, plan_rotation
+from composer_thaw.parameter_selection import user_module
 
 from .helpers import StepWatcher
 from .hift_reference import hift_handler, hift_visiting_order

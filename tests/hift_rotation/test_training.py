@@ -9,8 +9,8 @@ import torch
 from composer.algorithms import GradientClipping
 from support import cpu_trainer, seeded_tiny_decoder
 
-from algorithms.hift_rotation import HiFTRotation
-from algorithms.parameter_selection import user_module
+from composer_thaw.hift_rotation import HiFTRotation
+from composer_thaw.parameter_selection import user_module
 
 from .helpers import StepWatcher
 

@@ -3,8 +3,8 @@ the first trainable unit."""
 
 from __future__ import annotations
 
-from algorithms.layer_freezing import freeze_layers
-from algorithms.parameter_selection import user_module
+from composer_thaw.layer_freezing import freeze_layers
+from composer_thaw.parameter_selection import user_module
 
 
 def test_backward_does_not_run_through_the_frozen_prefix(make_model):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from composer.loggers import InMemoryLogger
 
-from algorithms.layer_freezing import LayerFreezing
-from algorithms.optimizer_surgery import optimizer_state_bytes
+from composer_thaw.layer_freezing import LayerFreezing
+from composer_thaw.optimizer_surgery import optimizer_state_bytes
 
 from .conftest import FrozenRecorder
 

@@ -8,8 +8,8 @@ import torch
 from composer.algorithms import LayerFreezing as ComposerLayerFreezing
 from composer.loggers import InMemoryLogger
 
-from algorithms.layer_freezing import LayerFreezing, freeze_layers
-from algorithms.parameter_selection import user_module
+from composer_thaw.layer_freezing import LayerFreezing, freeze_layers
+from composer_thaw.parameter_selection import user_module
 
 from .conftest import FrozenRecorder
 

@@ -7,8 +7,8 @@ import torch
 from composer.algorithms.layer_freezing import freeze_layers as composer_freeze_layers
 from torch import nn
 
-from algorithms.layer_freezing import freezable_units, freeze_layers
-from algorithms.parameter_selection import user_module
+from composer_thaw.layer_freezing import freezable_units, freeze_layers
+from composer_thaw.parameter_selection import user_module
 
 
 def _trainable(model):

@@ -23,11 +23,11 @@ from composer import Trainer
 from composer.utils import dist
 from rank_checks import RankChecks
 
-from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
-from algorithms.lora_inject import LoRAInject
-from algorithms.models import load_tokenizer, tiny_decoder
-from algorithms.parameter_selection import user_module
-from algorithms.training import parameter_checksum
+from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
+from composer_thaw.lora_inject import LoRAInject
+from composer_thaw.models import load_tokenizer, tiny_decoder
+from composer_thaw.parameter_selection import user_module
+from composer_thaw.training import parameter_checksum
 
 OPTIONS = dict(
     r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'embed_tokens'], use_dora=True, modules_to_save=['lm_head']

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from algorithms.lora_inject import apply_lora, load_adapter_state_dict
-from algorithms.lora_inject.injection import adapter_layers
-from algorithms.lora_inject.peft_format import PEFT_PREFIX, _our_name
-from algorithms.parameter_selection import user_module
+from composer_thaw.lora_inject import apply_lora, load_adapter_state_dict
+from composer_thaw.lora_inject.injection import adapter_layers
+from composer_thaw.lora_inject.peft_format import PEFT_PREFIX, _our_name
+from composer_thaw.parameter_selection import user_module
 
 PEFT_FIELDS = (
     'r',

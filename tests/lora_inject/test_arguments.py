@@ -10,8 +10,8 @@ from typing import Literal, get_args, get_origin
 import pytest
 from composer.core import Event
 
-from algorithms.config_validation import ConfigTypeError
-from algorithms.lora_inject import LoRAConfig, LoRAInject
+from composer_thaw.config_validation import ConfigTypeError
+from composer_thaw.lora_inject import LoRAConfig, LoRAInject
 
 WRONG = {
     'r': '8',

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from algorithms.lora_inject import LoRAInject, LoRALinear, apply_lora
-from algorithms.lora_inject.injection import adapter_layers
-from algorithms.models import tiny_decoder
+from composer_thaw.lora_inject import LoRAInject, LoRALinear, apply_lora
+from composer_thaw.lora_inject.injection import adapter_layers
+from composer_thaw.models import tiny_decoder
 
 from .helpers import tiny_hf_model
 

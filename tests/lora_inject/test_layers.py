@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from algorithms.lora_inject.layers import LoRAConv, LoRAEmbedding, LoRALinear
+from composer_thaw.lora_inject.layers import LoRAConv, LoRAEmbedding, LoRALinear
 
 
 def _randomize(layer):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from algorithms.lora_inject import apply_lora
-from algorithms.lora_inject.injection import adapter_layers
-from algorithms.models import tiny_decoder
+from composer_thaw.lora_inject import apply_lora
+from composer_thaw.lora_inject.injection import adapter_layers
+from composer_thaw.models import tiny_decoder
 
 
 def _model_and_grouped_optimizer():

@@ -12,11 +12,11 @@ import torch
 from support import cpu_trainer, seeded_tiny_decoder
 from torch import nn
 
-from algorithms.lora_inject import LoRAInject, apply_lora, merge_adapters
-from algorithms.lora_inject.injection import adapter_layers
-from algorithms.lora_inject.layers import LoRAEmbedding
-from algorithms.lora_inject.peft_format import merged_state_dict
-from algorithms.parameter_selection import user_module
+from composer_thaw.lora_inject import LoRAInject, apply_lora, merge_adapters
+from composer_thaw.lora_inject.injection import adapter_layers
+from composer_thaw.lora_inject.layers import LoRAEmbedding
+from composer_thaw.lora_inject.peft_format import merged_state_dict
+from composer_thaw.parameter_selection import user_module
 
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -24,11 +24,11 @@ from composer.algorithms import GradientClipping
 from composer.utils import dist, reproducibility
 from rank_checks import RankChecks
 
-from algorithms.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
-from algorithms.models import load_tokenizer, tiny_decoder
-from algorithms.parameter_selection import user_module
-from algorithms.regex_freeze import RegexFreeze
-from algorithms.training import parameter_checksum
+from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
+from composer_thaw.models import load_tokenizer, tiny_decoder
+from composer_thaw.parameter_selection import user_module
+from composer_thaw.regex_freeze import RegexFreeze
+from composer_thaw.training import parameter_checksum
 
 TRAINABLE = ['model.embed_tokens.weight[1000:2500]', 'lm_head.weight[1000:2500]', 'model.layers.1']
 FROZEN = ['model.layers.1.mlp.up_proj.weight[0:16]']

@@ -8,10 +8,10 @@ import torch
 from composer.core import Event
 from composer.loggers import InMemoryLogger
 
-from algorithms.algorithm_state import STATE_VERSION_KEY
-from algorithms.parameter_selection import user_module
-from algorithms.regex_freeze import EXAMPLES, RegexFreeze, apply_regex_freeze, freeze_preview
-from algorithms.registry import build_algorithm
+from composer_thaw.algorithm_state import STATE_VERSION_KEY
+from composer_thaw.parameter_selection import user_module
+from composer_thaw.regex_freeze import EXAMPLES, RegexFreeze, apply_regex_freeze, freeze_preview
+from composer_thaw.registry import build_algorithm
 
 from .reference import full_parameters
 
@@ -135,8 +135,8 @@ def test_state_dict_is_versioned_and_records_the_selection():
 
 
 def test_from_a_yaml_recipe(tmp_path):
-    from algorithms.recipe import recipe_from_mapping
-    from algorithms.training import build_trainer
+    from composer_thaw.recipe import recipe_from_mapping
+    from composer_thaw.training import build_trainer
 
     recipe = recipe_from_mapping(
         {

@@ -7,9 +7,9 @@ import pytest
 import support
 import torch
 
-from algorithms.optimizer_surgery import training_state_bytes
-from algorithms.parameter_selection import user_module
-from algorithms.regex_freeze import RegexFreeze
+from composer_thaw.optimizer_surgery import training_state_bytes
+from composer_thaw.parameter_selection import user_module
+from composer_thaw.regex_freeze import RegexFreeze
 
 from .reference import full_parameters, make_trainable_by_hand
 
@@ -142,7 +142,7 @@ def test_training_state_bytes_shrink(runs):
 
 
 def test_training_state_bytes_shrink_with_whole_tensors():
-    from algorithms.regex_freeze import apply_regex_freeze
+    from composer_thaw.regex_freeze import apply_regex_freeze
 
     measured = {}
     for label, patterns in (('all', None), ('layers.3 + norm', ['model.layers.3', 'model.norm'])):
@@ -168,7 +168,7 @@ def test_training_state_bytes_shrink_with_whole_tensors():
 def test_frozen_rows_get_zero_gradient_and_frozen_tensors_none(runs):
     model = support.seeded_tiny_decoder()
     optimizer = _adamw(model.parameters())
-    from algorithms.regex_freeze import apply_regex_freeze
+    from composer_thaw.regex_freeze import apply_regex_freeze
 
     apply_regex_freeze(model, optimizer, trainable=TRAINABLE, frozen=FROZEN)
     batch = next(iter(support.lm_loader()))

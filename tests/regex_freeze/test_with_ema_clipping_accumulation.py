@@ -8,7 +8,7 @@ import support
 import torch
 from composer.algorithms import EMA, GradientClipping
 
-from algorithms.regex_freeze import RegexFreeze
+from composer_thaw.regex_freeze import RegexFreeze
 
 from .reference import full_parameters, make_trainable_by_hand
 

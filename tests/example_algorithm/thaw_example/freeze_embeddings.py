@@ -5,10 +5,10 @@ On small language models the vocabulary matrices are the largest tensors: in the
 embeddings stop requiring grad and leave the optimizer with their state, so they cost neither gradients nor
 optimizer state, and they stay bit-identical.
 
-Built from composer-thaw's shared pieces: :func:`algorithms.parameter_selection.user_module` (names relative to
-the user's model), :func:`algorithms.optimizer_surgery.remove_params` (the parameters and their optimizer state
-leave the optimizer), :class:`algorithms.algorithm_state.ConfigRepr` (``repr`` and ``==``),
-:func:`algorithms.algorithm_state.check_state_version` and :func:`algorithms.sharding.refuse_fsdp1`.
+Built from composer-thaw's shared pieces: :func:`composer_thaw.parameter_selection.user_module` (names relative to
+the user's model), :func:`composer_thaw.optimizer_surgery.remove_params` (the parameters and their optimizer state
+leave the optimizer), :class:`composer_thaw.algorithm_state.ConfigRepr` (``repr`` and ``==``),
+:func:`composer_thaw.algorithm_state.check_state_version` and :func:`composer_thaw.sharding.refuse_fsdp1`.
 
 Example:
     >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -26,10 +26,10 @@ from composer.loggers import Logger
 from torch import nn
 from torch.optim import Optimizer
 
-from algorithms.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
-from algorithms.optimizer_surgery import remove_params, single_optimizer
-from algorithms.parameter_selection import user_module
-from algorithms.sharding import refuse_fsdp1
+from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
+from composer_thaw.optimizer_surgery import remove_params, single_optimizer
+from composer_thaw.parameter_selection import user_module
+from composer_thaw.sharding import refuse_fsdp1
 
 __all__ = ['EXAMPLES', 'FreezeEmbeddings', 'apply_freeze_embeddings', 'embedding_parameters']
 
