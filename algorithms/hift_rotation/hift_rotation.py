@@ -29,13 +29,14 @@ from composer.utils import dist
 from torch import nn
 from torch.optim import Optimizer
 
+from composer_thaw.adapters import has_adapters
 from composer_thaw.algorithm_state import (
     STATE_VERSION_KEY,
     ConfigRepr,
     check_state_version,
     eval_repr,
-    refuse_duplicates,
 )
+from composer_thaw.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
 from composer_thaw.hift_rotation.queue import STRATEGIES, GroupQueue, Strategy
 from composer_thaw.hift_rotation.units import RotationPlan, plan_rotation
 from composer_thaw.optimizer_surgery import (
@@ -118,15 +119,13 @@ def check_rotation_options(
 
 
 def _check_lora(root: nn.Module, lora: bool) -> None:
-    from composer_thaw.lora_inject import lora_config_of
-
-    has_adapters = lora_config_of(root) is not None
-    if lora and not has_adapters:
+    adapted = has_adapters(root)
+    if lora and not adapted:
         raise ValueError(
             'lora=True rotates over LoRA adapters, but the model has none: add LoRAInject(...) to the algorithms '
             '(any position; HiFTRotation starts after INIT surgery) or call apply_lora first.',
         )
-    if not lora and has_adapters:
+    if not lora and adapted:
         raise ValueError(
             'The model has LoRA adapters (LoRAInject): set lora=True to rotate over them (HiFT lora_tuning mode).',
         )
@@ -400,19 +399,11 @@ def apply_hift_rotation(
     return GroupRotation(model, optimizers, **options)
 
 
-def _refuse_other_freezing(algorithms: Sequence[Algorithm]) -> None:
-    """Raise if another algorithm also decides which parameters train: together they would undo each other."""
-    from composer_thaw.layer_freezing import LayerFreezing
-    from composer_thaw.regex_freeze import RegexFreeze
-
-    others = [type(a).__name__ for a in algorithms if isinstance(a, (LayerFreezing, RegexFreeze))]
-    if others:
-        raise ValueError(
-            f'HiFTRotation cannot be combined with {", ".join(others)}: both decide which parameters train, so the '
-            'rotation would train parameters the other froze, or the other would freeze the active group. Restrict '
-            'the rotation instead: HiFTRotation(freeze=[unit indices]) leaves units out, always_trainable=[...] keeps '
-            'units on, groups=[regexes] names the groups; with LoRA use LoRAInject + HiFTRotation(lora=True).',
-        )
+_RESTRICT_ADVICE = (
+    'Restrict the rotation instead: HiFTRotation(freeze=[unit indices]) leaves units out, always_trainable=[...] keeps '
+    'units on, groups=[regexes] names the groups; with LoRA adapters set lora=True (LoRAInject + '
+    'HiFTRotation(lora=True) rotates over the adapters).'
+)
 
 
 class HiFTRotation(ConfigRepr, Algorithm):
@@ -479,13 +470,17 @@ class HiFTRotation(ConfigRepr, Algorithm):
         """DDP must expect parameters without gradients: only one group trains per step."""
         return True
 
+    def owns(self) -> tuple[Claim, ...]:
+        """The rotation switches the base parameters on and off, or with ``lora=True`` the adapters (see
+        :mod:`composer_thaw.compatibility`)."""
+        return (Claim(ADAPTERS if self.lora else BASE_PARAMETERS, 'rotates', _RESTRICT_ADVICE),)
+
     def match(self, event: Event, state: State) -> bool:
         return event in self.events
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:  # only checks, before Composer wraps the model
-            refuse_duplicates(self, state.algorithms, 'give one HiFTRotation (one rotation decides what trains).')
-            _refuse_other_freezing(state.algorithms)
+            check_compatibility(self, state.algorithms, 'give one HiFTRotation (one rotation decides what trains).')
             refuse_fsdp1(state, 'HiFTRotation')
             return
         if event == Event.BEFORE_LOAD:

@@ -25,7 +25,8 @@ from composer.loggers import Logger
 from composer.utils import ensure_tuple
 from torch.optim import Optimizer
 
-from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
+from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
+from composer_thaw.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
 from composer_thaw.layer_freezing.units import (
     GRANULARITIES,
     FreezeUnit,
@@ -221,6 +222,12 @@ class LayerFreezing(ConfigRepr, Algorithm):
         """DDP must not expect gradients for parameters frozen after it wrapped the model."""
         return True
 
+    def owns(self) -> tuple[Claim, ...]:
+        """Freezing only grows, over whatever trains (base parameters and adapters alike): it composes with an
+        algorithm that decides once what trains, not with a rotation (see :mod:`composer_thaw.compatibility`)."""
+        advice = 'LayerFreezing only freezes whole units from the bottom up; drop it, or drop the rotation.'
+        return (Claim(BASE_PARAMETERS, 'narrows', advice), Claim(ADAPTERS, 'narrows', advice))
+
     def match(self, event: Event, state: State) -> bool:
         if event in (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD):
             return True
@@ -230,7 +237,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            refuse_duplicates(
+            check_compatibility(
                 self, state.algorithms, 'give one LayerFreezing (its schedule decides everything frozen).'
             )
             refuse_fsdp1(state, 'LayerFreezing')

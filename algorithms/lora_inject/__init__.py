@@ -8,16 +8,7 @@ Example:
 
 from composer_thaw.lora_inject.config import DEFAULT_TARGET_MODULES, LoRAConfig
 from composer_thaw.lora_inject.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
-from composer_thaw.lora_inject.lora_inject import (
-    EXAMPLES,
-    LoRAInject,
-    LoRASummary,
-    apply_lora,
-    freeze_outside_adapters,
-    lora_config_of,
-    merge_adapters,
-    unmerge_adapters,
-)
+from composer_thaw.lora_inject.lora_inject import EXAMPLES, LoRAInject
 from composer_thaw.lora_inject.peft_format import (
     adapter_state_dict,
     export_merged,
@@ -25,6 +16,14 @@ from composer_thaw.lora_inject.peft_format import (
     load_adapter,
     load_adapter_state_dict,
     save_adapter,
+)
+from composer_thaw.lora_inject.surgery import (
+    LoRASummary,
+    apply_lora,
+    freeze_outside_adapters,
+    lora_config_of,
+    merge_adapters,
+    unmerge_adapters,
 )
 
 __all__ = [

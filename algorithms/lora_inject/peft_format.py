@@ -43,13 +43,13 @@ from torch import nn
 from composer_thaw.lora_inject.config import LoRAConfig
 from composer_thaw.lora_inject.injection import adapter_layers, saved_module_names, selectable_modules
 from composer_thaw.lora_inject.layers import LoRAEmbedding, LoRALayer, is_conv1d_transposed
-from composer_thaw.lora_inject.lora_inject import (
+from composer_thaw.lora_inject.matching import is_saved, matches_name_list, matches_target_modules
+from composer_thaw.lora_inject.surgery import (
     LoRASummary,
     apply_lora,
     lora_config_of,
     trainable_parameter_names,
 )
-from composer_thaw.lora_inject.matching import is_saved, matches_name_list, matches_target_modules
 from composer_thaw.optimizer_surgery import Optimizers
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.sharding import full_tensor

@@ -21,7 +21,8 @@ from composer.loggers import Logger
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
+from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
+from composer_thaw.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
 from composer_thaw.optimizer_surgery import add_params, group_index_of, remove_params, single_optimizer
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze.patterns import (
@@ -258,6 +259,12 @@ class RegexFreeze(ConfigRepr, Algorithm):
         self._frozen_rows: dict[nn.Parameter, tuple[tuple[int, int], ...]] = {}
         self._syncs_ema = False  # whether Composer's EMA runs alongside: then its copies of frozen rows are corrected
 
+    def owns(self) -> tuple[Claim, ...]:
+        """Its patterns decide once which parameters train, adapters included (see
+        :mod:`composer_thaw.compatibility`); ``trains`` are its trainable patterns."""
+        trains = tuple(self.trainable or ())
+        return (Claim(BASE_PARAMETERS, 'sets', trains=trains), Claim(ADAPTERS, 'sets', trains=trains))
+
     def match(self, event: Event, state: State) -> bool:
         if event in (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD):
             return True
@@ -265,7 +272,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
         if event == Event.INIT:
-            refuse_duplicates(
+            check_compatibility(
                 self, state.algorithms, 'give one RegexFreeze with all the trainable and frozen patterns.'
             )
             refuse_fsdp1(state, 'RegexFreeze')

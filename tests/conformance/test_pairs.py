@@ -1,5 +1,6 @@
 """4 (pairs of ours): each meaningful pair trains correctly; each incompatible pair is refused at Trainer
-construction with an error that says what to do instead — never silent wrong training.
+construction with an error that says what to do instead — never silent wrong training. The table is declared in
+``composer_thaw.compatibility`` from what each algorithm owns (``tests/test_compatibility.py`` checks it pair by pair).
 
 | pair | result |
 |---|---|
@@ -8,6 +9,7 @@ construction with an error that says what to do instead — never silent wrong t
 | RegexFreeze + LayerFreezing | RegexFreeze's frozen tensors stay bit-identical; freezing grows on top |
 | LoRAInject + RegexFreeze | refused: use LoRAInject(modules_to_save=[...]) for extra trainable modules |
 | HiFTRotation + RegexFreeze or LayerFreezing | refused: both decide which parameters train |
+| HiFTRotation (without lora=True) + LoRAInject | refused: set lora=True to rotate over the adapters |
 | any algorithm of ours listed twice | refused: the later would silently override the earlier |
 """
 
@@ -32,6 +34,7 @@ REFUSED = {
     'lora+regex_freeze': (LORA, REGEX, 'modules_to_save'),
     'hift+regex_freeze': (HIFT, REGEX, 'RegexFreeze'),
     'hift+layer_freezing': (HIFT, LAYER_FREEZING, 'LayerFreezing'),
+    'hift+lora': (HIFT, LORA, 'set lora=True'),
 }
 
 

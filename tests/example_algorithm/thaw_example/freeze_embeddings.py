@@ -26,7 +26,8 @@ from composer.loggers import Logger
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
+from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
+from composer_thaw.compatibility import BASE_PARAMETERS, Claim, check_compatibility
 from composer_thaw.optimizer_surgery import remove_params, single_optimizer
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.sharding import refuse_fsdp1
@@ -127,7 +128,10 @@ def apply_freeze_embeddings(model: nn.Module, optimizers: Optional[Optimizers], 
 class FreezeEmbeddings(ConfigRepr, Algorithm):
     """Keep the token embeddings (``which='input'``), the output embeddings (``'output'``) or both fixed.
 
-    At :attr:`.Event.INIT` it only checks the Trainer (listed once, no FSDP1); it freezes at
+    It only ever freezes (:meth:`owns`): it composes with ``LoRAInject``, ``RegexFreeze`` and ``LayerFreezing``,
+    and a rotation (``HiFTRotation``), which would train the embeddings again, is refused.
+
+    At :attr:`.Event.INIT` it only checks the Trainer (listed once, compatible, no FSDP1); it freezes at
     :attr:`.Event.BEFORE_LOAD`, after every INIT-time surgery algorithm changed the model and FSDP2 sharded it,
     and before a checkpoint is loaded or DDP wraps the model. Its checkpoint state names the frozen parameters,
     and resuming with another selection is refused.
@@ -145,12 +149,18 @@ class FreezeEmbeddings(ConfigRepr, Algorithm):
         self.which = which
         self.frozen: Optional[list[str]] = None  # names of the frozen parameters, once applied
 
+    def owns(self) -> tuple[Claim, ...]:
+        """What it owns, for :mod:`composer_thaw.compatibility`: it narrows which base parameters train."""
+        return (Claim(BASE_PARAMETERS, 'narrows', 'FreezeEmbeddings: drop it, or freeze the embeddings otherwise.'),)
+
     def match(self, event: Event, state: State) -> bool:
         return event in self.events
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            refuse_duplicates(self, state.algorithms, 'give one FreezeEmbeddings, with which=... naming all to freeze.')
+            check_compatibility(
+                self, state.algorithms, 'give one FreezeEmbeddings, with which=... naming all to freeze.'
+            )
             refuse_fsdp1(state, 'FreezeEmbeddings')
             return
         self.frozen = apply_freeze_embeddings(state.model, state.optimizers, self.which)

@@ -1,0 +1,242 @@
+"""LoRA as model surgery, without a Trainer: :func:`apply_lora` injects adapters and freezes the rest,
+:func:`freeze_outside_adapters` re-freezes after other surgery, :func:`merge_adapters` folds them in.
+
+The algorithm (:class:`~composer_thaw.lora_inject.lora_inject.LoRAInject`) and the PEFT format
+(:mod:`~composer_thaw.lora_inject.peft_format`) build on this module; it imports neither.
+
+Example:
+    >>> summary = apply_lora(model, optimizer, r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])
+    >>> summary.trainable_fraction < 0.05
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from composer_thaw.adapters import adapter_config_of, record_adapter_config
+from composer_thaw.lora_inject.config import LoRAConfig
+from composer_thaw.lora_inject.injection import (
+    adapter_layers,
+    check_not_peft,
+    inject,
+    plan_injection,
+    saved_module_names,
+)
+from composer_thaw.optimizer_surgery import Optimizers, add_params, group_index_of, remove_params, single_optimizer
+from composer_thaw.parameter_selection import user_module
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    'LoRASummary',
+    'apply_lora',
+    'freeze_outside_adapters',
+    'inject_adapters',
+    'lora_config_of',
+    'merge_adapters',
+    'trainable_parameter_names',
+    'unmerge_adapters',
+]
+
+
+@dataclass(frozen=True)
+class LoRASummary:
+    """What :func:`apply_lora` did."""
+
+    adapted: tuple[str, ...]  # names of the adapted modules
+    trainable_params: int  # elements that train: adapters, modules_to_save, trainable biases
+    total_params: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+
+def lora_config_of(model: nn.Module) -> Optional[LoRAConfig]:
+    """The configuration the model's adapters were injected with, or ``None``."""
+    config = adapter_config_of(model)
+    return config if isinstance(config, LoRAConfig) else None
+
+
+def trainable_parameter_names(root: nn.Module, config: LoRAConfig) -> list[str]:
+    """Names (in ``root``) of the parameters that train under ``config``, once adapters are injected."""
+    layers = adapter_layers(root)
+    saved = tuple(f'{name}.' for name in saved_module_names(root, config))
+    lora_biases = {f'{name}.base_layer.bias' for name in layers}
+    names = []
+    for name, _ in root.named_parameters():
+        owner, _, leaf = name.rpartition('.')
+        if owner in layers and leaf in layers[owner].adapter_parameters():
+            names.append(name)
+        elif name.startswith(saved):
+            names.append(name)
+        elif config.bias == 'all' and leaf == 'bias':
+            names.append(name)
+        elif config.bias == 'lora_only' and name in lora_biases:
+            names.append(name)
+    return names
+
+
+def apply_lora(
+    model: nn.Module,
+    optimizers: Optional[Optimizers] = None,
+    config: Optional[LoRAConfig] = None,
+    **config_kwargs: Any,
+) -> LoRASummary:
+    """Inject low-rank adapters into ``model``, freeze the rest, and move the optimizer onto the adapters.
+
+    Everything is checked before the first module is replaced: on error, model and optimizer are unchanged.
+    Afterwards each adapter parameter sits in the param group of the base weight it adapts (so weight-decay groups
+    and schedulers keep working); the frozen base parameters are out of the optimizer and hold no optimizer state.
+    Applying the same configuration again changes nothing.
+
+    Args:
+        model: a Hugging Face model, a Composer ``HuggingFaceModel``, or any ``nn.Module`` (DDP-wrapped or not). Module
+            names in the configuration are relative to the user's model (``user_module(model)``).
+        optimizers: the optimizer (at most one) to update; ``None`` when there is none yet.
+        config: a :class:`LoRAConfig`; or pass its fields as keyword arguments.
+
+    Returns:
+        A :class:`LoRASummary`.
+
+    Raises:
+        ValueError: on an invalid configuration, a target that matches nothing or has an unsupported type, a model
+            already adapted with another configuration, or a PEFT model.
+    """
+    if config is None:
+        config = LoRAConfig(**config_kwargs)
+    elif config_kwargs:
+        raise TypeError('Pass either config or its fields as keyword arguments, not both.')
+    summary = inject_adapters(model, optimizers, config)
+    freeze_outside_adapters(model, optimizers)
+    return summary
+
+
+def inject_adapters(model: nn.Module, optimizers: Optional[Optimizers], config: LoRAConfig) -> LoRASummary:
+    """:func:`apply_lora` but for taking the frozen parameters out of the optimizer: they stay there, with
+    ``requires_grad=False``, until :func:`freeze_outside_adapters` (so surgery that runs in between, such as
+    Composer's Factorize, finds the parameters it replaces in the optimizer)."""
+    root = user_module(model)
+    check_not_peft(model, root)
+    optimizer = single_optimizer(optimizers)
+    existing = adapter_config_of(root)
+    if existing is not None and existing != config:
+        raise ValueError(
+            f'The model already has LoRA adapters with another configuration ({existing}); requested {config}. '
+            'Apply LoRA once per model.',
+        )
+    plan = plan_injection(root, config)
+
+    # ---- from here on nothing can fail on user input ----
+    groups = group_index_of(optimizer) if optimizer is not None else {}
+    group_of_target = {}
+    for target in plan.targets:
+        base = root.get_submodule(target.name)
+        owned = [id(p) for p in base.parameters()]
+        group_of_target[target.name] = next((groups[i] for i in owned if i in groups), 0)
+    created = inject(root, plan, config)
+    record_adapter_config(root, config)
+
+    trainable = set(trainable_parameter_names(root, config))
+    named = dict(root.named_parameters())
+    frozen = [p for name, p in named.items() if name not in trainable]
+    for param in frozen:
+        param.requires_grad_(False)
+    for name in trainable:
+        named[name].requires_grad_(True)
+    if optimizer is not None:
+        present = set(group_index_of(optimizer))
+        additions: dict[int, list[torch.Tensor]] = {}
+        for layer_name, layer in created.items():
+            new_params = list(layer.adapter_parameters().values())
+            additions.setdefault(group_of_target[layer_name], []).extend(new_params)
+            present |= {id(p) for p in new_params}
+        for name in sorted(trainable):  # e.g. modules_to_save the user had left out of the optimizer
+            if id(named[name]) not in present:
+                additions.setdefault(0, []).append(named[name])
+        if additions and optimizer.param_groups:
+            order = {id(p): index for index, p in enumerate(root.parameters())}
+            add_params(optimizer, additions, order)
+
+    enable_input_require_grads = getattr(root, 'enable_input_require_grads', None)
+    if getattr(root, 'is_gradient_checkpointing', False) and enable_input_require_grads is not None:
+        # Re-entrant checkpointing only back-propagates into blocks whose inputs require grad; the embeddings are
+        # frozen.
+        enable_input_require_grads()
+
+    layers = adapter_layers(root)
+    trainable_numel = sum(p.numel() for p in root.parameters() if p.requires_grad)
+    total_numel = sum(p.numel() for p in root.parameters())
+    log.info('LoRA: adapted %d modules; %d of %d parameters train.', len(layers), trainable_numel, total_numel)
+    _warn_if_task_head_frozen(root)
+    return LoRASummary(tuple(layers), trainable_numel, total_numel)
+
+
+# Hugging Face task models whose head is new when fine-tuning starts, and the head's name; PEFT's task types add
+# these to modules_to_save (SEQ_CLS and TOKEN_CLS: classifier, score; QUESTION_ANS: qa_outputs).
+_TASK_HEADS = {
+    'ForSequenceClassification': ('classifier', 'score'),
+    'ForTokenClassification': ('classifier', 'score'),
+    'ForQuestionAnswering': ('qa_outputs',),
+}
+
+
+def _warn_if_task_head_frozen(root: nn.Module) -> None:
+    """Warn when a task model's head (usually freshly initialized) keeps its own weights frozen: only the adapters
+    around it would learn, on top of random weights."""
+    heads = next((names for suffix, names in _TASK_HEADS.items() if type(root).__name__.endswith(suffix)), ())
+    for name in heads:
+        head = getattr(root, name, None)
+        weights = [p for n, p in head.named_parameters() if 'lora_' not in n] if isinstance(head, nn.Module) else []
+        if weights and not any(p.requires_grad for p in weights):
+            warnings.warn(
+                f'LoRAInject: the head {name!r} of {type(root).__name__} stays frozen; a task head is usually newly '
+                f'initialized, so its random weights would never train. Add it to modules_to_save '
+                f"(modules_to_save=['{name}'], as PEFT's task types do).",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def freeze_outside_adapters(model: nn.Module, optimizers: Optional[Optimizers] = None) -> list[str]:
+    """Freeze every parameter the model's LoRA configuration does not train, for real: ``requires_grad=False``, out
+    of the optimizer's param groups and state. Never unfreezes anything.
+
+    :func:`apply_lora` ends with it; ``LoRAInject`` calls it at ``Event.BEFORE_LOAD``, after all INIT-time surgery,
+    so that parameters another algorithm created in the meantime (e.g. Composer's Factorize replacing a frozen base
+    layer) are frozen too.
+
+    Returns:
+        The names of the parameters frozen.
+    """
+    root = user_module(model)
+    config = lora_config_of(root)
+    if config is None:
+        raise ValueError(f'{type(root).__name__} has no LoRA adapters: apply_lora (or LoRAInject) first.')
+    trainable = set(trainable_parameter_names(root, config))
+    frozen = {name: p for name, p in root.named_parameters() if name not in trainable}
+    for param in frozen.values():
+        param.requires_grad_(False)
+    optimizer = single_optimizer(optimizers)
+    if optimizer is not None:
+        remove_params(optimizer, frozen.values())
+    return list(frozen)
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (for inference or export); the forward pass uses the base alone."""
+    for layer in adapter_layers(user_module(model)).values():
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Undo :func:`merge_adapters` (exact up to the rounding of the weights' dtype)."""
+    for layer in adapter_layers(user_module(model)).values():
+        layer.unmerge()
