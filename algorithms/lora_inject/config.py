@@ -31,9 +31,11 @@ from typing import Any, Literal, Optional, Union, get_args
 __all__ = [
     'ALL_LINEAR',
     'DEFAULT_TARGET_MODULES',
+    'TASK_MODULES_TO_SAVE',
     'BiasMode',
     'InitMethod',
     'LoRAConfig',
+    'TaskType',
     'pattern_value',
 ]
 
@@ -41,6 +43,16 @@ ALL_LINEAR = 'all-linear'
 
 InitMethod = Literal['kaiming', 'gaussian', 'pissa']
 BiasMode = Literal['none', 'all', 'lora_only']
+TaskType = Literal['SEQ_CLS', 'SEQ_2_SEQ_LM', 'CAUSAL_LM', 'TOKEN_CLS', 'QUESTION_ANS', 'FEATURE_EXTRACTION']
+"""PEFT's ``TaskType`` values."""
+
+# The heads PEFT's task models add to modules_to_save (peft_model.py: PeftModelForSequenceClassification,
+# ...ForTokenClassification, ...ForQuestionAnswering); the other task types change nothing LoRA trains.
+TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    'SEQ_CLS': ('classifier', 'score'),
+    'TOKEN_CLS': ('classifier', 'score'),
+    'QUESTION_ANS': ('qa_outputs',),
+}
 
 # Default targets per Hugging Face ``config.model_type``: PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
 # entry by entry (tests/lora_inject/test_matching.py compares them); mostly the query and value projections.
@@ -195,6 +207,11 @@ class LoRAConfig:
             are split into equal slices and only the enabled slices get an adapter (loralib's ``MergedLinear``), e.g.
             ``{'c_attn': [True, False, True]}`` adapts query and value of GPT-2's fused ``c_attn``. Patterns match as in
             ``rank_pattern``. Such adapters cannot be written in PEFT's format.
+        task_type: PEFT's task type (``'SEQ_CLS'``, ``'TOKEN_CLS'``, ``'QUESTION_ANS'``, ``'CAUSAL_LM'``,
+            ``'SEQ_2_SEQ_LM'``, ``'FEATURE_EXTRACTION'``) or ``None``. As in PEFT, ``'SEQ_CLS'`` and ``'TOKEN_CLS'``
+            add ``classifier`` and ``score``, ``'QUESTION_ANS'`` adds ``qa_outputs`` to ``modules_to_save`` (entries
+            that match no module are ignored, as PEFT does; see :meth:`saved_entries`); the others change nothing
+            that trains. It is written to ``adapter_config.json``, where PEFT picks its task model from it.
     """
 
     r: int = 8
@@ -212,6 +229,7 @@ class LoRAConfig:
     bias: BiasMode = 'none'
     modules_to_save: Optional[list[str]] = None
     enable_slices: dict[str, list[bool]] = field(default_factory=dict)
+    task_type: Optional[TaskType] = None
 
     def __post_init__(self) -> None:
         _check_rank('r', self.r)
@@ -267,6 +285,8 @@ class LoRAConfig:
         _check_bool('use_dora', self.use_dora)
         _check_choice('init', self.init, InitMethod)
         _check_choice('bias', self.bias, BiasMode)
+        if self.task_type is not None:
+            _check_choice('task_type', self.task_type, TaskType)
         if self.modules_to_save is not None and (
             not isinstance(self.modules_to_save, list)
             or not all(isinstance(m, str) and m for m in self.modules_to_save)
@@ -290,6 +310,16 @@ class LoRAConfig:
             raise ValueError('use_dora=True cannot be combined with enable_slices: DoRA needs the whole weight.')
         if self.init == 'pissa' and self.enable_slices:
             raise ValueError("init='pissa' cannot be combined with enable_slices.")
+
+    def saved_entries(self) -> list[str]:
+        """``modules_to_save`` with the task type's heads added (PEFT's task models add them the same way).
+
+        Example:
+            >>> LoRAConfig(task_type='SEQ_CLS', modules_to_save=['pooler']).saved_entries()
+            ['pooler', 'classifier', 'score']
+        """
+        task = TASK_MODULES_TO_SAVE.get(self.task_type or '', ())
+        return list(dict.fromkeys([*(self.modules_to_save or []), *task]))
 
     def rank_of(self, name: str) -> int:
         return pattern_value(self.rank_pattern, name, self.r)

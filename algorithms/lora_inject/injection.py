@@ -13,7 +13,7 @@ from typing import Optional, TypedDict, Union
 
 from torch import nn
 
-from composer_thaw.lora_inject.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, LoRAConfig
+from composer_thaw.lora_inject.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, TASK_MODULES_TO_SAVE, LoRAConfig
 from composer_thaw.lora_inject.layers import (
     SUPPORTED_TYPES,
     LoRAConv,
@@ -160,14 +160,15 @@ def default_target_modules(root: nn.Module) -> list[str]:
 
 
 def saved_module_names(root: nn.Module, config: LoRAConfig) -> list[str]:
-    """The modules ``config.modules_to_save`` trains in full (:func:`~composer_thaw.lora_inject.matching.saved_modules`:
-    every module whose name ends with an entry, outermost only), in model order.
+    """The modules ``config.modules_to_save`` (and the heads of ``config.task_type``) trains in full
+    (:func:`~composer_thaw.lora_inject.matching.saved_modules`: every module whose name ends with an entry, outermost
+    only), in model order.
 
     Example:
         >>> saved_module_names(distilbert_classifier, LoRAConfig(modules_to_save=['classifier']))
         ['pre_classifier', 'classifier']
     """
-    return saved_modules(selectable_modules(root), config.modules_to_save)
+    return saved_modules(selectable_modules(root), config.saved_entries())
 
 
 def _check_target(name: str, module: nn.Module, config: LoRAConfig, r: int, slices) -> type[LoRALayer]:
@@ -227,7 +228,15 @@ def _checked_saved_modules(root: nn.Module, config: LoRAConfig, candidates: dict
                 f'modules_to_save entry {entry!r} matches no module of {type(root).__name__} (a module is saved when '
                 f'its name ends with an entry). Did you mean one of {closest_names(entry, sorted(candidates))}?',
             )
-    return saved_modules(candidates, config.modules_to_save)
+    task_heads = list(TASK_MODULES_TO_SAVE.get(config.task_type or '', ()))
+    if task_heads and not any(is_saved(name, task_heads) for name in candidates):
+        warnings.warn(
+            f'task_type={config.task_type!r} trains the heads named {task_heads} in full, as in PEFT, but '
+            f'{type(root).__name__} has no module whose name ends with one of them: name its head in modules_to_save.',
+            UserWarning,
+            stacklevel=3,
+        )
+    return saved_modules(candidates, config.saved_entries())
 
 
 def _resolved_target_modules(
@@ -296,7 +305,7 @@ def _select_targets(
             name,
             targets,
             exclude_modules=config.exclude_modules,
-            modules_to_save=config.modules_to_save,
+            modules_to_save=config.saved_entries(),
             layers_to_transform=layers,
             layers_pattern=pattern,
         )
@@ -304,14 +313,14 @@ def _select_targets(
     if not kept:
         raise ValueError(
             f'target_modules={config.target_modules!r} matches {in_layers[:5]}{"..." if len(in_layers) > 5 else ""}, '
-            f'but exclude_modules={config.exclude_modules!r} and modules_to_save={config.modules_to_save!r} leave '
+            f'but exclude_modules={config.exclude_modules!r} and modules_to_save={config.saved_entries()!r} leave '
             'none of them to adapt (a module named like a modules_to_save entry, or inside one, is never adapted).',
         )
     for name in kept:
         owner = next((s for s in saved if name == s or name.startswith(s + '.')), None)
         if owner is not None:
             raise ValueError(
-                f'{name!r} would be both adapted and trained in full: modules_to_save={config.modules_to_save!r} '
+                f'{name!r} would be both adapted and trained in full: modules_to_save={config.saved_entries()!r} '
                 f"saves {owner!r}, because a module is saved when its name ends with an entry (PEFT's rule: "
                 "'classifier' also saves 'pre_classifier'), but only a module named exactly like an entry, or inside "
                 f'one, is kept out of the targets. Add {name!r} to exclude_modules to train it in full only, or '

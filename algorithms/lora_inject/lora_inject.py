@@ -23,7 +23,7 @@ from torch import nn
 
 from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
 from composer_thaw.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
-from composer_thaw.lora_inject.config import LoRAConfig
+from composer_thaw.lora_inject.config import LoRAConfig, TaskType
 from composer_thaw.lora_inject.injection import adapter_layers
 from composer_thaw.lora_inject.layers import adapter_class_for
 from composer_thaw.lora_inject.peft_format import export_merged, expose_merged_state_dict, save_adapter
@@ -118,7 +118,7 @@ def _modules_to_save_advice(config: LoRAConfig) -> Any:
             return ''
         plain = [p for p in partner.trains if re.fullmatch(r'[\w.]+', p)]
         named = [re.sub(r'\.(weight|bias)$', '', p) for p in plain]
-        saved = list(dict.fromkeys([*(config.modules_to_save or []), *named])) or ['lm_head']
+        saved = list(dict.fromkeys([*config.saved_entries(), *named])) or ['lm_head']
         return (
             'To train modules in full next to the adapters, name them in LoRAInject and drop the other: '
             f'LoRAInject(..., modules_to_save={saved!r}) trains those whole modules (e.g. a head) next to the '
@@ -182,6 +182,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         bias: Literal['none', 'all', 'lora_only'] = 'none',
         modules_to_save: Optional[list[str]] = None,
         enable_slices: Optional[dict[str, list[bool]]] = None,
+        task_type: Optional[TaskType] = None,
         save_adapter_to: Optional[str] = None,
         save_merged_to: Optional[str] = None,
     ):
@@ -191,6 +192,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         self.rank_pattern, self.alpha_pattern = rank_pattern, alpha_pattern
         self.lora_dropout, self.use_rslora, self.use_dora = lora_dropout, use_rslora, use_dora
         self.init, self.bias, self.modules_to_save, self.enable_slices = init, bias, modules_to_save, enable_slices
+        self.task_type = task_type
         self.save_adapter_to, self.save_merged_to = save_adapter_to, save_merged_to
         for key in ('save_adapter_to', 'save_merged_to'):
             value = getattr(self, key)
@@ -212,6 +214,7 @@ class LoRAInject(ConfigRepr, Algorithm):
             bias=bias,
             modules_to_save=modules_to_save,
             enable_slices=_copy_of_mapping(enable_slices),
+            task_type=task_type,
         )
 
     @staticmethod

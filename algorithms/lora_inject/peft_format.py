@@ -176,7 +176,7 @@ def peft_config_dict(
     saved = saved_module_names(root, config)
     return {
         'peft_type': 'LORA',
-        'task_type': None,
+        'task_type': config.task_type,
         'base_model_name_or_path': base_model_name_or_path,
         'revision': None,
         'inference_mode': True,
@@ -289,6 +289,7 @@ def config_from_peft(peft_config: dict[str, Any], root: Optional[nn.Module] = No
         init='gaussian' if init == 'gaussian' else 'kaiming',
         bias=peft_config.get('bias', 'none'),
         modules_to_save=saved,
+        task_type=peft_config.get('task_type'),
     )
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from composer_thaw.adapters import adapter_config_of, record_adapter_config
-from composer_thaw.lora_inject.config import LoRAConfig
+from composer_thaw.lora_inject.config import TASK_MODULES_TO_SAVE, LoRAConfig
 from composer_thaw.lora_inject.injection import (
     adapter_layers,
     check_not_peft,
@@ -179,19 +179,20 @@ def inject_adapters(model: nn.Module, optimizers: Optional[Optimizers], config: 
     return LoRASummary(tuple(layers), trainable_numel, total_numel)
 
 
-# Hugging Face task models whose head is new when fine-tuning starts, and the head's name; PEFT's task types add
-# these to modules_to_save (SEQ_CLS and TOKEN_CLS: classifier, score; QUESTION_ANS: qa_outputs).
-_TASK_HEADS = {
-    'ForSequenceClassification': ('classifier', 'score'),
-    'ForTokenClassification': ('classifier', 'score'),
-    'ForQuestionAnswering': ('qa_outputs',),
+# Hugging Face task models whose head is new when fine-tuning starts -> PEFT's task type, whose heads
+# (TASK_MODULES_TO_SAVE) PEFT adds to modules_to_save.
+_TASK_OF_MODEL = {
+    'ForSequenceClassification': 'SEQ_CLS',
+    'ForTokenClassification': 'TOKEN_CLS',
+    'ForQuestionAnswering': 'QUESTION_ANS',
 }
 
 
 def _warn_if_task_head_frozen(root: nn.Module) -> None:
     """Warn when a task model's head (usually freshly initialized) keeps its own weights frozen: only the adapters
     around it would learn, on top of random weights."""
-    heads = next((names for suffix, names in _TASK_HEADS.items() if type(root).__name__.endswith(suffix)), ())
+    task = next((task for suffix, task in _TASK_OF_MODEL.items() if type(root).__name__.endswith(suffix)), '')
+    heads = TASK_MODULES_TO_SAVE.get(task, ())
     for name in heads:
         head = getattr(root, name, None)
         weights = [p for n, p in head.named_parameters() if 'lora_' not in n] if isinstance(head, nn.Module) else []
@@ -199,7 +200,7 @@ def _warn_if_task_head_frozen(root: nn.Module) -> None:
             warnings.warn(
                 f'LoRAInject: the head {name!r} of {type(root).__name__} stays frozen; a task head is usually newly '
                 f'initialized, so its random weights would never train. Add it to modules_to_save '
-                f"(modules_to_save=['{name}'], as PEFT's task types do).",
+                f"(modules_to_save=['{name}']), or set task_type={task!r} as in PEFT.",
                 UserWarning,
                 stacklevel=3,
             )

@@ -29,6 +29,7 @@ WRONG = {
     'bias': None,
     'modules_to_save': 'lm_head',
     'enable_slices': [True, False, True],
+    'task_type': 7,
     'save_adapter_to': 3,
     'save_merged_to': ['out'],
 }
