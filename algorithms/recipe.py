@@ -57,9 +57,10 @@ MAX_LEARNING_RATE = 10.0
 @dataclass
 class ModelConfig:
     """``minilm``: the embedded all-MiniLM-L6-v2 classifier; ``hf``: a local checkpoint at ``path``;
-    ``tiny-decoder``: the built-in randomly initialized causal LM."""
+    ``tiny-decoder``: the built-in randomly initialized causal LM; ``resnet18``, ``vit``: torchvision image
+    classifiers (:mod:`composer_thaw.vision`; the ViT takes ``num_layers``, ``hidden_size``, ``num_heads``)."""
 
-    name: Literal['minilm', 'hf', 'tiny-decoder'] = 'minilm'
+    name: Literal['minilm', 'hf', 'tiny-decoder', 'resnet18', 'vit'] = 'minilm'
     path: Optional[str] = None
     arch: Literal['llama', 'gpt2'] = 'llama'
     num_layers: int = 4
@@ -71,9 +72,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """``stdlib-docs``: 6-class docstring classification; ``python-topics``: language modelling text."""
+    """``stdlib-docs``: 6-class docstring classification; ``python-topics``: language modelling text;
+    ``synthetic-images``: 10-class synthetic images for the vision models."""
 
-    name: Literal['stdlib-docs', 'python-topics'] = 'stdlib-docs'
+    name: Literal['stdlib-docs', 'python-topics', 'synthetic-images'] = 'stdlib-docs'
     max_seq_len: int = 64
     max_per_class: int = 280
     max_train_samples: Optional[int] = None
@@ -230,6 +232,11 @@ def validate_recipe(recipe: Recipe) -> None:
             )
     elif model.path is not None:
         raise ConfigError('model.path', model.path, f"only model.name 'hf' takes a path; model.name is {model.name!r}.")
+    from composer_thaw.vision import check_vision_recipe
+
+    vision_problem = check_vision_recipe(model.name, recipe.data.name)
+    if vision_problem is not None:
+        raise ConfigError(*vision_problem)
     if model.name == 'tiny-decoder' and recipe.data.name != 'python-topics':
         raise ConfigError(
             'data.name', recipe.data.name, "model 'tiny-decoder' is a language model: use data.name 'python-topics'."

@@ -45,9 +45,12 @@ __all__ = ['RunSummary', 'TrainingSummary', 'build_trainer', 'format_summary', '
 
 
 def build_model(config: ModelConfig, num_labels: Optional[int]):
-    """The recipe's model as a :class:`composer.models.HuggingFaceModel`."""
-    from composer_thaw import models
+    """The recipe's model: a :class:`composer.models.HuggingFaceModel`, or a ``ComposerClassifier`` for images."""
+    from composer_thaw import models, vision
 
+    if config.name in vision.VISION_MODELS:
+        assert num_labels is not None
+        return vision.recipe_vision_classifier(config, num_labels)
     if config.name == 'tiny-decoder':
         return models.tiny_decoder(
             arch=config.arch,
@@ -72,8 +75,14 @@ class RecipeData:
 
 def build_data(config: DataConfig, tokenizer, train_batch_size: int, eval_batch_size: int) -> RecipeData:
     """Train and eval loaders for the recipe's built-in data set (batch sizes are per process)."""
-    from composer_thaw import data
+    from composer_thaw import data, vision
 
+    if config.name == vision.SYNTHETIC_IMAGES:
+        return RecipeData(
+            *vision.synthetic_image_loaders(
+                train_batch_size, eval_batch_size, config.max_train_samples, config.max_eval_samples
+            )
+        )
     train_set: torch.utils.data.Dataset
     eval_set: torch.utils.data.Dataset
     if config.name == 'stdlib-docs':

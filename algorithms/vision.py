@@ -15,24 +15,41 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, Optional, get_args
 
 import torch
 from composer.models import ComposerClassifier
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+if TYPE_CHECKING:
+    from composer_thaw.recipe import ModelConfig
+
 __all__ = [
+    'IMAGE_SIZE',
+    'SYNTHETIC_IMAGES',
     'VISION_MODELS',
     'SyntheticImages',
     'VisionModel',
+    'check_vision_recipe',
+    'recipe_vision_classifier',
     'synthetic_image_loader',
+    'synthetic_image_loaders',
     'vision_classifier',
     'vision_model',
 ]
 
 VisionModel = Literal['resnet18', 'vit']
 VISION_MODELS: tuple[str, ...] = get_args(VisionModel)
+
+SYNTHETIC_IMAGES = 'synthetic-images'
+"""The recipe data name of :class:`SyntheticImages`."""
+
+IMAGE_SIZE = 32
+"""Side of a recipe's images (the ViT's patches are 8 x 8)."""
+
+_RECIPE_CLASSES = 10
+_RECIPE_SAMPLES = (512, 128)  # train, eval
 
 
 def vision_model(
@@ -42,13 +59,14 @@ def vision_model(
     patch_size: int = 8,
     num_layers: int = 2,
     hidden_dim: int = 32,
+    num_heads: int = 2,
 ) -> nn.Module:
     """A randomly initialized torchvision classifier (initialization follows the current torch seed).
 
     Args:
         name: ``'resnet18'`` (torchvision's ``resnet18``, any image size >= 16) or ``'vit'`` (torchvision's
-            ``VisionTransformer`` with ``num_layers`` encoder blocks of width ``hidden_dim``, 2 heads, MLP width
-            ``2 * hidden_dim``).
+            ``VisionTransformer`` with ``num_layers`` encoder blocks of width ``hidden_dim``, ``num_heads`` heads,
+            MLP width ``2 * hidden_dim``).
         num_classes: outputs of the head.
         image_size: the ViT's image side (a multiple of ``patch_size``).
     """
@@ -63,7 +81,7 @@ def vision_model(
             image_size=image_size,
             patch_size=patch_size,
             num_layers=num_layers,
-            num_heads=2,
+            num_heads=num_heads,
             hidden_dim=hidden_dim,
             mlp_dim=2 * hidden_dim,
             num_classes=num_classes,
@@ -72,10 +90,20 @@ def vision_model(
 
 
 def vision_classifier(
-    name: VisionModel = 'resnet18', num_classes: int = 10, image_size: int = 32
+    name: VisionModel = 'resnet18', num_classes: int = 10, image_size: int = 32, **options: int
 ) -> ComposerClassifier:
-    """:func:`vision_model` in Composer's ``ComposerClassifier`` (cross-entropy loss, accuracy metrics)."""
-    return ComposerClassifier(vision_model(name, num_classes, image_size), num_classes=num_classes)
+    """:func:`vision_model` (``options``: the ViT's ``num_layers``, ``hidden_dim``, ``num_heads``) in Composer's
+    ``ComposerClassifier`` (cross-entropy loss, accuracy metrics)."""
+    return ComposerClassifier(vision_model(name, num_classes, image_size, **options), num_classes=num_classes)
+
+
+def recipe_vision_classifier(config: ModelConfig, num_classes: int) -> ComposerClassifier:
+    """A recipe's ``model: {name: resnet18}`` or ``{name: vit, num_layers, hidden_size, num_heads}`` for images of
+    side :data:`IMAGE_SIZE`."""
+    if config.name == 'vit':
+        options = {'num_layers': config.num_layers, 'hidden_dim': config.hidden_size, 'num_heads': config.num_heads}
+        return vision_classifier('vit', num_classes, IMAGE_SIZE, **options)
+    return vision_classifier('resnet18', num_classes, IMAGE_SIZE)
 
 
 class SyntheticImages(Dataset):
@@ -130,3 +158,40 @@ def synthetic_image_loader(
     takes)."""
     dataset = SyntheticImages(num_samples, num_classes, image_size, seed=seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
+
+
+def synthetic_image_loaders(
+    train_batch_size: int,
+    eval_batch_size: int,
+    max_train_samples: Optional[int] = None,
+    max_eval_samples: Optional[int] = None,
+) -> tuple[DataLoader, DataLoader, int, float]:
+    """A recipe's ``data: {name: synthetic-images}``: shuffled train batches (the last partial one dropped), eval
+    batches over other draws of the same class patterns, the number of classes (10; 512 train and 128 eval images of
+    side :data:`IMAGE_SIZE` unless ``max_*_samples`` say fewer) and the eval set's majority-class rate."""
+    train_samples = min(_RECIPE_SAMPLES[0], max_train_samples or _RECIPE_SAMPLES[0])
+    eval_samples = min(_RECIPE_SAMPLES[1], max_eval_samples or _RECIPE_SAMPLES[1])
+    train = synthetic_image_loader(
+        train_samples, train_batch_size, _RECIPE_CLASSES, IMAGE_SIZE, seed=0, shuffle=True, drop_last=True
+    )
+    eval_ = synthetic_image_loader(eval_samples, eval_batch_size, _RECIPE_CLASSES, IMAGE_SIZE, seed=1)
+    labels = torch.arange(eval_samples) % _RECIPE_CLASSES
+    majority = torch.bincount(labels, minlength=_RECIPE_CLASSES).max().item() / eval_samples
+    return train, eval_, _RECIPE_CLASSES, majority
+
+
+def check_vision_recipe(model_name: str, data_name: str) -> Optional[tuple[str, str, str]]:
+    """``(key, value, problem)`` when a recipe pairs a vision model with text data or the other way round."""
+    if model_name in VISION_MODELS and data_name != SYNTHETIC_IMAGES:
+        return (
+            'data.name',
+            data_name,
+            f'model {model_name!r} is an image classifier: use data.name {SYNTHETIC_IMAGES!r}.',
+        )
+    if data_name == SYNTHETIC_IMAGES and model_name not in VISION_MODELS:
+        return (
+            'model.name',
+            model_name,
+            f'data {SYNTHETIC_IMAGES!r} are images: use a vision model, one of {list(VISION_MODELS)}.',
+        )
+    return None

@@ -178,3 +178,32 @@ def test_regex_freeze_trains_only_what_its_patterns_name(name):
     assert trainable == {n for n, _ in root.named_parameters() if n.startswith(tuple(f'{p}.' for p in patterns))}
     assert all(changed <= trainable for changed in watcher.changed) and watcher.changed[-1]
     assert watcher.frozen_checked > 0
+
+
+def test_a_recipe_pairs_vision_models_with_images_only():
+    from support import REPO
+
+    from composer_thaw.config_validation import ConfigError
+    from composer_thaw.recipe import load_recipe
+
+    recipe = REPO / 'yamls/lora_vit_images.yaml'
+    assert load_recipe(recipe, ['model.name=resnet18']).model.name == 'resnet18'
+    with pytest.raises(ConfigError, match=r"data.name = 'stdlib-docs': model 'vit' is an image classifier"):
+        load_recipe(recipe, ['data.name=stdlib-docs'])
+    with pytest.raises(ConfigError, match=r"model.name = 'minilm': data 'synthetic-images' are images"):
+        load_recipe(recipe, ['model.name=minilm'])
+
+
+def test_synthetic_images_are_deterministic_and_labelled_in_turn():
+    first, again = SyntheticImages(12, num_classes=4, seed=0), SyntheticImages(12, num_classes=4, seed=0)
+    other = SyntheticImages(12, num_classes=4, seed=1)
+    assert torch.equal(first.images, again.images) and not torch.equal(first.images, other.images)
+    assert first.labels.tolist() == [0, 1, 2, 3] * 3 and first.images.shape == (12, 3, 32, 32)
+    # the same class pattern under other noise: images of one class are closer to each other than to other classes
+    means = torch.stack([first.images[first.labels == c].mean(0) for c in range(4)])
+    distances = torch.cdist(other.images.flatten(1), means.flatten(1))
+    assert (distances.argmin(1) == other.labels).all()
+    with pytest.raises(ValueError, match='two classes'):
+        SyntheticImages(4, num_classes=1)
+    with pytest.raises(ValueError, match="name='vgg' is not a built-in vision model"):
+        vision_model('vgg')  # type: ignore[arg-type]
