@@ -207,3 +207,14 @@ def test_synthetic_images_are_deterministic_and_labelled_in_turn():
         SyntheticImages(4, num_classes=1)
     with pytest.raises(ValueError, match="name='vgg' is not a built-in vision model"):
         vision_model('vgg')  # type: ignore[arg-type]
+
+
+def test_the_out_proj_multihead_attention_bypasses_is_refused_and_left_out_of_all_linear():
+    from composer_thaw.lora_inject import apply_lora
+
+    model = vision_model('vit', num_classes=4)
+    with pytest.raises(ValueError, match=r"'encoder.layers.encoder_layer_0.self_attention.out_proj' is the output"):
+        apply_lora(model, r=2, target_modules=['out_proj', 'mlp.0'])
+    assert not adapter_layers(model) and all(p.requires_grad for p in model.parameters())
+    summary = apply_lora(model, r=2, target_modules='all-linear')
+    assert summary.adapted and not any(name.endswith('out_proj') for name in summary.adapted)

@@ -126,19 +126,35 @@ def output_layer_name(root: nn.Module) -> Optional[str]:
 
 def all_linear_names(root: nn.Module, candidates: dict[str, nn.Module]) -> list[str]:
     """What ``'all-linear'`` stands for (PEFT's ``_maybe_include_all_linear_layers``): the full names of every
-    ``nn.Linear``, transformers ``Conv1D`` and linear adapter layer, but the output layer (:func:`output_layer_name`).
-    They are then matched as a ``target_modules`` list.
+    ``nn.Linear``, transformers ``Conv1D`` and linear adapter layer, but the output layer (:func:`output_layer_name`)
+    and the projections attention bypasses (:func:`attention_bypassed_names`). They are then matched as a
+    ``target_modules`` list.
 
     Example:
         >>> all_linear_names(nn.Sequential(nn.Linear(2, 2)), selectable_modules(nn.Sequential(nn.Linear(2, 2))))
         ['0']
     """
-    output = output_layer_name(root)
+    left_out = {output_layer_name(root), *attention_bypassed_names(root)}
     return [
         name
         for name, module in candidates.items()
-        if (isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d_transposed(module)) and name != output
+        if (isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d_transposed(module)) and name not in left_out
     ]
+
+
+def attention_bypassed_names(root: nn.Module) -> set[str]:
+    """Linear layers whose forward never runs: the ``out_proj`` of every ``nn.MultiheadAttention``, which reads
+    ``out_proj.weight`` directly (an adapter there would silently do nothing).
+
+    Example:
+        >>> attention_bypassed_names(nn.Sequential(nn.MultiheadAttention(8, 2)))
+        {'0.out_proj'}
+    """
+    return {
+        f'{name}.out_proj' if name else 'out_proj'
+        for name, module in root.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
 
 
 def default_target_modules(root: nn.Module) -> list[str]:
@@ -339,8 +355,15 @@ def plan_injection(root: nn.Module, config: LoRAConfig) -> InjectionPlan:
     _check_has_adaptable_modules(root, candidates)
     saved = _checked_saved_modules(root, config, candidates)
     targets = []
+    bypassed = attention_bypassed_names(root)
     for name in _select_targets(root, config, candidates, saved):
         module = candidates[name]
+        if name in bypassed:
+            raise ValueError(
+                f'target {name!r} is the output projection of an nn.MultiheadAttention, which reads its weight '
+                'directly, so an adapter there would never be used. Leave it out of target_modules (exclude_modules='
+                f"[{name.rsplit('.', 1)[-1]!r}]) and adapt other layers (e.g. the MLP's).",
+            )
         r, alpha, slices = config.rank_of(name), config.alpha_of(name), config.slices_of(name)
         if isinstance(module, LoRALayer) and (
             module.r,
