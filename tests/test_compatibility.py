@@ -210,3 +210,15 @@ def test_claims_are_checked():
 
     with pytest.raises(TypeError, match=r'Bad.owns\(\) must return Claim objects'):
         claims_of(Bad())
+
+
+def test_every_algorithm_of_ours_declares_what_it_owns():
+    from conformance.harness import all_cases
+
+    from composer_thaw.registry import our_algorithm_names
+
+    ours = [case for case in all_cases() if case.name in our_algorithm_names()]
+    assert {case.name for case in ours} == set(our_algorithm_names())
+    for case in ours:
+        claims = claims_of(case.build())
+        assert claims and all(isinstance(claim, Claim) for claim in claims), case.id
