@@ -21,7 +21,8 @@ algorithm                      :data:`BASE_PARAMETERS`                          
 
 So ``LoRAInject`` composes with ``LayerFreezing`` and with ``HiFTRotation(lora=True)``, ``RegexFreeze`` with
 ``LayerFreezing``; ``LoRAInject`` + ``RegexFreeze``, and ``HiFTRotation`` + anything else that decides what trains,
-are refused. An algorithm without ``owns`` (Composer's own, or a third party's that declares nothing) claims
+are refused. Composer's own algorithms cannot declare anything: :data:`COMPOSER_CLAIMS` declares, here, the one that
+decides what trains (Composer's ``LayerFreezing``, which only freezes). Any other algorithm without ``owns`` claims
 nothing and is never refused here.
 
 Example:
@@ -47,6 +48,7 @@ from composer_thaw.algorithm_state import refuse_duplicates
 __all__ = [
     'ADAPTERS',
     'BASE_PARAMETERS',
+    'COMPOSER_CLAIMS',
     'COMPOSING_ACCESSES',
     'Access',
     'Claim',
@@ -130,11 +132,23 @@ class Claim:
         return self.advice(partner) if callable(self.advice) else self.advice
 
 
+_COMPOSER_FREEZING_ADVICE = "Composer's LayerFreezing only freezes; drop it, or drop the rotation."
+
+COMPOSER_CLAIMS: dict[str, tuple[Claim, ...]] = {
+    'composer.algorithms.layer_freezing.layer_freezing.LayerFreezing': (
+        Claim(BASE_PARAMETERS, 'narrows', _COMPOSER_FREEZING_ADVICE),
+        Claim(ADAPTERS, 'narrows', _COMPOSER_FREEZING_ADVICE),
+    ),
+}
+"""Claims of Composer's algorithms (which have no ``owns``), by ``module.QualifiedName``."""
+
+
 def claims_of(algorithm: Any) -> tuple[Claim, ...]:
-    """What ``algorithm`` declares it owns (its ``owns()``), or ``()`` for an algorithm that declares nothing."""
+    """What ``algorithm`` declares it owns (its ``owns()``; for Composer's algorithms :data:`COMPOSER_CLAIMS`), or
+    ``()`` for an algorithm that declares nothing."""
     owns = getattr(algorithm, 'owns', None)
     if not callable(owns):
-        return ()
+        return COMPOSER_CLAIMS.get(f'{type(algorithm).__module__}.{type(algorithm).__qualname__}', ())
     claims = tuple(owns())
     for claim in claims:
         if not isinstance(claim, Claim):

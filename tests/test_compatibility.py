@@ -222,3 +222,13 @@ def test_every_algorithm_of_ours_declares_what_it_owns():
     for case in ours:
         claims = claims_of(case.build())
         assert claims and all(isinstance(claim, Claim) for claim in claims), case.id
+
+
+def test_composer_s_layer_freezing_is_declared_here_and_composes_like_ours():
+    from composer.algorithms import LayerFreezing as ComposerLayerFreezing
+
+    composer_freezing = ComposerLayerFreezing()
+    assert [c.access for c in claims_of(composer_freezing)] == ['narrows', 'narrows']
+    assert conflict(composer_freezing, LORA) is None and conflict(composer_freezing, REGEX) is None
+    reason = conflict(composer_freezing, HIFT)
+    assert reason is not None and reason.startswith('HiFTRotation cannot be combined with LayerFreezing')
