@@ -167,6 +167,8 @@ def load_table(key: str, source: Source, data_format: Optional[str] = None) -> d
     except Exception as error:  # datasets wraps parser errors in its own classes; the first line says what broke
         cause = error.__cause__ or error
         detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        if 'corresponds to no data' in detail:  # a CSV with its header only
+            raise ConfigError(key, shown, 'no rows.') from error
         raise ConfigError(key, shown, f'not readable as {fmt}: {detail}') from error
     finally:
         if progress:
@@ -184,7 +186,7 @@ def _require_column(key: str, column: str, table: datasets.Dataset, source_key: 
 
 
 def _strings(key: str, column: str, table: datasets.Dataset, source_key: str) -> list[str]:
-    values = table[column]
+    values = list(table[column])
     for row, value in enumerate(values):
         if not isinstance(value, str):
             raise ConfigError(key, column, f'{source_key} row {row} holds {value!r}, not a text.')
@@ -208,7 +210,7 @@ def label_names_of(table: datasets.Dataset, label_column: str, source_key: str =
     if isinstance(feature, datasets.ClassLabel):
         names = tuple(feature.names)
     else:
-        values = set(table[label_column])
+        values = set(list(table[label_column]))
         if None in values or '' in values:
             raise ConfigError(key, label_column, f'{source_key} has rows without a label.')
         kinds = {type(v) for v in values}
@@ -265,7 +267,7 @@ def classification_examples(
     _require_column('data.label_column', label_column, table, source_key)
     texts = _strings('data.text_column', text_column, table, source_key)
     feature = table.features[label_column]
-    raw = table[label_column]
+    raw = list(table[label_column])
     if isinstance(feature, datasets.ClassLabel):
         raw = [feature.int2str(v) for v in raw]
     index = {name: i for i, name in enumerate(label_names)}
@@ -408,7 +410,7 @@ def instruction_examples(
         _require_column('data.messages_column', messages_column, table, source_key)
         conversations = [
             _conversation('data.messages_column', value, row, source_key)
-            for row, value in enumerate(table[messages_column])
+            for row, value in enumerate(list(table[messages_column]))
         ]
         if getattr(tokenizer, 'chat_template', None) is None:
             raise ConfigError(
@@ -573,10 +575,11 @@ def load_task_data(
         if len(train_table) < 2:
             raise ConfigError('data.eval_fraction', eval_fraction, 'data.train has one row; nothing is left to split.')
         split = train_table.train_test_split(test_size=eval_fraction, seed=seed, shuffle=True)
-        train_table, eval_table, eval_key = split['train'], split['test'], 'data.train (eval_fraction)'
+        train_table, eval_table = split['train'], split['test']
+        train_key, eval_key = 'data.train (its training split)', 'data.train (its eval_fraction split)'
     else:
         assert eval is not None
-        eval_table, eval_key = load_table('data.eval', eval, data_format), 'data.eval'
+        eval_table, train_key, eval_key = load_table('data.eval', eval, data_format), 'data.train', 'data.eval'
     if max_train_samples is not None:
         train_table = train_table.select(range(min(max_train_samples, len(train_table))))
     if max_eval_samples is not None:
@@ -584,7 +587,8 @@ def load_task_data(
 
     label_names = None
     if task == 'classification':
-        label_names = label_names_of(train_table, label_column)
+        _require_column('data.text_column', text_column, train_table, 'data.train')
+        label_names = label_names_of(train_table, label_column, train_key)
 
         def tokenize(table: datasets.Dataset, key: str) -> TokenizedExamples:
             assert label_names is not None
@@ -618,7 +622,7 @@ def load_task_data(
 
     return TaskData(
         task,  # type: ignore[arg-type]  # checked against DATA_TASKS above
-        tokenize(train_table, 'data.train'),
+        tokenize(train_table, train_key),
         tokenize(eval_table, eval_key),
         collator_for(task, tokenizer),  # type: ignore[arg-type]
         label_names,
