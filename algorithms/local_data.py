@@ -210,7 +210,7 @@ def label_names_of(table: datasets.Dataset, label_column: str, source_key: str =
     if isinstance(feature, datasets.ClassLabel):
         names = tuple(feature.names)
     else:
-        values = set(list(table[label_column]))
+        values = set(table[label_column])
         if None in values or '' in values:
             raise ConfigError(key, label_column, f'{source_key} has rows without a label.')
         kinds = {type(v) for v in values}
@@ -545,10 +545,14 @@ def load_task_data(
         eval_fraction: the share of ``train`` held out for evaluation (a seeded split), when ``eval`` is ``None``.
         data_format: ``json``, ``csv``, ``parquet`` or ``text`` for files whose extension does not say.
         max_seq_len: tokens per example (per block, with ``packing``).
-        text_column, label_column: the columns of ``classification`` and ``causal_lm`` (text only) rows.
-        prompt_column, response_column, messages_column: the columns of ``instruction`` rows (messages win).
+        text_column: the text column of ``classification`` and ``causal_lm`` rows.
+        label_column: the label column of ``classification`` rows.
+        prompt_column: the prompt column of ``instruction`` rows.
+        response_column: the response column of ``instruction`` rows.
+        messages_column: the column of chat messages of ``instruction`` rows (used instead of prompt/response).
         packing: ``causal_lm`` only: join texts and cut them into full blocks of ``max_seq_len``.
-        max_train_samples, max_eval_samples: keep only the first rows (after the split).
+        max_train_samples: keep only the first training rows (after the split).
+        max_eval_samples: keep only the first eval rows.
         seed: the seed of the ``eval_fraction`` split.
 
     Raises:

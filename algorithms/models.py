@@ -115,7 +115,7 @@ def hf_model_config(
     path: str | Path,
     task: ModelTask,
     label_names: Optional[Sequence[str]] = None,
-    tokenizer=None,
+    tokenizer: Any = None,
     dropout: Optional[float] = None,
 ) -> PretrainedConfig:
     """The Hugging Face config :func:`hf_model` builds the checkpoint at ``path`` with: for ``classification``,
@@ -145,7 +145,7 @@ def hf_model(
     path: str | Path,
     task: ModelTask,
     label_names: Optional[Sequence[str]] = None,
-    tokenizer=None,
+    tokenizer: Any = None,
     dropout: Optional[float] = None,
 ) -> HuggingFaceModel:
     """A local Hugging Face checkpoint, built for ``task`` and wrapped for Composer with the task's metrics.
@@ -197,7 +197,7 @@ def _wrap(model: PreTrainedModel, tokenizer, task: ModelTask, num_labels: int) -
     return HuggingFaceModel(model, tokenizer=tokenizer, metrics=metrics, eval_metrics=eval_metrics, use_logits=True)
 
 
-def hf_causal_lm(path: str | Path, tokenizer=None, dropout: Optional[float] = None) -> HuggingFaceModel:
+def hf_causal_lm(path: str | Path, tokenizer: Any = None, dropout: Optional[float] = None) -> HuggingFaceModel:
     """A causal LM from a local Hugging Face checkpoint (:func:`hf_model` with ``task='causal_lm'``)."""
     return hf_model(path, 'causal_lm', tokenizer=tokenizer, dropout=dropout)
 
@@ -207,7 +207,7 @@ def hf_classifier(
     num_labels: Optional[int] = None,
     dropout: Optional[float] = None,
     label_names: Optional[Sequence[str]] = None,
-    tokenizer=None,
+    tokenizer: Any = None,
 ) -> HuggingFaceModel:
     """A sequence classifier from a local Hugging Face checkpoint (:func:`hf_model` with ``task='classification'``).
 
