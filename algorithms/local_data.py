@@ -126,7 +126,7 @@ def source_format(key: str, source: Source, data_format: Optional[str] = None) -
     if data_format is not None:
         if data_format not in DATA_FORMATS or data_format == 'disk':
             raise ConfigError('data.format', data_format, f'choose one of {", ".join(DATA_FORMATS[:-1])} (or null).')
-        return data_format  # type: ignore[return-value]  # checked just above
+        return data_format
     formats = {_EXTENSIONS.get(p.suffix.lower()) for p in paths}
     if None in formats:
         unknown = next(str(p) for p in paths if p.suffix.lower() not in _EXTENSIONS)
@@ -625,9 +625,9 @@ def load_task_data(
             )
 
     return TaskData(
-        task,  # type: ignore[arg-type]  # checked against DATA_TASKS above
+        task,
         tokenize(train_table, train_key),
         tokenize(eval_table, eval_key),
-        collator_for(task, tokenizer),  # type: ignore[arg-type]
+        collator_for(task, tokenizer),
         label_names,
     )
