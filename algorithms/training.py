@@ -45,6 +45,7 @@ from composer_thaw.sharding import full_tensor
 
 __all__ = [
     'DATA_BUILDERS',
+    'MODEL_BUILDERS',
     'RecipeData',
     'RecipeModel',
     'RunSummary',
@@ -60,25 +61,44 @@ __all__ = [
 ]
 
 
+def _tiny_decoder(config: ModelConfig, label_names: Optional[tuple[str, ...]], task: ModelTask, tokenizer: Any):
+    from composer_thaw import models
+
+    return models.tiny_decoder(
+        arch=config.arch,
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_heads,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+
+
+def _checkpoint(config: ModelConfig, label_names: Optional[tuple[str, ...]], task: ModelTask, tokenizer: Any):
+    from composer_thaw import models
+
+    path = models.embedded_minilm_path() if config.name == 'minilm' else config.path
+    assert path is not None  # check_recipe: model.name 'hf' needs model.path
+    return models.hf_model(path, task, label_names=label_names, tokenizer=tokenizer, dropout=config.dropout)
+
+
+# model.name -> (config, class names or None, task, tokenizer or None) -> a Composer HuggingFaceModel
+MODEL_BUILDERS: dict[str, Callable[..., Any]] = {
+    'minilm': _checkpoint,
+    'hf': _checkpoint,
+    'tiny-decoder': _tiny_decoder,
+}
+
+
 def build_model(
-    config: ModelConfig, label_names: Optional[Sequence[str]], task: ModelTask = 'classification', tokenizer=None
+    config: ModelConfig,
+    label_names: Optional[Sequence[str]],
+    task: ModelTask = 'classification',
+    tokenizer: Any = None,
 ):
     """The recipe's model as a :class:`composer.models.HuggingFaceModel`, built for ``task`` (see
     :func:`composer_thaw.recipe.model_task`); a classifier's classes are ``label_names`` (from the data)."""
-    from composer_thaw import models
-
-    if config.name == 'tiny-decoder':
-        return models.tiny_decoder(
-            arch=config.arch,
-            num_layers=config.num_layers,
-            hidden_size=config.hidden_size,
-            num_heads=config.num_heads,
-            tie_word_embeddings=config.tie_word_embeddings,
-        )
-    path = models.embedded_minilm_path() if config.name == 'minilm' else config.path
-    assert path is not None  # check_recipe: model.name 'hf' needs model.path
     names = tuple(label_names) if task == 'classification' and label_names is not None else None
-    return models.hf_model(path, task, label_names=names, tokenizer=tokenizer, dropout=config.dropout)
+    return MODEL_BUILDERS[config.name](config, names, task, tokenizer)
 
 
 @dataclass(frozen=True)
