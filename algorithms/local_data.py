@@ -72,6 +72,7 @@ _EXTENSIONS: dict[str, DataFormat] = {
     '.txt': 'text',
     '.text': 'text',
 }
+_COMPRESSIONS = ('.gz', '.bz2', '.xz', '.zst')  # read through by datasets: rows.jsonl.gz is json
 IGNORE_INDEX = -100  # the label of a token the loss skips (PyTorch's and Hugging Face's convention)
 
 Source = Union[str, Path, Sequence[Union[str, Path]]]
@@ -92,6 +93,14 @@ def _files(key: str, source: Source) -> list[Path]:
             )
         paths += [Path(m) for m in matches]
     return paths
+
+
+def _extension(path: Path) -> str:
+    """The extension that names the format: ``.jsonl`` for ``rows.jsonl`` and ``rows.jsonl.gz``."""
+    name = path.name.lower()
+    for compression in _COMPRESSIONS:
+        name = name.removesuffix(compression)
+    return Path(name).suffix
 
 
 def source_format(key: str, source: Source, data_format: Optional[str] = None) -> DataFormat:
@@ -127,9 +136,9 @@ def source_format(key: str, source: Source, data_format: Optional[str] = None) -
         if data_format not in DATA_FORMATS or data_format == 'disk':
             raise ConfigError('data.format', data_format, f'choose one of {", ".join(DATA_FORMATS[:-1])} (or null).')
         return data_format
-    formats = {_EXTENSIONS.get(p.suffix.lower()) for p in paths}
+    formats = {_EXTENSIONS.get(_extension(p)) for p in paths}
     if None in formats:
-        unknown = next(str(p) for p in paths if p.suffix.lower() not in _EXTENSIONS)
+        unknown = next(str(p) for p in paths if _extension(p) not in _EXTENSIONS)
         raise ConfigError(
             key,
             unknown,
@@ -157,8 +166,8 @@ def load_table(key: str, source: Source, data_format: Optional[str] = None) -> d
         if path.is_file() and path.stat().st_size == 0:
             raise ConfigError(key, str(path), 'the file is empty.')
     shown: Any = str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]
-    progress = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.utils.logging.disable_progress_bar()
+    progress = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     try:
         if fmt == 'disk':
             table = datasets.load_from_disk(str(paths[0]))
@@ -172,7 +181,7 @@ def load_table(key: str, source: Source, data_format: Optional[str] = None) -> d
         raise ConfigError(key, shown, f'not readable as {fmt}: {detail}') from error
     finally:
         if progress:
-            datasets.utils.logging.enable_progress_bar()
+            datasets.enable_progress_bars()
     if not isinstance(table, datasets.Dataset):
         raise ConfigError(key, shown, 'expected one split of rows (a Dataset), not a DatasetDict.')
     if len(table) == 0:

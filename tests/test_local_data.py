@@ -57,8 +57,12 @@ def test_every_format_and_a_save_to_disk_folder_load_the_same_rows(tmp_path):
         loaded = load_table('data.train', named)
         expected = 2 if not isinstance(source, list) else 4
         assert len(loaded) == expected and loaded[1] == {'text': 'a second one', 'label': 'y'}, source
+    import gzip
+
+    (tmp_path / 'rows.jsonl.gz').write_bytes(gzip.compress((tmp_path / 'rows.jsonl').read_bytes()))
+    assert list(load_table('data.train', str(tmp_path / 'rows.jsonl.gz'))['label']) == ['x', 'y']
     (tmp_path / 'lines.txt').write_text('one line\ntwo lines\n')
-    assert load_table('data.train', str(tmp_path / 'lines.txt'))['text'] == ['one line', 'two lines']
+    assert list(load_table('data.train', str(tmp_path / 'lines.txt'))['text']) == ['one line', 'two lines']
 
 
 def test_labels_come_from_the_training_rows_and_keep_their_names(tmp_path, tokenizer):
