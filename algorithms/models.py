@@ -111,20 +111,13 @@ def default_task(config: PretrainedConfig) -> ModelTask:
     return 'causal_lm'
 
 
-def hf_model_config(
-    path: str | Path,
-    task: ModelTask,
-    label_names: Optional[Sequence[str]] = None,
-    tokenizer: Any = None,
-    dropout: Optional[float] = None,
+def _checkpoint_config(
+    path: str | Path, task: ModelTask, label_names: Optional[Sequence[str]], dropout: Optional[float]
 ) -> PretrainedConfig:
-    """The Hugging Face config :func:`hf_model` builds the checkpoint at ``path`` with: for ``classification``,
-    ``num_labels``, ``id2label`` and ``label2id`` from ``label_names``; the pad token id of ``tokenizer`` (the
-    folder's own by default); ``dropout`` as every dropout probability BERT-style configs have."""
+    """The folder's config with the task's labels and the dropout override: what its weights load into."""
     from transformers import AutoConfig
 
     _offline()
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
     overrides: dict[str, Any] = {}
     if dropout is not None:
         overrides.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
@@ -136,7 +129,29 @@ def hf_model_config(
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
         )
-    config = AutoConfig.from_pretrained(str(path), **overrides)
+    return AutoConfig.from_pretrained(str(path), **overrides)
+
+
+def hf_model_config(
+    path: str | Path,
+    task: ModelTask,
+    label_names: Optional[Sequence[str]] = None,
+    tokenizer: Any = None,
+    dropout: Optional[float] = None,
+) -> PretrainedConfig:
+    """The Hugging Face config of the model :func:`hf_model` builds from the checkpoint at ``path``: for
+    ``classification``, ``num_labels``, ``id2label`` and ``label2id`` from ``label_names``; the pad token id of
+    ``tokenizer`` (the folder's own by default), with a vocabulary grown to hold it when it is a new token;
+    ``dropout`` as every dropout probability BERT-style configs have.
+
+    Example:
+        >>> hf_model_config('my-gpt2', 'classification', label_names=('no', 'yes')).pad_token_id
+        50256
+    """
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
+    config = _checkpoint_config(path, task, label_names, dropout)
+    if isinstance(getattr(config, 'vocab_size', None), int) and len(tokenizer) > config.vocab_size:
+        config.vocab_size = len(tokenizer)  # ensure_pad_token added a token: hf_model adds its row
     config.pad_token_id = tokenizer.pad_token_id
     return config
 
@@ -158,6 +173,9 @@ def hf_model(
         tokenizer: defaults to the one in ``path`` (:func:`load_tokenizer`, so with a pad token).
         dropout: overrides the checkpoint's hidden and attention dropout (0 makes runs rank-independent).
 
+    The model's config ends as :func:`hf_model_config` says: its ``pad_token_id`` is the tokenizer's (set after
+    loading, so an end-of-text token used for padding keeps training as an ordinary token).
+
     Example:
         >>> model = hf_model('runs/my-decoder', 'classification', label_names=('no', 'yes'))
         >>> model.model.config.id2label
@@ -169,7 +187,7 @@ def hf_model(
     if task not in MODEL_TASKS:
         raise ValueError(f'task={task!r}: choose one of {list(MODEL_TASKS)}.')
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
-    config = hf_model_config(path, task, label_names, tokenizer, dropout)
+    config = _checkpoint_config(path, task, label_names, dropout)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the fresh head's "newly initialized weights" notice is expected
     try:
@@ -184,6 +202,7 @@ def hf_model(
         hf_logging.set_verbosity(verbosity)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # ensure_pad_token added a token
         model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
     return _wrap(model, tokenizer, task, len(label_names or ()))
 
 
