@@ -6,6 +6,7 @@
     thaw hift-preview yamls/hift_minilm.yaml              # HiFT's units and the order it trains them in
     thaw algorithms                      # list registered algorithm names
     thaw estimate --model-config llama-7b --algorithm full --algorithm 'lora_inject={r: 16}'
+    thaw estimate --model-config yamls/files_classification.yaml   # the model that recipe's run builds
 
 Invalid recipes exit with code 2 and one paragraph naming the key, the bad value and what is valid.
 """
@@ -77,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument(
         '--model-config',
         required=True,
-        help="a config.json (or its folder), 'minilm', 'tiny-decoder', 'gpt2', 'llama-7b', ...",
+        help="a config.json (or its folder), a recipe (.yaml: the model its run builds), 'minilm', 'tiny-decoder', "
+        "'gpt2', 'llama-7b', ...",
     )
     estimate.add_argument(
         '--algorithm',

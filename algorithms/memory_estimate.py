@@ -12,6 +12,8 @@ Example:
 
 From the command line: ``thaw estimate --model-config llama-7b --algorithm full --algorithm 'lora_inject={r: 16}'
 --algorithm 'hift_rotation={group_size: 4}'``.
+``--model-config`` also takes a recipe: the model its run builds (task, classes read from its data, pad token),
+from the config alone (:func:`composer_thaw.training.recipe_model_spec`).
 """
 
 from __future__ import annotations

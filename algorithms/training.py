@@ -211,7 +211,8 @@ class RecipeModel:
 
 def build_recipe_model(recipe: Recipe, train_batch_size: Optional[int] = None) -> RecipeModel:
     """Tokenizer, data and model of ``recipe`` (already validated), with the checks that need them: a model folder
-    transformers cannot read, bad data, a sequence longer than the model's positions raise :class:`ConfigError`.
+    transformers cannot read, bad data, a training set smaller than one batch, a sequence longer than the model's
+    positions raise :class:`ConfigError`.
 
     ``thaw run`` and the previews (``thaw freeze-preview``, ``thaw hift-preview``) build their model here, so they
     see the same model. The data is checked and tokenized before the model is built.
@@ -224,11 +225,19 @@ def build_recipe_model(recipe: Recipe, train_batch_size: Optional[int] = None) -
 
     per_process = train_batch_size or recipe.global_train_batch_size // dist.get_world_size()
     tokenizer_path = recipe.model.tokenizer or recipe.model.path if recipe.model.name == 'hf' else None
-    with _model_folder_errors(
-        recipe, 'no tokenizer loads from there', 'model.tokenizer' if recipe.model.tokenizer else 'model.path'
-    ):
+    with _model_folder_errors(recipe, 'no tokenizer loads from there', _tokenizer_key(recipe)):
         tokenizer = load_tokenizer(tokenizer_path)
     data = build_data(recipe.data, tokenizer, per_process, recipe.eval_batch_size, recipe.seed)
+    if len(data.train_dataloader) == 0:  # batches drop the remainder, so a too small set would train nothing
+        train_set = data.train_dataloader.dataset
+        assert isinstance(train_set, Sized)  # build_data's data sets have a length
+        raise ConfigError(
+            'global_train_batch_size',
+            recipe.global_train_batch_size,
+            f'the training set has only {len(train_set)} examples '
+            f'(data.max_train_samples={recipe.data.max_train_samples}), too few for one batch; lower the batch size '
+            'or use more data.',
+        )
     with _model_folder_errors(recipe, 'not a loadable Hugging Face checkpoint'):
         model = build_model(recipe.model, data.label_names, model_task(recipe), tokenizer)
     _check_sequence_length(recipe, model)
@@ -258,24 +267,27 @@ def build_named_model(source: str):
 
 def recipe_model_spec(recipe: Recipe):
     """The recipe's model as ``thaw estimate --model-config recipe.yaml`` sees it: a
-    :class:`~composer_thaw.memory_estimate.ModelSpec` with the Hugging Face config the run builds (the classes read
-    from the recipe's data), without loading any weights of a local checkpoint."""
+    :class:`~composer_thaw.memory_estimate.ModelSpec` with the Hugging Face config the run builds (its task, the
+    classes read from the recipe's data, its pad token), without loading the weights of a local checkpoint."""
     from composer_thaw.memory_estimate import ModelSpec, spec_of
     from composer_thaw.models import hf_model_config, load_tokenizer
 
-    if recipe.model.name != 'hf':
-        reproducibility.seed_all(recipe.seed)
-        return spec_of(build_named_model(recipe.model.name))
-    assert recipe.model.path is not None  # check_recipe
     task = model_task(recipe)
-    with _model_folder_errors(
-        recipe, 'no tokenizer loads from there', 'model.tokenizer' if recipe.model.tokenizer else 'model.path'
-    ):
-        tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
+    path = recipe.model.tokenizer or recipe.model.path if recipe.model.name == 'hf' else None
+    with _model_folder_errors(recipe, 'no tokenizer loads from there', _tokenizer_key(recipe)):
+        tokenizer = load_tokenizer(path)
     labels = build_data(recipe.data, tokenizer, 1, 1, recipe.seed).label_names if task == 'classification' else None
+    if recipe.model.name != 'hf':  # built-in models are small: build the real one
+        reproducibility.seed_all(recipe.seed)
+        return spec_of(build_model(recipe.model, labels, task, tokenizer))
+    assert recipe.model.path is not None  # check_recipe
     with _model_folder_errors(recipe, 'not a loadable Hugging Face checkpoint'):
         config = hf_model_config(recipe.model.path, task, labels, tokenizer, recipe.model.dropout)
     return ModelSpec(config, 'sequence-classification' if task == 'classification' else 'causal-lm', recipe.model.path)
+
+
+def _tokenizer_key(recipe: Recipe) -> str:
+    return 'model.tokenizer' if recipe.model.tokenizer else 'model.path'
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
@@ -461,16 +473,6 @@ def _build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData
     reproducibility.seed_all(recipe.seed)
     built = build_recipe_model(recipe, recipe.global_train_batch_size // world_size)
     model, data = built.model, built.data
-    if len(data.train_dataloader) == 0:  # batches drop the remainder, so a too small set would train nothing
-        train_set = data.train_dataloader.dataset
-        assert isinstance(train_set, Sized)  # build_data's data sets have a length
-        examples = len(train_set)
-        raise ConfigError(
-            'global_train_batch_size',
-            recipe.global_train_batch_size,
-            f'the training set has only {examples} examples (data.max_train_samples={recipe.data.max_train_samples}), '
-            'too few for one batch; lower the batch size or use more data.',
-        )
     optimizer = build_optimizer(model, recipe.optimizer)
     summary = TrainingSummary()
     with _algorithm_errors(recipe, algorithms):  # they check themselves against the model at INIT and BEFORE_LOAD

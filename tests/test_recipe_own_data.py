@@ -200,3 +200,14 @@ def test_bad_data_is_refused_in_one_line_before_the_model_is_built(case, command
     assert lines[0].startswith(f'thaw {command}: invalid recipe: {key} = ') and fragment in lines[0]
     assert 'Traceback' not in captured.out + captured.err
     assert not (tmp_path / 'summary.json').exists()
+
+
+def test_the_estimate_of_a_builtin_model_recipe_has_the_datas_classes(capsys, monkeypatch):
+    from support import REPO
+
+    from composer_thaw.memory_estimate import estimate_training_state
+
+    monkeypatch.chdir(REPO)
+    assert main(['estimate', '--model-config', 'yamls/files_classification.yaml']) == 0
+    six_labels = estimate_training_state('minilm').total_params  # the built-in task's head
+    assert f'{six_labels - 3 * (384 + 1):,} parameters' in capsys.readouterr().out  # 3 classes: function, ...
