@@ -46,6 +46,7 @@ from composer_thaw.sharding import full_tensor
 __all__ = [
     'DATA_BUILDERS',
     'MODEL_BUILDERS',
+    'DataRequest',
     'RecipeData',
     'RecipeModel',
     'RunSummary',
@@ -113,47 +114,71 @@ class RecipeData:
         return None if self.label_names is None else len(self.label_names)
 
 
-def _stdlib_docs(
-    config: DataConfig, tokenizer, seed: int
-) -> tuple[Any, Any, Any, Optional[tuple[str, ...]], Optional[float]]:
+@dataclass(frozen=True)
+class DataRequest:
+    """What a data builder is asked for: loaders of these per-process batch sizes, tokenized by ``tokenizer``."""
+
+    tokenizer: Any
+    train_batch_size: int
+    eval_batch_size: int
+    seed: int
+
+
+def _loaders(
+    request: DataRequest,
+    train_set: Any,
+    eval_set: Any,
+    label_names: Optional[tuple[str, ...]],
+    majority: Optional[float],
+    collate_fn: Optional[Callable] = None,
+) -> RecipeData:
+    from composer_thaw.data import build_dataloader
+
+    tokenizer = request.tokenizer
+    return RecipeData(
+        build_dataloader(train_set, tokenizer, request.train_batch_size, True, True, collate_fn=collate_fn),
+        build_dataloader(eval_set, tokenizer, request.eval_batch_size, False, False, collate_fn=collate_fn),
+        label_names,
+        majority,
+    )
+
+
+def _stdlib_docs(config: DataConfig, request: DataRequest) -> RecipeData:
     from composer_thaw import data
 
     train, eval_ = data.stdlib_docs_examples(max_per_class=config.max_per_class)
     train, eval_ = train[: config.max_train_samples], eval_[: config.max_eval_samples]
     counts = torch.bincount(torch.tensor([e.label for e in eval_]), minlength=len(data.STDLIB_DOCS_CLASSES))
-    return (
-        data.ClassificationDataset(train, tokenizer, config.max_seq_len),
-        data.ClassificationDataset(eval_, tokenizer, config.max_seq_len),
-        None,
+    return _loaders(
+        request,
+        data.ClassificationDataset(train, request.tokenizer, config.max_seq_len),
+        data.ClassificationDataset(eval_, request.tokenizer, config.max_seq_len),
         data.STDLIB_DOCS_CLASSES,
         counts.max().item() / max(len(eval_), 1),
     )
 
 
-def _python_topics(
-    config: DataConfig, tokenizer, seed: int
-) -> tuple[Any, Any, Any, Optional[tuple[str, ...]], Optional[float]]:
+def _python_topics(config: DataConfig, request: DataRequest) -> RecipeData:
     from composer_thaw import data
 
     train_texts, eval_texts = data.python_topics_corpus()
-    return (
-        data.LanguageModelingDataset(train_texts, tokenizer, config.max_seq_len, config.max_train_samples),
-        data.LanguageModelingDataset(eval_texts, tokenizer, config.max_seq_len, config.max_eval_samples),
-        None,
+    tokenizer, max_seq_len = request.tokenizer, config.max_seq_len
+    return _loaders(
+        request,
+        data.LanguageModelingDataset(train_texts, tokenizer, max_seq_len, config.max_train_samples),
+        data.LanguageModelingDataset(eval_texts, tokenizer, max_seq_len, config.max_eval_samples),
         None,
         None,
     )
 
 
-def _files(
-    config: DataConfig, tokenizer, seed: int
-) -> tuple[Any, Any, Any, Optional[tuple[str, ...]], Optional[float]]:
+def _files(config: DataConfig, request: DataRequest) -> RecipeData:
     from composer_thaw.local_data import load_task_data
 
     assert config.task is not None and config.train is not None  # check_recipe
     task_data = load_task_data(
         config.task,
-        tokenizer,
+        request.tokenizer,
         config.train,
         config.eval,
         eval_fraction=config.eval_fraction,
@@ -167,13 +192,16 @@ def _files(
         packing=config.packing,
         max_train_samples=config.max_train_samples,
         max_eval_samples=config.max_eval_samples,
-        seed=seed,
+        seed=request.seed,
     )
-    return task_data.train, task_data.eval, task_data.collate_fn, task_data.label_names, task_data.majority_rate
+    return _loaders(
+        request, task_data.train, task_data.eval, task_data.label_names, task_data.majority_rate, task_data.collate_fn
+    )
 
 
-# data.name -> (config, tokenizer, seed) -> (train set, eval set, collate_fn or None for padding, labels, majority)
-DATA_BUILDERS: dict[str, Callable[..., tuple[Any, Any, Any, Optional[tuple[str, ...]], Optional[float]]]] = {
+# data.name -> (the recipe's data config, what is asked for) -> loaders, class names (classification) and the
+# majority-class rate of the eval set. A new kind of data is one more entry.
+DATA_BUILDERS: dict[str, Callable[[DataConfig, DataRequest], RecipeData]] = {
     'stdlib-docs': _stdlib_docs,
     'python-topics': _python_topics,
     'files': _files,
@@ -185,19 +213,7 @@ def build_data(
 ) -> RecipeData:
     """Train and eval loaders for the recipe's data (batch sizes are per process); a problem with the data is a
     :class:`ConfigError`."""
-    from composer_thaw import data
-
-    train_set, eval_set, collate_fn, label_names, majority = DATA_BUILDERS[config.name](config, tokenizer, seed)
-    return RecipeData(
-        data.build_dataloader(
-            train_set, tokenizer, train_batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn
-        ),
-        data.build_dataloader(
-            eval_set, tokenizer, eval_batch_size, shuffle=False, drop_last=False, collate_fn=collate_fn
-        ),
-        label_names,
-        majority,
-    )
+    return DATA_BUILDERS[config.name](config, DataRequest(tokenizer, train_batch_size, eval_batch_size, seed))
 
 
 @dataclass(frozen=True)
