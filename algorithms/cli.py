@@ -6,6 +6,7 @@
     thaw hift-preview yamls/hift_minilm.yaml              # HiFT's units and the order it trains them in
     thaw algorithms                      # list registered algorithm names
     thaw estimate --model-config llama-7b --algorithm full --algorithm 'lora_inject={r: 16}'
+    thaw estimate --model-config yamls/files_classification.yaml   # the model that recipe's run builds
 
 Invalid recipes exit with code 2 and one paragraph naming the key, the bad value and what is valid.
 """
@@ -18,7 +19,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional, cast
+from typing import Any, Optional
 
 from composer_thaw.config_validation import ConfigError
 
@@ -77,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument(
         '--model-config',
         required=True,
-        help="a config.json (or its folder), 'minilm', 'tiny-decoder', 'gpt2', 'llama-7b', ...",
+        help="a config.json (or its folder), a recipe (.yaml: the model its run builds), 'minilm', 'tiny-decoder', "
+        "'gpt2', 'llama-7b', ...",
     )
     estimate.add_argument(
         '--algorithm',
@@ -168,28 +170,38 @@ def _how_to_resume(recipe: Any) -> str:
 
 
 def _model_and_recipe_options(source: str, algorithm: str) -> tuple[Any, dict[str, Any]]:
-    """The model a preview is about and the recipe's options for ``algorithm`` (empty unless ``source`` is a recipe)."""
+    """The model a preview is about and the recipe's options for ``algorithm`` (empty unless ``source`` is a recipe).
 
-    from composer_thaw.data import STDLIB_DOCS_CLASSES
-    from composer_thaw.recipe import ModelConfig, load_recipe
-    from composer_thaw.training import build_model
+    A recipe's model is built as ``thaw run`` builds it (its data read first, for the classes), with the same
+    checks; a name or folder alone gives the model :func:`~composer_thaw.training.build_named_model` builds.
+    """
+    from composer.utils import reproducibility
 
-    options: dict[str, Any] = {}
-    if source.endswith(('.yaml', '.yml')):
+    from composer_thaw.recipe import load_recipe
+    from composer_thaw.training import build_named_model, build_recipe_model
+
+    if _is_recipe(source):
         recipe = load_recipe(source)
-        config = recipe.model
-        options = dict(recipe.algorithms.get(algorithm) or {})
-    elif source in ('minilm', 'tiny-decoder'):
-        config = ModelConfig(name=cast(Literal['minilm', 'tiny-decoder'], source))
-    elif (Path(source) / 'config.json').is_file():
-        config = ModelConfig(name='hf', path=source)
-    else:
-        raise ConfigError(
-            'source',
-            source,
-            "expected a recipe (.yaml), 'minilm', 'tiny-decoder', or a directory with a Hugging Face config.json.",
-        )
-    return build_model(config, num_labels=len(STDLIB_DOCS_CLASSES)), options
+        reproducibility.seed_all(recipe.seed)
+        return build_recipe_model(recipe).model, dict(recipe.algorithms.get(algorithm) or {})
+    if source in ('minilm', 'tiny-decoder') or (Path(source) / 'config.json').is_file():
+        return build_named_model(source), {}
+    raise ConfigError(
+        'source',
+        source,
+        "expected a recipe (.yaml), 'minilm', 'tiny-decoder', or a directory with a Hugging Face config.json.",
+    )
+
+
+def _is_recipe(source: str) -> bool:
+    return source.endswith(('.yaml', '.yml'))
+
+
+def _option_key(args: argparse.Namespace, algorithm: str, cli_keys: Sequence[str], cli_name: str) -> str:
+    """The key an option error names: the recipe's ``algorithms.<name>`` (as ``thaw run`` does), or the CLI flag."""
+    if _is_recipe(args.source) and all(getattr(args, key) is None for key in cli_keys):
+        return f'algorithms.{algorithm}'
+    return cli_name
 
 
 def _override(options: dict[str, Any], args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
@@ -205,7 +217,11 @@ def _preview(args: argparse.Namespace) -> int:
     try:
         print(freeze_preview(model, options.get('trainable'), options.get('frozen'), options.get('syntax', 'axolotl')))
     except ValueError as error:
-        raise ConfigError('--pattern', options.get('trainable'), str(error)) from error
+        keys = ('trainable', 'frozen', 'syntax')
+        key = _option_key(args, 'regex_freeze', keys, '--pattern')
+        raise ConfigError(
+            key, options if key.startswith('algorithms') else options.get('trainable'), str(error)
+        ) from error
     return 0
 
 
@@ -219,7 +235,7 @@ def _hift_preview(args: argparse.Namespace) -> int:
     try:
         print(rotation_preview(model, **{key: options[key] for key in keys if key in options}))
     except (TypeError, ValueError) as error:
-        raise ConfigError('hift_rotation', options, str(error)) from error
+        raise ConfigError(_option_key(args, 'hift_rotation', keys, 'hift_rotation'), options, str(error)) from error
     return 0
 
 
@@ -252,7 +268,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return commands[args.command](args)
     except ConfigError as error:
-        what = 'recipe' if args.command == 'run' else 'input'
+        source = getattr(args, 'recipe', None) or getattr(args, 'source', None) or getattr(args, 'model_config', '')
+        what = 'recipe' if args.command == 'run' or _is_recipe(str(source)) else 'input'
         one_line = ' '.join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f'thaw {args.command}: invalid {what}: {one_line}', file=sys.stderr)
         return EXIT_INVALID

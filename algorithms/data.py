@@ -23,10 +23,10 @@ import inspect
 import pkgutil
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from composer.utils import dist
@@ -174,10 +174,12 @@ class LanguageModelingDataset(Dataset):
         return {'input_ids': block, 'attention_mask': torch.ones_like(block), 'labels': block.clone()}
 
 
-def build_dataloader(dataset: Dataset, tokenizer, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+def build_dataloader(
+    dataset: Dataset, tokenizer, batch_size: int, shuffle: bool, drop_last: bool, collate_fn: Optional[Callable] = None
+) -> DataLoader:
     """A loader over ``dataset`` with Composer's distributed sampler and dynamic padding.
 
-    ``batch_size`` is per process.
+    ``batch_size`` is per process; ``collate_fn`` defaults to padding with ``tokenizer``.
     """
     from transformers import DataCollatorWithPadding
 
@@ -185,6 +187,6 @@ def build_dataloader(dataset: Dataset, tokenizer, batch_size: int, shuffle: bool
         dataset,
         batch_size=batch_size,
         sampler=dist.get_sampler(dataset, shuffle=shuffle, drop_last=drop_last),
-        collate_fn=DataCollatorWithPadding(tokenizer),
+        collate_fn=collate_fn or DataCollatorWithPadding(tokenizer),
         drop_last=drop_last,
     )

@@ -12,6 +12,8 @@ Example:
 
 From the command line: ``thaw estimate --model-config llama-7b --algorithm full --algorithm 'lora_inject={r: 16}'
 --algorithm 'hift_rotation={group_size: 4}'``.
+``--model-config`` also takes a recipe: the model its run builds (task, classes read from its data, pad token),
+from the config alone (:func:`composer_thaw.training.recipe_model_spec`).
 """
 
 from __future__ import annotations
@@ -94,8 +96,6 @@ OPTIMIZER_STATE: dict[str, tuple[int, int]] = {
 OptimizerName = Literal['adamw', 'adam', 'sgd', 'adagrad']
 
 ESTIMATED_ALGORITHMS = ('full', 'layer_freezing', 'regex_freeze', 'lora_inject', 'hift_rotation')
-
-_ENCODER_TYPES = ('bert', 'roberta', 'distilbert', 'deberta', 'deberta-v2', 'electra', 'xlm-roberta')
 
 
 @dataclass(frozen=True)
@@ -191,8 +191,9 @@ def load_model_config(
         config = AutoConfig.for_model(model_type, **data)
     except (ValueError, TypeError) as error:
         raise ConfigError('--model-config', name, str(error)) from error
-    architectures = ' '.join(getattr(config, 'architectures', None) or [])
-    encoder = model_type in _ENCODER_TYPES or 'SequenceClassification' in architectures
+    from composer_thaw.models import default_task
+
+    encoder = default_task(config) == 'classification'
     if encoder:
         config.num_labels = num_labels
     return ModelSpec(config, 'sequence-classification' if encoder else 'causal-lm', name)
@@ -465,7 +466,16 @@ def estimate_report(
     """The ``thaw estimate`` table: one row per ``NAME[={options}]`` in ``algorithms`` (``full`` if none)."""
     if dtype not in _DTYPES:
         raise ConfigError('--dtype', dtype, f'choose one of {", ".join(_DTYPES)}.')
-    spec = load_model_config(model_config, dict(_parse_override(o) for o in overrides))
+    changes = dict(_parse_override(o) for o in overrides)
+    if model_config.endswith(('.yaml', '.yml')):  # a recipe: the model its run builds
+        from composer_thaw.recipe import load_recipe
+        from composer_thaw.training import recipe_model_spec
+
+        spec = recipe_model_spec(load_recipe(model_config))
+        for key, value in changes.items():
+            setattr(spec.config, key, value)
+    else:
+        spec = load_model_config(model_config, changes)
     rows = [
         estimate_training_state(spec, name, options, _optimizer_name(optimizer), _DTYPES[dtype], world_size)
         for name, options in map(parse_algorithm, algorithms or ['full'])

@@ -42,7 +42,9 @@ __all__ = [
     'SchedulerConfig',
     'apply_overrides',
     'check_processes',
+    'data_task',
     'load_recipe',
+    'model_task',
     'recipe_from_mapping',
     'recipe_to_mapping',
 ]
@@ -56,12 +58,16 @@ MAX_LEARNING_RATE = 10.0
 
 @dataclass
 class ModelConfig:
-    """``minilm``: the embedded all-MiniLM-L6-v2 classifier; ``hf``: a local checkpoint at ``path``;
-    ``tiny-decoder``: the built-in randomly initialized causal LM; ``resnet18``, ``vit``: torchvision image
-    classifiers (:mod:`composer_thaw.vision`; the ViT takes ``num_layers``, ``hidden_size``, ``num_heads``)."""
+    """``minilm``: the embedded all-MiniLM-L6-v2 classifier; ``hf``: a local checkpoint at ``path``, built for
+    ``task`` (by default the data's: ``classification`` for labelled data, ``causal_lm`` for text and instructions)
+    with the tokenizer of ``tokenizer`` (default: ``path``); ``tiny-decoder``: the built-in randomly initialized
+    causal LM; ``resnet18``, ``vit``: torchvision image classifiers (:mod:`composer_thaw.vision`; the ViT takes
+    ``num_layers``, ``hidden_size``, ``num_heads``)."""
 
     name: Literal['minilm', 'hf', 'tiny-decoder', 'resnet18', 'vit'] = 'minilm'
     path: Optional[str] = None
+    task: Optional[Literal['causal_lm', 'classification']] = None
+    tokenizer: Optional[str] = None
     arch: Literal['llama', 'gpt2'] = 'llama'
     num_layers: int = 4
     hidden_size: int = 64
@@ -72,10 +78,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """``stdlib-docs``: 6-class docstring classification; ``python-topics``: language modelling text;
+    """``stdlib-docs``: 6-class docstring classification; ``python-topics``: language modelling text; ``files``:
+    your own rows for ``task`` from ``train`` and ``eval`` (or ``eval_fraction`` of ``train``): JSON Lines, CSV,
+    Parquet or text files, globs, lists of them, or ``save_to_disk`` folders (see :mod:`composer_thaw.local_data`);
     ``synthetic-images``: 10-class synthetic images for the vision models."""
 
-    name: Literal['stdlib-docs', 'python-topics', 'synthetic-images'] = 'stdlib-docs'
+    name: Literal['stdlib-docs', 'python-topics', 'files', 'synthetic-images'] = 'stdlib-docs'
+    task: Optional[Literal['classification', 'causal_lm', 'instruction']] = None
+    train: Optional[Union[str, list[str]]] = None
+    eval: Optional[Union[str, list[str]]] = None
+    eval_fraction: Optional[float] = None
+    format: Optional[Literal['json', 'csv', 'parquet', 'text']] = None
+    text_column: str = 'text'
+    label_column: str = 'label'
+    prompt_column: str = 'prompt'
+    response_column: str = 'response'
+    messages_column: Optional[str] = None
+    packing: bool = False
     max_seq_len: int = 64
     max_per_class: int = 280
     max_train_samples: Optional[int] = None
@@ -217,34 +236,15 @@ def validate_recipe(recipe: Recipe) -> None:
     if recipe.model.dropout is not None and not 0 <= recipe.model.dropout < 1:
         raise ConfigError('model.dropout', recipe.model.dropout, 'expected a number in [0, 1) or null.')
 
-    model = recipe.model
-    if model.name == 'hf':
-        if model.path is None:
-            raise ConfigError(
-                'model.path', None, "model.name 'hf' needs model.path: a local Hugging Face checkpoint directory."
-            )
-        if not (Path(model.path) / 'config.json').is_file():
-            raise ConfigError(
-                'model.path',
-                model.path,
-                'no Hugging Face checkpoint there (expected a directory containing config.json). Use a local path, '
-                "or model.name 'minilm' for the embedded all-MiniLM-L6-v2.",
-            )
-    elif model.path is not None:
-        raise ConfigError('model.path', model.path, f"only model.name 'hf' takes a path; model.name is {model.name!r}.")
+    _check_model(recipe.model)
+    _check_data(recipe.data)
     from composer_thaw.vision import check_vision_recipe
 
-    vision_problem = check_vision_recipe(model.name, recipe.data.name)
+    vision_problem = check_vision_recipe(recipe.model.name, recipe.data.name)
     if vision_problem is not None:
         raise ConfigError(*vision_problem)
-    if model.name == 'tiny-decoder' and recipe.data.name != 'python-topics':
-        raise ConfigError(
-            'data.name', recipe.data.name, "model 'tiny-decoder' is a language model: use data.name 'python-topics'."
-        )
-    if model.name != 'tiny-decoder' and recipe.data.name == 'python-topics':
-        raise ConfigError(
-            'data.name', recipe.data.name, "a classifier needs a classification task: use data.name 'stdlib-docs'."
-        )
+    _check_task(recipe.model, recipe.data)
+    model = recipe.model
     for key in ('num_layers', 'hidden_size', 'num_heads'):
         _check_positive(f'model.{key}', getattr(model, key))
 
@@ -276,6 +276,130 @@ def validate_recipe(recipe: Recipe) -> None:
             check_checkpoint_algorithms(recipe.load_path, built)
         except ValueError as error:
             raise ConfigError('algorithms', list(recipe.algorithms), str(error)) from error
+
+
+# What each built-in data set is for; a recipe's files declare theirs in data.task.
+BUILTIN_DATA_TASKS = {
+    'stdlib-docs': 'classification',
+    'python-topics': 'causal_lm',
+    'synthetic-images': 'classification',
+}
+# Keys only data.name 'files' reads (the built-in sets ignore them, so setting one is a mistake to report).
+_FILE_DATA_KEYS = ('task', 'train', 'eval', 'eval_fraction', 'format', 'messages_column')
+
+
+def _check_model(model: ModelConfig) -> None:
+    if model.name == 'hf':
+        if model.path is None:
+            raise ConfigError(
+                'model.path', None, "model.name 'hf' needs model.path: a local Hugging Face checkpoint directory."
+            )
+        if not (Path(model.path) / 'config.json').is_file():
+            raise ConfigError(
+                'model.path',
+                model.path,
+                'no Hugging Face checkpoint there (expected a directory containing config.json). Use a local path, '
+                "or model.name 'minilm' for the embedded all-MiniLM-L6-v2.",
+            )
+        if model.tokenizer is not None and not Path(model.tokenizer).is_dir():
+            raise ConfigError(
+                'model.tokenizer', model.tokenizer, 'expected a local folder holding a tokenizer (or null: model.path).'
+            )
+        return
+    for key in ('path', 'tokenizer', 'task'):
+        if getattr(model, key) is not None:
+            raise ConfigError(
+                f'model.{key}',
+                getattr(model, key),
+                f"only model.name 'hf' takes a {key}; model.name is {model.name!r}.",
+            )
+
+
+def _check_data(data: DataConfig) -> None:
+    from composer_thaw.local_data import source_format
+
+    if data.name != 'files':
+        for key in _FILE_DATA_KEYS:
+            if getattr(data, key) is not None:
+                raise ConfigError(
+                    f'data.{key}', getattr(data, key), f"only data.name 'files' reads it; data.name is {data.name!r}."
+                )
+        if data.packing:
+            raise ConfigError('data.packing', True, "only data.name 'files' with data.task 'causal_lm' packs texts.")
+        return
+    if data.task is None:
+        raise ConfigError(
+            'data.task', None, "data.name 'files' needs data.task: classification, causal_lm or instruction."
+        )
+    if data.train is None:
+        raise ConfigError(
+            'data.train',
+            None,
+            "data.name 'files' needs data.train: a file, a glob, a list of files or a save_to_disk folder.",
+        )
+    if (data.eval is None) == (data.eval_fraction is None):
+        raise ConfigError(
+            'data.eval',
+            data.eval,
+            'give either an eval source (data.eval) or a share of the training rows (data.eval_fraction), not '
+            + ('both.' if data.eval is not None else 'neither.'),
+        )
+    if data.eval_fraction is not None and not 0 < data.eval_fraction < 1:
+        raise ConfigError('data.eval_fraction', data.eval_fraction, 'expected a number between 0 and 1 (exclusive).')
+    if data.packing and data.task != 'causal_lm':
+        raise ConfigError('data.packing', True, f"packing joins texts for data.task 'causal_lm', not {data.task!r}.")
+    source_format('data.train', data.train, data.format)
+    if data.eval is not None:
+        source_format('data.eval', data.eval, data.format)
+
+
+def data_task(data: DataConfig) -> str:
+    """What the recipe's data is for: ``classification``, ``causal_lm`` or ``instruction``."""
+    return (
+        data.task
+        if data.name == 'files' and data.task is not None
+        else BUILTIN_DATA_TASKS.get(data.name, 'classification')
+    )
+
+
+def model_task(recipe: Recipe) -> Literal['causal_lm', 'classification']:
+    """The task the recipe's model is built for: ``model.task``, else the data's (instruction tuning trains a
+    causal LM)."""
+    if recipe.model.task is not None:
+        return recipe.model.task
+    if recipe.model.name == 'tiny-decoder':
+        return 'causal_lm'
+    if recipe.model.name in ('minilm', 'resnet18', 'vit'):
+        return 'classification'
+    return 'classification' if data_task(recipe.data) == 'classification' else 'causal_lm'
+
+
+def _check_task(model: ModelConfig, data: DataConfig) -> None:
+    task = data_task(data)
+    wanted = 'classification' if task == 'classification' else 'causal_lm'
+    built_for = {
+        'tiny-decoder': 'causal_lm',
+        'minilm': 'classification',
+        'resnet18': 'classification',
+        'vit': 'classification',
+    }
+    has = model.task or built_for.get(model.name, wanted)
+    if has == wanted:
+        return
+    if data.name == 'files':
+        raise ConfigError(
+            'data.task',
+            task,
+            f'model {model.name!r} is built for {has}, which cannot learn {task} data; '
+            + (
+                'use a causal LM (model.task: causal_lm).'
+                if wanted == 'causal_lm'
+                else 'use model.task: classification.'
+            ),
+        )
+    builtin = next(name for name, t in BUILTIN_DATA_TASKS.items() if t == has)
+    what = 'a language model' if has == 'causal_lm' else 'a classifier'
+    raise ConfigError('data.name', data.name, f'model {model.name!r} is {what}: use data.name {builtin!r} (or files).')
 
 
 def check_processes(recipe: Recipe, processes: int, described_as: str) -> None:

@@ -14,7 +14,7 @@ import resource
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from torch import nn
 
 from composer_thaw.algorithm_state import ConfigRepr
 from composer_thaw.config_validation import ConfigError, check_call_kwargs
+from composer_thaw.models import ModelTask
 from composer_thaw.optimizer_surgery import training_state_bytes
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.recipe import (
@@ -37,72 +38,293 @@ from composer_thaw.recipe import (
     Recipe,
     SchedulerConfig,
     check_processes,
+    model_task,
 )
 from composer_thaw.run_files import resume_from_a_complete_checkpoint
 from composer_thaw.sharding import full_tensor
 
-__all__ = ['RunSummary', 'TrainingSummary', 'build_trainer', 'format_summary', 'run_recipe']
+__all__ = [
+    'DATA_BUILDERS',
+    'MODEL_BUILDERS',
+    'DataRequest',
+    'RecipeData',
+    'RecipeModel',
+    'RunSummary',
+    'TrainingSummary',
+    'build_data',
+    'build_model',
+    'build_named_model',
+    'build_recipe_model',
+    'build_trainer',
+    'format_summary',
+    'recipe_model_spec',
+    'run_recipe',
+]
 
 
-def build_model(config: ModelConfig, num_labels: Optional[int]):
-    """The recipe's model: a :class:`composer.models.HuggingFaceModel`, or a ``ComposerClassifier`` for images."""
-    from composer_thaw import models, vision
+def _tiny_decoder(config: ModelConfig, label_names: Optional[tuple[str, ...]], task: ModelTask, tokenizer: Any):
+    from composer_thaw import models
 
-    if config.name in vision.VISION_MODELS:
-        assert num_labels is not None
-        return vision.recipe_vision_classifier(config, num_labels)
-    if config.name == 'tiny-decoder':
-        return models.tiny_decoder(
-            arch=config.arch,
-            num_layers=config.num_layers,
-            hidden_size=config.hidden_size,
-            num_heads=config.num_heads,
-            tie_word_embeddings=config.tie_word_embeddings,
-        )
-    assert num_labels is not None
+    return models.tiny_decoder(
+        arch=config.arch,
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_heads,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+
+
+def _checkpoint(config: ModelConfig, label_names: Optional[tuple[str, ...]], task: ModelTask, tokenizer: Any):
+    from composer_thaw import models
+
     path = models.embedded_minilm_path() if config.name == 'minilm' else config.path
     assert path is not None  # check_recipe: model.name 'hf' needs model.path
-    return models.hf_classifier(path, num_labels=num_labels, dropout=config.dropout)
+    return models.hf_model(path, task, label_names=label_names, tokenizer=tokenizer, dropout=config.dropout)
+
+
+def _vision(config: ModelConfig, label_names: Optional[tuple[str, ...]], task: ModelTask, tokenizer: Any):
+    from composer_thaw.vision import recipe_vision_classifier
+
+    assert label_names is not None  # check_recipe: vision models train on synthetic-images
+    return recipe_vision_classifier(config, len(label_names))
+
+
+# model.name -> (config, class names or None, task, tokenizer or None) -> a Composer model (a HuggingFaceModel for
+# text, a ComposerClassifier for images)
+MODEL_BUILDERS: dict[str, Callable[..., Any]] = {
+    'minilm': _checkpoint,
+    'hf': _checkpoint,
+    'tiny-decoder': _tiny_decoder,
+    'resnet18': _vision,
+    'vit': _vision,
+}
+
+
+def build_model(
+    config: ModelConfig,
+    label_names: Optional[Sequence[str]],
+    task: ModelTask = 'classification',
+    tokenizer: Any = None,
+):
+    """The recipe's model (a :class:`composer.models.HuggingFaceModel`, or a ``ComposerClassifier`` for images),
+    built for ``task`` (see :func:`composer_thaw.recipe.model_task`); a classifier's classes are ``label_names``
+    (from the data)."""
+    names = tuple(label_names) if task == 'classification' and label_names is not None else None
+    return MODEL_BUILDERS[config.name](config, names, task, tokenizer)
 
 
 @dataclass(frozen=True)
 class RecipeData:
     train_dataloader: torch.utils.data.DataLoader
     eval_dataloader: torch.utils.data.DataLoader
-    num_labels: Optional[int]
+    label_names: Optional[tuple[str, ...]]
     majority_rate: Optional[float]
 
+    @property
+    def num_labels(self) -> Optional[int]:
+        return None if self.label_names is None else len(self.label_names)
 
-def build_data(config: DataConfig, tokenizer, train_batch_size: int, eval_batch_size: int) -> RecipeData:
-    """Train and eval loaders for the recipe's built-in data set (batch sizes are per process)."""
-    from composer_thaw import data, vision
 
-    if config.name == vision.SYNTHETIC_IMAGES:
-        return RecipeData(
-            *vision.synthetic_image_loaders(
-                train_batch_size, eval_batch_size, config.max_train_samples, config.max_eval_samples
-            )
-        )
-    train_set: torch.utils.data.Dataset
-    eval_set: torch.utils.data.Dataset
-    if config.name == 'stdlib-docs':
-        train, eval_ = data.stdlib_docs_examples(max_per_class=config.max_per_class)
-        train, eval_ = train[: config.max_train_samples], eval_[: config.max_eval_samples]
-        train_set = data.ClassificationDataset(train, tokenizer, config.max_seq_len)
-        eval_set = data.ClassificationDataset(eval_, tokenizer, config.max_seq_len)
-        counts = torch.bincount(torch.tensor([e.label for e in eval_]), minlength=len(data.STDLIB_DOCS_CLASSES))
-        num_labels, majority = len(data.STDLIB_DOCS_CLASSES), counts.max().item() / max(len(eval_), 1)
-    else:
-        train_texts, eval_texts = data.python_topics_corpus()
-        train_set = data.LanguageModelingDataset(train_texts, tokenizer, config.max_seq_len, config.max_train_samples)
-        eval_set = data.LanguageModelingDataset(eval_texts, tokenizer, config.max_seq_len, config.max_eval_samples)
-        num_labels, majority = None, None
+@dataclass(frozen=True)
+class DataRequest:
+    """What a data builder is asked for: loaders of these per-process batch sizes, tokenized by ``tokenizer``."""
+
+    tokenizer: Any
+    train_batch_size: int
+    eval_batch_size: int
+    seed: int
+
+
+def _loaders(
+    request: DataRequest,
+    train_set: Any,
+    eval_set: Any,
+    label_names: Optional[tuple[str, ...]],
+    majority: Optional[float],
+    collate_fn: Optional[Callable] = None,
+) -> RecipeData:
+    from composer_thaw.data import build_dataloader
+
+    tokenizer = request.tokenizer
     return RecipeData(
-        data.build_dataloader(train_set, tokenizer, train_batch_size, shuffle=True, drop_last=True),
-        data.build_dataloader(eval_set, tokenizer, eval_batch_size, shuffle=False, drop_last=False),
-        num_labels,
+        build_dataloader(train_set, tokenizer, request.train_batch_size, True, True, collate_fn=collate_fn),
+        build_dataloader(eval_set, tokenizer, request.eval_batch_size, False, False, collate_fn=collate_fn),
+        label_names,
         majority,
     )
+
+
+def _stdlib_docs(config: DataConfig, request: DataRequest) -> RecipeData:
+    from composer_thaw import data
+
+    train, eval_ = data.stdlib_docs_examples(max_per_class=config.max_per_class)
+    train, eval_ = train[: config.max_train_samples], eval_[: config.max_eval_samples]
+    counts = torch.bincount(torch.tensor([e.label for e in eval_]), minlength=len(data.STDLIB_DOCS_CLASSES))
+    return _loaders(
+        request,
+        data.ClassificationDataset(train, request.tokenizer, config.max_seq_len),
+        data.ClassificationDataset(eval_, request.tokenizer, config.max_seq_len),
+        data.STDLIB_DOCS_CLASSES,
+        counts.max().item() / max(len(eval_), 1),
+    )
+
+
+def _python_topics(config: DataConfig, request: DataRequest) -> RecipeData:
+    from composer_thaw import data
+
+    train_texts, eval_texts = data.python_topics_corpus()
+    tokenizer, max_seq_len = request.tokenizer, config.max_seq_len
+    return _loaders(
+        request,
+        data.LanguageModelingDataset(train_texts, tokenizer, max_seq_len, config.max_train_samples),
+        data.LanguageModelingDataset(eval_texts, tokenizer, max_seq_len, config.max_eval_samples),
+        None,
+        None,
+    )
+
+
+def _files(config: DataConfig, request: DataRequest) -> RecipeData:
+    from composer_thaw.local_data import load_task_data
+
+    assert config.task is not None and config.train is not None  # check_recipe
+    task_data = load_task_data(
+        config.task,
+        request.tokenizer,
+        config.train,
+        config.eval,
+        eval_fraction=config.eval_fraction,
+        data_format=config.format,
+        max_seq_len=config.max_seq_len,
+        text_column=config.text_column,
+        label_column=config.label_column,
+        prompt_column=config.prompt_column,
+        response_column=config.response_column,
+        messages_column=config.messages_column,
+        packing=config.packing,
+        max_train_samples=config.max_train_samples,
+        max_eval_samples=config.max_eval_samples,
+        seed=request.seed,
+    )
+    return _loaders(
+        request, task_data.train, task_data.eval, task_data.label_names, task_data.majority_rate, task_data.collate_fn
+    )
+
+
+def _synthetic_images(config: DataConfig, request: DataRequest) -> RecipeData:
+    from composer_thaw.vision import synthetic_image_loaders
+
+    train, eval_, num_classes, majority = synthetic_image_loaders(
+        request.train_batch_size, request.eval_batch_size, config.max_train_samples, config.max_eval_samples
+    )
+    return RecipeData(train, eval_, tuple(str(label) for label in range(num_classes)), majority)
+
+
+# data.name -> (the recipe's data config, what is asked for) -> loaders, class names (classification) and the
+# majority-class rate of the eval set. A new kind of data is one more entry.
+DATA_BUILDERS: dict[str, Callable[[DataConfig, DataRequest], RecipeData]] = {
+    'stdlib-docs': _stdlib_docs,
+    'python-topics': _python_topics,
+    'files': _files,
+    'synthetic-images': _synthetic_images,
+}
+
+
+def build_data(
+    config: DataConfig, tokenizer, train_batch_size: int, eval_batch_size: int, seed: int = 17
+) -> RecipeData:
+    """Train and eval loaders for the recipe's data (batch sizes are per process); a problem with the data is a
+    :class:`ConfigError`."""
+    return DATA_BUILDERS[config.name](config, DataRequest(tokenizer, train_batch_size, eval_batch_size, seed))
+
+
+@dataclass(frozen=True)
+class RecipeModel:
+    """What a recipe trains: the model (as the run builds it), its tokenizer and data."""
+
+    model: Any  # composer.models.HuggingFaceModel
+    tokenizer: Any
+    data: RecipeData
+
+
+def build_recipe_model(recipe: Recipe, train_batch_size: Optional[int] = None) -> RecipeModel:
+    """Tokenizer, data and model of ``recipe`` (already validated), with the checks that need them: a model folder
+    transformers cannot read, bad data, a training set smaller than one batch, a sequence longer than the model's
+    positions raise :class:`ConfigError`.
+
+    ``thaw run`` and the previews (``thaw freeze-preview``, ``thaw hift-preview``) build their model here, so they
+    see the same model. The data is checked and tokenized before the model is built.
+
+    Example:
+        >>> built = build_recipe_model(load_recipe('yamls/lora_decoder.yaml'))
+        >>> sum(p.numel() for p in built.model.parameters())
+    """
+    from composer_thaw.models import load_tokenizer
+
+    per_process = train_batch_size or recipe.global_train_batch_size // dist.get_world_size()
+    tokenizer_path = recipe.model.tokenizer or recipe.model.path if recipe.model.name == 'hf' else None
+    with _model_folder_errors(recipe, 'no tokenizer loads from there', _tokenizer_key(recipe)):
+        tokenizer = load_tokenizer(tokenizer_path)
+    data = build_data(recipe.data, tokenizer, per_process, recipe.eval_batch_size, recipe.seed)
+    if len(data.train_dataloader) == 0:  # batches drop the remainder, so a too small set would train nothing
+        train_set = data.train_dataloader.dataset
+        assert isinstance(train_set, Sized)  # build_data's data sets have a length
+        raise ConfigError(
+            'global_train_batch_size',
+            recipe.global_train_batch_size,
+            f'the training set has only {len(train_set)} examples '
+            f'(data.max_train_samples={recipe.data.max_train_samples}), too few for one batch; lower the batch size '
+            'or use more data.',
+        )
+    with _model_folder_errors(recipe, 'not a loadable Hugging Face checkpoint'):
+        model = build_model(recipe.model, data.label_names, model_task(recipe), tokenizer)
+    _check_sequence_length(recipe, model)
+    return RecipeModel(model, tokenizer, data)
+
+
+def build_named_model(source: str):
+    """The model a preview names without a recipe: ``'minilm'`` (the built-in task's 6 classes), ``'tiny-decoder'``,
+    or a local checkpoint folder built for its own task (:func:`composer_thaw.models.default_task`) with its saved
+    labels. A folder transformers cannot read raises :class:`ConfigError` naming it."""
+    from composer_thaw.data import STDLIB_DOCS_CLASSES
+    from composer_thaw.models import default_task, load_tokenizer
+
+    if source in ('minilm', 'tiny-decoder'):
+        config = ModelConfig(name=source)  # type: ignore[arg-type]  # one of the two names
+        return build_model(config, STDLIB_DOCS_CLASSES, 'causal_lm' if source == 'tiny-decoder' else 'classification')
+    recipe = Recipe(model=ModelConfig(name='hf', path=source))
+    with _model_folder_errors(recipe, 'not a loadable Hugging Face checkpoint'):
+        tokenizer = load_tokenizer(source)
+        from transformers import AutoConfig
+
+        saved = AutoConfig.from_pretrained(source)
+        task = default_task(saved)
+        labels = tuple(str(saved.id2label[i]) for i in range(saved.num_labels))
+        return build_model(recipe.model, labels, task, tokenizer)
+
+
+def recipe_model_spec(recipe: Recipe):
+    """The recipe's model as ``thaw estimate --model-config recipe.yaml`` sees it: a
+    :class:`~composer_thaw.memory_estimate.ModelSpec` with the Hugging Face config the run builds (its task, the
+    classes read from the recipe's data, its pad token), without loading the weights of a local checkpoint."""
+    from composer_thaw.memory_estimate import ModelSpec, spec_of
+    from composer_thaw.models import hf_model_config, load_tokenizer
+
+    task = model_task(recipe)
+    path = recipe.model.tokenizer or recipe.model.path if recipe.model.name == 'hf' else None
+    with _model_folder_errors(recipe, 'no tokenizer loads from there', _tokenizer_key(recipe)):
+        tokenizer = load_tokenizer(path)
+    labels = build_data(recipe.data, tokenizer, 1, 1, recipe.seed).label_names if task == 'classification' else None
+    if recipe.model.name != 'hf':  # built-in models are small: build the real one
+        reproducibility.seed_all(recipe.seed)
+        return spec_of(build_model(recipe.model, labels, task, tokenizer))
+    assert recipe.model.path is not None  # check_recipe
+    with _model_folder_errors(recipe, 'not a loadable Hugging Face checkpoint'):
+        config = hf_model_config(recipe.model.path, task, labels, tokenizer, recipe.model.dropout)
+    return ModelSpec(config, 'sequence-classification' if task == 'classification' else 'causal-lm', recipe.model.path)
+
+
+def _tokenizer_key(recipe: Recipe) -> str:
+    return 'model.tokenizer' if recipe.model.tokenizer else 'model.path'
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
@@ -276,7 +498,6 @@ def _no_new_folder_on_error(folder: Optional[str]) -> Iterator[None]:
 
 
 def _build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData]:
-    from composer_thaw.models import load_tokenizer
     from composer_thaw.registry import build_algorithm
 
     world_size = dist.get_world_size()
@@ -287,22 +508,8 @@ def _build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData
             warnings.warn(f'autoresume: {fallback}.', UserWarning, stacklevel=2)
     algorithms = [build_algorithm(name, kwargs) for name, kwargs in recipe.algorithms.items()]
     reproducibility.seed_all(recipe.seed)
-    with _model_folder_errors(recipe, 'no tokenizer loads from there'):
-        tokenizer = load_tokenizer(recipe.model.path if recipe.model.name == 'hf' else None)
-    data = build_data(recipe.data, tokenizer, recipe.global_train_batch_size // world_size, recipe.eval_batch_size)
-    with _model_folder_errors(recipe, 'not a loadable Hugging Face checkpoint'):
-        model = build_model(recipe.model, data.num_labels)
-    _check_sequence_length(recipe, model)
-    if len(data.train_dataloader) == 0:  # batches drop the remainder, so a too small set would train nothing
-        train_set = data.train_dataloader.dataset
-        assert isinstance(train_set, Sized)  # build_data's data sets have a length
-        examples = len(train_set)
-        raise ConfigError(
-            'global_train_batch_size',
-            recipe.global_train_batch_size,
-            f'the training set has only {examples} examples (data.max_train_samples={recipe.data.max_train_samples}), '
-            'too few for one batch; lower the batch size or use more data.',
-        )
+    built = build_recipe_model(recipe, recipe.global_train_batch_size // world_size)
+    model, data = built.model, built.data
     optimizer = build_optimizer(model, recipe.optimizer)
     summary = TrainingSummary()
     with _algorithm_errors(recipe, algorithms):  # they check themselves against the model at INIT and BEFORE_LOAD
@@ -351,7 +558,7 @@ def _trainer(recipe: Recipe, model, data: RecipeData, optimizer, algorithms: lis
 
 
 @contextmanager
-def _model_folder_errors(recipe: Recipe, problem: str) -> Iterator[None]:
+def _model_folder_errors(recipe: Recipe, problem: str, key: str = 'model.path') -> Iterator[None]:
     """What transformers (or safetensors) cannot read in a local checkpoint folder becomes an error naming
     ``model.path``: a broken config.json, missing or truncated weights, missing tokenizer files."""
     from safetensors import SafetensorError
@@ -361,9 +568,11 @@ def _model_folder_errors(recipe: Recipe, problem: str) -> Iterator[None]:
         return
     try:
         yield
+    except ConfigError:
+        raise
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError('model.path', recipe.model.path, f'{problem}: {detail}') from error
+        raise ConfigError(key, getattr(recipe.model, key.split('.')[-1]), f'{problem}: {detail}') from error
 
 
 def _check_sequence_length(recipe: Recipe, model: nn.Module) -> None:

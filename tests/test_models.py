@@ -34,3 +34,25 @@ def test_tiny_decoder_init_follows_the_torch_seed():
     torch.manual_seed(3)
     second = tiny_decoder(num_layers=1, hidden_size=16)
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+
+
+def test_a_tokenizer_without_any_special_token_gets_a_new_pad_token_and_a_row_for_it(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from composer_thaw.models import default_task, hf_model
+
+    backend = Tokenizer(models.WordLevel({'a': 0, 'b': 1, 'c': 2}))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(tmp_path)
+    config = LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    assert default_task(AutoConfig.from_pretrained(tmp_path)) == 'causal_lm'
+
+    model = hf_model(tmp_path, 'causal_lm')
+    tokenizer, inner = model.tokenizer, model.model
+    assert tokenizer.pad_token == '<pad>' and tokenizer.pad_token_id == 3
+    assert inner.get_input_embeddings().num_embeddings == 4 and inner.config.pad_token_id == 3
+    batch = dict(tokenizer(['a b c', 'a'], padding=True, return_tensors='pt'))
+    batch['labels'] = batch['input_ids'].masked_fill(batch['attention_mask'] == 0, -100)
+    assert torch.isfinite(model.loss(model(batch), batch))

@@ -188,3 +188,37 @@ def test_recipe_files_that_would_train_something_else_are_refused(text, problem,
     assert main(['run', str(_recipe_file(tmp_path, text))]) == EXIT_INVALID
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('thaw run: invalid recipe: recipe = ') and problem in lines[0]
+
+
+# The previews build the recipe's model as `thaw run` does and refuse what it refuses, with the same one line.
+PREVIEWED = {
+    'freeze-preview': [
+        'max_duration of 0',
+        'model folder with a broken config.json',
+        'model folder without weights',
+        'model folder without a tokenizer',
+        'model folder with truncated weights',
+        'sequence longer than the positions',
+        'RegexFreeze pattern matching nothing',
+        'RegexFreeze rows past the end',
+    ],
+    'hift-preview': ['HiFT group_size larger than the model', 'HiFT unknown always_trainable'],
+}
+
+
+@pytest.mark.parametrize('command, name', [(command, name) for command, names in PREVIEWED.items() for name in names])
+def test_previews_refuse_what_the_run_refuses_in_the_same_line(command, name, tmp_path, checkpoint_folders, capsys):
+    import yaml
+
+    from composer_thaw.recipe import apply_overrides
+
+    build, key = CASES[name]
+    recipe = apply_overrides(yaml.safe_load(DEMO.read_text()), [*TINY, *build(tmp_path, checkpoint_folders)])
+    path = tmp_path / 'recipe.yaml'
+    path.write_text(yaml.safe_dump(recipe))
+    code = main([command, str(path)])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == EXIT_INVALID, captured.err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f'thaw {command}: invalid recipe: {key} = '), captured.err[-2000:]
+    assert 'Traceback' not in captured.err + captured.out
