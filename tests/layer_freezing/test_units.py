@@ -35,7 +35,7 @@ def test_block_granularity_freezes_embeddings_first_then_blocks_and_never_the_he
 def test_block_granularity_finds_gpt2_blocks_with_both_embeddings_in_one_unit(make_model):
     units = freezable_units(user_module(make_model('gpt2', num_layers=2)), 'block')
     assert (units[0].name, units[0].parameter_names[:2]) == (
-        'transformer',
+        'embeddings',
         ('transformer.wte.weight', 'transformer.wpe.weight'),
     )
     assert [u.name for u in units[1:]] == ['transformer.h.0', 'transformer.h.1']
