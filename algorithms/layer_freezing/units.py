@@ -71,8 +71,9 @@ def freezable_units(model: nn.Module, granularity: Granularity = 'leaf') -> list
     """The units of ``model`` that may be frozen, in freezing order (first frozen first).
 
     For ``'leaf'`` this is Composer's list of leaf modules without the last one (the head is never frozen);
-    for ``'block'`` the embedding unit, the blocks and what runs between them. Pass :func:`composer_thaw.parameter_selection.user_module`
-    of a Composer model so names are the Hugging Face model's own.
+    for ``'block'`` the embedding unit, the blocks and what runs between them, in the order they run. Pass
+    :func:`composer_thaw.parameter_selection.user_module` of a Composer model so names are the Hugging Face model's
+    own.
 
     Raises:
         ValueError: unknown ``granularity``, a model without repeated blocks for ``'block'``, or fewer than two
