@@ -60,11 +60,13 @@ class ForwardTrace:
 
     Attributes:
         module_call: first-call position of each module object, keyed by ``id(module)``.
+        module_return: position at which that first call returned.
         parameter_use: first-use position of each parameter, keyed by its canonical name (the one
             ``named_parameters()`` gives); parameters the forward never read are absent.
     """
 
     module_call: dict[int, int]
+    module_return: dict[int, int]
     parameter_use: dict[str, int]
 
 
@@ -244,26 +246,30 @@ def trace_forward(model: nn.Module, inputs: Optional[ExampleInputs] = None) -> F
     device = torch.device('cpu') if first is None or first.device.type == 'meta' else first.device
     args, kwargs = _to(inputs, device)
     module_call: dict[int, int] = {}
+    module_return: dict[int, int] = {}
     devices = [device] if device.type == 'cuda' else []
     try:
         with _hooks_suspended(model), _eval_mode(model), torch.random.fork_rng(devices=devices), torch.no_grad():
             with _stand_in_weights(model) as watched:
                 recorder = _FirstUse(watched)
 
-                def on_call(module: nn.Module, _args: Any) -> None:
+                def on_call(module: nn.Module, _args: Any) -> None:  # every event gets a position of its own
+                    recorder.position += 1
                     module_call.setdefault(id(module), recorder.position)
                     if module is model:
                         recorder.active = True
 
                 def on_return(module: nn.Module, _args: Any, _output: Any) -> None:
+                    recorder.position += 1
+                    module_return.setdefault(id(module), recorder.position)
                     if module is model:
                         recorder.active = False
 
                 for module in model.modules():
                     module.register_forward_pre_hook(on_call)
-                model.register_forward_hook(on_return)
+                    module.register_forward_hook(on_return, always_call=True)
                 with recorder:
                     model(*args, **kwargs)
     except Exception as error:  # the model's own code failed on the example input: report, never crash
         raise ForwardTraceError(f'{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}') from error
-    return ForwardTrace(module_call, recorder.first_use)
+    return ForwardTrace(module_call, module_return, recorder.first_use)

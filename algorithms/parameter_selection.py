@@ -211,11 +211,13 @@ def _forward_trace(model: nn.Module) -> Optional[ForwardTrace]:
 def _region_times(
     model: nn.Module,
     regions: dict[str, list[str]],
+    is_block: dict[str, bool],
     canonical: dict[str, str],
     trace: Optional[ForwardTrace],
 ) -> dict[str, float]:
-    """When each region first runs: its module's first call, else the first use of a parameter in it. A region the
-    forward never reached (every region, without a trace) runs right after the region registered before it."""
+    """When each region first runs: its module's first call, else the first use of a parameter in it; a region
+    first used while a block runs counts as running just before that block. A region the forward never reached
+    (every region, without a trace) runs right after the region registered before it."""
     times: dict[str, float] = {}
     previous = -1.0
     for region, aliases in regions.items():  # registration order
@@ -229,6 +231,17 @@ def _region_times(
                 time = min(uses) if uses else None
         times[region] = previous + 1e-6 if time is None else float(time)
         previous = times[region]
+    if trace is not None:  # a module first used inside a block (DeBERTa's shared rel_embeddings) runs before it
+        spans = []
+        for region, block in is_block.items():
+            module = _submodule(model, region)
+            if block and module is not None and id(module) in trace.module_return:
+                spans.append((trace.module_call[id(module)], trace.module_return[id(module)]))
+        for region, time in times.items():
+            if not is_block[region]:
+                inside = [start for start, end in spans if start < time < end]
+                if inside:
+                    times[region] = max(inside) - 0.5
     return times
 
 
@@ -274,7 +287,7 @@ def split_into_units(model: nn.Module) -> list[ModelUnit]:
         region, block = _region(alias, stacks)
         regions.setdefault(region, []).append(alias)
         is_block[region] = block
-    times = _region_times(model, regions, canonical, _forward_trace(model))
+    times = _region_times(model, regions, is_block, canonical, _forward_trace(model))
     ordered = sorted(regions, key=lambda region: times[region])
     first_block = min(times[region] for region in regions if is_block[region])
     leading = [region for region in ordered if not is_block[region] and times[region] < first_block]
