@@ -171,7 +171,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 num_attention_heads=2,
                 vocab_size=VOCAB,
             ),
-        ),  # fmt: skip
+        ),
         Architecture(
             'bert',
             'encoder',
