@@ -70,16 +70,28 @@ class ForwardTrace:
     parameter_use: dict[str, int]
 
 
-def _first_module(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> Optional[nn.Module]:
-    return next((m for m in model.modules() if isinstance(m, kinds)), None)
+def _input_for(model: nn.Module, layer: nn.Module) -> ExampleInputs:
+    """One input shaped for ``layer`` taken as the model's first layer."""
+    if isinstance(layer, nn.Conv2d):
+        size = getattr(model, 'image_size', 32)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        return (torch.zeros(1, layer.in_channels, *size),), {}
+    if isinstance(layer, nn.Conv1d):
+        return (torch.zeros(1, layer.in_channels, 64),), {}
+    if isinstance(layer, nn.Embedding):
+        return (torch.zeros(1, 4, dtype=torch.long),), {}
+    assert isinstance(layer, nn.Linear)
+    return (torch.zeros(1, layer.in_features),), {}
 
 
-def example_inputs(model: nn.Module) -> ExampleInputs:
-    """A tiny input for one forward of ``model``, on the CPU (:func:`trace_forward` moves it to the model's device).
+def example_inputs(model: nn.Module) -> list[ExampleInputs]:
+    """Tiny inputs for one forward of ``model``, the likeliest first, on the CPU (:func:`trace_forward` moves them
+    to the model's device and uses the first that runs).
 
     A Hugging Face model gets its own ``dummy_inputs`` (token ids, and decoder ids for T5) or, for an image model,
-    one image of its configured size; any other model one input shaped for its first ``Conv2d`` (a 32x32 image,
-    or the ``image_size`` the model declares, as torchvision's ViT does), ``Embedding`` (4 token ids) or ``Linear``.
+    one image of its configured size. Any other model gets one input per kind of first layer it may have, in the
+    order the kinds' first layers are registered: an image for a ``Conv2d`` (32x32, or the ``image_size`` the model
+    declares, as torchvision's ViT does), 4 token ids for an ``Embedding``, a vector for a ``Linear``.
 
     Raises:
         ForwardTraceError: if no input can be derived.
@@ -97,27 +109,23 @@ def example_inputs(model: nn.Module) -> ExampleInputs:
             for key, value in inputs.items():
                 if key.endswith('input_ids') and isinstance(vocab, int) and vocab > 0:
                     inputs[key] = value % vocab
-            return (), inputs
+            return [((), inputs)]
         if name == 'pixel_values':
             vision = getattr(config, 'vision_config', config)
             size = getattr(vision, 'image_size', 32)
             size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-            return (), {name: torch.zeros(1, getattr(vision, 'num_channels', 3), *size)}
+            return [((), {name: torch.zeros(1, getattr(vision, 'num_channels', 3), *size)})]
         raise ForwardTraceError(f'no example input for a Hugging Face model whose main input is {name!r}')
-    first = _first_module(model, (nn.Conv2d, nn.Embedding, nn.Linear, nn.Conv1d))
-    if isinstance(first, nn.Conv2d):
-        size = getattr(model, 'image_size', 32)
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        return (torch.zeros(1, first.in_channels, *size),), {}
-    if isinstance(first, nn.Conv1d):
-        return (torch.zeros(1, first.in_channels, 64),), {}
-    if isinstance(first, nn.Embedding):
-        return (torch.zeros(1, 4, dtype=torch.long),), {}
-    if isinstance(first, nn.Linear):
-        return (torch.zeros(1, first.in_features),), {}
-    raise ForwardTraceError(
-        f'cannot guess an input for {type(model).__name__}: its first layer is not a Conv2d, Embedding or Linear'
-    )
+    firsts: dict[type, nn.Module] = {}
+    for module in model.modules():
+        kind = next((k for k in (nn.Conv2d, nn.Conv1d, nn.Embedding, nn.Linear) if isinstance(module, k)), None)
+        if kind is not None:
+            firsts.setdefault(kind, module)
+    if not firsts:
+        raise ForwardTraceError(
+            f'cannot guess an input for {type(model).__name__}: it has no Conv2d, Conv1d, Embedding or Linear layer'
+        )
+    return [_input_for(model, layer) for layer in firsts.values()]
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -235,16 +243,27 @@ def trace_forward(model: nn.Module, inputs: Optional[ExampleInputs] = None) -> F
 
     Args:
         model: the user's model (:func:`composer_thaw.parameter_selection.user_module` of a Composer model).
-        inputs: ``(args, kwargs)`` of the forward; by default :func:`example_inputs`.
+        inputs: ``(args, kwargs)`` of the forward; by default the first of :func:`example_inputs` that runs.
 
     Raises:
-        ForwardTraceError: no input could be made, or the forward raised (the error says why).
+        ForwardTraceError: no input could be made, or the forward raised on each (the error says why, for the
+            likeliest input).
     """
-    if inputs is None:
-        inputs = example_inputs(model)
+    candidates = example_inputs(model) if inputs is None else [inputs]
     first = next(model.parameters(), None)
     device = torch.device('cpu') if first is None or first.device.type == 'meta' else first.device
-    args, kwargs = _to(inputs, device)
+    failure: Optional[ForwardTraceError] = None
+    for candidate in candidates:
+        try:
+            return _trace(model, _to(candidate, device), device)
+        except ForwardTraceError as error:
+            failure = failure or error
+    assert failure is not None
+    raise failure
+
+
+def _trace(model: nn.Module, inputs: ExampleInputs, device: torch.device) -> ForwardTrace:
+    args, kwargs = inputs
     module_call: dict[int, int] = {}
     module_return: dict[int, int] = {}
     devices = [device] if device.type == 'cuda' else []
@@ -271,5 +290,6 @@ def trace_forward(model: nn.Module, inputs: Optional[ExampleInputs] = None) -> F
                 with recorder:
                     model(*args, **kwargs)
     except Exception as error:  # the model's own code failed on the example input: report, never crash
-        raise ForwardTraceError(f'{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}') from error
+        first_line = (str(error).strip().splitlines() or [''])[0][:300]
+        raise ForwardTraceError(f'{type(error).__name__}: {first_line}') from error
     return ForwardTrace(module_call, module_return, recorder.first_use)
