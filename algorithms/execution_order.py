@@ -59,14 +59,15 @@ class ForwardTrace:
     """When each module was first called and each parameter first used, as positions in one traced forward.
 
     Attributes:
-        module_call: first-call position of each module object, keyed by ``id(module)``.
+        module_call: first-call position of each module, under each of its paths (``''`` is the model itself);
+            modules the forward never called are absent.
         module_return: position at which that first call returned.
         parameter_use: first-use position of each parameter, keyed by its canonical name (the one
             ``named_parameters()`` gives); parameters the forward never read are absent.
     """
 
-    module_call: dict[int, int]
-    module_return: dict[int, int]
+    module_call: dict[str, int]
+    module_return: dict[str, int]
     parameter_use: dict[str, int]
 
 
@@ -292,4 +293,9 @@ def _trace(model: nn.Module, inputs: ExampleInputs, device: torch.device) -> For
     except Exception as error:  # the model's own code failed on the example input: report, never crash
         first_line = (str(error).strip().splitlines() or [''])[0][:300]
         raise ForwardTraceError(f'{type(error).__name__}: {first_line}') from error
-    return ForwardTrace(module_call, module_return, recorder.first_use)
+    paths = list(model.named_modules(remove_duplicate=False))
+    return ForwardTrace(
+        {path: module_call[id(module)] for path, module in paths if id(module) in module_call},
+        {path: module_return[id(module)] for path, module in paths if id(module) in module_return},
+        recorder.first_use,
+    )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
-import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -183,15 +183,31 @@ def _submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
         return None  # the path of a parameter
 
 
-_TRACES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Optional[ForwardTrace]]] = weakref.WeakKeyDictionary()
+_TRACES: OrderedDict[tuple, Optional[ForwardTrace]] = OrderedDict()  # the last few models' traces, by structure
+_TRACES_KEPT = 8
+
+
+def _structure(model: nn.Module) -> tuple:
+    """What the order of a forward depends on: the model's class and configuration, its parameters' names, shapes,
+    dtypes and ties. A copy of a model (or the model sharded by FSDP2, whose class gets an ``FSDP`` prefix) has the
+    same structure, so its trace is reused."""
+    config = getattr(model, 'config', None)
+    to_dict = getattr(config, 'to_dict', None)
+    cls = next(c for c in type(model).__mro__ if not c.__name__.startswith('FSDP'))
+    return (
+        f'{cls.__module__}.{cls.__qualname__}',
+        repr(to_dict()) if callable(to_dict) else None,
+        tuple((name, tuple(p.shape), p.dtype) for name, p in model.named_parameters(remove_duplicate=False)),
+        tuple(tuple(aliases) for aliases in parameter_aliases(model).values() if len(aliases) > 1),
+    )
 
 
 def _forward_trace(model: nn.Module) -> Optional[ForwardTrace]:
-    """The model's traced forward, cached while its parameters stay the same; ``None`` (and a warning) if it fails."""
-    signature = tuple((name, id(p)) for name, p in model.named_parameters(remove_duplicate=False))
-    cached = _TRACES.get(model)
-    if cached is not None and cached[0] == signature:
-        return cached[1]
+    """The model's traced forward (reused for a model of the same structure); ``None``, with a warning, if it fails."""
+    key = _structure(model)
+    if key in _TRACES:
+        _TRACES.move_to_end(key)
+        return _TRACES[key]
     trace: Optional[ForwardTrace]
     try:
         trace = trace_forward(model)
@@ -204,7 +220,9 @@ def _forward_trace(model: nn.Module) -> Optional[ForwardTrace]:
             stacklevel=3,
         )
         trace = None
-    _TRACES[model] = (signature, trace)
+    _TRACES[key] = trace
+    while len(_TRACES) > _TRACES_KEPT:
+        _TRACES.popitem(last=False)
     return trace
 
 
@@ -223,20 +241,19 @@ def _region_times(
     for region, aliases in regions.items():  # registration order
         time: Optional[float] = None
         if trace is not None:
-            module = _submodule(model, region)
-            if module is not None and id(module) in trace.module_call:
-                time = trace.module_call[id(module)]
+            if region in trace.module_call:
+                time = trace.module_call[region]
             else:
                 uses = [trace.parameter_use[canonical[a]] for a in aliases if canonical[a] in trace.parameter_use]
                 time = min(uses) if uses else None
         times[region] = previous + 1e-6 if time is None else float(time)
         previous = times[region]
     if trace is not None:  # a module first used inside a block (DeBERTa's shared rel_embeddings) runs before it
-        spans = []
-        for region, block in is_block.items():
-            module = _submodule(model, region)
-            if block and module is not None and id(module) in trace.module_return:
-                spans.append((trace.module_call[id(module)], trace.module_return[id(module)]))
+        spans = [
+            (trace.module_call[region], trace.module_return[region])
+            for region, block in is_block.items()
+            if block and region in trace.module_return
+        ]
         for region, time in times.items():
             if not is_block[region]:
                 inside = [start for start, end in spans if start < time < end]

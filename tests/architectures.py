@@ -223,6 +223,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 'DebertaV2ForSequenceClassification',
                 num_labels=3,
                 relative_attention=True,
+                pos_att_type=['p2c', 'c2p'],
                 position_buckets=8,
                 **_NO_DROPOUT,
                 **_SMALL,
