@@ -214,7 +214,8 @@ def _stand_in_weights(model: nn.Module) -> Iterator[dict[int, str]]:
     stand_ins: dict[int, torch.Tensor] = {}
     swapped: list[tuple[dict[str, Any], str, torch.Tensor]] = []
     for module in model.modules():
-        for slots, only_meta in ((module._parameters, False), (module._buffers, True)):
+        slot_dicts: tuple[tuple[dict[str, Any], bool], ...] = ((module._parameters, False), (module._buffers, True))
+        for slots, only_meta in slot_dicts:
             for key, tensor in list(slots.items()):
                 if tensor is None or (only_meta and tensor.device.type != 'meta'):
                     continue

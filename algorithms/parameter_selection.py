@@ -1,4 +1,4 @@
-"""Select parameters by name and discover a model's repeated blocks.
+"""Select parameters by name and discover a model's repeated blocks and units, in the order they run.
 
 Every algorithm in this package names parameters the same way: relative to the user's own model,
 not to Composer's wrappers. A :class:`composer.models.HuggingFaceModel` holds the Hugging Face model
