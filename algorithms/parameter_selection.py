@@ -237,6 +237,7 @@ def _region_times(
     first used while a block runs counts as running just before that block. A region the forward never reached
     (every region, without a trace) runs right after the region registered before it."""
     times: dict[str, float] = {}
+    traced: set[str] = set()
     previous = -1.0
     for region, aliases in regions.items():  # registration order
         time: Optional[float] = None
@@ -247,6 +248,8 @@ def _region_times(
                 uses = [trace.parameter_use[canonical[a]] for a in aliases if canonical[a] in trace.parameter_use]
                 time = min(uses) if uses else None
         times[region] = previous + 1e-6 if time is None else float(time)
+        if time is not None:
+            traced.add(region)
         previous = times[region]
     if trace is not None:  # a module first used inside a block (DeBERTa's shared rel_embeddings) runs before it
         spans = [
@@ -255,7 +258,7 @@ def _region_times(
             if block and region in trace.module_return
         ]
         for region, time in times.items():
-            if not is_block[region]:
+            if not is_block[region] and region in traced:
                 inside = [start for start, end in spans if start < time < end]
                 if inside:
                     times[region] = max(inside) - 0.5
@@ -264,11 +267,12 @@ def _region_times(
 
 def _leading_unit_name(model: nn.Module, regions: Sequence[str]) -> str:
     """The first unit's name: its module's path if it is one module, else ``embeddings`` or (vision) ``stem``."""
-    if len({id(_submodule(model, region)) if _submodule(model, region) else region for region in regions}) == 1:
+    modules = [_submodule(model, region) for region in regions]
+    if len({region if module is None else id(module) for region, module in zip(regions, modules)}) == 1:
         return regions[0]
     embedding_like = any(
-        'embed' in region.lower() or 'token' in region.lower() or isinstance(_submodule(model, region), nn.Embedding)
-        for region in regions
+        'embed' in region.lower() or 'token' in region.lower() or isinstance(module, nn.Embedding)
+        for region, module in zip(regions, modules)
     )
     return 'embeddings' if embedding_like else 'stem'
 

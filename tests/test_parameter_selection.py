@@ -164,3 +164,9 @@ def test_a_tied_weight_belongs_to_the_unit_that_runs_first_whatever_name_registe
     assert [u.name for u in units] == ['embed', 'blocks.0', 'blocks.1']  # the head owns nothing of its own
     assert units[0].parameter_names == ('head.weight',) and units[0].aliases == ('embed.weight',)
     assert [s.container for s in find_block_stacks(model)] == ['blocks']  # the experts inside a block are no stack
+
+
+def test_a_module_the_forward_never_reaches_keeps_its_registered_place_after_the_blocks():
+    model = _HeadFirst()
+    model.unused = nn.Linear(4, 4)  # registered after the blocks, never called
+    assert [u.name for u in split_into_units(model)] == ['embed', 'blocks.0', 'blocks.1', 'unused']
