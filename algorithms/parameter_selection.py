@@ -1,4 +1,4 @@
-"""Select parameters by name and discover a model's repeated blocks.
+"""Select parameters by name and discover a model's repeated blocks and units, in the order they run.
 
 Every algorithm in this package names parameters the same way: relative to the user's own model,
 not to Composer's wrappers. A :class:`composer.models.HuggingFaceModel` holds the Hugging Face model
@@ -15,17 +15,22 @@ Example:
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch import nn
+
+from composer_thaw.execution_order import ForwardTrace, ForwardTraceError, trace_forward
 
 __all__ = [
     'ModelUnit',
     'RepeatedBlocks',
     'closest_names',
+    'find_block_stacks',
     'find_repeated_blocks',
     'named_parameters',
     'numel',
@@ -96,26 +101,35 @@ class RepeatedBlocks:
         return len(self.block_names)
 
 
-def find_repeated_blocks(model: nn.Module) -> RepeatedBlocks | None:
-    """Find the ``ModuleList``/``Sequential`` of same-type children holding the most parameters.
+def find_block_stacks(model: nn.Module) -> list[RepeatedBlocks]:
+    """Every stack of repeated blocks: each outermost ``ModuleList``/``Sequential`` of two or more same-typed children
+    holding parameters, in registration order.
 
-    Returns ``None`` when the model has no container of at least two same-typed children with parameters.
+    An encoder-decoder has two (``encoder.block``, ``decoder.block``), a ResNet four (``layer1`` ... ``layer4``);
+    stacks inside a block (a mixture of experts' ``experts``) belong to that block and are not listed.
     """
-    best: tuple[int, RepeatedBlocks] | None = None
+    stacks: list[RepeatedBlocks] = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        if any(_within(name, stack.container) for stack in stacks):
             continue
         children = list(module.named_children())
         if len(children) < 2 or len({type(child) for _, child in children}) != 1:
             continue
-        numel = sum(p.numel() for p in module.parameters())
-        if numel == 0:
+        if next(module.parameters(), None) is None:
             continue
         prefix = f'{name}.' if name else ''
-        blocks = RepeatedBlocks(container=name, block_names=tuple(prefix + child for child, _ in children))
-        if best is None or numel > best[0]:
-            best = (numel, blocks)
-    return None if best is None else best[1]
+        stacks.append(RepeatedBlocks(container=name, block_names=tuple(prefix + child for child, _ in children)))
+    return stacks
+
+
+def find_repeated_blocks(model: nn.Module) -> RepeatedBlocks | None:
+    """The stack of repeated blocks holding the most parameters (see :func:`find_block_stacks`), or ``None``."""
+    stacks = find_block_stacks(model)
+    if not stacks:
+        return None
+    return max(stacks, key=lambda stack: numel(model.get_submodule(stack.container).parameters()))
 
 
 UnitKind = Literal['embedding', 'block', 'other']
@@ -123,11 +137,16 @@ UnitKind = Literal['embedding', 'block', 'other']
 
 @dataclass(frozen=True)
 class ModelUnit:
-    """A unit of a model for freezing or rotation: the embeddings, one block, or one trailing module."""
+    """A unit of a model for freezing or rotation: the embeddings, one block, or one module between or after stacks.
+
+    ``parameter_names`` are canonical names (each parameter once, in the first unit to run among those using it);
+    ``aliases`` are every name under which this unit's own modules reach a parameter, tied weights included.
+    """
 
     name: str
     kind: UnitKind
     parameter_names: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
 
     def parameters(self, model: nn.Module) -> list[nn.Parameter]:
         params = named_parameters(model)
@@ -137,63 +156,181 @@ class ModelUnit:
         return sum(p.numel() for p in self.parameters(model))
 
 
-def _common_module(names: list[str]) -> str:
-    split = [name.split('.')[:-1] for name in names]
-    common: list[str] = []
-    for parts in zip(*split):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
-    return '.'.join(common)
+def _within(path: str, ancestor: str) -> bool:
+    """Whether module path ``path`` is ``ancestor`` or lies inside it (``''``, the root, contains everything)."""
+    return not ancestor or path == ancestor or path.startswith(ancestor + '.')
 
 
-def _unit_after_blocks(param_name: str, container: str) -> str:
-    """Name of the trailing unit that owns ``param_name``: its path down to where it leaves ``container``."""
-    parts = param_name.split('.')
-    container_parts = container.split('.') if container else []
-    for depth, part in enumerate(parts[:-1]):
-        if depth >= len(container_parts) or part != container_parts[depth]:
-            return '.'.join(parts[: depth + 1])
-    return '.'.join(parts[:-1]) or param_name
+def _region(alias: str, stacks: Sequence[RepeatedBlocks]) -> tuple[str, bool]:
+    """The block a parameter name lies in (and ``True``), or else the outermost module or parameter on its path
+    that holds no stack (and ``False``): ``model.norm`` for ``model.norm.weight`` next to ``model.layers``."""
+    for stack in stacks:
+        for block in stack.block_names:
+            if _within(alias, block):
+                return block, True
+    parts = alias.split('.')
+    for depth in range(1, len(parts)):
+        prefix = '.'.join(parts[:depth])
+        if not any(_within(stack.container, prefix) for stack in stacks):
+            return prefix, False
+    return alias, False  # a parameter of a module holding a stack (a ViT's class_token)
+
+
+def _submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None  # the path of a parameter
+
+
+_TRACES: OrderedDict[tuple, Optional[ForwardTrace]] = OrderedDict()  # the last few models' traces, by structure
+_TRACES_KEPT = 8
+
+
+def _structure(model: nn.Module) -> tuple:
+    """What the order of a forward depends on: the model's class and configuration, its parameters' names, shapes,
+    dtypes and ties. A copy of a model (or the model sharded by FSDP2, whose class gets an ``FSDP`` prefix) has the
+    same structure, so its trace is reused."""
+    config = getattr(model, 'config', None)
+    to_dict = getattr(config, 'to_dict', None)
+    cls = next(c for c in type(model).__mro__ if not c.__name__.startswith('FSDP'))
+    return (
+        f'{cls.__module__}.{cls.__qualname__}',
+        repr(to_dict()) if callable(to_dict) else None,
+        tuple((name, tuple(p.shape), p.dtype) for name, p in model.named_parameters(remove_duplicate=False)),
+        tuple(tuple(aliases) for aliases in parameter_aliases(model).values() if len(aliases) > 1),
+    )
+
+
+def _forward_trace(model: nn.Module) -> Optional[ForwardTrace]:
+    """The model's traced forward (reused for a model of the same structure); ``None``, with a warning, if it fails."""
+    key = _structure(model)
+    if key in _TRACES:
+        _TRACES.move_to_end(key)
+        return _TRACES[key]
+    trace: Optional[ForwardTrace]
+    try:
+        trace = trace_forward(model)
+    except ForwardTraceError as error:
+        warnings.warn(
+            f'Could not trace a forward of {type(model).__name__} to find the order its modules run in ({error}). '
+            'Its units follow the order its modules are registered in, which can differ from the order they run '
+            '(a final norm registered before the blocks joins the embeddings). Check them with rotation_preview, or '
+            "name them yourself: HiFTRotation(groups=[...]) or LayerFreezing(granularity='leaf').",
+            stacklevel=3,
+        )
+        trace = None
+    _TRACES[key] = trace
+    while len(_TRACES) > _TRACES_KEPT:
+        _TRACES.popitem(last=False)
+    return trace
+
+
+def _region_times(
+    model: nn.Module,
+    regions: dict[str, list[str]],
+    is_block: dict[str, bool],
+    canonical: dict[str, str],
+    trace: Optional[ForwardTrace],
+) -> dict[str, float]:
+    """When each region first runs: its module's first call, else the first use of a parameter in it; a region
+    first used while a block runs counts as running just before that block. A region the forward never reached
+    (every region, without a trace) runs right after the region registered before it."""
+    times: dict[str, float] = {}
+    traced: set[str] = set()
+    previous = -1.0
+    for region, aliases in regions.items():  # registration order
+        time: Optional[float] = None
+        if trace is not None:
+            if region in trace.module_call:
+                time = trace.module_call[region]
+            else:
+                uses = [trace.parameter_use[canonical[a]] for a in aliases if canonical[a] in trace.parameter_use]
+                time = min(uses) if uses else None
+        times[region] = previous + 1e-6 if time is None else float(time)
+        if time is not None:
+            traced.add(region)
+        previous = times[region]
+    if trace is not None:  # a module first used inside a block (DeBERTa's shared rel_embeddings) runs before it
+        spans = [
+            (trace.module_call[region], trace.module_return[region])
+            for region, block in is_block.items()
+            if block and region in trace.module_return
+        ]
+        for region, time in times.items():
+            if not is_block[region] and region in traced:
+                inside = [start for start, end in spans if start < time < end]
+                if inside:
+                    times[region] = max(inside) - 0.5
+    return times
+
+
+def _leading_unit_name(model: nn.Module, regions: Sequence[str]) -> str:
+    """The first unit's name: its module's path if it is one module, else ``embeddings`` or (vision) ``stem``."""
+    modules = [_submodule(model, region) for region in regions]
+    if len({region if module is None else id(module) for region, module in zip(regions, modules)}) == 1:
+        return regions[0]
+    embedding_like = any(
+        'embed' in region.lower() or 'token' in region.lower() or isinstance(module, nn.Embedding)
+        for region, module in zip(regions, modules)
+    )
+    return 'embeddings' if embedding_like else 'stem'
 
 
 def split_into_units(model: nn.Module) -> list[ModelUnit]:
-    """Split ``model`` into HiFT-style units: embeddings first, then each block, then trailing modules.
+    """Split ``model`` into HiFT-style units, in the order they run in the forward pass.
 
-    Everything registered before the first block forms one ``embedding`` unit (GPT-2's ``wte`` and
-    ``wpe`` together); each repeated block is a ``block`` unit; each module after the blocks
-    (final norm, pooler, classifier, ``lm_head``) is its own ``other`` unit, in registration order.
-    Tied parameters belong to the unit that registers them first.
+    One forward on a tiny input is traced (:func:`composer_thaw.execution_order.trace_forward`, on stand-in
+    weights, so nothing is computed on the real ones). Every stack of repeated blocks (:func:`find_block_stacks`:
+    both stacks of an encoder-decoder, each stage of a ResNet) gives one ``block`` unit per block. What runs before
+    the first block forms one ``embedding`` unit: GPT-2's ``wte`` and ``wpe`` together, named ``embeddings``; a
+    ResNet's ``conv1`` and ``bn1``, named ``stem``; a single module keeps its path (``model.embed_tokens``). Each
+    module that runs between or after the stacks (T5's ``encoder.final_layer_norm``, OPT's final norm although it
+    is registered before the blocks, a pooler, a classifier, ``lm_head``) is an ``other`` unit named by its path.
+    A parameter several modules use (tied embeddings) belongs to the unit that runs first; a unit left without
+    parameters of its own is dropped. Parameters keep their registration order within a unit.
+
+    If the forward cannot be traced, units follow registration order instead, with a warning that says so.
 
     Raises:
         ValueError: if the model has no repeated blocks.
     """
-    blocks = find_repeated_blocks(model)
-    if blocks is None:
+    stacks = find_block_stacks(model)
+    if not stacks:
         raise ValueError(
             f'No repeated blocks found in {type(model).__name__}: no nn.ModuleList or nn.Sequential holds two or '
             'more children of one type with parameters. Name the groups explicitly with regexes instead.',
         )
-    block_of: dict[str, list[str]] = {}
-    for block in blocks.block_names:
-        block_of[block] = []
-    before: list[str] = []
-    after: dict[str, list[str]] = {}
-    seen_block = False
-    for name in named_parameters(model):
-        owner = next((b for b in blocks.block_names if name.startswith(b + '.')), None)
-        if owner is not None:
-            block_of[owner].append(name)
-            seen_block = True
-        elif not seen_block:
-            before.append(name)
-        else:
-            after.setdefault(_unit_after_blocks(name, blocks.container), []).append(name)
-    units: list[ModelUnit] = []
-    if before:
-        units.append(ModelUnit(_common_module(before) or 'embeddings', 'embedding', tuple(before)))
-    units += [ModelUnit(block, 'block', tuple(names)) for block, names in block_of.items() if names]
-    units += [ModelUnit(unit, 'other', tuple(names)) for unit, names in after.items()]
+    canonical = {alias: name for name, aliases in parameter_aliases(model).items() for alias in aliases}
+    regions: dict[str, list[str]] = {}
+    is_block: dict[str, bool] = {}
+    for alias in canonical:  # every name of every parameter, in registration order
+        region, block = _region(alias, stacks)
+        regions.setdefault(region, []).append(alias)
+        is_block[region] = block
+    times = _region_times(model, regions, is_block, canonical, _forward_trace(model))
+    ordered = sorted(regions, key=lambda region: times[region])
+    first_block = min(times[region] for region in regions if is_block[region])
+    leading = [region for region in ordered if not is_block[region] and times[region] < first_block]
+    groups: list[tuple[str, UnitKind, list[str]]] = []
+    if leading:
+        groups.append((_leading_unit_name(model, leading), 'embedding', leading))
+    groups += [
+        (region, 'block' if is_block[region] else 'other', [region]) for region in ordered if region not in leading
+    ]
+
+    owner: dict[str, int] = {}  # canonical name -> the first group to run that uses it
+    for index, (_, _, members) in enumerate(groups):
+        for region in members:
+            for alias in regions[region]:
+                owner.setdefault(canonical[alias], index)
+    units = []
+    registered = list(named_parameters(model))
+    for index, (name, kind, members) in enumerate(groups):
+        owned = tuple(param for param in registered if owner[param] == index)
+        if owned:
+            aliases = tuple(alias for region in members for alias in regions[region])
+            units.append(ModelUnit(name, kind, owned, aliases))
     return units
 
 

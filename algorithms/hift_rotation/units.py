@@ -1,10 +1,11 @@
 """The units HiFT rotates over, found without per-model code, and which of them rotate, stay frozen or always train.
 
 A *unit* is what the ``hift`` package calls a layer: the embeddings (unit 0), each repeated block (units 1..n),
-then each module after the blocks (final norm, pooler, classifier, ``lm_head``), in the order the package's
-per-model regex lists give them. Here they come from :func:`composer_thaw.parameter_selection.split_into_units`,
-so any model with a ``ModuleList`` of blocks works without registration; an explicit list of regexes
-(``groups``) replaces the discovery for models without one.
+then each module after the blocks (final norm, pooler, classifier, ``lm_head``), as the package's per-model regex
+lists give them. Here they come from :func:`composer_thaw.parameter_selection.split_into_units`, in the order they
+run in the forward pass, so any model with a ``ModuleList``/``Sequential`` of blocks works without registration
+(both stacks of an encoder-decoder, each stage of a ResNet); an explicit list of regexes (``groups``) replaces the
+discovery for models without one.
 
 Only parameters that train when the rotation starts take part (``requires_grad`` and in the optimizer): after
 ``LoRAInject`` that is the adapters (HiFT's ``lora_tuning`` mode). Units left without such parameters are

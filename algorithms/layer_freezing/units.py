@@ -6,9 +6,10 @@ A *unit* is a named group of parameter names. Two granularities:
   Composer only counts modules without children; a module with both its own parameters and children (a
   ``nn.MultiheadAttention``'s ``in_proj_weight``, a custom block with a gate) is a unit here too, placed
   before its children, so its parameters can be frozen as well.
-* ``'block'``: the embeddings (everything registered before the first repeated block), then each block
-  (``model.layers.3``, ``bert.encoder.layer.3``), found with
-  :func:`composer_thaw.parameter_selection.split_into_units`. What follows the blocks (final norm, head) is
+* ``'block'``: the units of :func:`composer_thaw.parameter_selection.split_into_units`, in the order they run
+  in the forward pass: the embeddings (everything that runs before the first block), then each block
+  (``model.layers.3``, ``bert.encoder.layer.3``; both stacks of an encoder-decoder, with what runs between them,
+  such as T5's ``encoder.final_layer_norm``, in its place). What runs after the last block (final norm, head) is
   never frozen.
 
 Units list every name a parameter is reachable under, so tied weights are handled in one rule: a
@@ -57,32 +58,22 @@ def _leaf_units(module: nn.Module, prefix: str, units: list[FreezeUnit]) -> None
 
 
 def _block_units(model: nn.Module) -> list[FreezeUnit]:
+    """The units up to the last block, in the order they run; each lists the names its own modules use."""
     try:
         units = split_into_units(model)
     except ValueError as error:
         raise ValueError(f"granularity='block' needs repeated blocks: {error} Or use granularity='leaf'.") from None
-    all_names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
-    blocks = [unit for unit in units if unit.kind == 'block']
-    first_block = next(
-        (i for i, name in enumerate(all_names) if any(name.startswith(b.name + '.') for b in blocks)),
-        len(all_names),
-    )
-    freezable: list[FreezeUnit] = []
-    for unit in units:
-        if unit.kind == 'embedding':
-            # The embedding unit holds what is registered before the first block, under every alias.
-            freezable.append(FreezeUnit(unit.name, tuple(all_names[:first_block])))
-        elif unit.kind == 'block':
-            freezable.append(FreezeUnit(unit.name, tuple(n for n in all_names if n.startswith(unit.name + '.'))))
-    return freezable
+    last_block = max(index for index, unit in enumerate(units) if unit.kind == 'block')
+    return [FreezeUnit(unit.name, unit.aliases) for unit in units[: last_block + 1]]
 
 
 def freezable_units(model: nn.Module, granularity: Granularity = 'leaf') -> list[FreezeUnit]:
     """The units of ``model`` that may be frozen, in freezing order (first frozen first).
 
     For ``'leaf'`` this is Composer's list of leaf modules without the last one (the head is never frozen);
-    for ``'block'`` the embedding unit and the blocks. Pass :func:`composer_thaw.parameter_selection.user_module`
-    of a Composer model so names are the Hugging Face model's own.
+    for ``'block'`` the embedding unit, the blocks and what runs between them, in the order they run. Pass
+    :func:`composer_thaw.parameter_selection.user_module` of a Composer model so names are the Hugging Face model's
+    own.
 
     Raises:
         ValueError: unknown ``granularity``, a model without repeated blocks for ``'block'``, or fewer than two

@@ -35,7 +35,7 @@ def test_block_granularity_freezes_embeddings_first_then_blocks_and_never_the_he
 def test_block_granularity_finds_gpt2_blocks_with_both_embeddings_in_one_unit(make_model):
     units = freezable_units(user_module(make_model('gpt2', num_layers=2)), 'block')
     assert (units[0].name, units[0].parameter_names[:2]) == (
-        'transformer',
+        'embeddings',
         ('transformer.wte.weight', 'transformer.wpe.weight'),
     )
     assert [u.name for u in units[1:]] == ['transformer.h.0', 'transformer.h.1']
@@ -98,3 +98,30 @@ def test_frozen_units_stay_frozen_when_the_schedule_falls(make_model):
     )
     assert depth == 0
     assert _trainable(model) == ['model.norm.weight', 'lm_head.weight']
+
+
+def test_block_granularity_freezes_both_stacks_of_an_encoder_decoder_in_the_order_they_run():
+    from architectures import ARCHITECTURES
+
+    model = ARCHITECTURES['t5'].build()
+    assert [u.name for u in freezable_units(model, 'block')] == [
+        'shared',
+        'encoder.block.0',
+        'encoder.block.1',
+        'encoder.final_layer_norm',  # runs between the stacks, so it is frozen there
+        'decoder.block.0',
+        'decoder.block.1',
+    ]  # decoder.final_layer_norm runs after the last block: never frozen
+    freeze_layers(model, None, current_duration=1.0, freeze_start=0.0, freeze_level=4 / 6, granularity='block')
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen[-1] == 'encoder.final_layer_norm.weight' and all(n.startswith('encoder.') for n in frozen)
+    assert model.shared.weight.requires_grad  # tied to the lm_head, which is never frozen
+
+
+def test_a_final_norm_registered_before_the_blocks_is_not_frozen_with_the_embeddings():
+    from architectures import ARCHITECTURES
+
+    model = ARCHITECTURES['opt'].build()
+    units = freezable_units(model, 'block')
+    assert [u.name for u in units] == ['embeddings', 'model.decoder.layers.0', 'model.decoder.layers.1']
+    assert units[0].parameter_names == ('model.decoder.embed_tokens.weight', 'model.decoder.embed_positions.weight')
