@@ -38,6 +38,7 @@ from composer_thaw.lora_inject.layers import adapter_class_for
 from composer_thaw.optimizer_surgery import Optimizers, add_params, group_index_of, remove_params, single_optimizer
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.sharding import refuse_fsdp1
+from composer_thaw.trainable_checkpoints import install_for_trainer
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +351,11 @@ class LoRAInject(ConfigRepr, Algorithm):
             ``adapter_model.safetensors``) to this directory.
         save_merged_to: at ``Event.FIT_END``, write the merged model as a plain Hugging Face checkpoint
             (``save_pretrained`` layout) to this directory.
+        checkpoint_trainable_only: Composer checkpoints hold the adapters (and ``modules_to_save``, trained biases),
+            their optimizer state and the algorithm state, plus a fingerprint of the frozen base weights, which a
+            resume takes from the model as built and checks (:mod:`~composer_thaw.trainable_checkpoints`), as
+            Composer's ``should_save_peft_only`` does for PEFT models. ``None`` (default): on, except under FSDP2
+            (full checkpoints there); ``False``: full checkpoints.
 
     The Hugging Face model's own ``state_dict()`` (``state.model.model``: what ``save_pretrained`` and llm-foundry's
     ``hf_checkpointer`` save) is the merged plain model, so they write a normal Hugging Face folder with the adapters
@@ -388,6 +394,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         enable_slices: Optional[dict[str, list[bool]]] = None,
         save_adapter_to: Optional[str] = None,
         save_merged_to: Optional[str] = None,
+        checkpoint_trainable_only: Optional[bool] = None,
     ):
         self.r, self.lora_alpha, self.target_modules = r, lora_alpha, target_modules
         self.exclude_modules = exclude_modules
@@ -396,6 +403,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         self.lora_dropout, self.use_rslora, self.use_dora = lora_dropout, use_rslora, use_dora
         self.init, self.bias, self.modules_to_save, self.enable_slices = init, bias, modules_to_save, enable_slices
         self.save_adapter_to, self.save_merged_to = save_adapter_to, save_merged_to
+        self.checkpoint_trainable_only = checkpoint_trainable_only
         for key in ('save_adapter_to', 'save_merged_to'):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
@@ -437,6 +445,7 @@ class LoRAInject(ConfigRepr, Algorithm):
             with reproducibility.seed_context(state.rank_zero_seed):
                 summary = _inject_adapters(state.model, state.optimizers, self.config)
             _expose_merged_model_to_hugging_face(state.model)
+            install_for_trainer(state, 'LoRAInject', self.checkpoint_trainable_only, default=True)
             logger.log_metrics(
                 {
                     'lora_inject/adapted_modules': len(summary.adapted),
