@@ -9,10 +9,10 @@ algorithm state on top, as Composer's ``HuggingFaceModel(should_save_peft_only=T
 torch's own state-dict hooks, so Composer's ``State.state_dict()`` / ``load_state_dict`` (and anything else that
 calls ``state_dict()``) see it without any change to checkpoint files:
 
-- saving drops every parameter with ``requires_grad=False`` from the state dict and adds, under
-  :data:`FINGERPRINT_KEY`, a fingerprint of each (dtype, shape and a BLAKE2b digest of its bytes); buffers are
-  kept. Hugging Face exports (``save_pretrained``, llm-foundry's ``hf_checkpointer``) read the inner Hugging Face
-  model and still get every weight.
+- saving drops every parameter the algorithm keeps frozen from the start (and that does not require grad) from the
+  state dict and adds, under :data:`FINGERPRINT_KEY`, a fingerprint of each (dtype, shape and a BLAKE2b digest of
+  its bytes); buffers are kept. Hugging Face exports (``save_pretrained``, llm-foundry's ``hf_checkpointer``) read
+  the inner Hugging Face model and still get every weight.
 - loading (a resume or ``load_weights_only``) compares each fingerprinted tensor of the model as built now with the
   fingerprint, before any weight is copied and before any training step, and refuses, naming the tensor, when one
   differs: the checkpoint's trainable tensors were trained on other frozen weights. The frozen tensors a strict
@@ -36,6 +36,7 @@ import functools
 import hashlib
 import logging
 import warnings
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import torch
@@ -73,7 +74,7 @@ def tensor_fingerprint(tensor: torch.Tensor) -> str:
         'float32[2, 3]:...'
     """
     raw = tensor.detach().to('cpu').contiguous().reshape(-1).view(torch.uint8)
-    digest = hashlib.blake2b(raw.numpy(), digest_size=16).hexdigest()
+    digest = hashlib.blake2b(raw.numpy().data, digest_size=16).hexdigest()
     dtype = str(tensor.dtype).removeprefix('torch.')
     return f'{dtype}{list(tensor.shape)}:{digest}'
 
@@ -84,8 +85,16 @@ def frozen_fingerprints(module: nn.Module) -> dict[str, str]:
     return {name: tensor_fingerprint(p) for name, p in _frozen_parameters(module).items()}
 
 
-def _frozen_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+def _frozen_parameters(module: nn.Module, kept_frozen: Optional[set[int]] = None) -> dict[str, torch.Tensor]:
+    """Parameters not requiring grad by state-dict name; with ``kept_frozen`` (ids) only those among them."""
+    return {
+        name: p
+        for name, p in module.named_parameters(remove_duplicate=False)
+        if not p.requires_grad and (kept_frozen is None or id(p) in kept_frozen)
+    }
+
+
+FrozenSource = Callable[[], Iterable[torch.Tensor]]
 
 
 class TrainableOnlyCheckpoints:
@@ -98,12 +107,22 @@ class TrainableOnlyCheckpoints:
         frozen_loaded: whether frozen weights were loaded from a checkpoint (then saves are full again).
     """
 
-    def __init__(self, owner: str, save_trainable_only: bool = True):
+    def __init__(self, owner: str, save_trainable_only: bool = True, frozen: Optional[FrozenSource] = None):
         self.owner = owner
         self.save_trainable_only = save_trainable_only
+        # what the algorithms keep frozen from the start; None: every parameter without requires_grad
+        self.frozen_sources: Optional[list[FrozenSource]] = None if frozen is None else [frozen]
         self.frozen_loaded = False
         self._digests: dict[tuple[int, int, torch.dtype, tuple[int, ...]], str] = {}  # cache; see _fingerprint
         self._expected_missing: set[str] = set()
+
+    def frozen_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The parameters of ``module`` that checkpoints leave out, by state-dict name: those the algorithms keep
+        frozen from the start (not ones another algorithm froze after training them, as HiFT's rotation does),
+        and only while they do not require grad."""
+        if self.frozen_sources is None:
+            return _frozen_parameters(module)
+        return _frozen_parameters(module, {id(p) for source in self.frozen_sources for p in source()})
 
     def _fingerprint(self, tensor: torch.Tensor) -> str:
         # Frozen tensors do not change between saves; an in-place change bumps the tensor's version counter.
@@ -124,7 +143,7 @@ class TrainableOnlyCheckpoints:
     def drop_frozen(self, module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
         if not self.save_trainable_only or self.frozen_loaded:
             return
-        frozen = _frozen_parameters(module)
+        frozen = self.frozen_parameters(module)
         self._refuse_sharded(frozen)
         fingerprints = {}
         for name, param in frozen.items():
@@ -139,7 +158,7 @@ class TrainableOnlyCheckpoints:
             record = state.pop(FINGERPRINT_KEY, None)
         self._expected_missing = set()
         if record is None:
-            if any(f'{prefix}{name}' in state for name in _frozen_parameters(module)):
+            if any(f'{prefix}{name}' in state for name in self.frozen_parameters(module)):
                 self._note_frozen_loaded()
             return
         expected: dict[str, str] = record.get('frozen', {})
@@ -185,7 +204,9 @@ def trainable_only_handler(module: nn.Module) -> Optional[TrainableOnlyCheckpoin
     return handler if isinstance(handler, TrainableOnlyCheckpoints) else None
 
 
-def checkpoint_trainable_only(module: nn.Module, owner: str, save: bool = True) -> TrainableOnlyCheckpoints:
+def checkpoint_trainable_only(
+    module: nn.Module, owner: str, save: bool = True, frozen: Optional[FrozenSource] = None
+) -> TrainableOnlyCheckpoints:
     """Make the checkpoints of ``module`` hold only its trainable tensors and a fingerprint of its frozen ones.
 
     Call it on the module that checkpoints save (Composer's model: ``state.model`` at ``Event.INIT``, before DDP
@@ -196,6 +217,9 @@ def checkpoint_trainable_only(module: nn.Module, owner: str, save: bool = True) 
         owner: the algorithm asking (named in messages).
         save: whether saves leave frozen parameters out; with ``False`` only the load-time check is installed, so
             that a trainable-only checkpoint loaded into a run writing full ones is still checked.
+        frozen: returns the parameters ``owner`` keeps frozen from the start (called at each save); ``None``: every
+            parameter that does not require grad. Algorithms pass theirs, so that parameters another algorithm
+            freezes for a while after training them (HiFT's rotation over LoRA adapters) stay in checkpoints.
 
     Returns:
         The :class:`TrainableOnlyCheckpoints` handler (also stored on ``module`` under :data:`FINGERPRINT_KEY`).
@@ -203,12 +227,14 @@ def checkpoint_trainable_only(module: nn.Module, owner: str, save: bool = True) 
     handler = trainable_only_handler(module)
     if handler is not None:
         handler.save_trainable_only = handler.save_trainable_only or save
+        if handler.frozen_sources is not None:
+            handler.frozen_sources = None if frozen is None else [*handler.frozen_sources, frozen]
         return handler
-    handler = TrainableOnlyCheckpoints(owner, save)
+    handler = TrainableOnlyCheckpoints(owner, save, frozen)
     # The attribute also lets torch.distributed.checkpoint resolve the key under a DDP wrapper ('module.<key>').
     setattr(module, FINGERPRINT_KEY, handler)
     # a partial, not a bound method: torch marks public-API hooks with an attribute
-    module.register_state_dict_post_hook(functools.partial(TrainableOnlyCheckpoints.drop_frozen, handler))  # type: ignore[no-untyped-call]
+    module.register_state_dict_post_hook(functools.partial(TrainableOnlyCheckpoints.drop_frozen, handler))
     module.register_load_state_dict_pre_hook(handler.check_frozen)
     module.register_load_state_dict_post_hook(handler.forgive_missing)
     log.info(
@@ -220,9 +246,12 @@ def checkpoint_trainable_only(module: nn.Module, owner: str, save: bool = True) 
     return handler
 
 
-def install_for_trainer(state: Any, owner: str, requested: Optional[bool], default: bool) -> TrainableOnlyCheckpoints:
+def install_for_trainer(
+    state: Any, owner: str, requested: Optional[bool], default: bool, frozen: FrozenSource
+) -> TrainableOnlyCheckpoints:
     """What an algorithm calls at ``Event.INIT``: trainable-only saves on ``state.model`` when ``requested`` (``None``:
-    ``default``, and off under FSDP), and the load-time fingerprint check in any case.
+    ``default``, and off under FSDP), and the load-time fingerprint check in any case. ``frozen`` returns the
+    parameters the algorithm keeps frozen from the start.
 
     Raises:
         NotImplementedError: ``requested=True`` on a sharded (FSDP) Trainer, before anything changes.
@@ -235,4 +264,4 @@ def install_for_trainer(state: Any, owner: str, requested: Optional[bool], defau
             '(full checkpoints under FSDP2) or train without FSDP.',
         )
     save = (default if requested is None else requested) and not sharded
-    return checkpoint_trainable_only(state.model, owner, save)
+    return checkpoint_trainable_only(state.model, owner, save, frozen)

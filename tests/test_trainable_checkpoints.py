@@ -12,7 +12,7 @@ import torch
 from support import cpu_trainer, seeded_tiny_decoder
 from torch import nn
 
-from composer_thaw.lora_inject import LoRAInject, apply_lora
+from composer_thaw.lora_inject import LoRAInject, apply_lora, frozen_base_parameters
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze import RegexFreeze
 from composer_thaw.trainable_checkpoints import (
@@ -158,5 +158,19 @@ def test_regex_freeze_writes_them_on_request_and_resumes_bit_identically(tmp_pat
 def test_sharded_training_is_refused_when_asked_and_gets_full_checkpoints_by_default():
     state = SimpleNamespace(fsdp_config=object(), model=nn.Linear(2, 2))
     with pytest.raises(NotImplementedError, match=r'checkpoint_trainable_only=True\) does not support sharded'):
-        install_for_trainer(state, 'LoRAInject', True, default=True)
-    assert not install_for_trainer(state, 'LoRAInject', None, default=True).save_trainable_only
+        install_for_trainer(state, 'LoRAInject', True, default=True, frozen=list)
+    assert not install_for_trainer(state, 'LoRAInject', None, default=True, frozen=list).save_trainable_only
+
+
+def test_adapters_another_algorithm_freezes_for_a_while_stay_in_checkpoints():
+    # HiFTRotation(lora=True) trains one block's adapters at a time: the others, trained before, do not require grad
+    model = seeded_tiny_decoder(num_layers=2)
+    apply_lora(model, r=2, target_modules=['q_proj'])
+    checkpoint_trainable_only(model, owner='LoRAInject', frozen=lambda: frozen_base_parameters(model))
+    adapter = model.model.model.layers[0].self_attn.q_proj.lora_B
+    with torch.no_grad():
+        adapter.add_(1)
+    adapter.requires_grad_(False)
+    state = model.state_dict()
+    assert torch.equal(state['model.model.layers.0.self_attn.q_proj.lora_B'], adapter)
+    assert 'model.model.layers.0.self_attn.q_proj.base_layer.weight' in state[FINGERPRINT_KEY]['frozen']

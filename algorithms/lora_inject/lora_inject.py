@@ -49,6 +49,7 @@ __all__ = [
     'apply_lora',
     'check_no_conflicting_algorithms',
     'freeze_outside_adapters',
+    'frozen_base_parameters',
     'lora_config_of',
     'merge_adapters',
     'trainable_parameter_names',
@@ -234,6 +235,15 @@ def _warn_if_task_head_frozen(root: nn.Module) -> None:
                 UserWarning,
                 stacklevel=3,
             )
+
+
+def frozen_base_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the model's LoRA configuration keeps frozen: all but the adapters, ``modules_to_save`` and
+    trained biases (none before :func:`apply_lora`)."""
+    root = user_module(model)
+    config = lora_config_of(root)
+    trainable = set(trainable_parameter_names(root, config)) if config is not None else set()
+    return [p for name, p in root.named_parameters() if config is not None and name not in trainable]
 
 
 def freeze_outside_adapters(model: nn.Module, optimizers: Optional[Optimizers] = None) -> list[str]:
@@ -445,7 +455,9 @@ class LoRAInject(ConfigRepr, Algorithm):
             with reproducibility.seed_context(state.rank_zero_seed):
                 summary = _inject_adapters(state.model, state.optimizers, self.config)
             _expose_merged_model_to_hugging_face(state.model)
-            install_for_trainer(state, 'LoRAInject', self.checkpoint_trainable_only, default=True)
+            root = user_module(state.model)
+            frozen = self.checkpoint_trainable_only
+            install_for_trainer(state, 'LoRAInject', frozen, default=True, frozen=lambda: frozen_base_parameters(root))
             logger.log_metrics(
                 {
                     'lora_inject/adapted_modules': len(summary.adapted),

@@ -275,7 +275,8 @@ class RegexFreeze(ConfigRepr, Algorithm):
                 self, state.algorithms, 'give one RegexFreeze with all the trainable and frozen patterns.'
             )
             refuse_fsdp1(state, 'RegexFreeze')
-            install_for_trainer(state, 'RegexFreeze', self.checkpoint_trainable_only, default=False)
+            frozen = self.checkpoint_trainable_only
+            install_for_trainer(state, 'RegexFreeze', frozen, default=False, frozen=lambda: self._fully_frozen())
             self._model, self._optimizers = state.model, state.optimizers
             return None
         if event == Event.BEFORE_LOAD:
@@ -301,6 +302,13 @@ class RegexFreeze(ConfigRepr, Algorithm):
         self.selection = selection
         self._model, self._optimizers = model, optimizers
         self._frozen_rows = _frozen_rows_by_param(model, selection)
+
+    def _fully_frozen(self) -> list[nn.Parameter]:
+        """The whole tensors the selection freezes (what trainable-only checkpoints leave out)."""
+        if self.selection is None or self._model is None:
+            return []
+        params = dict(user_module(self._model).named_parameters())
+        return [params[name] for name, t in self.selection.items() if t.fully_frozen and name in params]
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
