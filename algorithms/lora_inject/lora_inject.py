@@ -31,6 +31,7 @@ from composer_thaw.lora_inject.surgery import (
     LoRASummary,
     apply_lora,
     freeze_outside_adapters,
+    frozen_base_parameters,
     inject_adapters,
     lora_config_of,
     merge_adapters,
@@ -39,6 +40,7 @@ from composer_thaw.lora_inject.surgery import (
 )
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.sharding import refuse_fsdp1
+from composer_thaw.trainable_checkpoints import install_for_trainer
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ __all__ = [
     'LoRASummary',
     'apply_lora',
     'freeze_outside_adapters',
+    'frozen_base_parameters',
     'lora_config_of',
     'merge_adapters',
     'trainable_parameter_names',
@@ -145,6 +148,11 @@ class LoRAInject(ConfigRepr, Algorithm):
             ``adapter_model.safetensors``) to this directory.
         save_merged_to: at ``Event.FIT_END``, write the merged model as a plain Hugging Face checkpoint
             (``save_pretrained`` layout) to this directory.
+        checkpoint_trainable_only: Composer checkpoints hold the adapters (and ``modules_to_save``, trained biases),
+            their optimizer state and the algorithm state, plus a fingerprint of the frozen base weights, which a
+            resume takes from the model as built and checks (:mod:`~composer_thaw.trainable_checkpoints`), as
+            Composer's ``should_save_peft_only`` does for PEFT models. ``None`` (default): on, except under FSDP2
+            (full checkpoints there); ``False``: full checkpoints.
 
     The Hugging Face model's own ``state_dict()`` (``state.model.model``: what ``save_pretrained`` and llm-foundry's
     ``hf_checkpointer`` save) is the merged plain model, so they write a normal Hugging Face folder with the adapters
@@ -185,6 +193,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         task_type: Optional[TaskType] = None,
         save_adapter_to: Optional[str] = None,
         save_merged_to: Optional[str] = None,
+        checkpoint_trainable_only: Optional[bool] = None,
     ):
         self.r, self.lora_alpha, self.target_modules = r, lora_alpha, target_modules
         self.exclude_modules = exclude_modules
@@ -194,6 +203,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         self.init, self.bias, self.modules_to_save, self.enable_slices = init, bias, modules_to_save, enable_slices
         self.task_type = task_type
         self.save_adapter_to, self.save_merged_to = save_adapter_to, save_merged_to
+        self.checkpoint_trainable_only = checkpoint_trainable_only
         for key in ('save_adapter_to', 'save_merged_to'):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
@@ -241,6 +251,9 @@ class LoRAInject(ConfigRepr, Algorithm):
             with reproducibility.seed_context(state.rank_zero_seed):
                 summary = inject_adapters(state.model, state.optimizers, self.config)
             _expose_merged_model_to_hugging_face(state.model)
+            root = user_module(state.model)
+            frozen = self.checkpoint_trainable_only
+            install_for_trainer(state, 'LoRAInject', frozen, default=True, frozen=lambda: frozen_base_parameters(root))
             logger.log_metrics(
                 {
                     'lora_inject/adapted_modules': len(summary.adapted),

@@ -38,6 +38,7 @@ __all__ = [
     'LoRASummary',
     'apply_lora',
     'freeze_outside_adapters',
+    'frozen_base_parameters',
     'inject_adapters',
     'lora_config_of',
     'merge_adapters',
@@ -204,6 +205,15 @@ def _warn_if_task_head_frozen(root: nn.Module) -> None:
                 UserWarning,
                 stacklevel=3,
             )
+
+
+def frozen_base_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the model's LoRA configuration keeps frozen: all but the adapters, ``modules_to_save`` and
+    trained biases (none before :func:`apply_lora`)."""
+    root = user_module(model)
+    config = lora_config_of(root)
+    trainable = set(trainable_parameter_names(root, config)) if config is not None else set()
+    return [p for name, p in root.named_parameters() if config is not None and name not in trainable]
 
 
 def freeze_outside_adapters(model: nn.Module, optimizers: Optional[Optimizers] = None) -> list[str]:

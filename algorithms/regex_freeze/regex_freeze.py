@@ -35,6 +35,7 @@ from composer_thaw.regex_freeze.patterns import (
 )
 from composer_thaw.regex_freeze.row_freezing import RowFreezer, sync_ema_frozen_rows
 from composer_thaw.sharding import refuse_fsdp1
+from composer_thaw.trainable_checkpoints import install_for_trainer
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,9 @@ class RegexFreeze(ConfigRepr, Algorithm):
         frozen: patterns applied after ``trainable`` that freeze whole tensors, or rows with a range.
         syntax: ``'axolotl'`` (default): axolotl's ``unfrozen_parameters`` rules (a ``.`` is literal, ``re.match``
             from the start of the name); ``'regex'``: plain Python regexes with ``re.search``.
+        checkpoint_trainable_only: Composer checkpoints hold the trainable tensors, their optimizer state and the
+            algorithm state, plus a fingerprint of the frozen tensors, which a resume takes from the model as built
+            and checks (:mod:`~composer_thaw.trainable_checkpoints`). Not under FSDP2. Default: full checkpoints.
 
     Logs ``regex_freeze/trainable_params``, ``regex_freeze/total_params`` and ``regex_freeze/trainable_fraction``.
     """
@@ -238,6 +242,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
         trainable: Optional[list[str]] = None,
         frozen: Optional[list[str]] = None,
         syntax: Syntax = 'axolotl',
+        checkpoint_trainable_only: bool = False,
     ):
         if syntax not in SYNTAXES:
             raise ValueError(f'syntax={syntax!r} is not a pattern syntax; choose one of {list(SYNTAXES)}.')
@@ -253,6 +258,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
         self.trainable = None if trainable is None else list(trainable)
         self.frozen = None if frozen is None else list(frozen)
         self.syntax = syntax
+        self.checkpoint_trainable_only = checkpoint_trainable_only
         self.selection: Optional[Selection] = None
         self._model: Optional[nn.Module] = None
         self._optimizers: Optional[Optimizers] = None
@@ -276,6 +282,8 @@ class RegexFreeze(ConfigRepr, Algorithm):
                 self, state.algorithms, 'give one RegexFreeze with all the trainable and frozen patterns.'
             )
             refuse_fsdp1(state, 'RegexFreeze')
+            frozen = self.checkpoint_trainable_only
+            install_for_trainer(state, 'RegexFreeze', frozen, default=False, frozen=lambda: self._fully_frozen())
             self._model, self._optimizers = state.model, state.optimizers
             return None
         if event == Event.BEFORE_LOAD:
@@ -301,6 +309,13 @@ class RegexFreeze(ConfigRepr, Algorithm):
         self.selection = selection
         self._model, self._optimizers = model, optimizers
         self._frozen_rows = _frozen_rows_by_param(model, selection)
+
+    def _fully_frozen(self) -> list[nn.Parameter]:
+        """The whole tensors the selection freezes (what trainable-only checkpoints leave out)."""
+        if self.selection is None or self._model is None:
+            return []
+        params = dict(user_module(self._model).named_parameters())
+        return [params[name] for name, t in self.selection.items() if t.fully_frozen and name in params]
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -4,7 +4,8 @@ One launch checks, on 2 CPU processes (gloo), with each rank reading different d
 * after every batch, all parameters (adapters included) are bit-identical on both ranks;
 * the base weights are bit-identical to the model before training (only adapters and modules_to_save move);
 * frozen parameters never hold a gradient;
-* a run resumed at world size 2 from a mid-run checkpoint ends bit-identical to the uninterrupted run;
+* a run resumed at world size 2 from a mid-run checkpoint (trainable-only: adapters, lm_head and a fingerprint of the
+  frozen base, keys under DDP's wrapper) ends bit-identical to the uninterrupted run;
 * the adapter written at FIT_END by rank 0 exists.
 Rank 0 writes the findings as JSON to the path given as the first argument.
 """
@@ -27,6 +28,7 @@ from composer_thaw.data import LanguageModelingDataset, build_dataloader, python
 from composer_thaw.lora_inject import LoRAInject
 from composer_thaw.models import load_tokenizer, tiny_decoder
 from composer_thaw.parameter_selection import user_module
+from composer_thaw.trainable_checkpoints import FINGERPRINT_KEY
 from composer_thaw.training import parameter_checksum
 
 OPTIONS = dict(
@@ -70,7 +72,10 @@ def main(out: str, folder: str) -> None:
     )
     first_batches = dist.all_gather_object(checks.first_batch_digest)
     checkpoint = next(f for f in sorted(os.listdir(os.path.join(folder, 'checkpoints'))) if '-ba4-rank0' in f)
-    resumed, _, resumed_checks = train(folder, os.path.join(folder, 'checkpoints', checkpoint), seed=1)
+    # the default trainable-only checkpoint: the resumed run builds the same base (seed 0) and loads the adapters
+    saved = torch.load(os.path.join(folder, 'checkpoints', checkpoint), map_location='cpu', weights_only=False)
+    saved_model = saved['state']['model']
+    resumed, _, resumed_checks = train(folder, os.path.join(folder, 'checkpoints', checkpoint), seed=0)
     if dist.get_global_rank() == 0:
         result = {
             'world_size': dist.get_world_size(),
@@ -81,6 +86,9 @@ def main(out: str, folder: str) -> None:
             'resumed_ranks_identical_after_every_batch': all(resumed_checks.ranks_identical),
             'resumed_equals_uninterrupted': parameter_checksum(resumed) == parameter_checksum(model),
             'adapter_saved': os.path.exists(os.path.join(folder, 'adapter', 'adapter_model.safetensors')),
+            'checkpoint_without_frozen_base': FINGERPRINT_KEY in saved_model
+            and 'model.model.layers.0.self_attn.q_proj.base_layer.weight' in saved_model[FINGERPRINT_KEY]['frozen']
+            and not any(key.endswith('base_layer.weight') for key in saved_model),
         }
         with open(out, 'w') as f:
             json.dump(result, f)

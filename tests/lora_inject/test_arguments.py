@@ -32,6 +32,7 @@ WRONG = {
     'task_type': 7,
     'save_adapter_to': 3,
     'save_merged_to': ['out'],
+    'checkpoint_trainable_only': 'yes',
 }
 
 

@@ -22,4 +22,5 @@ def test_two_process_ddp_ranks_stay_identical_and_resume_exactly(two_processes: 
         'resumed_ranks_identical_after_every_batch': True,
         'resumed_equals_uninterrupted': True,
         'adapter_saved': True,
+        'checkpoint_without_frozen_base': True,
     }

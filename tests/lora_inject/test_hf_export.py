@@ -19,6 +19,7 @@ from composer_thaw.lora_inject import EXAMPLES, LoRAInject, apply_lora, expose_m
 from composer_thaw.lora_inject.injection import adapter_layers
 from composer_thaw.lora_inject.peft_format import merged_state_dict
 from composer_thaw.parameter_selection import user_module
+from composer_thaw.trainable_checkpoints import FINGERPRINT_KEY
 
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
 CASES: list[tuple[str, dict[str, Any]]] = [
@@ -102,6 +103,8 @@ def test_under_lora_inject_hf_code_sees_the_merged_model_and_composer_checkpoint
     torch.testing.assert_close(_logits(fresh), _logits(hf_model), atol=1e-5, rtol=1e-5)
     layers = adapter_layers(hf_model)
     assert layers and not any(layer.merged for layer in layers.values())  # nothing merged in place
-    checkpointed = trainer.state.get_model_state_dict()  # what Composer saves: adapters and base apart
+    checkpointed = trainer.state.get_model_state_dict()  # what Composer saves: the adapters, the base fingerprinted
+    frozen = checkpointed[FINGERPRINT_KEY]['frozen']
     for name in layers:
-        assert {f'model.{name}.lora_A', f'model.{name}.lora_B', f'model.{name}.base_layer.weight'} <= set(checkpointed)
+        assert {f'model.{name}.lora_A', f'model.{name}.lora_B'} <= set(checkpointed)
+        assert f'model.{name}.base_layer.weight' in frozen and f'model.{name}.base_layer.weight' not in checkpointed

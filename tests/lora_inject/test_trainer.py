@@ -62,7 +62,8 @@ def test_state_dict_is_versioned_and_a_different_configuration_is_refused():
 
 
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path: Path):
-    options = dict(**OPTIONS, use_dora=True, lora_dropout=0.1)
+    # full checkpoints; trainable-only ones (the default): tests/test_trainable_checkpoints.py
+    options = dict(**OPTIONS, use_dora=True, lora_dropout=0.1, checkpoint_trainable_only=False)
     uninterrupted = seeded_tiny_decoder(num_layers=2)
     cpu_trainer(
         uninterrupted, [LoRAInject(**options)], max_duration='6ba', save_folder=str(tmp_path), save_interval='3ba'
