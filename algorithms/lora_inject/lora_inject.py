@@ -35,6 +35,7 @@ from composer_thaw.lora_inject.injection import (
     saved_module_names,
 )
 from composer_thaw.lora_inject.layers import adapter_class_for
+from composer_thaw.master_weights import MasterWeightsOption, refuse_fsdp2_with_masters
 from composer_thaw.optimizer_surgery import Optimizers, add_params, group_index_of, remove_params, single_optimizer
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.sharding import refuse_fsdp1
@@ -350,6 +351,10 @@ class LoRAInject(ConfigRepr, Algorithm):
             ``adapter_model.safetensors``) to this directory.
         save_merged_to: at ``Event.FIT_END``, write the merged model as a plain Hugging Face checkpoint
             (``save_pretrained`` layout) to this directory.
+        master_weights: ``'fp32'``: the base stays in the model's low-precision dtype; adapters are fp32 parameters
+            anyway on a bf16/fp16 base (PEFT's ``autocast_adapter_dtype``), and the other tensors that train
+            (``modules_to_save``, biases) keep low-precision weights with fp32 master copies and fp32 optimizer state
+            (:mod:`composer_thaw.master_weights`). Default: ``None``.
 
     The Hugging Face model's own ``state_dict()`` (``state.model.model``: what ``save_pretrained`` and llm-foundry's
     ``hf_checkpointer`` save) is the merged plain model, so they write a normal Hugging Face folder with the adapters
@@ -388,6 +393,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         enable_slices: Optional[dict[str, list[bool]]] = None,
         save_adapter_to: Optional[str] = None,
         save_merged_to: Optional[str] = None,
+        master_weights: Optional[Literal['fp32']] = None,
     ):
         self.r, self.lora_alpha, self.target_modules = r, lora_alpha, target_modules
         self.exclude_modules = exclude_modules
@@ -396,6 +402,8 @@ class LoRAInject(ConfigRepr, Algorithm):
         self.lora_dropout, self.use_rslora, self.use_dora = lora_dropout, use_rslora, use_dora
         self.init, self.bias, self.modules_to_save, self.enable_slices = init, bias, modules_to_save, enable_slices
         self.save_adapter_to, self.save_merged_to = save_adapter_to, save_merged_to
+        self.master_weights = master_weights
+        self._master_copies = MasterWeightsOption(master_weights)
         for key in ('save_adapter_to', 'save_merged_to'):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
@@ -432,6 +440,7 @@ class LoRAInject(ConfigRepr, Algorithm):
             )
             check_no_conflicting_algorithms(state.algorithms, self.config)
             refuse_fsdp1(state, 'LoRAInject')
+            refuse_fsdp2_with_masters(state, self.master_weights, 'LoRAInject')
             # The same adapter initialization on every rank, as Composer does before sharding: FSDP2 keeps each rank's
             # own rows, so per-rank seeds would give a model that no single process could have built.
             with reproducibility.seed_context(state.rank_zero_seed):
@@ -448,6 +457,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         if event == Event.BEFORE_LOAD:
             _check_base_layers_kept(user_module(state.model), self.config, bool(self.save_merged_to))
             freeze_outside_adapters(state.model, state.optimizers)
+            self._master_copies.enable(state.model, state.optimizers)
             return
         from composer_thaw.lora_inject.peft_format import export_merged, save_adapter
 
@@ -459,7 +469,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         dist.barrier()
 
     def state_dict(self) -> dict[str, Any]:
-        return {STATE_VERSION_KEY: 1, 'config': self.config.to_dict()}
+        return {STATE_VERSION_KEY: 1, 'config': self.config.to_dict(), **self._master_copies.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_version('LoRAInject', state, supported=1)
@@ -474,3 +484,4 @@ class LoRAInject(ConfigRepr, Algorithm):
                 'The checkpoint was trained with a different LoRAInject configuration; (checkpoint, now) per field: '
                 f'{differences}. Resume with the configuration it was trained with.',
             )
+        self._master_copies.load_state_dict(state)

@@ -13,7 +13,7 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from composer.algorithms import EMA
 from composer.core import Algorithm, Event, State
@@ -22,6 +22,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version, refuse_duplicates
+from composer_thaw.master_weights import MasterWeightsOption, refuse_fsdp2_with_masters
 from composer_thaw.optimizer_surgery import add_params, group_index_of, remove_params, single_optimizer
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze.patterns import (
@@ -214,6 +215,9 @@ class RegexFreeze(ConfigRepr, Algorithm):
         frozen: patterns applied after ``trainable`` that freeze whole tensors, or rows with a range.
         syntax: ``'axolotl'`` (default): axolotl's ``unfrozen_parameters`` rules (a ``.`` is literal, ``re.match``
             from the start of the name); ``'regex'``: plain Python regexes with ``re.search``.
+        master_weights: ``'fp32'`` keeps the model's low-precision (bf16) weights and gives the trainable tensors an
+            fp32 master copy and fp32 optimizer state (:mod:`composer_thaw.master_weights`). Default: ``None``.
+            Frozen tensors and frozen rows stay bit-identical in the weights' dtype.
 
     Logs ``regex_freeze/trainable_params``, ``regex_freeze/total_params`` and ``regex_freeze/trainable_fraction``.
     """
@@ -237,7 +241,9 @@ class RegexFreeze(ConfigRepr, Algorithm):
         trainable: Optional[list[str]] = None,
         frozen: Optional[list[str]] = None,
         syntax: Syntax = 'axolotl',
+        master_weights: Optional[Literal['fp32']] = None,
     ):
+        self._master_copies = MasterWeightsOption(master_weights)
         if syntax not in SYNTAXES:
             raise ValueError(f'syntax={syntax!r} is not a pattern syntax; choose one of {list(SYNTAXES)}.')
         if trainable is None and not frozen:
@@ -252,6 +258,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
         self.trainable = None if trainable is None else list(trainable)
         self.frozen = None if frozen is None else list(frozen)
         self.syntax = syntax
+        self.master_weights = master_weights
         self.selection: Optional[Selection] = None
         self._model: Optional[nn.Module] = None
         self._optimizers: Optional[Optimizers] = None
@@ -269,6 +276,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
                 self, state.algorithms, 'give one RegexFreeze with all the trainable and frozen patterns.'
             )
             refuse_fsdp1(state, 'RegexFreeze')
+            refuse_fsdp2_with_masters(state, self.master_weights, 'RegexFreeze')
             self._model, self._optimizers = state.model, state.optimizers
             return None
         if event == Event.BEFORE_LOAD:
@@ -294,11 +302,13 @@ class RegexFreeze(ConfigRepr, Algorithm):
         self.selection = selection
         self._model, self._optimizers = model, optimizers
         self._frozen_rows = _frozen_rows_by_param(model, selection)
+        self._master_copies.enable(model, optimizers)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state[STATE_VERSION_KEY] = STATE_VERSION
         state['trainable_rows'] = self.selection.as_plain_data() if self.selection is not None else None
+        state.update(self._master_copies.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -311,6 +321,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
         ).as_plain_data()
         if saved is not None and saved != current:
             raise ValueError(_selection_mismatch(saved, current))
+        self._master_copies.load_state_dict(state)
         # Model weights are loaded before algorithm state and the optimizer state after it; re-applying makes sure
         # the optimizer's structure matches the checkpoint's (idempotent when nothing changed).
         self._apply_to(self._model, self._optimizers)
