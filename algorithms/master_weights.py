@@ -168,7 +168,7 @@ class MasterWeights:
         """Swap the masters in; when the step gets a closure (Composer's Trainer runs forward and backward in it),
         only after the closure has run."""
         self.sync()
-        closure = kwargs.get('closure', args[0] if args else None)
+        closure = kwargs.get('closure', args[1] if len(args) > 1 else None)  # args[0] is the optimizer
         if closure is None:
             self._swap_in()
             return None
@@ -182,7 +182,7 @@ class MasterWeights:
 
         if 'closure' in kwargs:
             return args, {**kwargs, 'closure': closure_then_swap}
-        return (closure_then_swap, *args[1:]), kwargs
+        return (args[0], closure_then_swap, *args[2:]), kwargs
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._swap_out()
