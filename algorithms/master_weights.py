@@ -4,7 +4,8 @@ The model's weights stay in their own dtype (bf16 or fp16): the forward and back
 checkpointed model are low precision. Each parameter that trains (it is in the optimizer's param groups and
 requires grad) gets an fp32 *master* copy, and the optimizer steps the master with fp32 state: around every
 ``optimizer.step()`` the parameter's data is swapped for its master and its low-precision gradient for an fp32 copy
-of it; after the step the master is cast back into the low-precision weight (round to nearest). Updates smaller
+of it; after the step the master is cast back into the low-precision weight (round to nearest) and the gradient is
+spent (``None``, as after ``zero_grad``). Updates smaller
 than the weight's resolution accumulate in the master until they move the weight, where pure bf16 training loses
 them. A frozen parameter never has a master, and one that stops training (frozen, or rotated out by HiFT) loses
 its master at once: the weight already holds the master's last cast.
@@ -98,7 +99,7 @@ class MasterWeights:
         self.model = model
         self.dtype = dtype
         self.masters: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
-        self._swapped: list[tuple[nn.Parameter, torch.Tensor, Optional[torch.Tensor]]] = []
+        self._swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
         self._handles: list[RemovableHandle] = []
         self._loading: Optional[dict[str, Any]] = None
 
@@ -189,7 +190,8 @@ class MasterWeights:
 
     @torch.no_grad()
     def _swap_in(self) -> None:
-        """Each mastered parameter with a gradient: data <- its master, grad <- the gradient in fp32."""
+        """Each mastered parameter with a gradient: data <- its master, grad <- the gradient in fp32 (the
+        low-precision gradient is released, so the step's peak holds one copy of each gradient, not two)."""
         for param, master in self.masters.values():
             grad = param.grad
             if grad is None:
@@ -198,19 +200,20 @@ class MasterWeights:
             param.grad = None
             param.data = master
             param.grad = grad.to(self.dtype)
+            del grad
             self._upcast_state(param)
-            self._swapped.append((param, weight, grad))
+            self._swapped.append((param, weight))
 
     @torch.no_grad()
     def _swap_out(self) -> None:
-        """Cast each swapped master back into its low-precision weight and give the parameter its weight back."""
+        """Cast each swapped master back into its low-precision weight and give the parameter its weight back; its
+        gradient is spent (``None``), as after ``zero_grad()``."""
         swapped, self._swapped = self._swapped, []
-        for param, weight, grad in swapped:
+        for param, weight in swapped:
             master = param.data
             param.grad = None
             weight.copy_(master)
             param.data = weight
-            param.grad = grad
 
     def _upcast_state(self, param: nn.Parameter) -> None:
         """State loaded or made while the parameter was low precision becomes fp32 (the step needs one dtype)."""
