@@ -49,17 +49,19 @@ def build_model(config: ModelConfig, num_labels: Optional[int]):
     from composer_thaw import models
 
     if config.name == 'tiny-decoder':
-        return models.tiny_decoder(
+        model = models.tiny_decoder(
             arch=config.arch,
             num_layers=config.num_layers,
             hidden_size=config.hidden_size,
             num_heads=config.num_heads,
             tie_word_embeddings=config.tie_word_embeddings,
         )
-    assert num_labels is not None
-    path = models.embedded_minilm_path() if config.name == 'minilm' else config.path
-    assert path is not None  # check_recipe: model.name 'hf' needs model.path
-    return models.hf_classifier(path, num_labels=num_labels, dropout=config.dropout)
+    else:
+        assert num_labels is not None
+        path = models.embedded_minilm_path() if config.name == 'minilm' else config.path
+        assert path is not None  # check_recipe: model.name 'hf' needs model.path
+        model = models.hf_classifier(path, num_labels=num_labels, dropout=config.dropout)
+    return model.to(getattr(torch, config.dtype))
 
 
 @dataclass(frozen=True)

@@ -184,3 +184,31 @@ def test_the_option_round_trips_through_repr(cls):
     algorithm = cls(master_weights='fp32', **kwargs)
     assert "master_weights='fp32'" in repr(algorithm)
     assert 'master_weights' not in repr(cls(**kwargs))
+
+
+def test_lora_export_with_masters_has_the_dtypes_peft_writes(tmp_path):
+    """PEFT on a bf16 model (autocast_adapter_dtype=True, its default) saves fp32 adapters and bf16 modules_to_save."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from composer_thaw.lora_inject.peft_format import save_adapter
+
+    base = bf16_decoder()
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, target_modules=['q_proj', 'v_proj'], modules_to_save=['lm_head'])
+    )
+    peft_model.save_pretrained(tmp_path / 'peft')
+    optimizer = torch.optim.AdamW(base.parameters(), lr=1e-3)
+    apply_lora(base, optimizer, r=4, target_modules=['q_proj', 'v_proj'], modules_to_save=['lm_head'])
+    enable_master_weights(base, optimizer, 'fp32')
+    train_step(base, optimizer)
+    save_adapter(base, tmp_path / 'ours')
+
+    theirs = load_file(tmp_path / 'peft' / 'adapter_model.safetensors')
+    ours = load_file(tmp_path / 'ours' / 'adapter_model.safetensors')
+    assert ours.keys() == theirs.keys()
+    assert {k: v.dtype for k, v in ours.items()} == {k: v.dtype for k, v in theirs.items()}
+    assert {v.dtype for k, v in ours.items() if 'lora_' in k} == {torch.float32}
+    assert {v.dtype for k, v in ours.items() if 'lora_' not in k} == {BF16}
