@@ -95,13 +95,21 @@ class MasterWeights:
     """
 
     def __init__(self, optimizer: Optimizer, model: nn.Module, dtype: torch.dtype = torch.float32):
-        self.optimizer = optimizer
+        # The optimizer owns its MasterWeights (through its hooks): a strong reference back would keep both alive.
+        self._optimizer = weakref.ref(optimizer)
         self.model = model
         self.dtype = dtype
         self.masters: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
         self._swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
         self._handles: list[RemovableHandle] = []
         self._loading: Optional[dict[str, Any]] = None
+
+    @property
+    def optimizer(self) -> Optimizer:
+        optimizer = self._optimizer()
+        if optimizer is None:
+            raise RuntimeError('The optimizer these master weights belonged to no longer exists.')
+        return optimizer
 
     # ---- what trains ----
     def trains(self, param: torch.Tensor) -> bool:
@@ -218,7 +226,9 @@ class MasterWeights:
     def _upcast_state(self, param: nn.Parameter) -> None:
         """State loaded or made while the parameter was low precision becomes fp32 (the step needs one dtype)."""
         state = self.optimizer.state.get(param)
-        for key, value in (state or {}).items():
+        if state is None:
+            return
+        for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.dtype in LOW_PRECISION_DTYPES and key != 'step':
                 state[key] = value.to(self.dtype)
 
@@ -236,9 +246,9 @@ class MasterWeights:
         by_saved_id = dict(zip(saved_params, params))
         for saved_id, saved_state in saved['state'].items():
             param = by_saved_id.get(saved_id)
-            state = optimizer.state.get(param) if param is not None else None
-            if state is None or param.dtype not in LOW_PRECISION_DTYPES:
+            if param is None or param.dtype not in LOW_PRECISION_DTYPES or param not in optimizer.state:
                 continue
+            state = optimizer.state[param]
             for key, value in saved_state.items():
                 loaded = state.get(key)
                 if key == 'step' or not isinstance(value, torch.Tensor) or not isinstance(loaded, torch.Tensor):

@@ -212,3 +212,20 @@ def test_lora_export_with_masters_has_the_dtypes_peft_writes(tmp_path):
     assert {k: v.dtype for k, v in ours.items()} == {k: v.dtype for k, v in theirs.items()}
     assert {v.dtype for k, v in ours.items() if 'lora_' in k} == {torch.float32}
     assert {v.dtype for k, v in ours.items() if 'lora_' not in k} == {BF16}
+
+
+@pytest.mark.multiprocess
+def test_two_process_ddp_keeps_ranks_and_masters_identical_and_resumes_exactly(two_processes):
+    import json
+
+    from support import two_process_part
+
+    result = json.loads((two_process_part(two_processes, 'master_weights') / 'result.json').read_text())
+    assert result['world_size'] == 2
+    assert result['ranks_read_different_data']  # so identical ranks mean gradients really were all-reduced
+    assert result['batches'] == 8
+    assert result['weights_bf16'] and result['masters_held']
+    assert result['ranks_identical_after_every_batch']
+    assert result['masters_are_weights_after_every_batch']
+    assert result['masters_identical_on_ranks']
+    assert result['resumed_equals_uninterrupted']

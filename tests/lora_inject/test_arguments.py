@@ -31,6 +31,7 @@ WRONG = {
     'enable_slices': [True, False, True],
     'save_adapter_to': 3,
     'save_merged_to': ['out'],
+    'master_weights': 32,
 }
 
 
