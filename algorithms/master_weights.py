@@ -2,15 +2,16 @@
 
 The model's weights stay in their own dtype (bf16 or fp16): the forward and backward passes, gradients and the
 checkpointed model are low precision. Each parameter that trains (it is in the optimizer's param groups and
-requires grad) gets an fp32 *master* copy, and the optimizer steps the master with fp32 state: around every
-``optimizer.step()`` the parameter's data is swapped for its master and its low-precision gradient for an fp32 copy
-of it; after the step the master is cast back into the low-precision weight (round to nearest) and the gradient is
-spent (``None``, as after ``zero_grad``). Updates smaller
-than the weight's resolution accumulate in the master until they move the weight, where pure bf16 training loses
-them. A frozen parameter never has a master, and one that stops training (frozen, or rotated out by HiFT) loses
-its master at once: the weight already holds the master's last cast.
+requires grad) gets an fp32 *master* copy, and the optimizer steps the master with fp32 state: for the duration of
+every ``optimizer.step()`` the master takes the parameter's place in its param group (and its ``optimizer.state``
+entry), with the low-precision gradient cast to fp32 as its gradient; after the step the master is cast back into
+the low-precision weight (round to nearest) and the gradient is spent (``None``, as after ``zero_grad``). The
+parameter itself is never touched but for that in-place copy, so autograd hooks on it (DDP's all-reduce, gradient
+masks) stay in place. Updates smaller than the weight's resolution accumulate in the master until they move the
+weight, where pure bf16 training loses them. A frozen parameter never has a master, and one that stops training
+(frozen, or rotated out by HiFT) loses its master at once: the weight already holds the master's last cast.
 
-Because the optimizer keeps its parameters (only their data is swapped during the step), optimizer surgery
+Because the optimizer holds its parameters outside the step, optimizer surgery
 (:mod:`composer_thaw.optimizer_surgery`: remove, add, offload and restore state) works unchanged, and
 ``optimizer.state`` stays keyed by the model's parameters: checkpoints have their usual layout, with fp32 state
 (``Optimizer.load_state_dict`` would cast it to the parameter's dtype; a hook gives the saved fp32 state back).
@@ -100,8 +101,10 @@ class MasterWeights:
         self.model = model
         self.dtype = dtype
         self.masters: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
-        self._swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._swapped: list[tuple[dict[str, Any], int, nn.Parameter, torch.Tensor]] = []
         self._handles: list[RemovableHandle] = []
+        self._after_others: Optional[RemovableHandle] = None
+        self._stepped: list[nn.Parameter] = []
         self._loading: Optional[dict[str, Any]] = None
 
     @property
@@ -129,9 +132,12 @@ class MasterWeights:
     @torch.no_grad()
     def sync(self) -> None:
         """Masters for exactly the parameters that train now: new ones from their current weights, none for the
-        others. A master whose weight changed since its last cast is refreshed from the weight."""
+        others. Elements of a weight changed since the master's last cast (a checkpoint's weights loaded, frozen rows
+        restored) are taken into the master; the others keep the master's precision."""
         if self._swapped:
             return  # inside a step
+        if self._after_others is not None:  # hooks installed since (a new RowFreezer) run before it
+            self.optimizer._optimizer_step_post_hooks.move_to_end(self._after_others.id)
         trainable = self.trainable_params()
         keep = {id(p) for p in trainable}
         self.release([param for param, _ in self.masters.values() if id(param) not in keep])
@@ -139,8 +145,15 @@ class MasterWeights:
             entry = self.masters.get(id(param))
             if entry is None:
                 self.masters[id(param)] = (param, param.detach().to(self.dtype, copy=True))
-            elif not torch.equal(entry[1].to(param.dtype), param.detach()):
-                entry[1].copy_(param.detach())
+            else:
+                self._take_back(param, entry[1])
+
+    def _take_back(self, param: torch.Tensor, master: torch.Tensor) -> None:
+        """Elements of the weight that are not the master's cast (written from outside) go into the master."""
+        weight = param.detach()
+        changed = master.to(weight.dtype) != weight
+        if changed.any():
+            master[changed] = weight[changed].to(self.dtype)
 
     def release(self, params: Iterable[torch.Tensor]) -> None:
         """Drop the masters of ``params`` (their weights already hold the masters' last cast)."""
@@ -159,9 +172,15 @@ class MasterWeights:
         """Hook the optimizer's ``step`` and ``load_state_dict``. Idempotent."""
         if self._handles:
             return
+        after_step = self.optimizer.register_step_post_hook(self._after_step)
+        # First after the step: other post-step hooks (RowFreezer's restore of frozen rows) then see the cast weights;
+        # last, what they changed in the weights goes back into the masters.
+        self.optimizer._optimizer_step_post_hooks.move_to_end(after_step.id, last=False)
+        self._after_others = self.optimizer.register_step_post_hook(self._take_back_changes)
         self._handles = [
             self.optimizer.register_step_pre_hook(self._before_step),
-            self.optimizer.register_step_post_hook(self._after_step),
+            after_step,
+            self._after_others,
             self.optimizer.register_load_state_dict_pre_hook(self._before_load),
             self.optimizer.register_load_state_dict_post_hook(self._after_load),
         ]
@@ -198,39 +217,54 @@ class MasterWeights:
 
     @torch.no_grad()
     def _swap_in(self) -> None:
-        """Each mastered parameter with a gradient: data <- its master, grad <- the gradient in fp32 (the
-        low-precision gradient is released, so the step's peak holds one copy of each gradient, not two)."""
-        for param, master in self.masters.values():
-            grad = param.grad
-            if grad is None:
-                continue  # the optimizer skips it
-            weight = param.data
-            param.grad = None
-            param.data = master
-            param.grad = grad.to(self.dtype)
-            del grad
-            self._upcast_state(param)
-            self._swapped.append((param, weight))
+        """Each mastered parameter with a gradient: its master takes its place in the param group and its optimizer
+        state, with the gradient in fp32 (the low-precision one is released: the peak holds one copy of each)."""
+        optimizer = self.optimizer
+        for group in optimizer.param_groups:
+            params = group['params']
+            for index, param in enumerate(params):
+                entry = self.masters.get(id(param))
+                if entry is None or param.grad is None:
+                    continue  # the optimizer skips a parameter without a gradient
+                master = entry[1]
+                master.grad = param.grad.to(self.dtype)
+                param.grad = None
+                params[index] = master
+                state = optimizer.state.pop(param, None)
+                if state is not None:
+                    optimizer.state[master] = self._fp32_state(state)
+                self._swapped.append((group, index, param, master))
 
     @torch.no_grad()
     def _swap_out(self) -> None:
-        """Cast each swapped master back into its low-precision weight and give the parameter its weight back; its
-        gradient is spent (``None``), as after ``zero_grad()``."""
+        """Cast each stepped master back into its low-precision weight; the parameter takes its place back."""
         swapped, self._swapped = self._swapped, []
-        for param, weight in swapped:
-            master = param.data
-            param.grad = None
-            weight.copy_(master)
-            param.data = weight
+        optimizer = self.optimizer
+        self._stepped = [param for _, _, param, _ in swapped]
+        for group, index, param, master in swapped:
+            group['params'][index] = param
+            state = optimizer.state.pop(master, None)
+            if state is not None:
+                optimizer.state[param] = state
+            master.grad = None
+            param.detach().copy_(master)
 
-    def _upcast_state(self, param: nn.Parameter) -> None:
-        """State loaded or made while the parameter was low precision becomes fp32 (the step needs one dtype)."""
-        state = self.optimizer.state.get(param)
-        if state is None:
-            return
+    @torch.no_grad()
+    def _take_back_changes(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """After every other post-step hook: a weight element one of them restored (RowFreezer's frozen rows) is
+        restored in its master too, so masters equal their weights, cast, between steps."""
+        stepped, self._stepped = self._stepped, []
+        for param in stepped:
+            master = self.master_of(param)
+            if master is not None:
+                self._take_back(param, master)
+
+    def _fp32_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """State loaded or made while the parameter had no master becomes fp32 (the step needs one dtype)."""
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.dtype in LOW_PRECISION_DTYPES and key != 'step':
                 state[key] = value.to(self.dtype)
+        return state
 
     def _before_load(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
         self._loading = state_dict
