@@ -229,3 +229,44 @@ def test_two_process_ddp_keeps_ranks_and_masters_identical_and_resumes_exactly(t
     assert result['masters_are_weights_after_every_batch']
     assert result['masters_identical_on_ranks']
     assert result['resumed_equals_uninterrupted']
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU: torch.cuda.max_memory_allocated')
+def test_gpu_peak_of_a_1b_model_is_the_estimate_plus_activations():
+    """Issue #13: a 1.1B LLaMA in bf16, HiFT group_size 1 over its blocks with fp32 masters; the peak allocated memory
+    over a few steps is within 5% of the estimator's training state plus the activations measured alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from composer_thaw.memory_estimate import estimate_training_state, spec_of
+
+    config = LlamaConfig(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+        vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device('cuda'):
+        model = LlamaForCausalLM(config).to(BF16)
+    assert sum(p.numel() for p in model.parameters()) > 1e9
+    tokens = torch.randint(0, 32000, (2, 256), device='cuda')
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = model(input_ids=tokens, labels=tokens).loss  # the forward pass's saved activations, measured alone
+    activations = torch.cuda.max_memory_allocated() - before
+    del loss
+    model.zero_grad(set_to_none=True)
+    freeze = [0, config.num_hidden_layers + 1, config.num_hidden_layers + 2]  # embeddings, final norm, head
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    rotation = GroupRotation(model, optimizer, group_size=1, freeze=freeze, master_weights='fp32')
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        rotation.before_step()
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    options = {'group_size': 1, 'freeze': freeze, 'master_weights': 'fp32'}
+    predicted = estimate_training_state(spec_of(model), 'hift_rotation', options, dtype=BF16).training_state_bytes
+    assert abs(peak - (predicted + activations)) <= 0.05 * (predicted + activations), (peak, predicted, activations)

@@ -74,6 +74,7 @@ N_A_TO_A_PLUGIN_WITHOUT_ANNOTATED_CHOICES = {
     'test_unknown_choice_lists_the_valid_ones',  # only for Literal arguments
     'test_bad_configuration_fails_before_training_and_leaves_model_untouched',  # only with BAD_EXAMPLES
     'test_sharded_checkpoints_hold_state_only_for_what_trained',  # only LayerFreezing and HiFTRotation
+    'test_trains_in_bf16_with_masters_and_resumes_bit_identical',  # only algorithms with a master_weights option
 }
 
 
