@@ -32,9 +32,10 @@ Example:
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
 from itertools import chain
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, cast
 
 import torch
 from torch import nn
@@ -137,7 +138,7 @@ class MasterWeights:
         if self._swapped:
             return  # inside a step
         if self._after_others is not None:  # hooks installed since (a new RowFreezer) run before it
-            self.optimizer._optimizer_step_post_hooks.move_to_end(self._after_others.id)
+            self._post_step_hooks().move_to_end(self._after_others.id)
         trainable = self.trainable_params()
         keep = {id(p) for p in trainable}
         self.release([param for param, _ in self.masters.values() if id(param) not in keep])
@@ -168,6 +169,10 @@ class MasterWeights:
         return None if entry is None else entry[1]
 
     # ---- around the optimizer ----
+    def _post_step_hooks(self) -> OrderedDict[int, Any]:
+        """The optimizer's own post-step hooks, in the order they run (torch keeps an ``OrderedDict``)."""
+        return cast('OrderedDict[int, Any]', self.optimizer._optimizer_step_post_hooks)
+
     def install(self) -> None:
         """Hook the optimizer's ``step`` and ``load_state_dict``. Idempotent."""
         if self._handles:
@@ -175,7 +180,7 @@ class MasterWeights:
         after_step = self.optimizer.register_step_post_hook(self._after_step)
         # First after the step: other post-step hooks (RowFreezer's restore of frozen rows) then see the cast weights;
         # last, what they changed in the weights goes back into the masters.
-        self.optimizer._optimizer_step_post_hooks.move_to_end(after_step.id, last=False)
+        self._post_step_hooks().move_to_end(after_step.id, last=False)
         self._after_others = self.optimizer.register_step_post_hook(self._take_back_changes)
         self._handles = [
             self.optimizer.register_step_pre_hook(self._before_step),
