@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint format docs bench bench-quick bench-sharded clean
+.PHONY: install demo test test-fast lint format docs bench bench-quick bench-sharded bench-master-weights clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ bench: $(STAMP)
 # The same in under 5 minutes on 2 CPU cores; refreshes the benchmark section of README.md.
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick --update-readme
+
+# Each algorithm in fp32, in bf16 with fp32 master weights and in pure bf16; the Llama 3-8B predicted table.
+bench-master-weights: $(STAMP)
+	$(BIN)/python -m benchmarks.master_weights_bench
 
 # Per-process bytes of every algorithm at world size 2, replicated (DDP) and sharded (FSDP2), with the estimates.
 bench-sharded: $(STAMP)

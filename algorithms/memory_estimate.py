@@ -62,6 +62,28 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         'vocab_size': 32000,
         'max_position_embeddings': 4096,
     },
+    'llama-2-7b': {  # Llama 2-7B; 'llama-7b' is the same shape
+        'model_type': 'llama',
+        'hidden_size': 4096,
+        'intermediate_size': 11008,
+        'num_hidden_layers': 32,
+        'num_attention_heads': 32,
+        'num_key_value_heads': 32,
+        'vocab_size': 32000,
+        'max_position_embeddings': 4096,
+    },
+    'llama-3-8b': {  # Meta-Llama-3-8B's config.json
+        'model_type': 'llama',
+        'hidden_size': 4096,
+        'intermediate_size': 14336,
+        'num_hidden_layers': 32,
+        'num_attention_heads': 32,
+        'num_key_value_heads': 8,
+        'vocab_size': 128256,
+        'max_position_embeddings': 8192,
+        'rope_theta': 500000.0,
+        'tie_word_embeddings': False,
+    },
     'llama-2-13b': {
         'model_type': 'llama',
         'hidden_size': 5120,
@@ -109,7 +131,14 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Predicted bytes on the training device, plus optimizer state held elsewhere (HiFT's offloaded state)."""
+    """Predicted bytes on the training device, plus optimizer state held elsewhere (HiFT's offloaded state).
+
+    With ``master_weights='fp32'`` (:mod:`composer_thaw.master_weights`) ``master_bytes`` are the fp32 master copies
+    of the low-precision tensors that train, and ``step_grad_bytes`` what their gradients grow by during the
+    optimizer step (each becomes an fp32 copy, the low-precision one released: 2 bytes per bf16 element).
+    ``transfer_bytes_per_step`` is what moves between host and device per optimizer step, averaged over a rotation
+    (HiFT's offloaded state going out and coming back in).
+    """
 
     algorithm: str
     options: dict[str, Any]
@@ -120,10 +149,16 @@ class MemoryEstimate:
     optimizer_state_bytes: int
     offloaded_state_bytes: int = 0
     note: str = ''
+    master_bytes: int = 0
+    step_grad_bytes: int = 0
+    transfer_bytes_per_step: int = 0
 
     @property
     def training_state_bytes(self) -> int:
-        return self.param_bytes + self.grad_bytes + self.optimizer_state_bytes
+        """The peak: parameters, gradients, optimizer state, masters and the step's fp32 gradients."""
+        return (
+            self.param_bytes + self.grad_bytes + self.optimizer_state_bytes + self.master_bytes + self.step_grad_bytes
+        )
 
 
 def _tiny_decoder_config() -> dict[str, Any]:
@@ -239,9 +274,19 @@ def _bytes(params, world_size: int = 1) -> int:
     return sum(_shard_numel(p, world_size) * p.element_size() for p in params)
 
 
-def _state_bytes(params, optimizer: str, world_size: int = 1) -> int:
+def _state_bytes(params, optimizer: str, world_size: int = 1, fp32_state: bool = False) -> int:
+    """Optimizer state of ``params``: in each parameter's dtype, or fp32 for all (``master_weights='fp32'``)."""
     tensors, scalars = OPTIMIZER_STATE[optimizer]
-    return sum(tensors * _shard_numel(p, world_size) * p.element_size() + scalars for p in params)
+    return sum(
+        tensors * _shard_numel(p, world_size) * (4 if fp32_state else p.element_size()) + scalars for p in params
+    )
+
+
+def _master_bytes(params, world_size: int = 1) -> int:
+    """fp32 bytes for the low-precision tensors among ``params``: their masters (or their fp32 step gradients)."""
+    from composer_thaw.master_weights import LOW_PRECISION_DTYPES
+
+    return sum(4 * _shard_numel(p, world_size) for p in params if p.dtype in LOW_PRECISION_DTYPES)
 
 
 def _trainable(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -253,8 +298,16 @@ def _validate(algorithm: str, options: Mapping[str, Any]) -> None:
     if algorithm not in ESTIMATED_ALGORITHMS:
         raise ConfigError('--algorithm', algorithm, f'not estimated; choose one of {", ".join(ESTIMATED_ALGORITHMS)}.')
     if algorithm == 'full':
-        if options:
-            raise ConfigError('--algorithm full', dict(options), 'full fine-tuning takes no options.')
+        from composer_thaw.master_weights import check_master_weights
+
+        if set(options) - {'master_weights'}:
+            raise ConfigError(
+                '--algorithm full', dict(options), 'full fine-tuning takes no options but master_weights.'
+            )
+        try:
+            check_master_weights(options.get('master_weights'))
+        except ConfigError as error:
+            raise error.under('--algorithm full') from None
         return
     from composer_thaw.registry import algorithm_registry, build_algorithm
 
@@ -264,9 +317,15 @@ def _validate(algorithm: str, options: Mapping[str, Any]) -> None:
 
 
 def _hift_rotation(
-    model: nn.Module, optimizer: torch.optim.Optimizer, options: Mapping[str, Any], opt_name: str, world_size: int
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    options: Mapping[str, Any],
+    opt_name: str,
+    world_size: int,
+    fp32_state: bool = False,
 ):
-    """Resident (largest group + always-trainable units) and offloaded state under HiFT's rotation."""
+    """Resident (largest group + always-trainable units) and offloaded state under HiFT's rotation, and the bytes
+    moved between host and device per step (a group's state out and the next one's in at each switch)."""
     from itertools import combinations
 
     from composer_thaw.hift_rotation import GroupQueue, plan_rotation
@@ -301,13 +360,20 @@ def _hift_rotation(
     rotating = _unique_params(p for i in plan.rotating for p in unit_params[i])
     all_trainable = _unique_params([*always, *rotating])
     offload = options.get('offload', True)
-    resident_state = _state_bytes(all_trainable if not offload else resident, opt_name, world_size)
-    offloaded = _state_bytes(all_trainable, opt_name, world_size) - resident_state
+    resident_state = _state_bytes(all_trainable if not offload else resident, opt_name, world_size, fp32_state)
+    offloaded = _state_bytes(all_trainable, opt_name, world_size, fp32_state) - resident_state
+    transfer = 0
+    if offload and len(groups) > 1:  # each switch: the leaving group's state out, the entering group's in
+        group_state = [
+            _state_bytes([p for i in g for p in unit_params[i]], opt_name, world_size, fp32_state) for g in groups
+        ]
+        switches = sum(group_state[k] + group_state[(k + 1) % len(groups)] for k in range(len(groups)))
+        transfer = switches // (len(groups) * options.get('steps_per_group', 1))
     note = (
         f"largest group: {', '.join(plan.names(largest))}; other groups' optimizer state "
         f'{"offloaded to the host" if offload else "kept on the device"} once visited'
     )
-    return resident, resident_state, offloaded, note
+    return resident, resident_state, offloaded, note, transfer
 
 
 def _optimizer_name(optimizer: str) -> OptimizerName:
@@ -339,6 +405,10 @@ def estimate_training_state(
     * ``hift_rotation``: parameters, plus gradients and optimizer state of the always-trainable units and of the
       largest group; the other groups' state is reported as offloaded (host memory).
 
+    ``options`` may hold ``master_weights: 'fp32'`` (for ``full`` too): the weights are low precision (``dtype``, or
+    bf16 when ``dtype`` is fp32), the tensors that train get fp32 masters, fp32 optimizer state and, during the step,
+    fp32 copies of their gradients.
+
     Raises:
         ConfigError: an unknown algorithm or optimizer, or options the algorithm rejects for this model.
     """
@@ -348,6 +418,10 @@ def estimate_training_state(
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError('--world-size', world_size, 'expected a whole number of processes, at least 1.')
     _validate(algorithm, options)
+    masters = options.get('master_weights') is not None
+    if masters and dtype not in (torch.bfloat16, torch.float16):
+        dtype = torch.bfloat16
+    algorithm_options = {k: v for k, v in options.items() if k != 'master_weights'}
     root = meta_model(spec, dtype)
     torch_optimizer = torch.optim.SGD(root.parameters(), lr=0.1)  # only its param groups are used
     note, offloaded = '', 0
@@ -355,11 +429,11 @@ def estimate_training_state(
         if algorithm == 'lora_inject':
             from composer_thaw.lora_inject import apply_lora
 
-            apply_lora(root, torch_optimizer, **options)
+            apply_lora(root, torch_optimizer, **algorithm_options)
         elif algorithm == 'regex_freeze':
             from composer_thaw.regex_freeze import apply_regex_freeze
 
-            apply_regex_freeze(root, torch_optimizer, **options)
+            apply_regex_freeze(root, torch_optimizer, **algorithm_options)
         elif algorithm == 'layer_freezing':
             from composer_thaw.layer_freezing import freeze_layers
 
@@ -372,13 +446,14 @@ def estimate_training_state(
                 options.get('granularity', 'leaf'),
             )
             note = f'at the end of training ({depth} units frozen); before freezing starts: the full row'
+        transfer = 0
         if algorithm == 'hift_rotation':
-            trainable, state_bytes, offloaded, note = _hift_rotation(
-                root, torch_optimizer, options, optimizer, world_size
+            trainable, state_bytes, offloaded, note, transfer = _hift_rotation(
+                root, torch_optimizer, algorithm_options, optimizer, world_size, masters
             )
         else:
             trainable = _trainable(torch_optimizer)
-            state_bytes = _state_bytes(trainable, optimizer, world_size)
+            state_bytes = _state_bytes(trainable, optimizer, world_size, masters)
     except ConfigError:
         raise
     except ValueError as error:
@@ -394,6 +469,9 @@ def estimate_training_state(
         optimizer_state_bytes=state_bytes,
         offloaded_state_bytes=offloaded,
         note=note,
+        master_bytes=_master_bytes(trainable, world_size) if masters else 0,
+        step_grad_bytes=_master_bytes(trainable, world_size) // 2 if masters else 0,
+        transfer_bytes_per_step=transfer,
     )
 
 
@@ -405,13 +483,19 @@ def _human(n: float) -> str:
     return f'{n:.2f} GiB'
 
 
+def _masters_cell(row: MemoryEstimate) -> str:
+    if not row.master_bytes and not row.step_grad_bytes:
+        return '-'
+    return f'{_human(row.master_bytes)} + {_human(row.step_grad_bytes)}'
+
+
 def format_estimates(rows: list[MemoryEstimate], title: str = '') -> str:
     """A Markdown table of estimates, with each row's total relative to the first row."""
     lines = [title, ''] if title else []
     lines += [
-        '| algorithm | trainable params | params | grads | optimizer state | training state | vs first '
-        '| offloaded | note |',
-        '|---|---|---|---|---|---|---|---|---|',
+        '| algorithm | trainable params | params | grads | optimizer state | fp32 masters + step grads '
+        '| training state | vs first | offloaded | host<->device per step | note |',
+        '|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     reference = rows[0].training_state_bytes if rows else 1
     for row in rows:
@@ -420,8 +504,10 @@ def format_estimates(rows: list[MemoryEstimate], title: str = '') -> str:
         lines.append(
             f'| {label} | {row.trainable_params:,} ({row.trainable_params / max(row.total_params, 1):.2%}) | '
             f'{_human(row.param_bytes)} | {_human(row.grad_bytes)} | {_human(row.optimizer_state_bytes)} | '
-            f'{_human(row.training_state_bytes)} | {row.training_state_bytes / reference:.3f}x | '
-            f'{_human(row.offloaded_state_bytes) if row.offloaded_state_bytes else "-"} | {row.note} |'
+            f'{_masters_cell(row)} | {_human(row.training_state_bytes)} | '
+            f'{row.training_state_bytes / reference:.3f}x | '
+            f'{_human(row.offloaded_state_bytes) if row.offloaded_state_bytes else "-"} | '
+            f'{_human(row.transfer_bytes_per_step) if row.transfer_bytes_per_step else "-"} | {row.note} |'
         )
     return '\n'.join(lines)
 

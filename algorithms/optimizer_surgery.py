@@ -64,7 +64,8 @@ def group_index_of(optimizer: Optimizer) -> dict[int, int]:
 def remove_params(optimizer: Optimizer, params: Iterable[torch.Tensor]) -> dict[int, int]:
     """Remove ``params`` from ``optimizer``: from their param groups and from ``optimizer.state``.
 
-    Parameters not in the optimizer are ignored. Each removed parameter's ``.grad`` is dropped too.
+    Parameters not in the optimizer are ignored. Each removed parameter's ``.grad`` is dropped too, and so is its fp32
+    master copy (:mod:`composer_thaw.master_weights`).
 
     Returns:
         ``id(param) -> group index`` for each removed parameter, to put it back with :func:`add_params`.
@@ -78,6 +79,9 @@ def remove_params(optimizer: Optimizer, params: Iterable[torch.Tensor]) -> dict[
         removed[key] = groups[key]
         optimizer.state.pop(param, None)
         param.grad = None
+    from composer_thaw.master_weights import release_masters
+
+    release_masters(optimizer, to_remove.values())  # fp32 master copies (master_weights='fp32') go with the state
     return removed
 
 

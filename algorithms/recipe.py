@@ -74,6 +74,8 @@ class ModelConfig:
     num_heads: int = 4
     tie_word_embeddings: bool = False
     dropout: Optional[float] = None
+    # The weights' dtype; 'bfloat16' with an algorithm's master_weights: fp32 (fp32 masters only for what trains).
+    dtype: Literal['float32', 'bfloat16', 'float16'] = 'float32'
 
 
 @dataclass
@@ -235,6 +237,14 @@ def validate_recipe(recipe: Recipe) -> None:
         raise ConfigError('precision', recipe.precision, "mixed precision needs a GPU; on CPU use 'fp32' (or null).")
     if recipe.model.dropout is not None and not 0 <= recipe.model.dropout < 1:
         raise ConfigError('model.dropout', recipe.model.dropout, 'expected a number in [0, 1) or null.')
+    with_masters = [name for name, options in recipe.algorithms.items() if (options or {}).get('master_weights')]
+    if with_masters and recipe.model.dtype == 'float32':
+        raise ConfigError(
+            'model.dtype',
+            'float32',
+            f'{", ".join(with_masters)} set master_weights, which keeps fp32 master copies of low-precision weights: '
+            'set model.dtype: bfloat16 (or float16), or drop master_weights to train in fp32.',
+        )
 
     _check_model(recipe.model)
     _check_data(recipe.data)

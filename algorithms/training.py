@@ -110,7 +110,7 @@ def build_model(
     built for ``task`` (see :func:`composer_thaw.recipe.model_task`); a classifier's classes are ``label_names``
     (from the data)."""
     names = tuple(label_names) if task == 'classification' and label_names is not None else None
-    return MODEL_BUILDERS[config.name](config, names, task, tokenizer)
+    return MODEL_BUILDERS[config.name](config, names, task, tokenizer).to(getattr(torch, config.dtype))
 
 
 @dataclass(frozen=True)

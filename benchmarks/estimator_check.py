@@ -39,6 +39,12 @@ CASES: tuple[tuple[str, dict[str, Any]], ...] = (
     ('full', {}),
     ('regex_freeze', {'trainable': ['lm_head', r'model\.layers\.\d*[02468]\.mlp'], 'syntax': 'regex'}),
     ('layer_freezing', {'freeze_start': 0.0, 'freeze_level': 0.5, 'granularity': 'block'}),
+    # bf16 weights, fp32 masters and optimizer state for what trains; "optimizer state" here includes the masters
+    (
+        'regex_freeze',
+        {'trainable': ['lm_head', r'model\.layers\.\d*[02468]\.mlp'], 'syntax': 'regex', 'master_weights': 'fp32'},
+    ),
+    ('layer_freezing', {'freeze_start': 0.0, 'freeze_level': 0.5, 'granularity': 'block', 'master_weights': 'fp32'}),
 )
 
 
@@ -91,28 +97,42 @@ def _apply(model, optimizer, algorithm: str, options: dict[str, Any]) -> None:
 
 
 def measure_case(algorithm: str, options: dict[str, Any], hidden: int, layers: int) -> RssCheck:
-    """RSS growth of gradients and of the first optimizer step, next to the estimator's prediction."""
+    """RSS growth of gradients and of the first optimizer step, next to the estimator's prediction.
+
+    With ``master_weights`` the model is bf16 and the masters' growth (when they are made) counts with the optimizer
+    state; the gradients are held through the step, which would otherwise release them.
+    """
+    from composer_thaw.master_weights import enable_master_weights
+
+    mode = options.get('master_weights')
     model = build_decoder(hidden, layers)
+    if mode is not None:
+        model = model.to(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    _apply(model, optimizer, algorithm, options)
+    _apply(model, optimizer, algorithm, {k: v for k, v in options.items() if k != 'master_weights'})
     ids = torch.randint(1000, 30000, (1, 16), generator=torch.Generator().manual_seed(1))
+    trim()
+    before_masters = rss_bytes()
+    enable_master_weights(model, optimizer, mode)
     trim()
     before = rss_bytes()
     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     trim()
     with_grads = rss_bytes()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]  # held through the step
     optimizer.step()
     trim()
     with_state = rss_bytes()
-    estimate = estimate_training_state(spec_of(model), algorithm, options)
+    del grads
+    estimate = estimate_training_state(spec_of(model), algorithm, options, dtype=next(model.parameters()).dtype)
     check = RssCheck(
         algorithm,
         options,
         estimate.total_params,
         estimate.grad_bytes,
-        estimate.optimizer_state_bytes,
+        estimate.optimizer_state_bytes + estimate.master_bytes,
         with_grads - before,
-        with_state - with_grads,
+        with_state - with_grads + before - before_masters,
     )
     del model, optimizer
     trim()

@@ -67,7 +67,9 @@ def test_prediction_matches_process_memory_growth_on_a_32m_parameter_decoder():
     """Independent of the estimator's tensor count: RSS growth of the first backward and the first optimizer step."""
     from benchmarks import estimator_check
 
-    checks = estimator_check.run_checks(hidden=384, layers=6, cases=estimator_check.CASES[:2])
+    # full in fp32, and a selection in bf16 with fp32 masters (master_weights='fp32', issue #13)
+    cases = [estimator_check.CASES[0], next(c for c in estimator_check.CASES if c[1].get('master_weights'))]
+    checks = estimator_check.run_checks(hidden=384, layers=6, cases=cases)
 
     for check in checks:
         assert check.params > 30e6
@@ -172,3 +174,49 @@ def test_cli_invalid_input_exits_2_with_one_line(args, capsys):
 
     assert main(['estimate', *args]) == 2
     assert capsys.readouterr().err.count('\n') == 1
+
+
+@pytest.mark.parametrize('algorithm,options', CASES, ids=[c[0] for c in CASES])
+def test_master_weights_prediction_equals_the_bytes_of_a_real_step(algorithm, options):
+    from composer_thaw.master_weights import enable_master_weights
+
+    model = user_module(support.seeded_tiny_decoder()).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _apply(model, optimizer, algorithm, options)
+    masters = enable_master_weights(model, optimizer, 'fp32')
+    assert masters is not None
+    ids = torch.randint(0, 1000, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    with_grads = training_state_bytes(model, optimizer)
+    optimizer.step()
+    measured = training_state_bytes(model, optimizer)
+
+    predicted = estimate_training_state(spec_of(model), algorithm, {**options, 'master_weights': 'fp32'})
+
+    assert predicted.param_bytes == measured.params
+    assert predicted.grad_bytes == with_grads.grads
+    assert predicted.optimizer_state_bytes == measured.optimizer_state
+    assert predicted.master_bytes == masters.master_bytes()
+    assert predicted.step_grad_bytes == masters.master_bytes() // 2
+
+
+def test_llama_3_8b_full_fine_tune_by_hift_with_master_weights_fits_in_20_gib():
+    """Issue #13's acceptance: bf16 weights, HiFT group_size 1 over the decoder blocks (embeddings, final norm and
+    head frozen, as BAdam trains), fp32 masters and AdamW state for the active block only."""
+    spec = load_model_config('llama-3-8b')
+    blocks_only = estimate_training_state(
+        spec, 'hift_rotation', {'group_size': 1, 'freeze': [0, 33, 34], 'master_weights': 'fp32'}
+    )
+    assert blocks_only.total_params == 8_030_261_248
+    assert blocks_only.trainable_params == 218_112_000  # one decoder block
+    assert blocks_only.training_state_bytes <= 20 * 2**30
+    assert blocks_only.transfer_bytes_per_step == 2 * blocks_only.optimizer_state_bytes  # one block out, one in
+    everything = estimate_training_state(spec, 'hift_rotation', {'group_size': 1, 'master_weights': 'fp32'})
+    assert everything.trainable_params == 525_336_576  # the embedding unit sets the peak
+    assert everything.training_state_bytes > blocks_only.training_state_bytes
+
+
+@pytest.mark.parametrize('algorithm,options', [('full', {'master_weights': 'bf16'}), ('full', {'lr': 1})])
+def test_full_takes_only_a_valid_master_weights_option(algorithm, options):
+    with pytest.raises(ConfigError, match='master_weights'):
+        estimate_training_state('tiny-decoder', algorithm, options)

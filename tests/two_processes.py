@@ -6,7 +6,9 @@ Starting two processes that import torch, Composer and transformers costs more t
 * ``<out>/ddp``: the conformance suite under DDP (conformance/ddp_script.py);
 * ``<out>/fsdp2``: the conformance suite sharded with FSDP2 (conformance/fsdp2_script.py); the second argument is
   the unsharded single-process checkpoint it loads;
-* ``<out>/<algorithm>/result.json``: each algorithm's own DDP check (``<algorithm>/ddp_check.py``).
+* ``<out>/<algorithm>/result.json``: each algorithm's own DDP check (``<algorithm>/ddp_check.py``);
+* ``<out>/master_weights/result.json``: low-precision weights with fp32 masters under DDP
+  (``master_weights_ddp_check.py``).
 
 A part that raises writes its traceback to ``<out>/<part>/error-rank<r>.txt`` and the next part runs, so one failure
 fails only its own tests.
@@ -37,6 +39,8 @@ def parts(out: Path, plain_checkpoint: str) -> dict[str, Callable[[Path], None]]
     for name in ALGORITHM_CHECKS:
         check = importlib.import_module(f'{name}.ddp_check')
         runs[name] = lambda folder, check=check: check.main(str(folder / 'result.json'), str(folder / 'checkpoints'))
+    masters = importlib.import_module('master_weights_ddp_check')  # master_weights='fp32' under DDP
+    runs['master_weights'] = lambda folder: masters.main(str(folder / 'result.json'), str(folder / 'checkpoints'))
     return runs
 
 

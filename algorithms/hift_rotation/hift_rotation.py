@@ -39,6 +39,7 @@ from composer_thaw.algorithm_state import (
 from composer_thaw.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
 from composer_thaw.hift_rotation.queue import STRATEGIES, GroupQueue, Strategy
 from composer_thaw.hift_rotation.units import RotationPlan, plan_rotation
+from composer_thaw.master_weights import MasterWeightsMode, MasterWeightsOption, refuse_fsdp2_with_masters
 from composer_thaw.optimizer_surgery import (
     OffloadedTensor,
     offload_state,
@@ -156,6 +157,8 @@ class GroupRotation:
             in the optimizer (the result is bit-identical, only memory differs).
         lr_per_pass: hold the learning rate constant within a pass at the schedule's value at the pass's first step.
         seed: seeds the ``random`` strategy; use the same on every rank.
+        master_weights: ``'fp32'``: low-precision weights, an fp32 master copy only for the active group (made from
+            its weights when it enters, dropped when it leaves) (:mod:`composer_thaw.master_weights`).
     """
 
     def __init__(
@@ -172,10 +175,12 @@ class GroupRotation:
         offload: bool = True,
         lr_per_pass: bool = False,
         seed: int = 0,
+        master_weights: Optional[MasterWeightsMode] = None,
     ):
         check_rotation_options(
             group_size, strategy, steps_per_group, freeze, always_trainable, groups, lora, offload, lr_per_pass
         )
+        self.master_copies = MasterWeightsOption(master_weights)
         found = single_optimizer(optimizer)
         if found is None:
             raise ValueError('HiFT rotation needs the optimizer that trains the model; got none.')
@@ -199,6 +204,7 @@ class GroupRotation:
         self._pass_starts = False
         self.active: tuple[int, ...] = ()
         self._switch()
+        self.master_copies.enable(model, self.optimizer)
         self._hook = self.optimizer.register_step_post_hook(self._after_optimizer_step) if lr_per_pass else None
 
     # ---- what is where ----
@@ -240,6 +246,7 @@ class GroupRotation:
         restore_state(self.optimizer, entering, self.offloaded)
         for param in entering:
             param.requires_grad_(True)
+        self.master_copies.sync()  # the leaving group's masters go, the entering group's are made from its weights
 
     def apply_flags(self) -> None:
         """Only the active group's (and always-trainable units') parameters require grad."""
@@ -298,6 +305,7 @@ class GroupRotation:
             'trainable_params': sum(p.numel() for p in self.active_params),
             'optimizer_state_bytes': optimizer_state_bytes(self.optimizer),
             'offloaded_state_bytes': self.offloaded_bytes(),
+            'master_weight_bytes': self.master_copies.masters.master_bytes() if self.master_copies.masters else 0,
         }
 
     # ---- checkpoints ----
@@ -331,6 +339,7 @@ class GroupRotation:
             'offloaded_state': offloaded,
             'offloaded_devices': devices,
             'with_optimizer_state': [self.names[id(p)] for p in self.optimizer.state if id(p) in self.names],
+            **self.master_copies.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -377,6 +386,7 @@ class GroupRotation:
         for param in self.managed_params:
             param.requires_grad_(self.names[id(param)] in with_state)
             param.grad = None
+        self.master_copies.load_state_dict(state)
 
 
 def apply_hift_rotation(
@@ -434,6 +444,8 @@ class HiFTRotation(ConfigRepr, Algorithm):
         lr_per_pass: hold the learning rate constant within a pass at the schedule's value at the pass's first step
             (the schedule keeps its length and still decays to its end). Default: ``False`` (Composer's per-step
             schedule).
+        master_weights: ``'fp32'`` keeps the model's low-precision (bf16) weights and gives only the active group an
+            fp32 master copy and fp32 optimizer state (:mod:`composer_thaw.master_weights`). Default: ``None``.
     """
 
     events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, Event.BATCH_START)
@@ -449,6 +461,7 @@ class HiFTRotation(ConfigRepr, Algorithm):
         lora: bool = False,
         offload: bool = True,
         lr_per_pass: bool = False,
+        master_weights: Optional[Literal['fp32']] = None,
     ):
         check_rotation_options(
             group_size, strategy, steps_per_group, freeze, always_trainable, groups, lora, offload, lr_per_pass
@@ -462,6 +475,8 @@ class HiFTRotation(ConfigRepr, Algorithm):
         self.lora = lora
         self.offload = offload
         self.lr_per_pass = lr_per_pass
+        self.master_weights = master_weights
+        MasterWeightsOption(master_weights)  # checks the value
         self.rotation: Optional[GroupRotation] = None
         self._pending_state: Optional[dict[str, Any]] = None
 
@@ -482,6 +497,7 @@ class HiFTRotation(ConfigRepr, Algorithm):
         if event == Event.INIT:  # only checks, before Composer wraps the model
             check_compatibility(self, state.algorithms, 'give one HiFTRotation (one rotation decides what trains).')
             refuse_fsdp1(state, 'HiFTRotation')
+            refuse_fsdp2_with_masters(state, self.master_weights, 'HiFTRotation')
             return
         if event == Event.BEFORE_LOAD:
             if self.rotation is not None:
@@ -499,6 +515,7 @@ class HiFTRotation(ConfigRepr, Algorithm):
                 self.offload,
                 self.lr_per_pass,
                 seed=state.rank_zero_seed,
+                master_weights=self.master_weights,
             )
             if self._pending_state is not None:
                 self.rotation.load_state_dict(self._pending_state)

@@ -34,6 +34,7 @@ from composer_thaw.layer_freezing.units import (
     freezable_units,
     parameters_to_freeze,
 )
+from composer_thaw.master_weights import MasterWeightsOption, refuse_fsdp2_with_masters
 from composer_thaw.optimizer_surgery import optimizer_state_bytes, remove_params
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.sharded_checkpoints import defer_optimizer_load, load_deferred_optimizer
@@ -192,6 +193,9 @@ class LayerFreezing(ConfigRepr, Algorithm):
             ``'block'`` (the embeddings, then each repeated block; the modules after the blocks are never frozen).
         interval: ``'epoch'``, or a number of batches between freezing updates.
         schedule: ``schedule(elapsed, freeze_start, freeze_level) -> fraction``; Composer's linear one if None.
+        master_weights: ``'fp32'`` keeps the model's low-precision (bf16) weights and gives the units not yet frozen an
+            fp32 master copy and fp32 optimizer state (:mod:`composer_thaw.master_weights`). Default: ``None``.
+            Freezing a unit frees its masters.
     """
 
     events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, Event.EPOCH_END, Event.BATCH_END)  # whatever the options
@@ -203,8 +207,10 @@ class LayerFreezing(ConfigRepr, Algorithm):
         granularity: Granularity = 'leaf',
         interval: Union[Literal['epoch'], int] = 'epoch',
         schedule: Optional[FreezeSchedule] = None,
+        master_weights: Optional[Literal['fp32']] = None,
     ):
         _check_arguments(freeze_start, freeze_level, granularity, schedule)
+        self._master_copies = MasterWeightsOption(master_weights)
         if interval != 'epoch' and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
             raise ValueError(f"interval={interval!r} must be 'epoch' or a positive number of batches (an int).")
         self.freeze_start = freeze_start
@@ -212,6 +218,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
         self.granularity = granularity
         self.interval = interval
         self.schedule = schedule
+        self.master_weights = master_weights
         self._state: Optional[State] = None
         self._units: list[FreezeUnit] = []
         self._units_frozen = 0
@@ -241,6 +248,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
                 self, state.algorithms, 'give one LayerFreezing (its schedule decides everything frozen).'
             )
             refuse_fsdp1(state, 'LayerFreezing')
+            refuse_fsdp2_with_masters(state, self.master_weights, 'LayerFreezing')
             # Find the units now, so a model that cannot be frozen fails before training; keep the state so that
             # load_state_dict (which only receives the checkpoint) can re-freeze the model before the optimizer loads.
             self._state = state
@@ -251,6 +259,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
                 self._loaded_units = None
             return
         if event == Event.BEFORE_LOAD:  # a sharded checkpoint holds no state for the parameters frozen by then
+            self._master_copies.enable(state.model, state.optimizers)
             defer_optimizer_load(state)
             return
         if event == Event.AFTER_LOAD:
@@ -294,6 +303,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
             STATE_VERSION_KEY: _STATE_VERSION,
             'granularity': self.granularity,
             'frozen_units': [unit.name for unit in self._units[: self._units_frozen]],
+            **self._master_copies.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -308,6 +318,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
             self._loaded_units = frozen  # frozen at Event.INIT, once the model is known
         else:
             self._refreeze(frozen)
+        self._master_copies.load_state_dict(state)
 
     def _refreeze(self, unit_names: list[str]) -> None:
         """Freeze the units a checkpoint recorded; they must be a prefix of this model's freezable units."""

@@ -38,6 +38,7 @@ from composer_thaw.lora_inject.surgery import (
     trainable_parameter_names,
     unmerge_adapters,
 )
+from composer_thaw.master_weights import MasterWeightsOption, refuse_fsdp2_with_masters
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.sharding import refuse_fsdp1
 from composer_thaw.trainable_checkpoints import install_for_trainer
@@ -153,6 +154,10 @@ class LoRAInject(ConfigRepr, Algorithm):
             resume takes from the model as built and checks (:mod:`~composer_thaw.trainable_checkpoints`), as
             Composer's ``should_save_peft_only`` does for PEFT models. ``None`` (default): on, except under FSDP2
             (full checkpoints there); ``False``: full checkpoints.
+        master_weights: ``'fp32'``: the base stays in the model's low-precision dtype; adapters are fp32 parameters
+            anyway on a bf16/fp16 base (PEFT's ``autocast_adapter_dtype``), and the other tensors that train
+            (``modules_to_save``, biases) keep low-precision weights with fp32 master copies and fp32 optimizer state
+            (:mod:`composer_thaw.master_weights`). Default: ``None``.
 
     The Hugging Face model's own ``state_dict()`` (``state.model.model``: what ``save_pretrained`` and llm-foundry's
     ``hf_checkpointer`` save) is the merged plain model, so they write a normal Hugging Face folder with the adapters
@@ -194,6 +199,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         save_adapter_to: Optional[str] = None,
         save_merged_to: Optional[str] = None,
         checkpoint_trainable_only: Optional[bool] = None,
+        master_weights: Optional[Literal['fp32']] = None,
     ):
         self.r, self.lora_alpha, self.target_modules = r, lora_alpha, target_modules
         self.exclude_modules = exclude_modules
@@ -204,6 +210,8 @@ class LoRAInject(ConfigRepr, Algorithm):
         self.task_type = task_type
         self.save_adapter_to, self.save_merged_to = save_adapter_to, save_merged_to
         self.checkpoint_trainable_only = checkpoint_trainable_only
+        self.master_weights = master_weights
+        self._master_copies = MasterWeightsOption(master_weights)
         for key in ('save_adapter_to', 'save_merged_to'):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
@@ -246,6 +254,7 @@ class LoRAInject(ConfigRepr, Algorithm):
                 self, state.algorithms, 'give one LoRAInject (rank_pattern and alpha_pattern set per-target ranks).'
             )
             refuse_fsdp1(state, 'LoRAInject')
+            refuse_fsdp2_with_masters(state, self.master_weights, 'LoRAInject')
             # The same adapter initialization on every rank, as Composer does before sharding: FSDP2 keeps each rank's
             # own rows, so per-rank seeds would give a model that no single process could have built.
             with reproducibility.seed_context(state.rank_zero_seed):
@@ -265,6 +274,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         if event == Event.BEFORE_LOAD:
             _check_base_layers_kept(user_module(state.model), self.config, bool(self.save_merged_to))
             freeze_outside_adapters(state.model, state.optimizers)
+            self._master_copies.enable(state.model, state.optimizers)
             return
         # On every rank: under FSDP2 the whole tensors are gathered from all of them; rank 0 writes.
         if self.save_adapter_to:
@@ -274,7 +284,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         dist.barrier()
 
     def state_dict(self) -> dict[str, Any]:
-        return {STATE_VERSION_KEY: 1, 'config': self.config.to_dict()}
+        return {STATE_VERSION_KEY: 1, 'config': self.config.to_dict(), **self._master_copies.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_version('LoRAInject', state, supported=1)
@@ -289,3 +299,4 @@ class LoRAInject(ConfigRepr, Algorithm):
                 'The checkpoint was trained with a different LoRAInject configuration; (checkpoint, now) per field: '
                 f'{differences}. Resume with the configuration it was trained with.',
             )
+        self._master_copies.load_state_dict(state)

@@ -13,7 +13,7 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from composer.algorithms import EMA
 from composer.core import Algorithm, Event, State
@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 
 from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
 from composer_thaw.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
+from composer_thaw.master_weights import MasterWeightsOption, refuse_fsdp2_with_masters
 from composer_thaw.optimizer_surgery import add_params, group_index_of, remove_params, single_optimizer
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze.patterns import (
@@ -219,6 +220,9 @@ class RegexFreeze(ConfigRepr, Algorithm):
         checkpoint_trainable_only: Composer checkpoints hold the trainable tensors, their optimizer state and the
             algorithm state, plus a fingerprint of the frozen tensors, which a resume takes from the model as built
             and checks (:mod:`~composer_thaw.trainable_checkpoints`). Not under FSDP2. Default: full checkpoints.
+        master_weights: ``'fp32'`` keeps the model's low-precision (bf16) weights and gives the trainable tensors an
+            fp32 master copy and fp32 optimizer state (:mod:`composer_thaw.master_weights`). Default: ``None``.
+            Frozen tensors and frozen rows stay bit-identical in the weights' dtype.
 
     Logs ``regex_freeze/trainable_params``, ``regex_freeze/total_params`` and ``regex_freeze/trainable_fraction``.
     """
@@ -243,7 +247,9 @@ class RegexFreeze(ConfigRepr, Algorithm):
         frozen: Optional[list[str]] = None,
         syntax: Syntax = 'axolotl',
         checkpoint_trainable_only: bool = False,
+        master_weights: Optional[Literal['fp32']] = None,
     ):
+        self._master_copies = MasterWeightsOption(master_weights)
         if syntax not in SYNTAXES:
             raise ValueError(f'syntax={syntax!r} is not a pattern syntax; choose one of {list(SYNTAXES)}.')
         if trainable is None and not frozen:
@@ -259,6 +265,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
         self.frozen = None if frozen is None else list(frozen)
         self.syntax = syntax
         self.checkpoint_trainable_only = checkpoint_trainable_only
+        self.master_weights = master_weights
         self.selection: Optional[Selection] = None
         self._model: Optional[nn.Module] = None
         self._optimizers: Optional[Optimizers] = None
@@ -284,6 +291,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
             refuse_fsdp1(state, 'RegexFreeze')
             frozen = self.checkpoint_trainable_only
             install_for_trainer(state, 'RegexFreeze', frozen, default=False, frozen=lambda: self._fully_frozen())
+            refuse_fsdp2_with_masters(state, self.master_weights, 'RegexFreeze')
             self._model, self._optimizers = state.model, state.optimizers
             return None
         if event == Event.BEFORE_LOAD:
@@ -309,6 +317,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
         self.selection = selection
         self._model, self._optimizers = model, optimizers
         self._frozen_rows = _frozen_rows_by_param(model, selection)
+        self._master_copies.enable(model, optimizers)
 
     def _fully_frozen(self) -> list[nn.Parameter]:
         """The whole tensors the selection freezes (what trainable-only checkpoints leave out)."""
@@ -321,6 +330,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
         state = super().state_dict()
         state[STATE_VERSION_KEY] = STATE_VERSION
         state['trainable_rows'] = self.selection.as_plain_data() if self.selection is not None else None
+        state.update(self._master_copies.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -333,6 +343,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
         ).as_plain_data()
         if saved is not None and saved != current:
             raise ValueError(_selection_mismatch(saved, current))
+        self._master_copies.load_state_dict(state)
         # Model weights are loaded before algorithm state and the optimizer state after it; re-applying makes sure
         # the optimizer's structure matches the checkpoint's (idempotent when nothing changed).
         self._apply_to(self._model, self._optimizers)

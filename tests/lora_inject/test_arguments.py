@@ -33,6 +33,7 @@ WRONG = {
     'save_adapter_to': 3,
     'save_merged_to': ['out'],
     'checkpoint_trainable_only': 'yes',
+    'master_weights': 32,
 }
 
 

@@ -1,0 +1,434 @@
+"""Low-precision weights with fp32 master copies only for the tensors that train.
+
+The model's weights stay in their own dtype (bf16 or fp16): the forward and backward passes, gradients and the
+checkpointed model are low precision. Each parameter that trains (it is in the optimizer's param groups and
+requires grad) gets an fp32 *master* copy, and the optimizer steps the master with fp32 state: for the duration of
+every ``optimizer.step()`` the master takes the parameter's place in its param group (and its ``optimizer.state``
+entry), with the low-precision gradient cast to fp32 as its gradient; after the step the master is cast back into
+the low-precision weight (round to nearest) and the gradient is spent (``None``, as after ``zero_grad``). The
+parameter itself is never touched but for that in-place copy, so autograd hooks on it (DDP's all-reduce, gradient
+masks) stay in place. Updates smaller than the weight's resolution accumulate in the master until they move the
+weight, where pure bf16 training loses them. A frozen parameter never has a master, and one that stops training
+(frozen, or rotated out by HiFT) loses its master at once: the weight already holds the master's last cast.
+
+Because the optimizer holds its parameters outside the step, optimizer surgery
+(:mod:`composer_thaw.optimizer_surgery`: remove, add, offload and restore state) works unchanged, and
+``optimizer.state`` stays keyed by the model's parameters: checkpoints have their usual layout, with fp32 state
+(``Optimizer.load_state_dict`` would cast it to the parameter's dtype; a hook gives the saved fp32 state back).
+The masters themselves go into the algorithm's checkpoint state, so a resumed run is bit-identical.
+
+One :class:`MasterWeights` serves an optimizer (:func:`attach_master_weights` returns the one already attached),
+so algorithms combined on one optimizer (``LoRAInject`` + ``HiFTRotation(lora=True)``) share it. Every algorithm
+of this package takes the option ``master_weights='fp32'`` and calls :func:`enable_master_weights`.
+
+Example:
+    >>> model = model.to(torch.bfloat16)
+    >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    >>> masters = enable_master_weights(model, optimizer, 'fp32')
+    >>> model(**batch).loss.backward(); optimizer.step()  # steps the fp32 masters, then casts back
+    >>> masters.master_bytes()  # 4 bytes per trainable element
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable
+from itertools import chain
+from typing import Any, Literal, Optional, cast
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from composer_thaw.config_validation import ConfigError
+from composer_thaw.optimizer_surgery import Optimizers, single_optimizer
+from composer_thaw.parameter_selection import user_module
+from composer_thaw.sharding import is_sharded
+
+__all__ = [
+    'LOW_PRECISION_DTYPES',
+    'MASTER_WEIGHTS_CHOICES',
+    'MasterWeights',
+    'MasterWeightsMode',
+    'MasterWeightsOption',
+    'attach_master_weights',
+    'check_master_weights',
+    'enable_master_weights',
+    'master_weights_of',
+    'refuse_fsdp2_with_masters',
+    'release_masters',
+]
+
+MasterWeightsMode = Literal['fp32']
+MASTER_WEIGHTS_CHOICES: tuple[str, ...] = ('fp32',)
+LOW_PRECISION_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
+_MASTER_DTYPES = {'fp32': torch.float32}
+
+_ATTACHED: weakref.WeakKeyDictionary[Optimizer, MasterWeights] = weakref.WeakKeyDictionary()
+
+
+def check_master_weights(value: Any) -> None:
+    """Raise :class:`~composer_thaw.config_validation.ConfigError` unless ``value`` is ``None`` or a valid mode."""
+    if value is not None and value not in MASTER_WEIGHTS_CHOICES:
+        choices = ', '.join(repr(choice) for choice in MASTER_WEIGHTS_CHOICES)
+        raise ConfigError(
+            'master_weights',
+            value,
+            f'choose None (every tensor trains in its own dtype) or one of {choices} (low-precision weights, fp32 '
+            'master copies and optimizer state for the tensors that train).',
+        )
+
+
+class MasterWeights:
+    """fp32 master copies of the low-precision parameters ``optimizer`` trains, stepped in their place.
+
+    Args:
+        optimizer: the optimizer; its step and ``load_state_dict`` get hooks (:meth:`install`).
+        model: the model, for the parameter names in :meth:`state_dict`.
+        dtype: the masters' dtype. Default: ``torch.float32``.
+
+    A parameter trains when it sits in one of the optimizer's param groups, requires grad and has a low-precision
+    floating dtype (bf16, fp16); parameters already in fp32 (e.g. LoRA adapters on a bf16 base) are their own
+    masters. :meth:`sync` makes the masters follow that set; it runs before every step, and algorithms call it when
+    they change what trains. A master whose weight was overwritten from outside (a checkpoint's weights loaded,
+    another algorithm's copy) is refreshed from the weight before the next step.
+    """
+
+    def __init__(self, optimizer: Optimizer, model: nn.Module, dtype: torch.dtype = torch.float32):
+        # The optimizer owns its MasterWeights (through its hooks): a strong reference back would keep both alive.
+        self._optimizer = weakref.ref(optimizer)
+        self.model = model
+        self.dtype = dtype
+        self.masters: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        self._swapped: list[tuple[dict[str, Any], int, nn.Parameter, torch.Tensor]] = []
+        self._handles: list[RemovableHandle] = []
+        self._after_others: Optional[RemovableHandle] = None
+        self._stepped: list[nn.Parameter] = []
+        self._loading: Optional[dict[str, Any]] = None
+
+    @property
+    def optimizer(self) -> Optimizer:
+        optimizer = self._optimizer()
+        if optimizer is None:
+            raise RuntimeError('The optimizer these master weights belonged to no longer exists.')
+        return optimizer
+
+    # ---- what trains ----
+    def trains(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` needs a master: trainable and low precision."""
+        return param.requires_grad and param.dtype in LOW_PRECISION_DTYPES
+
+    def trainable_params(self) -> list[nn.Parameter]:
+        seen: set[int] = set()
+        params = []
+        for group in self.optimizer.param_groups:
+            for param in group['params']:
+                if id(param) not in seen and self.trains(param):
+                    seen.add(id(param))
+                    params.append(param)
+        return params
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Masters for exactly the parameters that train now: new ones from their current weights, none for the
+        others. Elements of a weight changed since the master's last cast (a checkpoint's weights loaded, frozen rows
+        restored) are taken into the master; the others keep the master's precision."""
+        if self._swapped:
+            return  # inside a step
+        if self._after_others is not None:  # hooks installed since (a new RowFreezer) run before it
+            self._post_step_hooks().move_to_end(self._after_others.id)
+        trainable = self.trainable_params()
+        keep = {id(p) for p in trainable}
+        self.release([param for param, _ in self.masters.values() if id(param) not in keep])
+        for param in trainable:
+            entry = self.masters.get(id(param))
+            if entry is None:
+                self.masters[id(param)] = (param, param.detach().to(self.dtype, copy=True))
+            else:
+                self._take_back(param, entry[1])
+
+    def _take_back(self, param: torch.Tensor, master: torch.Tensor) -> None:
+        """Elements of the weight that are not the master's cast (written from outside) go into the master."""
+        weight = param.detach()
+        changed = master.to(weight.dtype) != weight
+        if changed.any():
+            master[changed] = weight[changed].to(self.dtype)
+
+    def release(self, params: Iterable[torch.Tensor]) -> None:
+        """Drop the masters of ``params`` (their weights already hold the masters' last cast)."""
+        for param in params:
+            self.masters.pop(id(param), None)
+
+    def master_bytes(self) -> int:
+        return sum(master.numel() * master.element_size() for _, master in self.masters.values())
+
+    def master_of(self, param: torch.Tensor) -> Optional[torch.Tensor]:
+        entry = self.masters.get(id(param))
+        return None if entry is None else entry[1]
+
+    # ---- around the optimizer ----
+    def _post_step_hooks(self) -> OrderedDict[int, Any]:
+        """The optimizer's own post-step hooks, in the order they run (torch keeps an ``OrderedDict``)."""
+        return cast('OrderedDict[int, Any]', self.optimizer._optimizer_step_post_hooks)
+
+    def install(self) -> None:
+        """Hook the optimizer's ``step`` and ``load_state_dict``. Idempotent."""
+        if self._handles:
+            return
+        after_step = self.optimizer.register_step_post_hook(self._after_step)
+        # First after the step: other post-step hooks (RowFreezer's restore of frozen rows) then see the cast weights;
+        # last, what they changed in the weights goes back into the masters.
+        self._post_step_hooks().move_to_end(after_step.id, last=False)
+        self._after_others = self.optimizer.register_step_post_hook(self._take_back_changes)
+        self._handles = [
+            self.optimizer.register_step_pre_hook(self._before_step),
+            after_step,
+            self._after_others,
+            self.optimizer.register_load_state_dict_pre_hook(self._before_load),
+            self.optimizer.register_load_state_dict_post_hook(self._after_load),
+        ]
+
+    def remove(self) -> None:
+        """Remove the hooks and the masters (weights keep their last cast)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.masters.clear()
+
+    def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> Optional[tuple[Any, Any]]:
+        """Swap the masters in; when the step gets a closure (Composer's Trainer runs forward and backward in it),
+        only after the closure has run."""
+        self.sync()
+        closure = kwargs.get('closure', args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+        if closure is None:
+            self._swap_in()
+            return None
+
+        def closure_then_swap() -> Any:
+            self._swap_out()  # an optimizer that calls the closure again (L-BFGS) evaluates the cast weights
+            with torch.enable_grad():
+                loss = closure()
+            self._swap_in()
+            return loss
+
+        if 'closure' in kwargs:
+            return args, {**kwargs, 'closure': closure_then_swap}
+        return (args[0], closure_then_swap, *args[2:]), kwargs
+
+    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self._swap_out()
+
+    @torch.no_grad()
+    def _swap_in(self) -> None:
+        """Each mastered parameter with a gradient: its master takes its place in the param group and its optimizer
+        state, with the gradient in fp32 (the low-precision one is released: the peak holds one copy of each)."""
+        optimizer = self.optimizer
+        for group in optimizer.param_groups:
+            params = group['params']
+            for index, param in enumerate(params):
+                entry = self.masters.get(id(param))
+                if entry is None or param.grad is None:
+                    continue  # the optimizer skips a parameter without a gradient
+                master = entry[1]
+                master.grad = param.grad.to(self.dtype)
+                param.grad = None
+                params[index] = master
+                state = optimizer.state.pop(param, None)
+                if state is not None:
+                    optimizer.state[master] = self._fp32_state(state)
+                self._swapped.append((group, index, param, master))
+
+    @torch.no_grad()
+    def _swap_out(self) -> None:
+        """Cast each stepped master back into its low-precision weight; the parameter takes its place back."""
+        swapped, self._swapped = self._swapped, []
+        optimizer = self.optimizer
+        self._stepped = [param for _, _, param, _ in swapped]
+        for group, index, param, master in swapped:
+            group['params'][index] = param
+            state = optimizer.state.pop(master, None)
+            if state is not None:
+                optimizer.state[param] = state
+            master.grad = None
+            param.detach().copy_(master)
+
+    @torch.no_grad()
+    def _take_back_changes(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """After every other post-step hook: a weight element one of them restored (RowFreezer's frozen rows) is
+        restored in its master too, so masters equal their weights, cast, between steps."""
+        stepped, self._stepped = self._stepped, []
+        for param in stepped:
+            master = self.master_of(param)
+            if master is not None:
+                self._take_back(param, master)
+
+    def _fp32_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """State loaded or made while the parameter had no master becomes fp32 (the step needs one dtype)."""
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dtype in LOW_PRECISION_DTYPES and key != 'step':
+                state[key] = value.to(self.dtype)
+        return state
+
+    def _before_load(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+        self._loading = state_dict
+
+    def _after_load(self, optimizer: Optimizer) -> None:
+        """``Optimizer.load_state_dict`` casts state to its parameter's dtype: give low-precision parameters their
+        saved fp32 state back (it was made while the master stood in for the weight)."""
+        saved, self._loading = self._loading, None
+        if saved is None:
+            return
+        saved_params = chain.from_iterable(group['params'] for group in saved['param_groups'])
+        params = chain.from_iterable(group['params'] for group in optimizer.param_groups)
+        by_saved_id = dict(zip(saved_params, params))
+        for saved_id, saved_state in saved['state'].items():
+            param = by_saved_id.get(saved_id)
+            if param is None or param.dtype not in LOW_PRECISION_DTYPES or param not in optimizer.state:
+                continue
+            state = optimizer.state[param]
+            for key, value in saved_state.items():
+                loaded = state.get(key)
+                if key == 'step' or not isinstance(value, torch.Tensor) or not isinstance(loaded, torch.Tensor):
+                    continue
+                if value.dtype == self.dtype and loaded.dtype != self.dtype:
+                    state[key] = value.to(device=loaded.device, copy=True)
+
+    # ---- checkpoints ----
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: master}`` (names in the user's model)."""
+        names = {id(p): name for name, p in user_module(self.model).named_parameters()}
+        return {names[key]: master for key, (_, master) in self.masters.items() if key in names}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the masters a checkpoint saved (after the model's weights are loaded, before the optimizer's state).
+
+        Raises:
+            ValueError: if a name is not a parameter of the model.
+        """
+        params = dict(user_module(self.model).named_parameters())
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise ValueError(
+                f'The checkpoint has fp32 master weights for {unknown[:5]}, which are not parameters of this model; '
+                'resume with the model and algorithms it was trained with.',
+            )
+        self.masters.clear()
+        for name, saved in state.items():
+            param = params[name]
+            self.masters[id(param)] = (param, saved.to(device=param.device, dtype=self.dtype, copy=True))
+
+
+def master_weights_of(optimizer: Optional[Optimizer]) -> Optional[MasterWeights]:
+    """The :class:`MasterWeights` attached to ``optimizer``, if any."""
+    return None if optimizer is None else _ATTACHED.get(optimizer)
+
+
+def attach_master_weights(optimizer: Optimizer, model: nn.Module, mode: MasterWeightsMode = 'fp32') -> MasterWeights:
+    """The optimizer's :class:`MasterWeights`, created and installed on first use."""
+    check_master_weights(mode)
+    existing = _ATTACHED.get(optimizer)
+    if existing is not None:
+        return existing
+    masters = MasterWeights(optimizer, model, _MASTER_DTYPES[mode])
+    masters.install()
+    _ATTACHED[optimizer] = masters
+    return masters
+
+
+def release_masters(optimizer: Optimizer, params: Iterable[torch.Tensor]) -> None:
+    """Drop the masters of ``params`` if ``optimizer`` has master weights (a no-op otherwise)."""
+    masters = _ATTACHED.get(optimizer)
+    if masters is not None:
+        masters.release(params)
+
+
+_FSDP2_REFUSAL = (
+    "master_weights='fp32' does not support FSDP2-sharded models yet. With FSDP2, keep the weights in fp32 and let "
+    "FSDP2 compute in bf16 (fully_shard(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)), or Composer's "
+    "precision='amp_bf16'); master_weights works on one device and under DDP."
+)
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    if any(is_sharded(p) for p in model.parameters()):
+        raise NotImplementedError(_FSDP2_REFUSAL)
+
+
+def refuse_fsdp2_with_masters(state: Any, mode: Optional[MasterWeightsMode], algorithm: str) -> None:
+    """At ``Event.INIT``: raise ``NotImplementedError`` when ``mode`` is set and the Trainer shards with FSDP2."""
+    from composer.utils.parallelism import FSDP2Config
+
+    if mode is not None and isinstance(getattr(state, 'fsdp_config', None), FSDP2Config):
+        raise NotImplementedError(f'{algorithm}: {_FSDP2_REFUSAL}')
+
+
+def enable_master_weights(
+    model: nn.Module,
+    optimizers: Optional[Optimizers],
+    mode: Optional[MasterWeightsMode],
+) -> Optional[MasterWeights]:
+    """Give the parameters ``optimizers`` trains fp32 masters (``mode='fp32'``); ``None`` does nothing.
+
+    Call it once what trains is decided (algorithms do at ``Event.BEFORE_LOAD``); later changes are followed at each
+    step, and :func:`~composer_thaw.optimizer_surgery.remove_params` drops the masters of what it removes.
+
+    Raises:
+        ConfigError: for an unknown ``mode``.
+        ValueError: without an optimizer.
+        NotImplementedError: for a model sharded by FSDP2.
+    """
+    check_master_weights(mode)
+    if mode is None:
+        return None
+    optimizer = single_optimizer(optimizers)
+    if optimizer is None:
+        raise ValueError(f'master_weights={mode!r} needs the optimizer that trains the model; got none.')
+    _refuse_sharded(model)
+    masters = attach_master_weights(optimizer, model, mode)
+    masters.sync()
+    return masters
+
+
+class MasterWeightsOption:
+    """An algorithm's ``master_weights`` option: enables the masters, saves and loads them with the algorithm.
+
+    Example:
+        >>> self._masters = MasterWeightsOption(master_weights)           # in __init__
+        >>> self._masters.enable(state.model, state.optimizers)           # once what trains is decided
+        >>> state_dict.update(self._masters.state_dict())                 # in state_dict
+        >>> self._masters.load_state_dict(checkpoint_state)               # in load_state_dict
+    """
+
+    KEY = 'master_weights'
+
+    def __init__(self, mode: Optional[MasterWeightsMode]):
+        check_master_weights(mode)
+        self.mode = mode
+        self.masters: Optional[MasterWeights] = None
+        self._pending: Optional[dict[str, torch.Tensor]] = None
+
+    def enable(self, model: nn.Module, optimizers: Optional[Optimizers]) -> None:
+        self.masters = enable_master_weights(model, optimizers, self.mode)
+        if self.masters is not None and self._pending is not None:
+            self.masters.load_state_dict(self._pending)
+            self._pending = None
+
+    def sync(self) -> None:
+        """Follow a change of what trains now (e.g. HiFT's group switch), not only at the next step."""
+        if self.masters is not None:
+            self.masters.sync()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.masters is None else {self.KEY: self.masters.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get(self.KEY)
+        if saved is None or self.mode is None:
+            return
+        if self.masters is None:
+            self._pending = saved  # taken when enabled
+        else:
+            self.masters.load_state_dict(saved)
