@@ -38,7 +38,7 @@ from composer_thaw.recipe import (
     SchedulerConfig,
     check_processes,
 )
-from composer_thaw.run_files import resume_from_a_complete_checkpoint
+from composer_thaw.run_files import complete_latest_link, resume_from_a_complete_checkpoint
 from composer_thaw.sharding import full_tensor
 
 __all__ = ['RunSummary', 'TrainingSummary', 'build_trainer', 'format_summary', 'run_recipe']
@@ -276,6 +276,10 @@ def _build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData
         fallback = resume_from_a_complete_checkpoint(recipe.save_folder, dist.get_global_rank())
         if fallback is not None:
             warnings.warn(f'autoresume: {fallback}.', UserWarning, stacklevel=2)
+    if recipe.load_path is not None and dist.get_global_rank() == 0:
+        fallback = complete_latest_link(recipe.load_path)
+        if fallback is not None:
+            warnings.warn(f'load_path: {fallback}.', UserWarning, stacklevel=2)
     algorithms = [build_algorithm(name, kwargs) for name, kwargs in recipe.algorithms.items()]
     reproducibility.seed_all(recipe.seed)
     with _model_folder_errors(recipe, 'no tokenizer loads from there'):

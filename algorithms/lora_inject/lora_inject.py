@@ -35,8 +35,10 @@ from composer_thaw.lora_inject.injection import (
     saved_module_names,
 )
 from composer_thaw.lora_inject.layers import adapter_class_for
+from composer_thaw.lora_inject.resume import refuse_adapters_of_another_rank
 from composer_thaw.optimizer_surgery import Optimizers, add_params, group_index_of, remove_params, single_optimizer
 from composer_thaw.parameter_selection import user_module
+from composer_thaw.resume_compatibility import check_resume_config, resume_state
 from composer_thaw.sharding import refuse_fsdp1
 
 log = logging.getLogger(__name__)
@@ -368,6 +370,23 @@ class LoRAInject(ConfigRepr, Algorithm):
     # INIT: inject (frozen parameters get requires_grad=False); BEFORE_LOAD, after all INIT-time surgery: take the
     # frozen parameters out of the optimizer; FIT_END: only with save_adapter_to / save_merged_to.
     events: tuple[Event, ...] = (Event.INIT, Event.BEFORE_LOAD, Event.FIT_END)
+    # What shapes the adapters and what they compute; a checkpoint's adapters resume only under the same values.
+    resume_fields = (
+        'r',
+        'lora_alpha',
+        'target_modules',
+        'exclude_modules',
+        'layers_to_transform',
+        'layers_pattern',
+        'rank_pattern',
+        'alpha_pattern',
+        'use_rslora',
+        'use_dora',
+        'init',
+        'bias',
+        'modules_to_save',
+        'enable_slices',
+    )
 
     def __init__(
         self,
@@ -448,6 +467,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         if event == Event.BEFORE_LOAD:
             _check_base_layers_kept(user_module(state.model), self.config, bool(self.save_merged_to))
             freeze_outside_adapters(state.model, state.optimizers)
+            refuse_adapters_of_another_rank(state.model, self)  # checked as Composer loads the checkpoint's weights
             return
         from composer_thaw.lora_inject.peft_format import export_merged, save_adapter
 
@@ -459,18 +479,8 @@ class LoRAInject(ConfigRepr, Algorithm):
         dist.barrier()
 
     def state_dict(self) -> dict[str, Any]:
-        return {STATE_VERSION_KEY: 1, 'config': self.config.to_dict()}
+        return {STATE_VERSION_KEY: 1, 'repr': repr(self), 'config': self.config.to_dict(), **resume_state(self)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_version('LoRAInject', state, supported=1)
-        saved = state.get('config')
-        if saved is not None and LoRAConfig(**saved) != self.config:
-            differences = {
-                key: (value, getattr(self.config, key))
-                for key, value in saved.items()
-                if getattr(self.config, key) != value
-            }
-            raise ValueError(
-                'The checkpoint was trained with a different LoRAInject configuration; (checkpoint, now) per field: '
-                f'{differences}. Resume with the configuration it was trained with.',
-            )
+        check_resume_config(self, state)

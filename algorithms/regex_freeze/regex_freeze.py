@@ -33,6 +33,7 @@ from composer_thaw.regex_freeze.patterns import (
     select_parameters,
 )
 from composer_thaw.regex_freeze.row_freezing import RowFreezer, sync_ema_frozen_rows
+from composer_thaw.resume_compatibility import check_resume_config, resume_state
 from composer_thaw.sharding import refuse_fsdp1
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
     )
     # every event it acts at
     events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, *sorted(_EMA_SYNC_EVENTS, key=lambda e: e.value))
+    resume_fields = ('trainable', 'frozen', 'syntax')  # the selection, whose optimizer state the checkpoint holds
 
     def __init__(
         self,
@@ -299,10 +301,12 @@ class RegexFreeze(ConfigRepr, Algorithm):
         state = super().state_dict()
         state[STATE_VERSION_KEY] = STATE_VERSION
         state['trainable_rows'] = self.selection.as_plain_data() if self.selection is not None else None
+        state.update(resume_state(self))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_version('RegexFreeze', state, STATE_VERSION)
+        check_resume_config(self, state)
         saved = state.get('trainable_rows')
         if self._model is None:
             return  # not part of a Trainer yet: Event.AFTER_LOAD will apply it
