@@ -111,7 +111,11 @@ def checkpoint_to_resume(folder: str, rank: int = 0, key: str = 'autoresume') ->
     target = link.parent / os.readlink(link)
     if target.is_dir() or _complete(target):  # a sharded checkpoint folder, or nothing wrong
         return target
-    complete = [path for path in link.parent.glob(f'*-rank{rank}.pt') if not path.is_symlink() and _complete(path)]
+    complete = [
+        path
+        for path in link.parent.glob(f'*-rank{rank}.pt')
+        if not path.name.startswith('.') and not path.is_symlink() and _complete(path)  # '.': a save in progress
+    ]
     if not complete:
         raise ConfigError(
             key,

@@ -26,7 +26,9 @@ from composer.utils import dist, reproducibility
 from torch import nn
 
 from composer_thaw.algorithm_state import ConfigRepr
+from composer_thaw.atomic_files import atomic_write_text, checkpoint_saver
 from composer_thaw.config_validation import ConfigError, check_call_kwargs
+from composer_thaw.interruption import checkpoint_on_interrupt
 from composer_thaw.optimizer_surgery import training_state_bytes
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.recipe import (
@@ -325,7 +327,9 @@ def _trainer(recipe: Recipe, model, data: RecipeData, optimizer, algorithms: lis
         optimizers=optimizer,
         schedulers=build_scheduler(recipe.scheduler),
         algorithms=algorithms,
-        callbacks=[summary],
+        callbacks=[summary]
+        if recipe.save_folder is None
+        else [summary, checkpoint_saver(recipe.save_folder, recipe.save_interval)],
         loggers=build_loggers(recipe.loggers),
         device=recipe.device,
         precision=recipe.precision,
@@ -403,7 +407,8 @@ def run_recipe(recipe: Recipe) -> RunSummary:
     with warnings.catch_warnings():
         # The last eval batch is smaller than the eval batch size; Composer says so on every evaluation.
         warnings.filterwarnings('ignore', message='Cannot split tensor of length')
-        trainer.fit()
+        with checkpoint_on_interrupt(trainer):  # SIGINT/SIGTERM: save at the end of the batch, then stop
+            trainer.fit()
     if callback.last_eval_batch != int(trainer.state.timestamp.batch):
         trainer.eval()
     summary = callback.summary
@@ -412,8 +417,7 @@ def run_recipe(recipe: Recipe) -> RunSummary:
     summary.param_checksums = dist.all_gather_object(parameter_checksum(trainer.state.model))
     trainer.close()
     if recipe.summary_path and dist.get_global_rank() == 0:
-        Path(recipe.summary_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(recipe.summary_path).write_text(json.dumps(asdict(summary), indent=2))
+        atomic_write_text(recipe.summary_path, json.dumps(asdict(summary), indent=2))
     return summary
 
 
