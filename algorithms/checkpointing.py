@@ -41,7 +41,9 @@ def _registered_class_names() -> dict[str, str]:
 
 def recorded_algorithms(path: Union[str, Path]) -> list[tuple[str, dict[str, Any]]]:
     """``(class name, state)`` of each algorithm recorded in a Composer checkpoint file."""
-    checkpoint = torch.load(str(path), map_location='cpu', weights_only=False)
+    with open(path, 'rb') as file:
+        mappable = file.read(2) == b'PK'  # a zip archive (torch.save's format since 1.6): tensors stay on disk
+    checkpoint = torch.load(str(path), map_location='cpu', weights_only=False, mmap=mappable)
     return list(checkpoint.get('state', {}).get('algorithms', []))
 
 
