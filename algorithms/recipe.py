@@ -282,9 +282,9 @@ def _resumed_checkpoint(recipe: Recipe) -> Optional[Path]:
             return latest
     if recipe.load_path is None or recipe.load_weights_only or '://' in recipe.load_path:
         return None
-    latest = LATEST_LINK.search(Path(recipe.load_path).name)
-    if latest is not None and Path(recipe.load_path).is_symlink():
-        return checkpoint_to_resume(str(Path(recipe.load_path).parent), int(latest.group(1)), 'load_path')
+    link = LATEST_LINK.search(Path(recipe.load_path).name)
+    if link is not None and Path(recipe.load_path).is_symlink():
+        return checkpoint_to_resume(str(Path(recipe.load_path).parent), int(link.group(1)), 'load_path')
     return Path(recipe.load_path)
 
 
