@@ -19,8 +19,14 @@ import torch
 from composer.core import Algorithm
 
 from composer_thaw.algorithm_state import eval_repr
+from composer_thaw.resume_compatibility import check_resume_config
 
-__all__ = ['algorithms_in_checkpoint', 'check_checkpoint_algorithms', 'recorded_algorithms']
+__all__ = [
+    'algorithms_in_checkpoint',
+    'check_checkpoint_algorithms',
+    'check_resume_compatibility',
+    'recorded_algorithms',
+]
 
 
 def _registered_class_names() -> dict[str, str]:
@@ -35,7 +41,9 @@ def _registered_class_names() -> dict[str, str]:
 
 def recorded_algorithms(path: Union[str, Path]) -> list[tuple[str, dict[str, Any]]]:
     """``(class name, state)`` of each algorithm recorded in a Composer checkpoint file."""
-    checkpoint = torch.load(str(path), map_location='cpu', weights_only=False)
+    with open(path, 'rb') as file:
+        mappable = file.read(2) == b'PK'  # a zip archive (torch.save's format since 1.6): tensors stay on disk
+    checkpoint = torch.load(str(path), map_location='cpu', weights_only=False, mmap=mappable)
     return list(checkpoint.get('state', {}).get('algorithms', []))
 
 
@@ -59,3 +67,15 @@ def check_checkpoint_algorithms(path: Union[str, Path], algorithms: Sequence[Alg
             '`composer_thaw.checkpointing.algorithms_in_checkpoint(path)`), or load only its weights '
             '(Trainer(load_weights_only=True), recipe key load_weights_only: true).',
         )
+
+
+def check_resume_compatibility(path: Union[str, Path], algorithms: Sequence[Algorithm]) -> None:
+    """Raise :class:`~composer_thaw.resume_compatibility.ResumeConfigError` if an algorithm of ``algorithms`` is
+    configured otherwise than when it wrote its state into the checkpoint at ``path``, in a field that shaped that
+    state (its ``resume_fields``): the check each algorithm makes when the state loads, made before anything is built.
+    """
+    by_class = {type(algorithm).__name__: algorithm for algorithm in algorithms}
+    for class_name, state in recorded_algorithms(path):
+        algorithm = by_class.get(class_name)
+        if algorithm is not None and hasattr(algorithm, 'resume_fields') and isinstance(state, dict):
+            check_resume_config(algorithm, state, checkpoint=str(path))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -144,29 +146,40 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         summary = run_recipe(recipe)
-    except KeyboardInterrupt:
-        print(f'thaw run: interrupted. {_how_to_resume(recipe)}', file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as interruption:  # Ctrl-C, or SIGINT/SIGTERM stopping at a batch's end (after a save)
+        print(f'thaw run: {_what_stopped(interruption)} {_how_to_resume(recipe, args)}', file=sys.stderr, flush=True)
+        number = getattr(interruption, 'signal_number', None)  # a TrainingInterrupted (composer_thaw.interruption)
+        return EXIT_INTERRUPTED if number is None else 128 + number  # as a shell reports the signal
     if dist.get_global_rank() == 0:
         print(format_summary(summary), flush=True)
     return 0
 
 
-def _how_to_resume(recipe: Any) -> str:
-    """One sentence on picking up an interrupted run from what it saved."""
+def _what_stopped(interruption: KeyboardInterrupt) -> str:
+    number = getattr(interruption, 'signal_number', None)
+    if number is None:
+        return 'interrupted.'
+    checkpoint = getattr(interruption, 'checkpoint', None)
+    saved = f'; saved {checkpoint}' if checkpoint else ''
+    return f'interrupted by {signal.Signals(number).name} after batch {getattr(interruption, "batch", "?")}{saved}.'
+
+
+def _how_to_resume(recipe: Any, args: argparse.Namespace) -> str:
+    """One sentence on picking up an interrupted run from what it saved, with the command that does it."""
     if recipe.save_folder is None:
         return 'Nothing was saved (the recipe has no save_folder); set save_folder to be able to resume a run.'
     if not (Path(recipe.save_folder) / 'latest-rank0.pt').exists():
         return f'No checkpoint was written to {recipe.save_folder!r} yet; a new run starts from the beginning.'
+    resuming = ('autoresume', 'load_path', 'load_weights_only')
+    kept = [o for o in args.overrides if o.partition('=')[0].strip() not in resuming]
     if recipe.run_name is not None:
-        return (
-            f'Checkpoints so far are in {recipe.save_folder!r}; run the same command with --set autoresume=true to '
-            'continue from the latest one.'
-        )
-    return (
-        f'Checkpoints so far are in {recipe.save_folder!r}; continue from the latest one with '
-        f'--set load_path={recipe.save_folder}/latest-rank0.pt (or set run_name and autoresume: true).'
-    )
+        added = ['autoresume=true']
+    else:
+        added = [f'load_path={Path(recipe.save_folder) / "latest-rank0.pt"}', 'load_weights_only=false']
+    command = ['thaw', 'run', args.recipe, *[a for o in [*kept, *added] for a in ('--set', o)]]
+    if args.nproc != 1:
+        command += ['--nproc', str(args.nproc)]
+    return f'Checkpoints so far are in {recipe.save_folder!r}; continue from the latest one with: {shlex.join(command)}'
 
 
 def _model_and_recipe_options(source: str, algorithm: str) -> tuple[Any, dict[str, Any]]:

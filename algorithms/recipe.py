@@ -30,7 +30,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from composer_thaw.config_validation import ConfigError, from_mapping
-from composer_thaw.run_files import check_checkpoint_path, check_writable_folder
+from composer_thaw.run_files import LATEST_LINK, check_checkpoint_path, check_writable_folder, checkpoint_to_resume
 
 __all__ = [
     'DataConfig',
@@ -277,15 +277,32 @@ def validate_recipe(recipe: Recipe) -> None:
     if recipe.load_path is not None and '://' not in recipe.load_path:
         check_checkpoint_path('load_path', recipe.load_path, sharded=_saves_sharded(recipe))
 
-    from composer_thaw.checkpointing import check_checkpoint_algorithms
+    from composer_thaw.checkpointing import check_checkpoint_algorithms, check_resume_compatibility
     from composer_thaw.registry import build_algorithm
 
     built = [build_algorithm(name, kwargs) for name, kwargs in recipe.algorithms.items()]
-    if recipe.load_path is not None and Path(recipe.load_path).is_file():
+    resumed = _resumed_checkpoint(recipe)
+    if resumed is not None and resumed.is_file():
         try:
-            check_checkpoint_algorithms(recipe.load_path, built)
+            check_checkpoint_algorithms(resumed, built)
         except ValueError as error:
             raise ConfigError('algorithms', list(recipe.algorithms), str(error)) from error
+        check_resume_compatibility(resumed, built)  # ResumeConfigError: algorithms.<name>.<field> = <new value>
+
+
+def _resumed_checkpoint(recipe: Recipe) -> Optional[Path]:
+    """The checkpoint whose training state (algorithms' too) the run will load, if any: autoresume's latest one
+    (which Composer loads in full, whatever load_weights_only says), else load_path unless only its weights load."""
+    if recipe.autoresume and recipe.save_folder is not None:
+        latest = checkpoint_to_resume(recipe.save_folder)
+        if latest is not None:
+            return latest
+    if recipe.load_path is None or recipe.load_weights_only or '://' in recipe.load_path:
+        return None
+    link = LATEST_LINK.search(Path(recipe.load_path).name)
+    if link is not None and Path(recipe.load_path).is_symlink():
+        return checkpoint_to_resume(str(Path(recipe.load_path).parent), int(link.group(1)), 'load_path')
+    return Path(recipe.load_path)
 
 
 # What each built-in data set is for; a recipe's files declare theirs in data.task.

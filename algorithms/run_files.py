@@ -21,7 +21,14 @@ from typing import Optional
 
 from composer_thaw.config_validation import ConfigError
 
-__all__ = ['check_checkpoint_path', 'check_writable_folder', 'resume_from_a_complete_checkpoint']
+__all__ = [
+    'check_checkpoint_path',
+    'check_writable_folder',
+    'checkpoint_to_resume',
+    'complete_latest_link',
+    'replace_symlink',
+    'resume_from_a_complete_checkpoint',
+]
 
 
 def check_writable_folder(key: str, folder: str) -> None:
@@ -51,6 +58,9 @@ def check_checkpoint_path(key: str, checkpoint: str, *, sharded: bool) -> None:
     """Raise unless ``checkpoint`` is a readable Composer checkpoint: a complete ``torch.save`` file, or, for
     sharded runs, a folder written by ``torch.distributed.checkpoint`` (it holds ``.metadata``)."""
     path = Path(checkpoint)
+    latest = LATEST_LINK.search(path.name)
+    if latest is not None and path.is_symlink():  # resumed from the newest complete checkpoint (see training.py)
+        path = checkpoint_to_resume(str(path.parent), int(latest.group(1)), key) or path
     if not path.exists():
         raise ConfigError(key, checkpoint, 'no checkpoint file there.')
     if path.is_dir():
@@ -85,32 +95,73 @@ def _unreadable_torch_file(path: Path) -> Optional[str]:
     return 'it is neither a torch.save archive nor a pickle (a text file?)'
 
 
-def resume_from_a_complete_checkpoint(folder: str, rank: int) -> Optional[str]:
-    """Before ``autoresume``: if ``latest-rank<rank>.pt`` in ``folder`` links to a checkpoint that a killed save
-    left incomplete, link it to the newest complete checkpoint of that rank instead; say what changed, if anything.
+LATEST_LINK = re.compile(r'latest-rank(\d+)\.pt$')  # the link Composer points at each new checkpoint
+
+
+def checkpoint_to_resume(folder: str, rank: int = 0, key: str = 'autoresume') -> Optional[Path]:
+    """The checkpoint a resume from ``folder`` reads: what ``latest-rank<rank>.pt`` links to, or, if a killed save
+    left that incomplete, the newest complete checkpoint of that rank; ``None`` without a latest link. Changes nothing.
+
+    Raises:
+        ConfigError: (under ``key``) the latest checkpoint is incomplete and no complete one is left.
+    """
+    link = Path(folder) / f'latest-rank{rank}.pt'
+    if not link.is_symlink():
+        return link if link.is_file() else None
+    target = link.parent / os.readlink(link)
+    if target.is_dir() or _complete(target):  # a sharded checkpoint folder, or nothing wrong
+        return target
+    complete = [
+        path
+        for path in link.parent.glob(f'*-rank{rank}.pt')
+        if not path.name.startswith('.') and not path.is_symlink() and _complete(path)  # '.': a save in progress
+    ]
+    if not complete:
+        raise ConfigError(
+            key,
+            True if key == 'autoresume' else str(link),
+            f'the latest checkpoint {str(target)!r} is incomplete (a save that was interrupted) and {folder!r} '
+            'holds no complete one; start without it.',
+        )
+    return max(complete, key=_batches_done)
+
+
+def resume_from_a_complete_checkpoint(folder: str, rank: int, key: str = 'autoresume') -> Optional[str]:
+    """Before ``autoresume`` (or a ``load_path`` that is a latest link): if ``latest-rank<rank>.pt`` in ``folder``
+    links to a checkpoint that a killed save left incomplete, link it to the newest complete checkpoint of that rank
+    instead (atomically); say what changed, if anything.
 
     Raises:
         ConfigError: the latest checkpoint is incomplete and no complete one is left.
     """
     link = Path(folder) / f'latest-rank{rank}.pt'
-    if not link.is_symlink():
+    newest = checkpoint_to_resume(folder, rank, key)
+    if newest is None or not link.is_symlink():
         return None
     target = link.parent / os.readlink(link)
-    if target.is_dir() or _complete(target):  # a sharded checkpoint folder, or nothing wrong
+    if newest == target:
         return None
-    complete = [path for path in link.parent.glob(f'*-rank{rank}.pt') if not path.is_symlink() and _complete(path)]
-    if not complete:
-        raise ConfigError(
-            'autoresume',
-            True,
-            f'the latest checkpoint {str(target)!r} is incomplete and {folder!r} holds no complete one.',
-        )
-    newest = max(complete, key=_batches_done)
-    link.unlink()
-    link.symlink_to(newest.name)
+    replace_symlink(link, newest.name)
     return (
         f'the latest checkpoint {target.name} is incomplete (a save that was interrupted); resuming from {newest.name}'
     )
+
+
+def complete_latest_link(path: str) -> Optional[str]:
+    """:func:`resume_from_a_complete_checkpoint` for a ``load_path`` that is a ``latest-rank<N>.pt`` link."""
+    latest = LATEST_LINK.search(Path(path).name)
+    if latest is None or not Path(path).is_symlink():
+        return None
+    return resume_from_a_complete_checkpoint(str(Path(path).parent), int(latest.group(1)), 'load_path')
+
+
+def replace_symlink(link: Path, target: str) -> None:
+    """Point ``link`` at ``target`` in one step: a new link under a temporary name, renamed over the old one, so a
+    kill at any moment leaves either the old link or the new one, never none."""
+    temporary = link.with_name(f'.{link.name}.{os.getpid()}.tmp')
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(target)
+    os.replace(temporary, link)
 
 
 def _complete(path: Path) -> bool:

@@ -42,6 +42,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from composer_thaw.resume_compatibility import RESUME_CONFIG_KEY, check_resume_config, resume_config
 from composer_thaw.sharding import is_sharded
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class TrainableOnlyCheckpoints:
 
     def __init__(self, owner: str, save_trainable_only: bool = True, frozen: Optional[FrozenSource] = None):
         self.owner = owner
+        # the algorithms whose configuration shapes which tensors are frozen (their resume_fields are recorded)
+        self.algorithms: list[Any] = []
         self.save_trainable_only = save_trainable_only
         # what the algorithms keep frozen from the start; None: every parameter without requires_grad
         self.frozen_sources: Optional[list[FrozenSource]] = None if frozen is None else [frozen]
@@ -149,7 +152,13 @@ class TrainableOnlyCheckpoints:
         for name, param in frozen.items():
             if state.pop(f'{prefix}{name}', None) is not None:
                 fingerprints[name] = self._fingerprint(param)
-        state[f'{prefix}{FINGERPRINT_KEY}'] = {'version': _FORMAT_VERSION, 'owner': self.owner, 'frozen': fingerprints}
+        configs = {type(algorithm).__name__: resume_config(algorithm) for algorithm in self.algorithms}
+        state[f'{prefix}{FINGERPRINT_KEY}'] = {
+            'version': _FORMAT_VERSION,
+            'owner': self.owner,
+            'frozen': fingerprints,
+            'configs': configs,
+        }
 
     # ---- load pre-hook: check before anything is copied ----
     def check_frozen(self, module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -162,6 +171,12 @@ class TrainableOnlyCheckpoints:
                 self._note_frozen_loaded()
             return
         expected: dict[str, str] = record.get('frozen', {})
+        # Which tensors are frozen follows from the algorithms' configuration: a changed one (LoRA's targets) is
+        # named as such, before the fingerprints would only say that a tensor is missing.
+        for algorithm in self.algorithms:
+            saved = record.get('configs', {}).get(type(algorithm).__name__)
+            if saved is not None:
+                check_resume_config(algorithm, {RESUME_CONFIG_KEY: saved})
         params = dict(module.named_parameters(remove_duplicate=False))
         self._refuse_sharded({name: params[name] for name in expected if name in params})
         for name, fingerprint in expected.items():
@@ -247,15 +262,17 @@ def checkpoint_trainable_only(
 
 
 def install_for_trainer(
-    state: Any, owner: str, requested: Optional[bool], default: bool, frozen: FrozenSource
+    state: Any, algorithm: Any, requested: Optional[bool], default: bool, frozen: FrozenSource
 ) -> TrainableOnlyCheckpoints:
     """What an algorithm calls at ``Event.INIT``: trainable-only saves on ``state.model`` when ``requested`` (``None``:
     ``default``, and off under FSDP), and the load-time fingerprint check in any case. ``frozen`` returns the
-    parameters the algorithm keeps frozen from the start.
+    parameters the algorithm keeps frozen from the start. The checkpoint records the algorithm's configuration
+    (its ``resume_fields``), so that loading with another one is refused by field, before the fingerprints.
 
     Raises:
         NotImplementedError: ``requested=True`` on a sharded (FSDP) Trainer, before anything changes.
     """
+    owner = type(algorithm).__name__
     sharded = getattr(state, 'fsdp_config', None) is not None
     if requested and sharded:
         raise NotImplementedError(
@@ -264,4 +281,6 @@ def install_for_trainer(
             '(full checkpoints under FSDP2) or train without FSDP.',
         )
     save = (default if requested is None else requested) and not sharded
-    return checkpoint_trainable_only(state.model, owner, save, frozen)
+    handler = checkpoint_trainable_only(state.model, owner, save, frozen)
+    handler.algorithms.append(algorithm)
+    return handler

@@ -26,7 +26,9 @@ from composer.utils import dist, reproducibility
 from torch import nn
 
 from composer_thaw.algorithm_state import ConfigRepr
+from composer_thaw.atomic_files import atomic_write_text, checkpoint_saver
 from composer_thaw.config_validation import ConfigError, check_call_kwargs
+from composer_thaw.interruption import checkpoint_on_interrupt
 from composer_thaw.models import ModelTask
 from composer_thaw.optimizer_surgery import training_state_bytes
 from composer_thaw.parameter_selection import user_module
@@ -40,7 +42,7 @@ from composer_thaw.recipe import (
     check_processes,
     model_task,
 )
-from composer_thaw.run_files import resume_from_a_complete_checkpoint
+from composer_thaw.run_files import complete_latest_link, resume_from_a_complete_checkpoint
 from composer_thaw.sharding import full_tensor
 
 __all__ = [
@@ -506,6 +508,10 @@ def _build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData
         fallback = resume_from_a_complete_checkpoint(recipe.save_folder, dist.get_global_rank())
         if fallback is not None:
             warnings.warn(f'autoresume: {fallback}.', UserWarning, stacklevel=2)
+    if recipe.load_path is not None and dist.get_global_rank() == 0:
+        fallback = complete_latest_link(recipe.load_path)
+        if fallback is not None:
+            warnings.warn(f'load_path: {fallback}.', UserWarning, stacklevel=2)
     algorithms = [build_algorithm(name, kwargs) for name, kwargs in recipe.algorithms.items()]
     reproducibility.seed_all(recipe.seed)
     built = build_recipe_model(recipe, recipe.global_train_batch_size // world_size)
@@ -537,7 +543,9 @@ def _trainer(recipe: Recipe, model, data: RecipeData, optimizer, algorithms: lis
         optimizers=optimizer,
         schedulers=build_scheduler(recipe.scheduler),
         algorithms=algorithms,
-        callbacks=[summary],
+        callbacks=[summary]
+        if recipe.save_folder is None
+        else [summary, checkpoint_saver(recipe.save_folder, recipe.save_interval)],
         loggers=build_loggers(recipe.loggers),
         device=recipe.device,
         precision=recipe.precision,
@@ -617,7 +625,8 @@ def run_recipe(recipe: Recipe) -> RunSummary:
     with warnings.catch_warnings():
         # The last eval batch is smaller than the eval batch size; Composer says so on every evaluation.
         warnings.filterwarnings('ignore', message='Cannot split tensor of length')
-        trainer.fit()
+        with checkpoint_on_interrupt(trainer):  # SIGINT/SIGTERM: save at the end of the batch, then stop
+            trainer.fit()
     if callback.last_eval_batch != int(trainer.state.timestamp.batch):
         trainer.eval()
     summary = callback.summary
@@ -626,8 +635,7 @@ def run_recipe(recipe: Recipe) -> RunSummary:
     summary.param_checksums = dist.all_gather_object(parameter_checksum(trainer.state.model))
     trainer.close()
     if recipe.summary_path and dist.get_global_rank() == 0:
-        Path(recipe.summary_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(recipe.summary_path).write_text(json.dumps(asdict(summary), indent=2))
+        atomic_write_text(recipe.summary_path, json.dumps(asdict(summary), indent=2))
     return summary
 
 

@@ -29,6 +29,7 @@ if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.measure import quiet_allocator, rss_bytes, trim
+from composer_thaw.atomic_files import atomic_write_text
 from composer_thaw.memory_estimate import estimate_training_state, spec_of
 
 TOLERANCE = 0.03  # relative, on gradients + optimizer state
@@ -193,7 +194,7 @@ def main(argv: Optional[list[str]] = None) -> list[RssCheck]:
     checks = run_checks(args.hidden, args.layers)
     print(markdown(checks, args.hidden, args.layers))
     if args.output:
-        args.output.write_text(json.dumps(as_json(checks), indent=1) + '\n')
+        atomic_write_text(args.output, json.dumps(as_json(checks), indent=1) + '\n')
     return checks
 
 

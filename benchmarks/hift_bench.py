@@ -50,6 +50,7 @@ from torch import nn
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from composer_thaw.atomic_files import atomic_write_text
 from composer_thaw.data import ClassificationDataset, build_dataloader, stdlib_docs_examples
 from composer_thaw.hift_rotation import GroupRotation, rotation_units
 from composer_thaw.models import load_tokenizer, minilm_classifier
@@ -339,7 +340,7 @@ def main() -> None:
             )
     results_path = RESULTS if not args.skip_quick else RESULTS.with_name('hift_rotation_accuracy.json')
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(result, indent=1))
+    atomic_write_text(results_path, json.dumps(result, indent=1))
 
 
 if __name__ == '__main__':

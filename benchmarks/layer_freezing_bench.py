@@ -35,6 +35,7 @@ if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.measure import adamw, interleaved_times, train_step
+from composer_thaw.atomic_files import atomic_write_text
 from composer_thaw.layer_freezing import freezable_units, freeze_layers, freeze_units
 from composer_thaw.models import tiny_decoder
 from composer_thaw.optimizer_surgery import optimizer_state_bytes
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(markdown(config, memory, speed))
     result = {'config': config, 'optimizer_state': memory, 'step_time': speed}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1) + '\n')
+    atomic_write_text(args.output, json.dumps(result, indent=1) + '\n')
     print(f'\nWrote {args.output}')
     return result
 

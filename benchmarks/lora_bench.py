@@ -39,6 +39,7 @@ if __package__ in (None, ''):  # run as a script: make the repository importable
 
 from benchmarks.measure import adamw, interleaved_times, train_step
 from benchmarks.methods import swap_in_loralib
+from composer_thaw.atomic_files import atomic_write_text
 from composer_thaw.lora_inject import apply_lora
 from composer_thaw.models import tiny_decoder
 from composer_thaw.optimizer_surgery import training_state_bytes
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(markdown(config, efficiency, layer, accuracy))
     result = {'config': config, 'efficiency': efficiency, 'single_layer': layer, 'accuracy': accuracy}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1) + '\n')
+    atomic_write_text(args.output, json.dumps(result, indent=1) + '\n')
     print(f'\nWrote {args.output}')
     return result
 

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from composer_thaw.atomic_files import atomic_write_text
+
 __all__ = ['load', 'markdown', 'plot_loss', 'plot_memory', 'update_readme', 'write']
 
 MIB = 2**20
@@ -173,8 +175,8 @@ def write(result: dict[str, Any], directory: Path, plots: bool = True) -> list[P
     table = markdown(result) + '\n'
     paths = []
     for stem in (name, 'latest'):
-        (directory / f'{stem}.json').write_text(text)
-        (directory / f'{stem}.md').write_text(table)
+        atomic_write_text(directory / f'{stem}.json', text)
+        atomic_write_text(directory / f'{stem}.md', table)
         paths += [directory / f'{stem}.json', directory / f'{stem}.md']
     if plots:
         paths += [plot_memory(result, directory / 'memory.png'), plot_loss(result, directory / 'loss.png')]
@@ -197,5 +199,5 @@ def update_readme(result: dict[str, Any], paths: list[Path], readme: Path = READ
         body.append(f'![{image.stem}]({image.resolve().relative_to(root.resolve())})')
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
-    readme.write_text(f'{head}{README_START}\n{chr(10).join(body)}\n{README_END}{tail}')
+    atomic_write_text(readme, f'{head}{README_START}\n{chr(10).join(body)}\n{README_END}{tail}')
     return readme

@@ -20,6 +20,7 @@ from composer.utils.parallelism import FSDP2Config
 
 from benchmarks.measure import StepRecorder, default_state_counter
 from benchmarks.methods import METHODS, build_tasks
+from composer_thaw.atomic_files import atomic_write_text
 from composer_thaw.memory_estimate import estimate_training_state, spec_of
 
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -102,13 +103,13 @@ def main(only: Optional[list[str]] = None) -> None:
     ]
     if dist.get_global_rank() == 0:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / 'sharded.json').write_text(json.dumps({'task': task.title, 'rows': rows}, indent=2))
+        atomic_write_text(RESULTS / 'sharded.json', json.dumps({'task': task.title, 'rows': rows}, indent=2))
         title = (
             f'Per-process training state at world size 2 (the larger rank), {task.title}; the estimate is '
             '`thaw estimate --world-size 2` for FSDP2 and 1 for DDP:'
         )
         table = _table(rows, title)
-        (RESULTS / 'sharded.md').write_text(table + '\n')
+        atomic_write_text(RESULTS / 'sharded.md', table + '\n')
         print(table)
 
 

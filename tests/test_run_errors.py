@@ -53,6 +53,30 @@ def _truncated_checkpoint(tmp_path: Path, folders: dict[str, Path]) -> list[str]
     return [f'load_path={path}']
 
 
+def _resumed_with_another_rank(tmp_path: Path, folders: dict[str, Path]) -> list[str]:
+    """A checkpoint written with LoRA r=8 (thaw run reads its recorded state before building), resumed with r=16."""
+    import torch
+
+    from composer_thaw import LoRAInject
+
+    path = tmp_path / 'ep0-ba2-rank0.pt'
+    torch.save({'state': {'algorithms': [('LoRAInject', LoRAInject(r=8).state_dict())], 'model': {}}}, path)
+    return ['algorithms={lora_inject: {r: 16}}', f'load_path={path}']
+
+
+def _only_incomplete_checkpoints(*resuming: str) -> Case:
+    """A save folder whose latest checkpoint a killed save cut short, with no complete one to fall back to."""
+
+    def build(tmp_path: Path, folders: dict[str, Path]) -> list[str]:
+        runs = tmp_path / 'runs'
+        runs.mkdir()
+        _truncated_checkpoint(runs, folders)
+        (runs / 'latest-rank0.pt').symlink_to('ep1-ba4-rank0.pt')
+        return [r.format(runs=runs) for r in resuming]
+
+    return build
+
+
 def _model_folder(name: str) -> Case:
     return lambda tmp_path, folders: [*FROM_FOLDER, f'model.path={folders[name]}']
 
@@ -87,6 +111,15 @@ CASES: dict[str, tuple[Case, str]] = {
     'text file as load_path': (_file(b'not a checkpoint\n'), 'load_path'),
     'truncated load_path': (_truncated_checkpoint, 'load_path'),
     'folder as load_path': (lambda tmp_path, folders: [f'load_path={tmp_path}'], 'load_path'),
+    'resume with another LoRA r': (_resumed_with_another_rank, 'algorithms.lora_inject.r'),
+    'autoresume with only an incomplete checkpoint': (
+        _only_incomplete_checkpoints('run_name=r', 'autoresume=true'),
+        'autoresume',
+    ),
+    'latest link to an incomplete checkpoint': (
+        _only_incomplete_checkpoints('load_path={runs}/latest-rank0.pt'),
+        'load_path',
+    ),
     'model folder with a broken config.json': (_model_folder('bad config'), 'model.path'),
     'model folder without weights': (_model_folder('no weights'), 'model.path'),
     'model folder without a tokenizer': (_model_folder('no tokenizer'), 'model.path'),

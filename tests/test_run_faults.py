@@ -43,7 +43,7 @@ def _interrupt(*args, **kwargs):
 def test_an_interrupted_run_says_how_to_resume(extra, advice, tmp_path, monkeypatch, capsys):
     (tmp_path / 'saved').mkdir()
     (tmp_path / 'saved' / 'latest-rank0.pt').write_bytes(b'')
-    monkeypatch.setattr('algorithms.training.run_recipe', _interrupt)
+    monkeypatch.setattr('composer_thaw.training.run_recipe', _interrupt)
     overrides = [*TINY, 'algorithms={}', *[e.format(tmp=tmp_path) for e in extra]]
     assert main(['run', str(DEMO), *_sets(overrides)]) == EXIT_INTERRUPTED
     lines = capsys.readouterr().err.strip().splitlines()
@@ -70,7 +70,8 @@ def test_resuming_with_another_rotation_is_refused_and_weights_only_starts_anew(
     resumed = [*TINY, 'algorithms={hift_rotation: {group_size: 1}}', 'max_duration=3ba', f'load_path={checkpoint}']
     assert main(['run', str(DEMO), *_sets(resumed)]) == EXIT_INVALID
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('thaw run: invalid recipe: algorithms.hift_rotation = ')
-    assert 'group_size=2 (now 1)' in lines[0] and 'load_weights_only: true' in lines[0]
+    refused = 'thaw run: invalid recipe: algorithms.hift_rotation.group_size = 1: '
+    assert len(lines) == 1 and lines[0].startswith(refused)
+    assert 'was trained with group_size = 2;' in lines[0] and 'load_weights_only: true' in lines[0]
     summary = run_recipe(load_recipe(DEMO, [*resumed, 'load_weights_only=true']))
     assert summary.batches_run == 3  # a new run from the checkpoint's weights

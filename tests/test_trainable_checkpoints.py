@@ -158,8 +158,8 @@ def test_regex_freeze_writes_them_on_request_and_resumes_bit_identically(tmp_pat
 def test_sharded_training_is_refused_when_asked_and_gets_full_checkpoints_by_default():
     state = SimpleNamespace(fsdp_config=object(), model=nn.Linear(2, 2))
     with pytest.raises(NotImplementedError, match=r'checkpoint_trainable_only=True\) does not support sharded'):
-        install_for_trainer(state, 'LoRAInject', True, default=True, frozen=list)
-    assert not install_for_trainer(state, 'LoRAInject', None, default=True, frozen=list).save_trainable_only
+        install_for_trainer(state, LoRAInject(), True, default=True, frozen=list)
+    assert not install_for_trainer(state, LoRAInject(), None, default=True, frozen=list).save_trainable_only
 
 
 def test_adapters_another_algorithm_freezes_for_a_while_stay_in_checkpoints():

@@ -34,7 +34,6 @@ from composer_thaw.algorithm_state import (
     STATE_VERSION_KEY,
     ConfigRepr,
     check_state_version,
-    eval_repr,
 )
 from composer_thaw.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
 from composer_thaw.hift_rotation.queue import STRATEGIES, GroupQueue, Strategy
@@ -48,6 +47,7 @@ from composer_thaw.optimizer_surgery import (
     single_optimizer,
 )
 from composer_thaw.parameter_selection import named_parameters, user_module
+from composer_thaw.resume_compatibility import check_resume_config, resume_state
 from composer_thaw.sharded_checkpoints import defer_optimizer_load, load_deferred_optimizer
 from composer_thaw.sharding import ShardLayout, full_tensor, is_sharded, local_part, refuse_fsdp1
 
@@ -449,6 +449,7 @@ class HiFTRotation(ConfigRepr, Algorithm):
     """
 
     events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, Event.BATCH_START)
+    resume_fields = (*_ROTATION_OPTIONS, 'master_weights')  # what shapes the saved units, queue, position, masters
 
     def __init__(
         self,
@@ -533,32 +534,15 @@ class HiFTRotation(ConfigRepr, Algorithm):
         self.rotation.before_step()
         logger.log_metrics({f'hift_rotation/{key}': value for key, value in self.rotation.metrics().items()})
 
-    def _refuse_another_rotation(self, saved_repr: Optional[str]) -> None:
-        """The saved queue and position belong to the rotation that wrote them: resuming with other rotation
-        options would follow neither configuration."""
-        if saved_repr is None:
-            return
-        saved = eval_repr(saved_repr)
-        changed = [name for name in _ROTATION_OPTIONS if getattr(saved, name) != getattr(self, name)]
-        if changed:
-            differences = ', '.join(
-                f'{name}={getattr(saved, name)!r} (now {getattr(self, name)!r})' for name in changed
-            )
-            raise ValueError(
-                f'The checkpoint was trained with {saved_repr}: {differences}. Its saved queue and position only fit '
-                'that rotation; resume with the same options, or load only its weights to start a new rotation '
-                '(Trainer(load_weights_only=True), recipe key load_weights_only: true).'
-            )
-
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {'repr': repr(self), STATE_VERSION_KEY: _STATE_VERSION}
+        state: dict[str, Any] = {'repr': repr(self), STATE_VERSION_KEY: _STATE_VERSION, **resume_state(self)}
         if self.rotation is not None:
             state.update(self.rotation.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_version(type(self).__name__, state, _STATE_VERSION)
-        self._refuse_another_rotation(state.get('repr'))
+        check_resume_config(self, state)  # the saved queue and position fit only the rotation that wrote them
         if 'units' not in state:
             return  # saved before the rotation started
         if self.rotation is None:

@@ -37,6 +37,7 @@ from composer_thaw.layer_freezing.units import (
 from composer_thaw.master_weights import MasterWeightsOption, refuse_fsdp2_with_masters
 from composer_thaw.optimizer_surgery import optimizer_state_bytes, remove_params
 from composer_thaw.parameter_selection import user_module
+from composer_thaw.resume_compatibility import check_resume_config, resume_state
 from composer_thaw.sharded_checkpoints import defer_optimizer_load, load_deferred_optimizer
 from composer_thaw.sharding import refuse_fsdp1
 
@@ -199,6 +200,8 @@ class LayerFreezing(ConfigRepr, Algorithm):
     """
 
     events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, Event.EPOCH_END, Event.BATCH_END)  # whatever the options
+    # What decides the units and when each one freezes: a resume with other values would follow neither schedule.
+    resume_fields = ('freeze_start', 'freeze_level', 'granularity', 'interval', 'schedule', 'master_weights')
 
     def __init__(
         self,
@@ -304,10 +307,12 @@ class LayerFreezing(ConfigRepr, Algorithm):
             'granularity': self.granularity,
             'frozen_units': [unit.name for unit in self._units[: self._units_frozen]],
             **self._master_copies.state_dict(),
+            **resume_state(self),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_version(type(self).__name__, state, _STATE_VERSION)
+        check_resume_config(self, state)
         if state.get('granularity', self.granularity) != self.granularity:
             raise ValueError(
                 f'The checkpoint froze units at granularity={state["granularity"]!r}, but this LayerFreezing has '

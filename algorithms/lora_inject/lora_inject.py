@@ -27,6 +27,7 @@ from composer_thaw.lora_inject.config import LoRAConfig, TaskType
 from composer_thaw.lora_inject.injection import adapter_layers
 from composer_thaw.lora_inject.layers import adapter_class_for
 from composer_thaw.lora_inject.peft_format import export_merged, expose_merged_state_dict, save_adapter
+from composer_thaw.lora_inject.resume import refuse_adapters_of_another_rank
 from composer_thaw.lora_inject.surgery import (
     LoRASummary,
     apply_lora,
@@ -40,6 +41,7 @@ from composer_thaw.lora_inject.surgery import (
 )
 from composer_thaw.master_weights import MasterWeightsOption, refuse_fsdp2_with_masters
 from composer_thaw.parameter_selection import user_module
+from composer_thaw.resume_compatibility import check_resume_config, resume_state
 from composer_thaw.sharding import refuse_fsdp1
 from composer_thaw.trainable_checkpoints import install_for_trainer
 
@@ -177,6 +179,25 @@ class LoRAInject(ConfigRepr, Algorithm):
     # INIT: inject (frozen parameters get requires_grad=False); BEFORE_LOAD, after all INIT-time surgery: take the
     # frozen parameters out of the optimizer; FIT_END: only with save_adapter_to / save_merged_to.
     events: tuple[Event, ...] = (Event.INIT, Event.BEFORE_LOAD, Event.FIT_END)
+    # What shapes the adapters and what they compute; a checkpoint's adapters resume only under the same values.
+    resume_fields = (
+        'r',
+        'lora_alpha',
+        'target_modules',
+        'exclude_modules',
+        'layers_to_transform',
+        'layers_pattern',
+        'rank_pattern',
+        'alpha_pattern',
+        'use_rslora',
+        'use_dora',
+        'init',
+        'bias',
+        'modules_to_save',
+        'enable_slices',
+        'task_type',  # adds the task's head to modules_to_save
+        'master_weights',  # fp32 masters and their optimizer state in the checkpoint
+    )
 
     def __init__(
         self,
@@ -262,7 +283,7 @@ class LoRAInject(ConfigRepr, Algorithm):
             _expose_merged_model_to_hugging_face(state.model)
             root = user_module(state.model)
             frozen = self.checkpoint_trainable_only
-            install_for_trainer(state, 'LoRAInject', frozen, default=True, frozen=lambda: frozen_base_parameters(root))
+            install_for_trainer(state, self, frozen, default=True, frozen=lambda: frozen_base_parameters(root))
             logger.log_metrics(
                 {
                     'lora_inject/adapted_modules': len(summary.adapted),
@@ -275,6 +296,7 @@ class LoRAInject(ConfigRepr, Algorithm):
             _check_base_layers_kept(user_module(state.model), self.config, bool(self.save_merged_to))
             freeze_outside_adapters(state.model, state.optimizers)
             self._master_copies.enable(state.model, state.optimizers)
+            refuse_adapters_of_another_rank(state.model, self)  # checked as Composer loads the checkpoint's weights
             return
         # On every rank: under FSDP2 the whole tensors are gathered from all of them; rank 0 writes.
         if self.save_adapter_to:
@@ -284,19 +306,15 @@ class LoRAInject(ConfigRepr, Algorithm):
         dist.barrier()
 
     def state_dict(self) -> dict[str, Any]:
-        return {STATE_VERSION_KEY: 1, 'config': self.config.to_dict(), **self._master_copies.state_dict()}
+        return {
+            STATE_VERSION_KEY: 1,
+            'repr': repr(self),
+            'config': self.config.to_dict(),
+            **resume_state(self),
+            **self._master_copies.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_version('LoRAInject', state, supported=1)
-        saved = state.get('config')
-        if saved is not None and LoRAConfig(**saved) != self.config:
-            differences = {
-                key: (value, getattr(self.config, key))
-                for key, value in saved.items()
-                if getattr(self.config, key) != value
-            }
-            raise ValueError(
-                'The checkpoint was trained with a different LoRAInject configuration; (checkpoint, now) per field: '
-                f'{differences}. Resume with the configuration it was trained with.',
-            )
+        check_resume_config(self, state)
         self._master_copies.load_state_dict(state)

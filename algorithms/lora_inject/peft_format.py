@@ -40,6 +40,7 @@ import torch
 from composer.utils import dist
 from torch import nn
 
+from composer_thaw.atomic_files import atomic_directory
 from composer_thaw.lora_inject.config import LoRAConfig
 from composer_thaw.lora_inject.injection import adapter_layers, saved_module_names, selectable_modules
 from composer_thaw.lora_inject.layers import LoRAEmbedding, LoRALayer, is_conv1d_transposed
@@ -233,11 +234,11 @@ def save_adapter(
         meta = peft_config_dict(root, base_model_name_or_path, convert_pissa=convert_pissa)
         config_name = ADAPTER_CONFIG_NAME
     if dist.get_global_rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / config_name).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        save_file(
-            {k: v.cpu() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS_NAME), metadata={'format': 'pt'}
-        )
+        with atomic_directory(directory) as staging:  # a kill while writing leaves no half-written adapter
+            (staging / config_name).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            save_file(
+                {k: v.cpu() for k, v in state.items()}, str(staging / ADAPTER_WEIGHTS_NAME), metadata={'format': 'pt'}
+            )
     return directory
 
 
@@ -493,5 +494,6 @@ def export_merged(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
     directory = Path(directory)
     state = merged_state_dict(root)
     if dist.get_global_rank() == 0:
-        save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+        with atomic_directory(directory) as staging:  # a kill while writing leaves no half-written model
+            save_pretrained(str(staging), state_dict=state, safe_serialization=True)
     return directory

@@ -35,6 +35,7 @@ from composer_thaw.regex_freeze.patterns import (
     select_parameters,
 )
 from composer_thaw.regex_freeze.row_freezing import RowFreezer, sync_ema_frozen_rows
+from composer_thaw.resume_compatibility import check_resume_config, resume_state
 from composer_thaw.sharding import refuse_fsdp1
 from composer_thaw.trainable_checkpoints import install_for_trainer
 
@@ -240,6 +241,8 @@ class RegexFreeze(ConfigRepr, Algorithm):
     )
     # every event it acts at
     events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, *sorted(_EMA_SYNC_EVENTS, key=lambda e: e.value))
+    # The selection, whose optimizer state the checkpoint holds, and the fp32 masters of what trains.
+    resume_fields = ('trainable', 'frozen', 'syntax', 'master_weights')
 
     def __init__(
         self,
@@ -290,7 +293,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
             )
             refuse_fsdp1(state, 'RegexFreeze')
             frozen = self.checkpoint_trainable_only
-            install_for_trainer(state, 'RegexFreeze', frozen, default=False, frozen=lambda: self._fully_frozen())
+            install_for_trainer(state, self, frozen, default=False, frozen=lambda: self._fully_frozen())
             refuse_fsdp2_with_masters(state, self.master_weights, 'RegexFreeze')
             self._model, self._optimizers = state.model, state.optimizers
             return None
@@ -331,10 +334,12 @@ class RegexFreeze(ConfigRepr, Algorithm):
         state[STATE_VERSION_KEY] = STATE_VERSION
         state['trainable_rows'] = self.selection.as_plain_data() if self.selection is not None else None
         state.update(self._master_copies.state_dict())
+        state.update(resume_state(self))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_version('RegexFreeze', state, STATE_VERSION)
+        check_resume_config(self, state)
         saved = state.get('trainable_rows')
         if self._model is None:
             return  # not part of a Trainer yet: Event.AFTER_LOAD will apply it

@@ -1,0 +1,169 @@
+"""A ``thaw run`` killed with SIGKILL at random points, during a checkpoint save or during a training step, leaves
+only whole checkpoints and a ``latest`` link to the newest; the same command with ``autoresume`` ends bit-identical
+to an uninterrupted run and repeats only the batch that was in progress. SIGTERM stops at the end of the batch with a
+checkpoint and prints the command that resumes.
+
+Each killed run is a fork of this process (the libraries are loaded already), which SIGKILLs itself at a point drawn
+from a seeded generator: after some of a checkpoint's bytes are written, or just before or after an optimizer step.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shlex
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from composer.utils import checkpoint as composer_checkpoint
+from support import REPO
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from composer_thaw.cli import main
+from composer_thaw.recipe import load_recipe
+from composer_thaw.run_files import check_checkpoint_path
+from composer_thaw.training import run_recipe
+
+DEMO = REPO / 'yamls/demo.yaml'
+BATCHES = 3
+RECIPE = [
+    'model.name=tiny-decoder',
+    'model.num_layers=2',
+    'model.hidden_size=16',
+    'model.num_heads=2',
+    'data.name=python-topics',
+    'data.max_seq_len=16',
+    'global_train_batch_size=4',
+    'data.max_train_samples=12',
+    'data.max_eval_samples=4',
+    'progress_bar=false',
+    'eval_interval=100ba',
+    f'max_duration={BATCHES}ba',
+    'algorithms={hift_rotation: {group_size: 2}}',  # rotation state (queue, offloaded optimizer state) must resume
+    'run_name=killed',
+]
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for override in overrides for arg in ('--set', override)]
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Every run here computes with one thread, as the forked children must (OpenMP does not survive a fork), so
+    float sums add up in the same order in killed, resumed and uninterrupted runs on any machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted() -> list[str]:
+    return run_recipe(load_recipe(DEMO, RECIPE)).param_checksums
+
+
+def _kill_during_save(save: int, fraction: float) -> None:
+    """The ``save``-th checkpoint write stops after ``fraction`` of its bytes."""
+    write, saves = composer_checkpoint._write_checkpoint_file, iter(range(1, 1000))
+
+    def killed_while_writing(state_dict, filename: str) -> None:
+        if next(saves) != save:
+            return write(state_dict, filename)
+        data = io.BytesIO()
+        torch.save(state_dict, data)
+        with open(filename, 'wb') as file:
+            file.write(data.getbuffer()[: int(fraction * data.tell())])
+            file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    composer_checkpoint._write_checkpoint_file = killed_while_writing
+
+
+def _kill_during_step(step: int, after: bool) -> None:
+    """The ``step``-th optimizer step is killed just before it changes the parameters, or just after."""
+    steps = iter(range(1, 1000))
+
+    def kill(optimizer, args, kwargs) -> None:
+        if next(steps) == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    (register_optimizer_step_post_hook if after else register_optimizer_step_pre_hook)(kill)
+
+
+def _run_killed(command: list[str], install_fault) -> None:
+    """Run ``thaw run`` in a forked child that the fault kills; assert it died of SIGKILL."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            install_fault()
+            main(command)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f'the fault never fired ({status})'
+
+
+def _checkpoints(folder: Path) -> set[int]:
+    """The batches of the checkpoints in ``folder``; each must be whole (a kill never leaves one that is not)."""
+    batches = set()
+    for path in folder.glob('ep*-ba*-rank0.pt'):
+        check_checkpoint_path('load_path', str(path), sharded=False)  # raises on a partial file
+        batches.add(int(re.search(r'ba(\d+)', path.name).group(1)))
+    return batches
+
+
+FAULTS = random.Random(17)
+TRIALS = [
+    ('save', FAULTS.randint(1, BATCHES), FAULTS.random()),
+    ('save', FAULTS.randint(1, BATCHES), FAULTS.random()),
+    ('step', FAULTS.randint(1, BATCHES), FAULTS.random() < 0.5),
+    ('step', FAULTS.randint(1, BATCHES), FAULTS.random() < 0.5),
+]
+
+
+@pytest.mark.parametrize('kind, batch, where', TRIALS, ids=[f'{k} {b} {w:.2f}' for k, b, w in TRIALS])
+def test_a_run_killed_anywhere_resumes_to_the_same_end(kind, batch, where, uninterrupted, tmp_path):
+    command = ['run', str(DEMO), *_sets([*RECIPE, f'save_folder={tmp_path}', 'save_interval=1ba', 'autoresume=true'])]
+    if kind == 'save':
+        _run_killed(command, lambda: _kill_during_save(batch, where))
+    else:
+        _run_killed(command, lambda: _kill_during_step(batch, bool(where)))
+    assert _checkpoints(tmp_path) == set(range(1, batch))  # every batch before the killed one is saved, whole
+    latest = tmp_path / 'latest-rank0.pt'
+    assert latest.is_symlink() == (batch > 1) and (batch == 1 or os.readlink(latest) == f'ep0-ba{batch - 1}-rank0.pt')
+
+    resumed = run_recipe(
+        load_recipe(DEMO, [*RECIPE, f'save_folder={tmp_path}', 'save_interval=1ba', 'autoresume=true'])
+    )
+    assert resumed.param_checksums == uninterrupted
+    assert resumed.batches_run == BATCHES - (batch - 1)  # only the batch in progress is repeated
+
+
+def test_sigterm_saves_at_the_end_of_the_batch_and_prints_the_command_that_resumes(uninterrupted, tmp_path, capsys):
+    steps = iter(range(1, 1000))
+
+    def terminate_at_the_second_step(optimizer, args, kwargs) -> None:
+        if next(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    summary = tmp_path / 'summary.json'
+    overrides = [*RECIPE, f'save_folder={tmp_path / "runs"}', 'save_interval=100ba', f'summary_path={summary}']
+    hook = register_optimizer_step_pre_hook(terminate_at_the_second_step)
+    try:
+        code = main(['run', str(DEMO), *_sets(overrides)])
+    finally:
+        hook.remove()
+    assert code == 128 + signal.SIGTERM
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('thaw run: interrupted by SIGTERM after batch 2; saved '), lines
+    assert _checkpoints(tmp_path / 'runs') == {2} and not summary.exists()
+    command = shlex.split(lines[0].partition('continue from the latest one with: ')[2])
+    assert command[:2] == ['thaw', 'run'] and '--set' in command and 'autoresume=true' in command
+    assert main(command[1:]) == 0
+    assert json.loads(summary.read_text())['param_checksums'] == uninterrupted
