@@ -29,6 +29,7 @@ __all__ = ['main']
 
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
+EXIT_DIVERGED = 3  # the loss became nan or inf (composer_thaw.loss_guard)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,10 +143,14 @@ def _run(args: argparse.Namespace) -> int:
 
     from composer.utils import dist
 
+    from composer_thaw.loss_guard import NonFiniteLossError
     from composer_thaw.training import format_summary, run_recipe
 
     try:
         summary = run_recipe(recipe)
+    except NonFiniteLossError as error:
+        print(f'thaw run: training stopped: {error}', file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
     except KeyboardInterrupt as interruption:  # Ctrl-C, or SIGINT/SIGTERM stopping at a batch's end (after a save)
         print(f'thaw run: {_what_stopped(interruption)} {_how_to_resume(recipe, args)}', file=sys.stderr, flush=True)
         number = getattr(interruption, 'signal_number', None)  # a TrainingInterrupted (composer_thaw.interruption)

@@ -29,6 +29,7 @@ from composer_thaw.algorithm_state import ConfigRepr
 from composer_thaw.atomic_files import atomic_write_text, checkpoint_saver
 from composer_thaw.config_validation import ConfigError, check_call_kwargs
 from composer_thaw.interruption import checkpoint_on_interrupt
+from composer_thaw.loss_guard import StopOnNonFiniteLoss
 from composer_thaw.models import ModelTask
 from composer_thaw.optimizer_surgery import training_state_bytes
 from composer_thaw.parameter_selection import user_module
@@ -543,9 +544,9 @@ def _trainer(recipe: Recipe, model, data: RecipeData, optimizer, algorithms: lis
         optimizers=optimizer,
         schedulers=build_scheduler(recipe.scheduler),
         algorithms=algorithms,
-        callbacks=[summary]
+        callbacks=[summary, StopOnNonFiniteLoss()]
         if recipe.save_folder is None
-        else [summary, checkpoint_saver(recipe.save_folder, recipe.save_interval)],
+        else [summary, StopOnNonFiniteLoss(), checkpoint_saver(recipe.save_folder, recipe.save_interval)],
         loggers=build_loggers(recipe.loggers),
         device=recipe.device,
         precision=recipe.precision,
