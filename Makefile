@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
-# The extras `make install` adds. llmfoundry (llm-foundry 0.22.0, with transformers 4.51.3 and datasets <3.7) lets
-# tests/test_llmfoundry.py run llm-foundry end to end; without it that test skips:
-#   make test EXTRAS=test,peers,bench,docs,lint
-EXTRAS ?= test,peers,bench,docs,lint,llmfoundry
+# The extras `make install` adds. Add llmfoundry (llm-foundry 0.22.0; it resolves transformers 4.51.3 and
+# datasets <3.7) to run tests/test_llmfoundry.py, which skips without it:
+#   make install EXTRAS=test,peers,bench,docs,lint,llmfoundry
+EXTRAS ?= test,peers,bench,docs,lint
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
