@@ -62,16 +62,6 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         'vocab_size': 32000,
         'max_position_embeddings': 4096,
     },
-    'llama-2-7b': {  # Llama 2-7B; 'llama-7b' is the same shape
-        'model_type': 'llama',
-        'hidden_size': 4096,
-        'intermediate_size': 11008,
-        'num_hidden_layers': 32,
-        'num_attention_heads': 32,
-        'num_key_value_heads': 32,
-        'vocab_size': 32000,
-        'max_position_embeddings': 4096,
-    },
     'llama-3-8b': {  # Meta-Llama-3-8B's config.json
         'model_type': 'llama',
         'hidden_size': 4096,
@@ -105,6 +95,7 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         'max_position_embeddings': 32768,
     },
 }
+BUILTIN_CONFIGS['llama-2-7b'] = BUILTIN_CONFIGS['llama-7b']  # Llama 2-7B has the same shape
 # Also built in, from this package: 'minilm' (the embedded checkpoint's config, 6-class head) and 'tiny-decoder'.
 _PACKAGE_MODELS = ('minilm', 'tiny-decoder')
 
