@@ -18,6 +18,7 @@ from the config alone (:func:`composer_thaw.training.recipe_model_spec`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from composer_thaw.config_validation import ConfigError
+from composer_thaw.parameter_selection import units_in_registration_order
 
 __all__ = [
     'BUILTIN_CONFIGS',
@@ -100,6 +102,9 @@ BUILTIN_CONFIGS['llama-2-7b'] = BUILTIN_CONFIGS['llama-7b']  # Llama 2-7B has th
 _PACKAGE_MODELS = ('minilm', 'tiny-decoder')
 
 # Optimizer -> (state tensors per parameter, bytes of per-parameter scalars such as Adam's float32 ``step``).
+# Models up to this many parameters have their units ordered by a traced forward (parameter_selection).
+_TRACED_UP_TO = 2_000_000_000
+
 OPTIMIZER_STATE: dict[str, tuple[int, int]] = {
     'adamw': (2, 4),
     'adam': (2, 4),
@@ -416,39 +421,43 @@ def estimate_training_state(
     root = meta_model(spec, dtype)
     torch_optimizer = torch.optim.SGD(root.parameters(), lr=0.1)  # only its param groups are used
     note, offloaded = '', 0
-    try:
-        if algorithm == 'lora_inject':
-            from composer_thaw.lora_inject import apply_lora
+    # Tracing a forward to order the units costs a pass over every weight: for billions of parameters, units follow
+    # registration order (the same for the built-in decoder configs; byte totals do not depend on the order).
+    large = sum(p.numel() for p in root.parameters()) > _TRACED_UP_TO
+    with units_in_registration_order() if large else contextlib.nullcontext():
+        try:
+            if algorithm == 'lora_inject':
+                from composer_thaw.lora_inject import apply_lora
 
-            apply_lora(root, torch_optimizer, **algorithm_options)
-        elif algorithm == 'regex_freeze':
-            from composer_thaw.regex_freeze import apply_regex_freeze
+                apply_lora(root, torch_optimizer, **algorithm_options)
+            elif algorithm == 'regex_freeze':
+                from composer_thaw.regex_freeze import apply_regex_freeze
 
-            apply_regex_freeze(root, torch_optimizer, **algorithm_options)
-        elif algorithm == 'layer_freezing':
-            from composer_thaw.layer_freezing import freeze_layers
+                apply_regex_freeze(root, torch_optimizer, **algorithm_options)
+            elif algorithm == 'layer_freezing':
+                from composer_thaw.layer_freezing import freeze_layers
 
-            depth, _ = freeze_layers(
-                root,
-                torch_optimizer,
-                1.0,
-                options.get('freeze_start', 0.5),
-                options.get('freeze_level', 1.0),
-                options.get('granularity', 'leaf'),
-            )
-            note = f'at the end of training ({depth} units frozen); before freezing starts: the full row'
-        transfer = 0
-        if algorithm == 'hift_rotation':
-            trainable, state_bytes, offloaded, note, transfer = _hift_rotation(
-                root, torch_optimizer, algorithm_options, optimizer, world_size, masters
-            )
-        else:
-            trainable = _trainable(torch_optimizer)
-            state_bytes = _state_bytes(trainable, optimizer, world_size, masters)
-    except ConfigError:
-        raise
-    except ValueError as error:
-        raise ConfigError(f'--algorithm {algorithm}', options, str(error)) from error
+                depth, _ = freeze_layers(
+                    root,
+                    torch_optimizer,
+                    1.0,
+                    options.get('freeze_start', 0.5),
+                    options.get('freeze_level', 1.0),
+                    options.get('granularity', 'leaf'),
+                )
+                note = f'at the end of training ({depth} units frozen); before freezing starts: the full row'
+            transfer = 0
+            if algorithm == 'hift_rotation':
+                trainable, state_bytes, offloaded, note, transfer = _hift_rotation(
+                    root, torch_optimizer, algorithm_options, optimizer, world_size, masters
+                )
+            else:
+                trainable = _trainable(torch_optimizer)
+                state_bytes = _state_bytes(trainable, optimizer, world_size, masters)
+        except ConfigError:
+            raise
+        except ValueError as error:
+            raise ConfigError(f'--algorithm {algorithm}', options, str(error)) from error
     params = _unique_params(root.parameters())
     return MemoryEstimate(
         algorithm=algorithm,

@@ -14,10 +14,12 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -202,8 +204,29 @@ def _structure(model: nn.Module) -> tuple:
     )
 
 
+_TRACE_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar('thaw_trace_forward', default=True)
+
+
+@contextmanager
+def units_in_registration_order() -> Iterator[None]:
+    """Within it, units follow the order modules are registered in, without tracing a forward: for models too large
+    to run even on stand-in weights (the memory estimator's multi-billion-parameter meta models).
+
+    Example:
+        >>> with units_in_registration_order():
+        ...     units = split_into_units(meta_llama_8b)
+    """
+    token = _TRACE_FORWARD.set(False)
+    try:
+        yield
+    finally:
+        _TRACE_FORWARD.reset(token)
+
+
 def _forward_trace(model: nn.Module) -> Optional[ForwardTrace]:
     """The model's traced forward (reused for a model of the same structure); ``None``, with a warning, if it fails."""
+    if not _TRACE_FORWARD.get():
+        return None
     key = _structure(model)
     if key in _TRACES:
         _TRACES.move_to_end(key)
