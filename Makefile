@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint format docs bench bench-quick bench-sharded bench-master-weights clean
+.PHONY: install demo test test-fast lint format docs bench bench-quick bench-sharded bench-master-weights bench-master-weights-quality clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ bench-quick: $(STAMP)
 # Each algorithm in fp32, in bf16 with fp32 master weights and in pure bf16; the Llama 3-8B predicted table.
 bench-master-weights: $(STAMP)
 	$(BIN)/python -m benchmarks.master_weights_bench
+
+# The demo task trained by each algorithm's recipe in fp32, bf16 + fp32 masters and pure bf16 (about 40 minutes).
+bench-master-weights-quality: $(STAMP)
+	$(BIN)/python -m benchmarks.master_weights_bench --quality
 
 # Per-process bytes of every algorithm at world size 2, replicated (DDP) and sharded (FSDP2), with the estimates.
 bench-sharded: $(STAMP)

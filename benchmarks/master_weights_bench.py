@@ -3,6 +3,7 @@
     python -m benchmarks.master_weights_bench                  # decoder-s, 8 batches: about 1 minute on 2 cores
     python -m benchmarks.master_weights_bench --task minilm --batches 40   # the demo task's classifier, with quality
     python -m benchmarks.master_weights_bench --predicted-only  # the Llama 3-8B table of predicted device bytes
+    python -m benchmarks.master_weights_bench --quality         # the demo task's recipes: about 40 minutes on 2 cores
 
 For every algorithm (full fine-tuning, LayerFreezing, RegexFreeze, LoRAInject, HiFTRotation, with the options of
 :mod:`benchmarks.methods`) and every precision:
@@ -17,6 +18,11 @@ weights' dtype), the same batches and seed. Reported: the training-state bytes a
 gradients, optimizer state and fp32 masters (the masters' low-precision gradients are released by the step, so
 ``grads`` is the fp32 parameters' only), median step time and its ratio to the same algorithm in fp32, and the eval
 metric. Writes ``benchmarks/results/master_weights.json`` and ``.md``.
+
+``--quality`` trains the demo task (the embedded MiniLM on ``stdlib-docs``) with each algorithm's shipped recipe
+(``yamls/demo.yaml`` for RegexFreeze, ``yamls/<algorithm>_minilm.yaml`` for the others), unchanged but for the
+precision: ``model.dtype`` and the algorithm's ``master_weights``. Its acceptance: every algorithm with masters within
+1 point of eval accuracy of the same recipe in fp32. Writes ``benchmarks/results/master_weights_quality.*``.
 
 The predicted table (``--predicted-only``, also printed after a run) is the estimator's device bytes for
 Llama 3-8B next to BAdam's formula ``2M + 16M/D`` GB (M billions of parameters, D blocks) and AdamW in fp32.
@@ -49,6 +55,14 @@ from composer_thaw.master_weights import enable_master_weights, master_weights_o
 from composer_thaw.optimizer_surgery import training_state_bytes
 
 RESULTS = Path(__file__).resolve().parent / 'results'
+YAMLS = Path(__file__).resolve().parents[1] / 'yamls'
+QUALITY_RECIPES = {
+    'regex_freeze': 'demo.yaml',
+    'layer_freezing': 'layer_freezing_minilm.yaml',
+    'lora_inject': 'lora_minilm.yaml',
+    'hift_rotation': 'hift_minilm.yaml',
+}
+QUALITY_TOLERANCE = 0.01  # one point of accuracy
 PRECISIONS = ('fp32', 'bf16 + masters', 'bf16')
 GIB = 2**30
 
@@ -149,6 +163,50 @@ def run_once(task: Task, algorithm: str, precision: str, batches: int) -> dict[s
     return result
 
 
+def quality_once(algorithm: str, precision: str) -> dict[str, Any]:
+    """The demo task trained by ``algorithm``'s shipped recipe in ``precision``; its eval accuracy and cost."""
+    from composer_thaw.recipe import load_recipe
+    from composer_thaw.training import run_recipe
+
+    overrides = ['progress_bar=false']
+    if precision != 'fp32':
+        overrides.append('model.dtype=bfloat16')
+    if precision == 'bf16 + masters':
+        overrides.append(f'algorithms.{algorithm}.master_weights=fp32')
+    summary = run_recipe(load_recipe(YAMLS / QUALITY_RECIPES[algorithm], overrides))
+    trim()
+    return {
+        'algorithm': algorithm,
+        'recipe': f'yamls/{QUALITY_RECIPES[algorithm]}',
+        'precision': precision,
+        'accuracy': summary.eval_metrics['eval/MulticlassAccuracy'],
+        'training_state_bytes': summary.training_state_bytes,
+        'samples_per_second': summary.samples_per_second,
+    }
+
+
+def quality_markdown(results: list[dict[str, Any]]) -> str:
+    fp32 = {r['algorithm']: r['accuracy'] for r in results if r['precision'] == 'fp32'}
+    lines = [
+        "The demo task (embedded all-MiniLM-L6-v2, `stdlib-docs`, 6 classes) trained by each algorithm's shipped "
+        'recipe, changed only in precision; CPU. Acceptance: bf16 + masters within 1 point of fp32.',
+        '',
+        '| algorithm | recipe | precision | eval accuracy | vs fp32 (points) | training state MiB | samples/s '
+        '| within 1 point |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
+    for r in results:
+        points = 100 * (r['accuracy'] - fp32[r['algorithm']])
+        verdict = (
+            ('yes' if abs(points) <= 100 * QUALITY_TOLERANCE else 'NO') if r['precision'] == 'bf16 + masters' else ''
+        )
+        lines.append(
+            f'| {r["algorithm"]} | `{r["recipe"]}` | {r["precision"]} | {r["accuracy"]:.4f} | {points:+.2f} | '
+            f'{r["training_state_bytes"] / 2**20:.1f} | {r["samples_per_second"]:.1f} | {verdict} |'
+        )
+    return '\n'.join(lines)
+
+
 def predicted_rows() -> list[dict[str, Any]]:
     """Predicted device bytes for Llama 3-8B, bf16 weights with fp32 masters, next to AdamW fp32 and BAdam's formula."""
     from composer_thaw.memory_estimate import estimate_training_state, load_model_config
@@ -245,8 +303,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--batches', type=int, default=8)
     parser.add_argument('--algorithms', nargs='*', default=None)
     parser.add_argument('--predicted-only', action='store_true')
+    parser.add_argument('--quality', action='store_true', help="the demo task's recipes in each precision")
     parser.add_argument('--output', type=Path, default=RESULTS / 'master_weights')
     args = parser.parse_args(argv)
+    if args.quality:
+        names = args.algorithms or list(QUALITY_RECIPES)
+        quality = [quality_once(algorithm, precision) for algorithm in names for precision in PRECISIONS]
+        text = quality_markdown(quality)
+        print(text)
+        output = args.output.with_name(args.output.name + '_quality')
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.with_suffix('.md').write_text(text + '\n')
+        output.with_suffix('.json').write_text(json.dumps(quality, indent=1))
+        return
     predicted = predicted_rows()
     sections = [predicted_markdown(predicted)]
     measured: list[dict[str, Any]] = []

@@ -144,6 +144,22 @@ def test_broken_yaml_and_indivisible_batch_are_one_line_errors(tmp_path, capsys)
     assert 'must be divisible by the number of processes (--nproc 2)' in capsys.readouterr().err
 
 
+def test_nproc_reruns_the_same_command_in_each_process_of_composers_launcher(monkeypatch):
+    """``thaw run --nproc 2`` starts ``composer -n 2`` running ``thaw run`` with the same recipe and overrides in each
+    process (what each process then does is the ``sharded_recipe`` part of tests/two_processes.py)."""
+    import subprocess
+
+    launched = []
+    monkeypatch.setattr(subprocess, 'call', lambda command, env: launched.append((command, env)) or 0)
+    recipe = str(REPO / 'yamls/sharded_decoder.yaml')
+    assert main(['run', recipe, '--nproc', '2', '--set', 'max_duration=2ba']) == 0
+    ((command, env),) = launched
+    assert command[1:] == [
+        '-m', 'composer.cli.launcher', '-n', '2', '-m', 'composer_thaw.cli', 'run', recipe, '--set', 'max_duration=2ba'
+    ]  # fmt: skip
+    assert env['OMP_NUM_THREADS']
+
+
 def test_hift_preview_shows_the_recipes_units_and_order(capsys):
     assert main(['hift-preview', str(REPO / 'yamls/hift_minilm.yaml')]) == 0
     table = capsys.readouterr().out

@@ -3,26 +3,27 @@ only whole checkpoints and a ``latest`` link to the newest; the same command wit
 to an uninterrupted run and repeats only the batch that was in progress. SIGTERM stops at the end of the batch with a
 checkpoint and prints the command that resumes.
 
-Each killed run is a fork of this process (the libraries are loaded already), which SIGKILLs itself at a point drawn
-from a seeded generator: after some of a checkpoint's bytes are written, or just before or after an optimizer step.
+Each killed run is a child of ``tests/killed_run.py`` (one fresh interpreter forks them all), which SIGKILLs itself
+at a point drawn from a seeded generator: after some of a checkpoint's bytes are written, or just before or after an
+optimizer step.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
 import re
 import shlex
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from composer.utils import checkpoint as composer_checkpoint
 from support import REPO
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from composer_thaw.cli import main
 from composer_thaw.recipe import load_recipe
@@ -49,14 +50,28 @@ RECIPE = [
 ]
 
 
+FAULTS = random.Random(17)
+TRIALS = [
+    ('save', FAULTS.randint(1, BATCHES), FAULTS.random()),
+    ('save', FAULTS.randint(1, BATCHES), FAULTS.random()),
+    ('step', FAULTS.randint(1, BATCHES), float(FAULTS.random() < 0.5)),
+    ('step', FAULTS.randint(1, BATCHES), float(FAULTS.random() < 0.5)),
+]
+SAVING = ['save_interval=1ba', 'autoresume=true']
+
+
+def _id(kind: str, batch: int, where: float) -> str:
+    return f'{kind} {batch} {where:.2f}'
+
+
 def _sets(overrides: list[str]) -> list[str]:
     return [arg for override in overrides for arg in ('--set', override)]
 
 
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():
-    """Every run here computes with one thread, as the forked children must (OpenMP does not survive a fork), so
-    float sums add up in the same order in killed, resumed and uninterrupted runs on any machine."""
+    """Every run here computes with one thread, as the killed children do, so float sums add up in the same order in
+    killed, resumed and uninterrupted runs on any machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -68,45 +83,28 @@ def uninterrupted() -> list[str]:
     return run_recipe(load_recipe(DEMO, RECIPE)).param_checksums
 
 
-def _kill_during_save(save: int, fraction: float) -> None:
-    """The ``save``-th checkpoint write stops after ``fraction`` of its bytes."""
-    write, saves = composer_checkpoint._write_checkpoint_file, iter(range(1, 1000))
-
-    def killed_while_writing(state_dict, filename: str) -> None:
-        if next(saves) != save:
-            return write(state_dict, filename)
-        data = io.BytesIO()
-        torch.save(state_dict, data)
-        with open(filename, 'wb') as file:
-            file.write(data.getbuffer()[: int(fraction * data.tell())])
-            file.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    composer_checkpoint._write_checkpoint_file = killed_while_writing
-
-
-def _kill_during_step(step: int, after: bool) -> None:
-    """The ``step``-th optimizer step is killed just before it changes the parameters, or just after."""
-    steps = iter(range(1, 1000))
-
-    def kill(optimizer, args, kwargs) -> None:
-        if next(steps) == step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    (register_optimizer_step_post_hook if after else register_optimizer_step_pre_hook)(kill)
-
-
-def _run_killed(command: list[str], install_fault) -> None:
-    """Run ``thaw run`` in a forked child that the fault kills; assert it died of SIGKILL."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            install_fault()
-            main(command)
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f'the fault never fired ({status})'
+@pytest.fixture(scope='module')
+def killed(tmp_path_factory) -> dict[str, tuple[Path, dict[str, int]]]:
+    """Each trial's ``thaw run``, killed by its fault in a child of ``tests/killed_run.py``: its save folder and how
+    it ended."""
+    root = tmp_path_factory.mktemp('killed')
+    trials = [
+        {
+            'id': _id(kind, batch, where),
+            'kind': kind,
+            'batch': batch,
+            'where': where,
+            'command': ['run', str(DEMO), *_sets([*RECIPE, f'save_folder={root / _id(kind, batch, where)}', *SAVING])],
+        }
+        for kind, batch, where in TRIALS
+    ]
+    (root / 'trials.json').write_text(json.dumps(trials))
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    script = [sys.executable, str(REPO / 'tests/killed_run.py'), str(root / 'trials.json'), str(root / 'status.json')]
+    done = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ended = json.loads((root / 'status.json').read_text())
+    return {trial['id']: (root / trial['id'], ended[trial['id']]) for trial in trials}
 
 
 def _checkpoints(folder: Path) -> set[int]:
@@ -118,29 +116,15 @@ def _checkpoints(folder: Path) -> set[int]:
     return batches
 
 
-FAULTS = random.Random(17)
-TRIALS = [
-    ('save', FAULTS.randint(1, BATCHES), FAULTS.random()),
-    ('save', FAULTS.randint(1, BATCHES), FAULTS.random()),
-    ('step', FAULTS.randint(1, BATCHES), FAULTS.random() < 0.5),
-    ('step', FAULTS.randint(1, BATCHES), FAULTS.random() < 0.5),
-]
-
-
-@pytest.mark.parametrize('kind, batch, where', TRIALS, ids=[f'{k} {b} {w:.2f}' for k, b, w in TRIALS])
-def test_a_run_killed_anywhere_resumes_to_the_same_end(kind, batch, where, uninterrupted, tmp_path):
-    command = ['run', str(DEMO), *_sets([*RECIPE, f'save_folder={tmp_path}', 'save_interval=1ba', 'autoresume=true'])]
-    if kind == 'save':
-        _run_killed(command, lambda: _kill_during_save(batch, where))
-    else:
-        _run_killed(command, lambda: _kill_during_step(batch, bool(where)))
-    assert _checkpoints(tmp_path) == set(range(1, batch))  # every batch before the killed one is saved, whole
-    latest = tmp_path / 'latest-rank0.pt'
+@pytest.mark.parametrize('kind, batch, where', TRIALS, ids=[_id(*trial) for trial in TRIALS])
+def test_a_run_killed_anywhere_resumes_to_the_same_end(kind, batch, where, killed, uninterrupted):
+    folder, ended = killed[_id(kind, batch, where)]
+    assert ended == {'signal': signal.SIGKILL}, f'the fault never fired: {ended}'
+    assert _checkpoints(folder) == set(range(1, batch))  # every batch before the killed one is saved, whole
+    latest = folder / 'latest-rank0.pt'
     assert latest.is_symlink() == (batch > 1) and (batch == 1 or os.readlink(latest) == f'ep0-ba{batch - 1}-rank0.pt')
 
-    resumed = run_recipe(
-        load_recipe(DEMO, [*RECIPE, f'save_folder={tmp_path}', 'save_interval=1ba', 'autoresume=true'])
-    )
+    resumed = run_recipe(load_recipe(DEMO, [*RECIPE, f'save_folder={folder}', *SAVING]))
     assert resumed.param_checksums == uninterrupted
     assert resumed.batches_run == BATCHES - (batch - 1)  # only the batch in progress is repeated
 

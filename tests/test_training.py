@@ -1,7 +1,9 @@
 """A recipe trains end to end under Composer and reports what it cost."""
 
+import json
+
 import pytest
-from support import REPO
+from support import REPO, two_process_part
 
 from composer_thaw.recipe import load_recipe
 from composer_thaw.training import format_summary, run_recipe
@@ -52,33 +54,11 @@ def test_decoder_recipe_trains_and_reports_perplexity():
     assert summary.eval_metrics['eval/LanguagePerplexity'] > 1.0
 
 
-def _run_two_processes(recipe: str, overrides: list[str], tmp_path) -> dict:
-    """``thaw run recipe --nproc 2`` as a user would; the summary it writes."""
-    import json
-
-    from support import run_thaw
-
-    summary_path = tmp_path / 'summary.json'
-    result = run_thaw(
-        'run', recipe, '--nproc', '2', *[f'--set={o}' for o in overrides], f'--set=summary_path={summary_path}'
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads(summary_path.read_text())
-    assert summary['world_size'] == 2
-    return summary
-
-
 @pytest.mark.multiprocess
-def test_a_sharded_recipe_holds_half_of_each_tensor_per_process(tmp_path):
-    reduced = [
-        'max_duration=2ba',
-        'global_train_batch_size=4',
-        'data.max_train_samples=16',
-        'data.max_eval_samples=8',
-        'eval_interval=2ba',
-        'progress_bar=false',
-    ]
-    sharded = _run_two_processes('yamls/sharded_decoder.yaml', reduced, tmp_path)
+def test_a_sharded_recipe_holds_half_of_each_tensor_per_process(two_processes):
+    """yamls/sharded_decoder.yaml, reduced, run by ``thaw run`` in each of 2 processes (tests/two_processes.py)."""
+    sharded = json.loads((two_process_part(two_processes, 'sharded_recipe') / 'summary.json').read_text())
+    assert sharded['world_size'] == 2
     # fp32, and every dim 0 of this model is even: half of each tensor per process
     assert sharded['param_bytes'] * 2 == 4 * sharded['total_params']
     assert 0 < sharded['grad_bytes'] * 2 < 4 * sharded['total_params']  # HiFT: one group's gradients

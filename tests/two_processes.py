@@ -8,7 +8,9 @@ Starting two processes that import torch, Composer and transformers costs more t
   the unsharded single-process checkpoint it loads;
 * ``<out>/<algorithm>/result.json``: each algorithm's own DDP check (``<algorithm>/ddp_check.py``);
 * ``<out>/master_weights/result.json``: low-precision weights with fp32 masters under DDP
-  (``master_weights_ddp_check.py``).
+  (``master_weights_ddp_check.py``);
+* ``<out>/sharded_recipe/summary.json``: ``yamls/sharded_decoder.yaml``, reduced, run by ``thaw run`` in each
+  process, as ``thaw run --nproc 2`` has the launcher do.
 
 A part that raises writes its traceback to ``<out>/<part>/error-rank<r>.txt`` and the next part runs, so one failure
 fails only its own tests.
@@ -41,7 +43,28 @@ def parts(out: Path, plain_checkpoint: str) -> dict[str, Callable[[Path], None]]
         runs[name] = lambda folder, check=check: check.main(str(folder / 'result.json'), str(folder / 'checkpoints'))
     masters = importlib.import_module('master_weights_ddp_check')  # master_weights='fp32' under DDP
     runs['master_weights'] = lambda folder: masters.main(str(folder / 'result.json'), str(folder / 'checkpoints'))
+    runs['sharded_recipe'] = sharded_recipe
     return runs
+
+
+SHARDED_RECIPE = [
+    'max_duration=2ba',
+    'global_train_batch_size=4',
+    'data.max_train_samples=16',
+    'data.max_eval_samples=8',
+    'eval_interval=2ba',
+    'progress_bar=false',
+]
+
+
+def sharded_recipe(folder: Path) -> None:
+    """What each process of ``thaw run yamls/sharded_decoder.yaml --nproc 2`` runs (``composer_thaw.cli._launch``)."""
+    from composer_thaw.cli import main
+
+    overrides = [*SHARDED_RECIPE, f'summary_path={folder / "summary.json"}']
+    code = main(['run', 'yamls/sharded_decoder.yaml', *[arg for o in overrides for arg in ('--set', o)]])
+    if code != 0:
+        raise RuntimeError(f'thaw run exited {code}')
 
 
 def main(out: Path, plain_checkpoint: str) -> None:
