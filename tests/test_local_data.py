@@ -51,7 +51,7 @@ def test_every_format_and_a_save_to_disk_folder_load_the_same_rows(tmp_path):
     table.to_json(tmp_path / 'rows.jsonl')
     table.to_csv(tmp_path / 'rows.csv', index=False)
     table.to_parquet(tmp_path / 'rows.parquet')
-    table.save_to_disk(tmp_path / 'saved')
+    table.save_to_disk(str(tmp_path / 'saved'))  # datasets 3 with fsspec 2023 takes no Path
     for source in ('rows.jsonl', 'rows.csv', 'rows.parquet', 'saved', ['rows.jsonl', 'rows.jsonl'], 'rows.*l'):
         named = [str(tmp_path / s) for s in source] if isinstance(source, list) else str(tmp_path / source)
         loaded = load_table('data.train', named)
@@ -137,7 +137,7 @@ def _write(tmp_path: Path, name: str, text: str) -> str:
 
 def _dataset_dict(tmp_path: Path) -> str:
     rows = datasets.Dataset.from_dict({'text': ['a', 'b']})
-    datasets.DatasetDict({'train': rows, 'test': rows}).save_to_disk(tmp_path / 'splits')
+    datasets.DatasetDict({'train': rows, 'test': rows}).save_to_disk(str(tmp_path / 'splits'))
     return str(tmp_path / 'splits')
 
 
@@ -209,12 +209,12 @@ BAD_DATA = {
         'data.label_column',
         'rows without a label',
     ),
-    'a number as text': (
+    'a number as text': (  # datasets 4 reads the column and the check refuses it; datasets 3 refuses to read it
         'causal_lm',
         lambda p: (_jsonl(p / 't.jsonl', [{'text': 'a'}, {'text': 3}]), _jsonl(p / 'e.jsonl', [{'text': 'b'}])),
         {},
-        'data.text_column',
-        'data.train row 1 holds 3, not a text',
+        ('data.text_column', 'data.train'),
+        ('data.train row 1 holds 3, not a text', 'JSON parse error: Column(/text) changed from string to number'),
     ),
     'missing prompt column': (
         'instruction',
@@ -285,6 +285,7 @@ def test_bad_data_is_one_error_naming_the_key_and_what_is_valid(name, tmp_path, 
     options = {k: v for k, v in options.items() if v is not None}
     with pytest.raises(ConfigError) as error:
         load_task_data(task, tokenizer, train, eval_, **options)
-    assert error.value.key == key, str(error.value)
-    assert fragment in str(error.value)
+    # a pair of (key, fragment): either, as datasets' versions read the file differently
+    expected = list(zip(key, fragment)) if isinstance(key, tuple) else [(key, fragment)]
+    assert any(error.value.key == k and f in str(error.value) for k, f in expected), str(error.value)
     assert '\n' not in str(error.value)
