@@ -152,7 +152,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f'thaw run: training stopped: {error}', file=sys.stderr, flush=True)
         return EXIT_DIVERGED
     except KeyboardInterrupt as interruption:  # Ctrl-C, or SIGINT/SIGTERM stopping at a batch's end (after a save)
-        print(f'thaw run: {_what_stopped(interruption)} {_how_to_resume(recipe, args)}', file=sys.stderr, flush=True)
+        if dist.get_global_rank() == 0:  # every rank stopped at the same batch
+            message = f'thaw run: {_what_stopped(interruption)} {_how_to_resume(recipe, args)}'
+            print(message, file=sys.stderr, flush=True)
         number = getattr(interruption, 'signal_number', None)  # a TrainingInterrupted (composer_thaw.interruption)
         return EXIT_INTERRUPTED if number is None else 128 + number  # as a shell reports the signal
     if dist.get_global_rank() == 0:
@@ -171,6 +173,8 @@ def _what_stopped(interruption: KeyboardInterrupt) -> str:
 
 def _how_to_resume(recipe: Any, args: argparse.Namespace) -> str:
     """One sentence on picking up an interrupted run from what it saved, with the command that does it."""
+    from composer.utils import dist
+
     if recipe.save_folder is None:
         return 'Nothing was saved (the recipe has no save_folder); set save_folder to be able to resume a run.'
     if not (Path(recipe.save_folder) / 'latest-rank0.pt').exists():
@@ -182,8 +186,9 @@ def _how_to_resume(recipe: Any, args: argparse.Namespace) -> str:
     else:
         added = [f'load_path={Path(recipe.save_folder) / "latest-rank0.pt"}', 'load_weights_only=false']
     command = ['thaw', 'run', args.recipe, *[a for o in [*kept, *added] for a in ('--set', o)]]
-    if args.nproc != 1:
-        command += ['--nproc', str(args.nproc)]
+    processes = max(args.nproc, dist.get_world_size())  # each process of `--nproc N` runs `thaw run` without it
+    if processes != 1:
+        command += ['--nproc', str(processes)]
     return f'Checkpoints so far are in {recipe.save_folder!r}; continue from the latest one with: {shlex.join(command)}'
 
 

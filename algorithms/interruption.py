@@ -3,8 +3,13 @@
 A signal handler that raised at once would stop the run wherever it was (halfway through an optimizer step, or
 through a save), so the handler only takes note; at the end of the batch (``Event.BATCH_CHECKPOINT``, where
 Composer's own saver runs) the run saves a checkpoint, if it has a saver that did not just save this batch, and
-stops with :class:`TrainingInterrupted` (a ``KeyboardInterrupt``). A second signal interrupts at once. Composer 0.32
-has no signal handling of its own.
+stops with :class:`TrainingInterrupted` (a ``KeyboardInterrupt``). The same signal a second time interrupts at once;
+another one is the same request (Composer's launcher follows the terminal's Ctrl-C with a SIGTERM to every process).
+Composer 0.32 has no signal handling of its own.
+
+Across processes (DDP, FSDP2) the ranks agree at each batch's end on whether any of them was signalled (one
+all-reduce of a number), so a signal that reached one rank only stops all of them at the same batch, where they
+save one checkpoint together.
 
 Example:
     >>> with checkpoint_on_interrupt(trainer):
@@ -20,6 +25,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Optional
 
+import torch
 from composer import Callback, Logger, State, Trainer
 from composer.callbacks import CheckpointSaver
 from composer.utils import dist
@@ -42,8 +48,17 @@ class _SaveAndStop(Callback):
     def __init__(self) -> None:
         self.signal_number: Optional[int] = None
 
+    def _signal_on_any_rank(self, state: State) -> Optional[int]:
+        """This rank's signal, or across ranks the highest signal number any rank noted (every rank calls it)."""
+        if dist.get_world_size() == 1:
+            return self.signal_number
+        flag = state.device.tensor_to_device(torch.tensor([self.signal_number or 0]))
+        dist.all_reduce(flag, reduce_operation='MAX')
+        return int(flag.item()) or None
+
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        if self.signal_number is None:
+        signal_number = self._signal_on_any_rank(state)
+        if signal_number is None:
             return
         saver = next((c for c in state.callbacks if isinstance(c, CheckpointSaver)), None)
         checkpoint = None
@@ -51,26 +66,26 @@ class _SaveAndStop(Callback):
             if saver.last_checkpoint_batch != state.timestamp.batch:  # not saved at this batch yet
                 saver._save_checkpoint(state, logger)  # the saver's own save: same names, latest link, atomic
             checkpoint = saver.saved_checkpoints[-1] if saver.saved_checkpoints else None
-        raise TrainingInterrupted(self.signal_number, int(state.timestamp.batch), checkpoint)
+        raise TrainingInterrupted(signal_number, int(state.timestamp.batch), checkpoint)
 
 
 @contextmanager
 def checkpoint_on_interrupt(trainer: Trainer) -> Iterator[None]:
     """While the block runs (``trainer.fit()``), SIGINT and SIGTERM save a checkpoint at the end of the current
-    batch and raise :class:`TrainingInterrupted`; outside it, the previous handlers are back.
+    batch and raise :class:`TrainingInterrupted` on every rank; outside it, the previous handlers are back.
 
-    Only in a single process, from the main thread: across processes the ranks would have to agree on the batch
-    to stop at. Elsewhere the block runs unchanged.
+    Called from the main thread only (Python delivers signals there); elsewhere the block runs unchanged.
     """
-    if dist.get_world_size() > 1 or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     callback = _SaveAndStop()
 
     def take_note(signal_number: int, frame: Optional[FrameType]) -> Any:
-        if callback.signal_number is not None:  # the second one: stop now
+        if callback.signal_number == signal_number:  # the same signal again: stop now
             raise KeyboardInterrupt
-        callback.signal_number = signal_number
+        if callback.signal_number is None:
+            callback.signal_number = signal_number
 
     previous = {number: signal.signal(number, take_note) for number in SIGNALS}
     trainer.state.callbacks.append(callback)  # last: after the saver, which may have saved this batch already

@@ -1,4 +1,5 @@
-"""Test-wide settings: offline Hugging Face, one thread per process, deterministic torch."""
+"""Test-wide settings: offline Hugging Face, one thread per process, deterministic torch; under pytest-xdist
+(``make test`` runs ``pytest -n 2 --dist loadgroup``) every test of the one 2-process launch runs on one worker."""
 
 import os
 
@@ -7,6 +8,13 @@ import pytest
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that read the 2-process launch share one xdist group: the session fixture launches once, on one worker."""
+    for item in items:
+        if 'two_processes' in getattr(item, 'fixturenames', ()):
+            item.add_marker(pytest.mark.xdist_group('two_processes'))
 
 
 @pytest.fixture(scope='session')

@@ -9,7 +9,6 @@ to the uninterrupted one. Rank 0 writes the findings as JSON to the path given a
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 
@@ -19,13 +18,11 @@ os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 import torch
 from composer import Trainer
 from composer.utils import dist
-from rank_checks import RankChecks
+from rank_checks import RankChecks, rank_trainer, resumed_equals_uninterrupted, write_from_rank_zero
 
-from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
 from composer_thaw.hift_rotation import HiFTRotation
 from composer_thaw.master_weights import master_weights_of
-from composer_thaw.models import load_tokenizer, tiny_decoder
-from composer_thaw.training import parameter_checksum
+from composer_thaw.models import tiny_decoder
 
 
 class Checks(RankChecks):
@@ -57,27 +54,13 @@ def _master_digest(trainer: Trainer) -> str:
 
 
 def train(save_folder, load_path, seed):
-    tokenizer = load_tokenizer()
-    dataset = LanguageModelingDataset(python_topics_corpus()[0], tokenizer, max_seq_len=32, max_blocks=24)
-    loader = build_dataloader(dataset, tokenizer, batch_size=2, shuffle=True, drop_last=True)  # 6 batches per rank
     torch.manual_seed(seed)
     model = tiny_decoder('llama', num_layers=3, hidden_size=32, num_heads=4).to(torch.bfloat16)
     checks = Checks()
-    trainer = Trainer(
-        model=model,
-        train_dataloader=loader,
-        max_duration='8ba',
-        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
-        algorithms=[HiFTRotation(group_size=2, strategy='random', master_weights='fp32')],
-        callbacks=[checks],
-        device='cpu',
-        progress_bar=False,
-        log_to_console=False,
-        seed=17,
-        save_folder=save_folder if load_path is None else None,
-        save_interval='4ba',
-        load_path=load_path,
-    )
+    algorithms = [HiFTRotation(group_size=2, strategy='random', master_weights='fp32')]
+    # 24 blocks: 6 batches per rank and epoch
+    trainer = rank_trainer(model, algorithms, checks, blocks=24, save_folder=save_folder, load_path=load_path,
+                           max_duration='8ba')  # fmt: skip
     trainer.fit()
     return trainer, checks
 
@@ -86,8 +69,6 @@ def main(out_path: str, folder: str) -> None:
     uninterrupted, checks = train(folder, None, seed=0)
     dist.barrier()
     resumed, resumed_checks = train(folder, os.path.join(folder, 'ep0-ba4-rank0.pt'), seed=1)
-    final = dist.all_gather_object(parameter_checksum(uninterrupted.state.model))
-    final_resumed = dist.all_gather_object(parameter_checksum(resumed.state.model))
     masters = dist.all_gather_object(_master_digest(uninterrupted))
     masters_resumed = dist.all_gather_object(_master_digest(resumed))
     result = {
@@ -99,13 +80,12 @@ def main(out_path: str, folder: str) -> None:
         'masters_held': min(checks.master_bytes) > 0,
         'weights_bf16': all(p.dtype == torch.bfloat16 for p in uninterrupted.state.model.parameters()),
         'masters_identical_on_ranks': len(set(masters)) == 1,
-        'resumed_equals_uninterrupted': final == final_resumed and len(set(final)) == 1 and masters == masters_resumed,
+        'resumed_equals_uninterrupted': resumed_equals_uninterrupted(uninterrupted.state.model, resumed.state.model)
+        and masters == masters_resumed,
     }
     uninterrupted.close()
     resumed.close()
-    if dist.get_global_rank() == 0:
-        with open(out_path, 'w') as f:
-            json.dump(result, f, indent=1)
+    write_from_rank_zero(out_path, result)
 
 
 if __name__ == '__main__':

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import REPO
+from support import REPO, two_process_part
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from composer_thaw.cli import main
@@ -151,3 +151,17 @@ def test_sigterm_saves_at_the_end_of_the_batch_and_prints_the_command_that_resum
     assert command[:2] == ['thaw', 'run'] and '--set' in command and 'autoresume=true' in command
     assert main(command[1:]) == 0
     assert json.loads(summary.read_text())['param_checksums'] == uninterrupted
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_batch_with_one_checkpoint(two_processes):
+    """tests/interruption_ddp_check.py: a DDP ``thaw run`` at 2 processes, SIGTERM to rank 0 alone."""
+    result = json.loads((two_process_part(two_processes, 'interruption') / 'result.json').read_text())
+    straight, interrupted, resumed = zip(*result['exit'])
+    assert straight == (0, 0) and interrupted == (128 + signal.SIGTERM,) * 2 and resumed == (0, 0)
+    assert result['saved'] == ['ep0-ba2-rank0.pt'] and not result['interrupted_summary_written']
+    assert result['resumed_batches_run'] == 2 and result['resumed_equals_uninterrupted']
+    message, quiet = result['messages']  # rank 0 says it, once
+    assert 'thaw run: interrupted by SIGTERM after batch 2; saved ' in message and 'thaw run:' not in quiet
+    command = shlex.split(message.partition('continue from the latest one with: ')[2].splitlines()[0])
+    assert command[-2:] == ['--nproc', '2'] and 'autoresume=true' in command

@@ -10,7 +10,8 @@ Starting two processes that import torch, Composer and transformers costs more t
 * ``<out>/master_weights/result.json``: low-precision weights with fp32 masters under DDP
   (``master_weights_ddp_check.py``);
 * ``<out>/sharded_recipe/summary.json``: ``yamls/sharded_decoder.yaml``, reduced, run by ``thaw run`` in each
-  process, as ``thaw run --nproc 2`` has the launcher do.
+  process, as ``thaw run --nproc 2`` has the launcher do;
+* ``<out>/interruption/result.json``: SIGTERM to one rank of a DDP ``thaw run`` (``interruption_ddp_check.py``).
 
 A part that raises writes its traceback to ``<out>/<part>/error-rank<r>.txt`` and the next part runs, so one failure
 fails only its own tests.
@@ -44,6 +45,7 @@ def parts(out: Path, plain_checkpoint: str) -> dict[str, Callable[[Path], None]]
     masters = importlib.import_module('master_weights_ddp_check')  # master_weights='fp32' under DDP
     runs['master_weights'] = lambda folder: masters.main(str(folder / 'result.json'), str(folder / 'checkpoints'))
     runs['sharded_recipe'] = sharded_recipe
+    runs['interruption'] = importlib.import_module('interruption_ddp_check').main  # SIGTERM to one rank
     return runs
 
 

@@ -12,7 +12,6 @@ Rank 0 writes the findings as JSON to the path given as the first argument.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -20,16 +19,13 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
 import torch
-from composer import Trainer
 from composer.utils import dist
-from rank_checks import RankChecks
+from rank_checks import RankChecks, rank_trainer, resumed_equals_uninterrupted, write_from_rank_zero
 
-from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
 from composer_thaw.lora_inject import LoRAInject
-from composer_thaw.models import load_tokenizer, tiny_decoder
+from composer_thaw.models import tiny_decoder
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.trainable_checkpoints import FINGERPRINT_KEY
-from composer_thaw.training import parameter_checksum
 
 OPTIONS = dict(
     r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'embed_tokens'], use_dora=True, modules_to_save=['lm_head']
@@ -37,28 +33,14 @@ OPTIONS = dict(
 
 
 def train(folder: str, load_path: str | None, seed: int):
-    tokenizer = load_tokenizer()
-    dataset = LanguageModelingDataset(python_topics_corpus()[0], tokenizer, max_seq_len=32, max_blocks=16)
-    loader = build_dataloader(dataset, tokenizer, batch_size=2, shuffle=True, drop_last=True)  # 4 batches per rank
     torch.manual_seed(seed)
     model = tiny_decoder('llama', num_layers=2, hidden_size=32, num_heads=4)
     base = {n: p.detach().clone() for n, p in user_module(model).named_parameters()}
     checks = RankChecks()
-    Trainer(
-        model=model,
-        train_dataloader=loader,
-        max_duration='2ep',
-        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
-        algorithms=[LoRAInject(**OPTIONS, save_adapter_to=os.path.join(folder, 'adapter'))],
-        callbacks=[checks],
-        device='cpu',
-        progress_bar=False,
-        log_to_console=False,
-        seed=17,
-        save_folder=os.path.join(folder, 'checkpoints') if load_path is None else None,
-        save_interval='4ba',
-        load_path=load_path,
-    ).fit()
+    algorithms = [LoRAInject(**OPTIONS, save_adapter_to=os.path.join(folder, 'adapter'))]
+    # 16 blocks: 4 batches per rank and epoch
+    save_folder = os.path.join(folder, 'checkpoints')
+    rank_trainer(model, algorithms, checks, blocks=16, save_folder=save_folder, load_path=load_path).fit()
     return model, base, checks
 
 
@@ -70,28 +52,26 @@ def main(out: str, folder: str) -> None:
         for n, v in base.items()
         if not n.startswith('lm_head')
     )
-    first_batches = dist.all_gather_object(checks.first_batch_digest)
+    different_data = checks.ranks_read_different_data()
     checkpoint = next(f for f in sorted(os.listdir(os.path.join(folder, 'checkpoints'))) if '-ba4-rank0' in f)
     # the default trainable-only checkpoint: the resumed run builds the same base (seed 0) and loads the adapters
     saved = torch.load(os.path.join(folder, 'checkpoints', checkpoint), map_location='cpu', weights_only=False)
     saved_model = saved['state']['model']
     resumed, _, resumed_checks = train(folder, os.path.join(folder, 'checkpoints', checkpoint), seed=0)
-    if dist.get_global_rank() == 0:
-        result = {
-            'world_size': dist.get_world_size(),
-            'ranks_read_different_data': len(set(first_batches)) == 2,
-            'ranks_identical_after_every_batch': all(checks.ranks_identical) and len(checks.ranks_identical) == 8,
-            'base_unchanged': base_unchanged,
-            'frozen_params_with_grad': checks.frozen_grads,
-            'resumed_ranks_identical_after_every_batch': all(resumed_checks.ranks_identical),
-            'resumed_equals_uninterrupted': parameter_checksum(resumed) == parameter_checksum(model),
-            'adapter_saved': os.path.exists(os.path.join(folder, 'adapter', 'adapter_model.safetensors')),
-            'checkpoint_without_frozen_base': FINGERPRINT_KEY in saved_model
-            and 'model.model.layers.0.self_attn.q_proj.base_layer.weight' in saved_model[FINGERPRINT_KEY]['frozen']
-            and not any(key.endswith('base_layer.weight') for key in saved_model),
-        }
-        with open(out, 'w') as f:
-            json.dump(result, f)
+    result = {
+        'world_size': dist.get_world_size(),
+        'ranks_read_different_data': different_data,
+        'ranks_identical_after_every_batch': all(checks.ranks_identical) and len(checks.ranks_identical) == 8,
+        'base_unchanged': base_unchanged,
+        'frozen_params_with_grad': checks.frozen_grads,
+        'resumed_ranks_identical_after_every_batch': all(resumed_checks.ranks_identical),
+        'resumed_equals_uninterrupted': resumed_equals_uninterrupted(model, resumed),
+        'adapter_saved': os.path.exists(os.path.join(folder, 'adapter', 'adapter_model.safetensors')),
+        'checkpoint_without_frozen_base': FINGERPRINT_KEY in saved_model
+        and 'model.model.layers.0.self_attn.q_proj.base_layer.weight' in saved_model[FINGERPRINT_KEY]['frozen']
+        and not any(key.endswith('base_layer.weight') for key in saved_model),
+    }
+    write_from_rank_zero(out, result)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,6 @@ Rank 0 writes the findings as JSON to the path given as the first argument.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -19,13 +18,11 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
 import torch
-from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.utils import dist, reproducibility
-from rank_checks import RankChecks
+from rank_checks import RankChecks, rank_trainer, write_from_rank_zero
 
-from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
-from composer_thaw.models import load_tokenizer, tiny_decoder
+from composer_thaw.models import tiny_decoder
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze import RegexFreeze
 from composer_thaw.training import parameter_checksum
@@ -37,29 +34,23 @@ FROZEN = ['model.layers.1.mlp.up_proj.weight[0:16]']
 def build(save_folder, load_path=None):
     reproducibility.seed_all(0)
     model = tiny_decoder(hidden_size=32, num_layers=2)
-    tokenizer = load_tokenizer()
-    dataset = LanguageModelingDataset(python_topics_corpus()[0], tokenizer, max_seq_len=32, max_blocks=64)
-    loader = build_dataloader(dataset, tokenizer, batch_size=4, shuffle=True, drop_last=True)
     check = RankChecks()
-    trainer = Trainer(
-        model=model,
-        train_dataloader=loader,
+    algorithms = [
+        RegexFreeze(trainable=TRAINABLE, frozen=FROZEN),
+        GradientClipping(clipping_type='norm', clipping_threshold=0.1),
+    ]
+    trainer = rank_trainer(
+        model,
+        algorithms,
+        check,
+        blocks=64,
+        batch_size=4,
         max_duration='6ba',
-        device='cpu',
-        progress_bar=False,
-        log_to_console=False,
-        seed=17,
-        device_train_microbatch_size=2,
-        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
-        algorithms=[
-            RegexFreeze(trainable=TRAINABLE, frozen=FROZEN),
-            GradientClipping(clipping_type='norm', clipping_threshold=0.1),
-        ],
-        callbacks=[check],
         save_folder=save_folder,
         save_interval='3ba',
-        save_overwrite=True,
         load_path=load_path,
+        device_train_microbatch_size=2,
+        save_overwrite=True,
     )
     return model, trainer, check
 
@@ -103,9 +94,7 @@ def main(out_path: str, checkpoint_dir: str) -> None:
         'resumed_equals_uninterrupted': all(dist.all_gather_object(parameter_checksum(resumed_model) == uninterrupted)),
     }
     resumed.close()
-    if dist.get_global_rank() == 0:
-        with open(out_path, 'w') as file:
-            json.dump(result, file)
+    write_from_rank_zero(out_path, result)
 
 
 if __name__ == '__main__':
