@@ -62,11 +62,15 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Two pytest-xdist workers of one thread each (CI has 2 cores); the tests that read the one 2-process launch share
+# a worker (tests/conftest.py), so it runs once.
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q tests -m "not multiprocess"
+	$(PYTEST) tests -m "not multiprocess"
 
 # The documentation site (mkdocs.yml, docs/) into site/; offline, and any broken link or reference fails it.
 docs: $(STAMP)
