@@ -105,7 +105,8 @@ def example_inputs(model: nn.Module) -> list[ExampleInputs]:
         config = model.config
         name = getattr(model, 'main_input_name', 'input_ids')
         if name == 'input_ids':
-            inputs = {key: value.clone() for key, value in model.dummy_inputs.items()}
+            dummy_inputs: Any = model.dummy_inputs  # a dict of tensors (untyped before transformers 4.53)
+            inputs = {key: value.clone() for key, value in dummy_inputs.items()}
             vocab = getattr(config, 'vocab_size', None)
             for key, value in inputs.items():
                 if key.endswith('input_ids') and isinstance(vocab, int) and vocab > 0:

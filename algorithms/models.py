@@ -270,7 +270,7 @@ def tiny_decoder(
     tokenizer = load_tokenizer()
     common = dict(vocab_size=len(tokenizer), tie_word_embeddings=tie_word_embeddings)
     config: PretrainedConfig
-    model: PreTrainedModel
+    model: Any  # a PreTrainedModel (transformers 4.51 does not type its models as one)
     if arch == 'llama':
         config = LlamaConfig(
             hidden_size=hidden_size,

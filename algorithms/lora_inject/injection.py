@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, TypedDict, Union
+from typing import Any, Optional, TypedDict, Union
 
 from torch import nn
 
@@ -118,7 +118,10 @@ def output_layer_name(root: nn.Module) -> Optional[str]:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
         return None
-    output = root.get_output_embeddings() if isinstance(root, PreTrainedModel) else None
+    if not isinstance(root, PreTrainedModel):
+        return None
+    get_output_embeddings: Any = root.get_output_embeddings  # untyped before transformers 4.53
+    output = get_output_embeddings()
     if output is None:
         return None
     return next((name for name, module in root.named_modules() if module is output), None)
