@@ -3,15 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
-# The extras `make install` adds. Add llmfoundry (llm-foundry 0.22.0; it resolves transformers 4.51.3 and
-# datasets <3.7) to run tests/test_llmfoundry.py, which skips without it:
-#   make install EXTRAS=test,peers,bench,docs,lint,llmfoundry
-EXTRAS ?= test,peers,bench,docs,lint
+# The extras `make install` adds. llmfoundry (llm-foundry 0.22.0, which resolves transformers 4.51.3 and datasets
+# <3.7) is what tests/test_llmfoundry.py trains with, so the suite and the demo run on its pins; leave it out for the
+# newest transformers and datasets Composer allows (test_llmfoundry.py then skips):
+#   make install EXTRAS=test,peers,bench,docs,lint
+EXTRAS ?= test,peers,bench,docs,lint,llmfoundry
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint format docs bench bench-quick bench-sharded bench-master-weights bench-master-weights-quality clean
+.PHONY: install demo test test-fast lint format docs bench bench-quick bench-sharded bench-master-weights bench-master-weights-quality gpu-wheels clean
 
 install: $(STAMP)
 
@@ -62,9 +63,9 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Two pytest-xdist workers of one thread each (CI has 2 cores); the tests that read the one 2-process launch share
-# a worker (tests/conftest.py), so it runs once.
-PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+# Two pytest-xdist workers of one thread each (CI has 2 cores); the one 2-process launch is shared by both workers
+# (tests/conftest.py).
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2
 
 test: $(STAMP)
 	$(PYTEST) tests
@@ -75,6 +76,17 @@ test-fast: $(STAMP)
 # The documentation site (mkdocs.yml, docs/) into site/; offline, and any broken link or reference fails it.
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site
+
+# The wheels the lent GPU machine lacks (it has torch, transformers, peft; no network), for benchmarks/gpu_checks.sh:
+# Composer and its small dependencies at this venv's versions, built for its Python 3.12.
+GPU_WHEELS := mosaicml mosaicml-cli coolname torch-optimizer pytorch-ranger gql graphql-core backoff argcomplete arrow \
+    questionary prompt-toolkit validators ruamel.yaml tenacity websockets termcolor importlib-metadata tabulate py-cpuinfo
+gpu-wheels: $(STAMP)
+	rm -rf build/gpu-wheels && mkdir -p build/gpu-wheels
+	$(BIN)/python -c 'import sys, importlib.metadata as m; print(*(f"{n}=={m.version(n)}" for n in sys.argv[1:]), sep="\n")' \
+	    $(GPU_WHEELS) > build/gpu-wheels/pins.txt
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	    --dest build/gpu-wheels -r build/gpu-wheels/pins.txt
 
 clean:
 	rm -rf $(VENV) *.egg-info runs site
