@@ -61,8 +61,9 @@ def run_thaw(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     )
 
 
-def launch(script: Path, *args: str, nproc: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run ``script`` in ``nproc`` processes through Composer's launcher (gloo on CPU); fail with its output."""
+def start_launch(script: Path, *args: str, folder: Path, nproc: int = 2) -> subprocess.Popen:
+    """Start ``script`` in ``nproc`` processes through Composer's launcher (gloo on CPU), in the background; when it
+    ends, ``folder/launch.log`` holds its output and ``folder/returncode`` its exit status (see :func:`wait_launch`)."""
     env = dict(
         os.environ,
         OMP_NUM_THREADS='1',
@@ -71,16 +72,28 @@ def launch(script: Path, *args: str, nproc: int = 2, timeout: int = 900) -> subp
         TRANSFORMERS_OFFLINE='1',
         PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / 'tests'), os.environ.get('PYTHONPATH', '')]),
     )
-    result = subprocess.run(
-        [sys.executable, '-m', 'composer.cli.launcher', '-n', str(nproc), str(script), *map(str, args)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result
+    command = [sys.executable, '-m', 'composer.cli.launcher', '-n', str(nproc), str(script), *map(str, args)]
+    record = '"$@" > "$LOG" 2>&1; echo $? > "$DONE.tmp" && mv "$DONE.tmp" "$DONE"'
+    env.update(LOG=str(folder / 'launch.log'), DONE=str(folder / 'returncode'))
+    return subprocess.Popen(['sh', '-c', record, 'launch', *command], cwd=REPO, env=env)
+
+
+def wait_launch(folder: Path, timeout: int = 1500) -> None:
+    """Wait for the launch :func:`start_launch` started into ``folder`` (from any process); fail with its output
+    unless it exited 0."""
+    import time
+
+    import pytest
+
+    done, started = folder / 'returncode', time.monotonic()
+    while not done.exists():
+        if time.monotonic() - started > timeout:
+            pytest.fail(f'the 2-process launch did not end within {timeout} s', pytrace=False)
+        time.sleep(1)
+    code = done.read_text().strip()
+    if code != '0':
+        log = (folder / 'launch.log').read_text()
+        pytest.fail(f'the 2-process launch exited {code}:\n{log[-8000:]}', pytrace=False)
 
 
 def two_process_part(out: Path, name: str) -> Path:
