@@ -20,7 +20,8 @@ LAUNCH = Path(__file__).with_name('two_processes.py')
 def _launch_folder(config: pytest.Config) -> Path:
     """The session's folder for the 2-process launch: under xdist each worker has its own basetemp below it."""
     base = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
-    return (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / 'two-processes'
+    worker = hasattr(config, 'workerinput')  # this process is an xdist worker (not a pytest it started)
+    return (base.parent if worker else base) / 'two-processes'
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected
@@ -28,7 +29,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """When tests read the 2-process launch: they run last, and the launch starts now, in the background, so it
     overlaps the rest of the suite. The first process (or xdist worker) to get here starts it, once per session."""
     reading = [item for item in items if 'two_processes' in getattr(item, 'fixturenames', ())]
-    if not reading:
+    if not reading or config.option.collectonly:
         return
     items[:] = [item for item in items if item not in reading] + reading
     folder = _launch_folder(config)
