@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
-from support import start_launch, wait_launch
+from support import start_launch, stop_launch, wait_launch
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         plain.fit()  # the unsharded single-process checkpoint the FSDP2 part loads
         plain.close()
         launch = start_launch(LAUNCH, folder, folder / 'plain' / 'ep1-ba4-rank0.pt', folder=folder)
-        atexit.register(launch.kill)  # a session that ends early does not leave it running
+        atexit.register(stop_launch, launch)  # a session that ends early does not leave it running
 
 
 @pytest.fixture(scope='session')

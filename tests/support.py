@@ -75,7 +75,16 @@ def start_launch(script: Path, *args: str, folder: Path, nproc: int = 2) -> subp
     command = [sys.executable, '-m', 'composer.cli.launcher', '-n', str(nproc), str(script), *map(str, args)]
     record = '"$@" > "$LOG" 2>&1; echo $? > "$DONE.tmp" && mv "$DONE.tmp" "$DONE"'
     env.update(LOG=str(folder / 'launch.log'), DONE=str(folder / 'returncode'))
-    return subprocess.Popen(['sh', '-c', record, 'launch', *command], cwd=REPO, env=env)
+    # its own process group: stop_launch ends the launcher and its ranks with it
+    return subprocess.Popen(['sh', '-c', record, 'launch', *command], cwd=REPO, env=env, start_new_session=True)
+
+
+def stop_launch(launch: subprocess.Popen) -> None:
+    """SIGKILL what :func:`start_launch` started, if it still runs (a session that ended before it did)."""
+    import signal
+
+    if launch.poll() is None:
+        os.killpg(launch.pid, signal.SIGKILL)
 
 
 def wait_launch(folder: Path, timeout: int = 1500) -> None:
