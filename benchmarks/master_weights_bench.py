@@ -308,13 +308,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.quality:
         names = args.algorithms or list(QUALITY_RECIPES)
-        quality = [quality_once(algorithm, precision) for algorithm in names for precision in PRECISIONS]
-        text = quality_markdown(quality)
-        print(text)
         output = args.output.with_name(args.output.name + '_quality')
         output.parent.mkdir(parents=True, exist_ok=True)
+        quality: list[dict[str, Any]] = []
+        for algorithm in names:
+            for precision in PRECISIONS:
+                quality.append(quality_once(algorithm, precision))
+                print(json.dumps(quality[-1]), flush=True)  # a long run: each result as it comes, and saved
+                output.with_suffix('.json').write_text(json.dumps(quality, indent=1))
+        text = quality_markdown(quality)
+        print(text)
         output.with_suffix('.md').write_text(text + '\n')
-        output.with_suffix('.json').write_text(json.dumps(quality, indent=1))
         return
     predicted = predicted_rows()
     sections = [predicted_markdown(predicted)]
