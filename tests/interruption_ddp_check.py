@@ -17,26 +17,12 @@ from pathlib import Path
 
 from composer.utils import dist
 from rank_checks import write_from_rank_zero
+from support import TINY_HIFT_RUN
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from composer_thaw.cli import main as thaw
 
-RECIPE = [
-    'model.name=tiny-decoder',
-    'model.num_layers=2',
-    'model.hidden_size=16',
-    'model.num_heads=2',
-    'data.name=python-topics',
-    'data.max_seq_len=16',
-    'global_train_batch_size=4',
-    'data.max_train_samples=16',
-    'data.max_eval_samples=4',
-    'progress_bar=false',
-    'eval_interval=100ba',
-    'max_duration=4ba',
-    'algorithms={hift_rotation: {group_size: 2}}',
-    'run_name=interrupted',
-]
+RECIPE = [*TINY_HIFT_RUN, 'data.max_train_samples=16', 'max_duration=4ba', 'run_name=interrupted']
 
 
 def _run(*overrides: str) -> int:

@@ -17,6 +17,21 @@ from composer_thaw.data import LanguageModelingDataset, build_dataloader, python
 from composer_thaw.models import load_tokenizer, tiny_decoder
 
 REPO = Path(__file__).resolve().parents[1]
+# `thaw run yamls/demo.yaml` overrides for a run of a few seconds: a tiny decoder, HiFT (whose rotation state, queue and
+# offloaded optimizer state, must resume), no evaluation before the end.
+TINY_HIFT_RUN = [
+    'model.name=tiny-decoder',
+    'model.num_layers=2',
+    'model.hidden_size=16',
+    'model.num_heads=2',
+    'data.name=python-topics',
+    'data.max_seq_len=16',
+    'global_train_batch_size=4',
+    'data.max_eval_samples=4',
+    'progress_bar=false',
+    'eval_interval=100ba',
+    'algorithms={hift_rotation: {group_size: 2}}',
+]
 
 
 def lm_loader(batch_size: int = 4, max_seq_len: int = 32, max_blocks: int = 64, split: int = 0):

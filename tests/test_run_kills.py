@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import REPO, two_process_part
+from support import REPO, TINY_HIFT_RUN, two_process_part
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from composer_thaw.cli import main
@@ -32,22 +32,7 @@ from composer_thaw.training import run_recipe
 
 DEMO = REPO / 'yamls/demo.yaml'
 BATCHES = 3
-RECIPE = [
-    'model.name=tiny-decoder',
-    'model.num_layers=2',
-    'model.hidden_size=16',
-    'model.num_heads=2',
-    'data.name=python-topics',
-    'data.max_seq_len=16',
-    'global_train_batch_size=4',
-    'data.max_train_samples=12',
-    'data.max_eval_samples=4',
-    'progress_bar=false',
-    'eval_interval=100ba',
-    f'max_duration={BATCHES}ba',
-    'algorithms={hift_rotation: {group_size: 2}}',  # rotation state (queue, offloaded optimizer state) must resume
-    'run_name=killed',
-]
+RECIPE = [*TINY_HIFT_RUN, 'data.max_train_samples=12', f'max_duration={BATCHES}ba', 'run_name=killed']
 
 
 FAULTS = random.Random(17)
