@@ -17,6 +17,11 @@ Because the optimizer holds its parameters outside the step, optimizer surgery
 (``Optimizer.load_state_dict`` would cast it to the parameter's dtype; a hook gives the saved fp32 state back).
 The masters themselves go into the algorithm's checkpoint state, so a resumed run is bit-identical.
 
+Under FSDP2 a master is a DTensor laid out as its weight: each process holds the fp32 rows of its own shard, and
+the cast back, like the optimizer step, touches only those (no communication). A checkpoint holds every master
+whole (gathered onto the CPU by each rank's :meth:`MasterWeights.state_dict`, a collective), whichever format
+Composer writes, and each rank takes its own rows back from it.
+
 One :class:`MasterWeights` serves an optimizer (:func:`attach_master_weights` returns the one already attached),
 so algorithms combined on one optimizer (``LoRAInject`` + ``HiFTRotation(lora=True)``) share it. Every algorithm
 of this package takes the option ``master_weights='fp32'`` and calls :func:`enable_master_weights`.
@@ -45,7 +50,7 @@ from torch.utils.hooks import RemovableHandle
 from composer_thaw.config_validation import ConfigError
 from composer_thaw.optimizer_surgery import Optimizers, single_optimizer
 from composer_thaw.parameter_selection import user_module
-from composer_thaw.sharding import is_sharded
+from composer_thaw.sharding import ShardLayout, full_tensor, is_sharded, local_part, local_tensor
 
 __all__ = [
     'LOW_PRECISION_DTYPES',
@@ -57,7 +62,6 @@ __all__ = [
     'check_master_weights',
     'enable_master_weights',
     'master_weights_of',
-    'refuse_fsdp2_with_masters',
     'release_masters',
 ]
 
@@ -107,6 +111,7 @@ class MasterWeights:
         self._after_others: Optional[RemovableHandle] = None
         self._stepped: list[nn.Parameter] = []
         self._loading: Optional[dict[str, Any]] = None
+        self._names: dict[int, str] = {}
 
     @property
     def optimizer(self) -> Optimizer:
@@ -142,16 +147,23 @@ class MasterWeights:
         trainable = self.trainable_params()
         keep = {id(p) for p in trainable}
         self.release([param for param, _ in self.masters.values() if id(param) not in keep])
+        names: dict[int, str] = {}
+        if any(id(param) not in self.masters for param in trainable):
+            # Named now, while these are the sharded parameters the optimizer holds: between FSDP2's forward and
+            # backward a module may hold an unsharded parameter under the same name.
+            names = {id(p): name for name, p in user_module(self.model).named_parameters()}
         for param in trainable:
             entry = self.masters.get(id(param))
             if entry is None:
                 self.masters[id(param)] = (param, param.detach().to(self.dtype, copy=True))
+                self._names[id(param)] = names.get(id(param), '')
             else:
                 self._take_back(param, entry[1])
 
     def _take_back(self, param: torch.Tensor, master: torch.Tensor) -> None:
-        """Elements of the weight that are not the master's cast (written from outside) go into the master."""
-        weight = param.detach()
+        """Elements of the weight that are not the master's cast (written from outside) go into the master (this
+        rank's part of them, when sharded: no communication)."""
+        weight, master = local_tensor(param.detach()), local_tensor(master)
         changed = master.to(weight.dtype) != weight
         if changed.any():
             master[changed] = weight[changed].to(self.dtype)
@@ -160,9 +172,11 @@ class MasterWeights:
         """Drop the masters of ``params`` (their weights already hold the masters' last cast)."""
         for param in params:
             self.masters.pop(id(param), None)
+            self._names.pop(id(param), None)
 
     def master_bytes(self) -> int:
-        return sum(master.numel() * master.element_size() for _, master in self.masters.values())
+        """Bytes of the masters this process holds (its shards of them, under FSDP2)."""
+        return sum(local_tensor(master).numel() * master.element_size() for _, master in self.masters.values())
 
     def master_of(self, param: torch.Tensor) -> Optional[torch.Tensor]:
         entry = self.masters.get(id(param))
@@ -196,6 +210,7 @@ class MasterWeights:
             handle.remove()
         self._handles = []
         self.masters.clear()
+        self._names.clear()
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> Optional[tuple[Any, Any]]:
         """Swap the masters in; when the step gets a closure (Composer's Trainer runs forward and backward in it),
@@ -252,7 +267,7 @@ class MasterWeights:
             if state is not None:
                 optimizer.state[param] = state
             master.grad = None
-            param.detach().copy_(master)
+            local_tensor(param.detach()).copy_(local_tensor(master))
 
     @torch.no_grad()
     def _take_back_changes(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -297,9 +312,13 @@ class MasterWeights:
 
     # ---- checkpoints ----
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{parameter name: master}`` (names in the user's model)."""
-        names = {id(p): name for name, p in user_module(self.model).named_parameters()}
-        return {names[key]: master for key, (_, master) in self.masters.items() if key in names}
+        """``{parameter name: master}`` (names in the user's model). A sharded master is gathered whole, onto the
+        CPU (a collective: under FSDP2 every rank calls it, as Composer's checkpointing does)."""
+        return {
+            self._names[key]: full_tensor(master).cpu() if is_sharded(master) else master
+            for key, (_, master) in self.masters.items()
+            if self._names[key]
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -316,9 +335,13 @@ class MasterWeights:
                 'resume with the model and algorithms it was trained with.',
             )
         self.masters.clear()
+        self._names.clear()
         for name, saved in state.items():
             param = params[name]
-            self.masters[id(param)] = (param, saved.to(device=param.device, dtype=self.dtype, copy=True))
+            # Saved whole; under FSDP2 each rank keeps its own rows, laid out as the parameter is.
+            local = local_part(saved, param).to(device=param.device, dtype=self.dtype, copy=True)
+            self.masters[id(param)] = (param, ShardLayout.of(param).wrap(local) if is_sharded(param) else local)
+            self._names[id(param)] = name
 
 
 def master_weights_of(optimizer: Optional[Optimizer]) -> Optional[MasterWeights]:
@@ -345,26 +368,6 @@ def release_masters(optimizer: Optimizer, params: Iterable[torch.Tensor]) -> Non
         masters.release(params)
 
 
-_FSDP2_REFUSAL = (
-    "master_weights='fp32' does not support FSDP2-sharded models yet. With FSDP2, keep the weights in fp32 and let "
-    "FSDP2 compute in bf16 (fully_shard(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)), or Composer's "
-    "precision='amp_bf16'); master_weights works on one device and under DDP."
-)
-
-
-def _refuse_sharded(model: nn.Module) -> None:
-    if any(is_sharded(p) for p in model.parameters()):
-        raise NotImplementedError(_FSDP2_REFUSAL)
-
-
-def refuse_fsdp2_with_masters(state: Any, mode: Optional[MasterWeightsMode], algorithm: str) -> None:
-    """At ``Event.INIT``: raise ``NotImplementedError`` when ``mode`` is set and the Trainer shards with FSDP2."""
-    from composer.utils.parallelism import FSDP2Config
-
-    if mode is not None and isinstance(getattr(state, 'fsdp_config', None), FSDP2Config):
-        raise NotImplementedError(f'{algorithm}: {_FSDP2_REFUSAL}')
-
-
 def enable_master_weights(
     model: nn.Module,
     optimizers: Optional[Optimizers],
@@ -378,7 +381,6 @@ def enable_master_weights(
     Raises:
         ConfigError: for an unknown ``mode``.
         ValueError: without an optimizer.
-        NotImplementedError: for a model sharded by FSDP2.
     """
     check_master_weights(mode)
     if mode is None:
@@ -386,7 +388,6 @@ def enable_master_weights(
     optimizer = single_optimizer(optimizers)
     if optimizer is None:
         raise ValueError(f'master_weights={mode!r} needs the optimizer that trains the model; got none.')
-    _refuse_sharded(model)
     masters = attach_master_weights(optimizer, model, mode)
     masters.sync()
     return masters

@@ -430,6 +430,10 @@ def estimate_training_state(
                 from composer_thaw.lora_inject import apply_lora
 
                 apply_lora(root, torch_optimizer, **algorithm_options)
+                if world_size > 1:  # sharded: adapters keep their base's dtype, as LoRAInject does under FSDP2
+                    from composer_thaw.lora_inject.surgery import adapters_in_base_dtype
+
+                    adapters_in_base_dtype(root)
             elif algorithm == 'regex_freeze':
                 from composer_thaw.regex_freeze import apply_regex_freeze
 

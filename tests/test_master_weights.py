@@ -270,16 +270,3 @@ def test_gpu_peak_of_a_1b_model_is_the_estimate_plus_activations():
     options = {'group_size': 1, 'freeze': freeze, 'master_weights': 'fp32'}
     predicted = estimate_training_state(spec_of(model), 'hift_rotation', options, dtype=BF16).training_state_bytes
     assert abs(peak - (predicted + activations)) <= 0.05 * (predicted + activations), (peak, predicted, activations)
-
-
-def test_fsdp2_with_masters_is_refused_at_init_naming_the_alternative():
-    from types import SimpleNamespace
-
-    from composer.utils.parallelism import FSDP2Config
-
-    from composer_thaw.master_weights import refuse_fsdp2_with_masters
-
-    state = SimpleNamespace(fsdp_config=FSDP2Config())
-    refuse_fsdp2_with_masters(state, None, 'HiFTRotation')  # the option off: nothing to refuse
-    with pytest.raises(NotImplementedError, match=r'HiFTRotation.*FSDP2.*MixedPrecisionPolicy'):
-        refuse_fsdp2_with_masters(state, 'fp32', 'HiFTRotation')

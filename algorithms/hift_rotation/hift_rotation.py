@@ -38,7 +38,7 @@ from composer_thaw.algorithm_state import (
 from composer_thaw.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
 from composer_thaw.hift_rotation.queue import STRATEGIES, GroupQueue, Strategy
 from composer_thaw.hift_rotation.units import RotationPlan, plan_rotation
-from composer_thaw.master_weights import MasterWeightsMode, MasterWeightsOption, refuse_fsdp2_with_masters
+from composer_thaw.master_weights import MasterWeightsMode, MasterWeightsOption
 from composer_thaw.optimizer_surgery import (
     OffloadedTensor,
     offload_state,
@@ -498,7 +498,6 @@ class HiFTRotation(ConfigRepr, Algorithm):
         if event == Event.INIT:  # only checks, before Composer wraps the model
             check_compatibility(self, state.algorithms, 'give one HiFTRotation (one rotation decides what trains).')
             refuse_fsdp1(state, 'HiFTRotation')
-            refuse_fsdp2_with_masters(state, self.master_weights, 'HiFTRotation')
             return
         if event == Event.BEFORE_LOAD:
             if self.rotation is not None:

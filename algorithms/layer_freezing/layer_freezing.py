@@ -34,7 +34,7 @@ from composer_thaw.layer_freezing.units import (
     freezable_units,
     parameters_to_freeze,
 )
-from composer_thaw.master_weights import MasterWeightsOption, refuse_fsdp2_with_masters
+from composer_thaw.master_weights import MasterWeightsOption
 from composer_thaw.optimizer_surgery import optimizer_state_bytes, remove_params
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.resume_compatibility import check_resume_config, resume_state
@@ -251,7 +251,6 @@ class LayerFreezing(ConfigRepr, Algorithm):
                 self, state.algorithms, 'give one LayerFreezing (its schedule decides everything frozen).'
             )
             refuse_fsdp1(state, 'LayerFreezing')
-            refuse_fsdp2_with_masters(state, self.master_weights, 'LayerFreezing')
             # Find the units now, so a model that cannot be frozen fails before training; keep the state so that
             # load_state_dict (which only receives the checkpoint) can re-freeze the model before the optimizer loads.
             self._state = state

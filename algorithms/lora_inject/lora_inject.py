@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import dist, reproducibility
+from composer.utils.parallelism import FSDP2Config
 from torch import nn
 
 from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
@@ -30,6 +31,7 @@ from composer_thaw.lora_inject.peft_format import export_merged, expose_merged_s
 from composer_thaw.lora_inject.resume import refuse_adapters_of_another_rank
 from composer_thaw.lora_inject.surgery import (
     LoRASummary,
+    adapters_in_base_dtype,
     apply_lora,
     freeze_outside_adapters,
     frozen_base_parameters,
@@ -39,7 +41,7 @@ from composer_thaw.lora_inject.surgery import (
     trainable_parameter_names,
     unmerge_adapters,
 )
-from composer_thaw.master_weights import MasterWeightsOption, refuse_fsdp2_with_masters
+from composer_thaw.master_weights import MasterWeightsOption
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.resume_compatibility import check_resume_config, resume_state
 from composer_thaw.sharding import refuse_fsdp1
@@ -161,6 +163,10 @@ class LoRAInject(ConfigRepr, Algorithm):
             (``modules_to_save``, biases) keep low-precision weights with fp32 master copies and fp32 optimizer state
             (:mod:`composer_thaw.master_weights`). Default: ``None``.
 
+    Under FSDP2, an adapter on a bf16/fp16 base takes its base's dtype (FSDP2 all-gathers a sharded module's
+    parameters in one dtype; :func:`~composer_thaw.lora_inject.surgery.adapters_in_base_dtype`): with
+    ``master_weights='fp32'`` it trains through an fp32 master and fp32 optimizer state, as the other tensors do.
+
     The Hugging Face model's own ``state_dict()`` (``state.model.model``: what ``save_pretrained`` and llm-foundry's
     ``hf_checkpointer`` save) is the merged plain model, so they write a normal Hugging Face folder with the adapters
     merged in; Composer's checkpoints (the state dict of ``state.model``) keep the adapters apart. See
@@ -275,11 +281,12 @@ class LoRAInject(ConfigRepr, Algorithm):
                 self, state.algorithms, 'give one LoRAInject (rank_pattern and alpha_pattern set per-target ranks).'
             )
             refuse_fsdp1(state, 'LoRAInject')
-            refuse_fsdp2_with_masters(state, self.master_weights, 'LoRAInject')
             # The same adapter initialization on every rank, as Composer does before sharding: FSDP2 keeps each rank's
             # own rows, so per-rank seeds would give a model that no single process could have built.
             with reproducibility.seed_context(state.rank_zero_seed):
                 summary = inject_adapters(state.model, state.optimizers, self.config)
+            if isinstance(getattr(state, 'fsdp_config', None), FSDP2Config):
+                adapters_in_base_dtype(state.model)  # FSDP2 shards a module's parameters in one dtype
             _expose_merged_model_to_hugging_face(state.model)
             root = user_module(state.model)
             frozen = self.checkpoint_trainable_only

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     'LoRASummary',
+    'adapters_in_base_dtype',
     'apply_lora',
     'freeze_outside_adapters',
     'frozen_base_parameters',
@@ -251,3 +252,29 @@ def unmerge_adapters(model: nn.Module) -> None:
     """Undo :func:`merge_adapters` (exact up to the rounding of the weights' dtype)."""
     for layer in adapter_layers(user_module(model)).values():
         layer.unmerge()
+
+
+@torch.no_grad()
+def adapters_in_base_dtype(model: nn.Module) -> list[str]:
+    """Cast the adapters of each low-precision (bf16/fp16) base layer to the base's dtype, in place; returns the
+    names of the layers cast.
+
+    On a half-precision base, adapters are fp32 (PEFT's ``autocast_adapter_dtype``). FSDP2 all-gathers the parameters
+    of one sharded module in one dtype, so a sharded model keeps an adapter in its base's dtype instead; with
+    ``master_weights='fp32'`` it still trains through an fp32 master and fp32 optimizer state. The parameters stay
+    the same objects (optimizers keep them).
+
+    Example:
+        >>> apply_lora(bf16_model, optimizer, r=8, target_modules=['q_proj'])  # lora_A/B are fp32
+        >>> adapters_in_base_dtype(bf16_model)                                    # now bf16, ready for fully_shard
+    """
+    cast = []
+    for name, layer in adapter_layers(user_module(model)).items():
+        base = getattr(layer.base_layer, 'weight', None)
+        if not isinstance(base, torch.Tensor) or base.dtype not in (torch.bfloat16, torch.float16):
+            continue
+        for param in layer.adapter_parameters().values():
+            if param.dtype != base.dtype:
+                param.data = param.data.to(base.dtype)
+                cast.append(name)
+    return sorted(set(cast))

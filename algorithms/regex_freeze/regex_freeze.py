@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
 from composer_thaw.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
-from composer_thaw.master_weights import MasterWeightsOption, refuse_fsdp2_with_masters
+from composer_thaw.master_weights import MasterWeightsOption
 from composer_thaw.optimizer_surgery import add_params, group_index_of, remove_params, single_optimizer
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze.patterns import (
@@ -294,7 +294,6 @@ class RegexFreeze(ConfigRepr, Algorithm):
             refuse_fsdp1(state, 'RegexFreeze')
             frozen = self.checkpoint_trainable_only
             install_for_trainer(state, self, frozen, default=False, frozen=lambda: self._fully_frozen())
-            refuse_fsdp2_with_masters(state, self.master_weights, 'RegexFreeze')
             self._model, self._optimizers = state.model, state.optimizers
             return None
         if event == Event.BEFORE_LOAD:

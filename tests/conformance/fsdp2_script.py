@@ -4,7 +4,9 @@ For each algorithm's first and last example: a run of 2 epochs (8 AdamW steps at
 (by then frozen parameters have left the optimizer, or HiFT's group changed) it saves a checkpoint after each
 epoch, in FSDP2's default sharded format and in the full one, and resumes from the first checkpoint in each format;
 for the first example, a weights-only load of the unsharded single-process checkpoint given as the second argument.
-Last, the previews of a sharded model, and LoRAInject's exports from one (``<out>/lora-export``). Writes, from rank 0,
+Then the low-precision mode: each case of ``master_weights_cases()`` trains a bf16 model for 4 steps, checked by
+``MasterCheck`` at every step, saves a sharded checkpoint at step 2 and resumes from it. Last, the previews of a
+sharded model, and LoRAInject's exports from one (``<out>/lora-export``). Writes, from rank 0,
 ``<out>/results.json`` and ``<out>/<case id>.pt`` (the whole parameters at the end, gathered from the shards).
 """
 
@@ -22,10 +24,21 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from composer_thaw.hift_rotation.preview import rotation_preview
 from composer_thaw.lora_inject import LoRAInject
+from composer_thaw.master_weights import master_weights_of
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze.preview import freeze_preview
 from composer_thaw.sharding import full_tensor, is_sharded, local_tensor
-from conformance.harness import SHARDED_LR, adamw, first_and_last_cases, last_cases, make_trainer, tiny_model
+from conformance.harness import (
+    SHARDED_LR,
+    MasterCheck,
+    adamw,
+    bf16_model,
+    first_and_last_cases,
+    last_cases,
+    make_trainer,
+    master_weights_cases,
+    tiny_model,
+)
 
 PREVIEW_PATTERNS = ['model.embed_tokens.weight[0:100]', 'lm_head']
 
@@ -123,6 +136,9 @@ def main(out: Path, plain_checkpoint: str) -> None:
         if case.index == 0:
             result['weights_only_load_max_diff'] = _weights_only_load(case, plain_checkpoint)
         results[case.id] = result
+    results['master_weights'] = {
+        case.id: _masters_case(case, shared / 'master-weights' / case.id) for case in master_weights_cases()
+    }
     results['previews'] = _previews()
     export_lora(out / 'lora-export', parallelism_config={'fsdp': FSDP2Config()})
     if dist.get_global_rank() == 0:
@@ -151,6 +167,48 @@ def export_lora(out: Path, **trainer_options) -> None:
     )
     trainer.fit()
     trainer.close()
+
+
+def _fit_bf16_with_masters(case, **kwargs) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, MasterCheck]:
+    """4 steps of ``case`` on a bf16 model under FSDP2: at the end, the whole parameters, the masters gathered whole
+    and this process's bytes of them; and the check."""
+    check = MasterCheck()
+    model = bf16_model()
+    algorithm = case.build()
+    trainer = make_trainer(
+        [algorithm],
+        max_duration='4ba',
+        model=model,
+        optimizers=adamw(model, SHARDED_LR),
+        eval_dataloader=None,
+        callbacks=[check],
+        parallelism_config={'fsdp': FSDP2Config()},
+        **kwargs,
+    )
+    params = dict(user_module(trainer.state.model).named_parameters())
+    trainer.fit()
+    masters = algorithm.state_dict()['master_weights']  # gathered whole from the shards (every rank calls it)
+    local_bytes = master_weights_of(trainer.state.optimizers[0]).master_bytes()
+    whole = _whole_parameters(params)
+    trainer.close()
+    return whole, masters, local_bytes, check
+
+
+def _masters_case(case, folder: Path) -> dict:
+    straight, masters, local_bytes, check = _fit_bf16_with_masters(case, save_folder=str(folder), save_interval='2ba')
+    resumed, resumed_masters, _, resumed_check = _fit_bf16_with_masters(case, load_path=str(folder / 'ep0-ba2'))
+    return {
+        'steps': [check.steps, resumed_check.steps],
+        'failures': check.failures + resumed_check.failures,
+        'masters_sharded': all(check.sharded + resumed_check.sharded),
+        'local_master_bytes': dist.all_gather_object(local_bytes),
+        'whole_master_bytes': sum(4 * master.numel() for master in masters.values()),
+        'weights_bf16': all(p.dtype == torch.bfloat16 for p in straight.values()),
+        'resume_exact': straight.keys() == resumed.keys()
+        and all(torch.equal(resumed[name], value) for name, value in straight.items()),
+        'masters_resume_exact': masters.keys() == resumed_masters.keys()
+        and all(torch.equal(resumed_masters[name], value) for name, value in masters.items()),
+    }
 
 
 def _previews() -> dict[str, str]:

@@ -11,19 +11,23 @@ topics corpus; 4 batches of 4 sequences per epoch (the global batch is split acr
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from composer import Trainer
-from composer.core import Algorithm
+from composer.core import Algorithm, Callback, State
+from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 
 from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
+from composer_thaw.master_weights import LOW_PRECISION_DTYPES, master_weights_of
 from composer_thaw.models import load_tokenizer, tiny_decoder
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.registry import algorithm_registry, build_algorithm
+from composer_thaw.sharding import is_sharded, local_tensor
 
 GLOBAL_BATCH = 4
 TRAIN_BLOCKS = 16
@@ -233,3 +237,63 @@ def assert_same_state(actual: RunResult, expected: RunResult, atol: Optional[flo
                 assert torch.equal(actual.optimizer_state[name][key], value), f'optimizer state {name}.{key} differs'
             else:
                 torch.testing.assert_close(actual.optimizer_state[name][key], value, atol=atol, rtol=1e-4)
+
+
+# ---- the low-precision mode (master_weights='fp32') ----
+def master_weights_cases() -> list[Case]:
+    """Each algorithm's last example with ``master_weights='fp32'``, for those that take the option."""
+    return [
+        Case(case.name, case.index, {**case.kwargs, 'master_weights': 'fp32'})
+        for case in last_cases()
+        if 'master_weights' in inspect.signature(case.cls).parameters
+    ]
+
+
+def bf16_model():
+    return tiny_model().to(torch.bfloat16)
+
+
+class MasterCheck(Callback):
+    """After every optimizer step: fp32 masters for exactly the low-precision tensors that train, each equal to its
+    weight, cast; fp32 optimizer state; no fp32 parameter that is frozen. Sharded (FSDP2) masters are compared part
+    by part on each rank. What fails is recorded in ``failures`` (a rank that raised would leave the other waiting
+    in a collective)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.failures: list[str] = []
+        self.master_bytes: list[int] = []  # this process's
+        self.sharded: list[bool] = []  # whether every master is a DTensor, at each step
+
+    def _check(self, condition: bool, failure: str) -> None:
+        if not condition and failure not in self.failures:
+            self.failures.append(failure)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        optimizer = state.optimizers[0]
+        masters = master_weights_of(optimizer)
+        self.steps += 1
+        if masters is None:
+            self._check(False, 'master_weights=fp32 attached nothing to the optimizer')
+            return
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group['params']}
+        trains = {
+            id(p)
+            for group in optimizer.param_groups
+            for p in group['params']
+            if p.requires_grad and p.dtype in LOW_PRECISION_DTYPES
+        }
+        self._check(set(masters.masters) == trains, 'fp32 masters exist for other tensors than those that train')
+        for param, master in masters.masters.values():
+            self._check(master.dtype == torch.float32 and param.dtype == torch.bfloat16, 'a master is not fp32')
+            same = torch.equal(local_tensor(master).to(torch.bfloat16), local_tensor(param.detach()))
+            self._check(same, 'a bf16 weight is not its master, cast')
+            for key, value in optimizer.state.get(param, {}).items():
+                self._check(key == 'step' or value.dtype == torch.float32, f'optimizer state {key} is {value.dtype}')
+        for param in user_module(state.model).parameters():
+            if param.dtype == torch.float32:  # only adapters a bf16 base gets (PEFT's autocast_adapter_dtype)
+                self._check(param.requires_grad and id(param) in in_optimizer, 'an fp32 copy of a frozen tensor')
+        expected = 4 * sum(local_tensor(p).numel() for p, _ in masters.masters.values())
+        self._check(masters.master_bytes() == expected, 'master_bytes() is not 4 bytes per element held')
+        self.master_bytes.append(masters.master_bytes())
+        self.sharded.append(all(is_sharded(master) for _, master in masters.masters.values()))

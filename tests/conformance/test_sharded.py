@@ -1,6 +1,8 @@
 """3b: under Composer's FSDP2 at world size 2 (gloo on CPU, one launch for every case) each case trains like one
 unsharded process, keeps frozen elements bit-identical, holds sharded optimizer state only for what trains, and
-resumes bit-identically from its checkpoints; an unsharded checkpoint loads into the sharded model. The previews
+resumes bit-identically from its checkpoints; an unsharded checkpoint loads into the sharded model. In the
+low-precision mode (bf16 weights, ``master_weights='fp32'``) the masters are sharded like their weights, exist only
+for what trains and resume bit-identically. The previews
 and LoRAInject's exports of a sharded model equal those of an unsharded one. FSDP1 is refused before training,
 naming FSDP2."""
 
@@ -19,6 +21,7 @@ from conformance.harness import (
     ids,
     last_cases,
     make_trainer,
+    master_weights_cases,
     optimizer_state,
     parameters,
     tiny_model,
@@ -104,6 +107,25 @@ def test_sharded_checkpoints_hold_state_only_for_what_trained(name, sharded_resu
 @pytest.mark.parametrize('case', FIRST, ids=ids(FIRST))
 def test_an_unsharded_checkpoint_loads_into_a_sharded_model(case, sharded_results):
     assert sharded_results[1][case.id]['weights_only_load_max_diff'] == 0.0
+
+
+MASTER_CASES = master_weights_cases()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize('case', MASTER_CASES, ids=ids(MASTER_CASES))
+def test_bf16_weights_with_sharded_fp32_masters_train_and_resume_exactly(case, sharded_results):
+    """The conformance suite's master-weights case (test_master_weights.py) under FSDP2: MasterCheck after each of
+    4 steps, then a resume from the sharded checkpoint at step 2."""
+    result = sharded_results[1]['master_weights'][case.id]
+    assert result['steps'] == [4, 2]
+    assert result['failures'] == []
+    assert result['weights_bf16'], 'a weight left bf16 (a LoRA adapter keeps its base dtype under FSDP2)'
+    assert result['masters_sharded'], 'a master is not sharded like its weight'
+    local, whole = result['local_master_bytes'], result['whole_master_bytes']
+    assert sum(local) == whole > 0 and max(local) <= whole // 2 + 4096, 'a rank holds more than its share of masters'
+    assert result['resume_exact'], 'resuming from the sharded checkpoint changed the bf16 weights'
+    assert result['masters_resume_exact'], 'resuming from the sharded checkpoint changed the fp32 masters'
 
 
 @pytest.mark.multiprocess

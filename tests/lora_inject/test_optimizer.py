@@ -62,3 +62,32 @@ def test_a_step_after_surgery_changes_only_adapters():
     assert all(torch.equal(named[n], value) for n, value in frozen.items())  # weight decay never reaches the base
     assert all(named[n].grad is None for n in frozen)
     assert any(layer.lora_B.abs().sum() > 0 for layer in adapter_layers(model).values())
+
+
+def test_adapters_cast_to_a_half_precision_base_stay_the_parameters_the_optimizer_holds():
+    """What a sharded (FSDP2) model needs: one dtype per module; the adapters of a bf16 base become bf16 in place."""
+    from composer_thaw.lora_inject.surgery import adapters_in_base_dtype
+
+    torch.manual_seed(0)
+    model = tiny_decoder('llama', num_layers=2, hidden_size=32, num_heads=2).model
+    model.model.layers[0].to(torch.bfloat16)  # block 0 low precision, block 1 fp32
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    apply_lora(model, optimizer, r=2, target_modules=['q_proj', 'v_proj'], use_dora=True)
+    layers = adapter_layers(model)
+    before = {
+        name: {k: (p, p.detach().clone()) for k, p in layer.adapter_parameters().items()}
+        for name, layer in layers.items()
+    }
+    assert all(p.dtype == torch.float32 for params in before.values() for p, _ in params.values())  # autocast
+
+    cast = adapters_in_base_dtype(model)
+
+    assert cast == ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj']
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group['params']}
+    for name, layer in layers.items():
+        dtype = torch.bfloat16 if name in cast else torch.float32
+        for key, param in layer.adapter_parameters().items():
+            original, value = before[name][key]
+            assert param is original and id(param) in in_optimizer
+            assert param.dtype == dtype and torch.equal(param.detach(), value.to(dtype))
+    assert adapters_in_base_dtype(model) == []  # nothing left to cast
