@@ -3,7 +3,8 @@
     python -m benchmarks.master_weights_bench                  # decoder-s, 8 batches: about 1 minute on 2 cores
     python -m benchmarks.master_weights_bench --task minilm --batches 40   # the demo task's classifier, with quality
     python -m benchmarks.master_weights_bench --predicted-only  # the Llama 3-8B table of predicted device bytes
-    python -m benchmarks.master_weights_bench --quality         # the demo task's recipes: about 40 minutes on 2 cores
+    python -m benchmarks.master_weights_bench --quality         # the demo task's recipes: hours on 2 cores (bf16)
+    python -m benchmarks.master_weights_bench --quality --resume  # the runs not yet in its saved results
 
 For every algorithm (full fine-tuning, LayerFreezing, RegexFreeze, LoRAInject, HiFTRotation, with the options of
 :mod:`benchmarks.methods`) and every precision:
@@ -304,15 +305,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--algorithms', nargs='*', default=None)
     parser.add_argument('--predicted-only', action='store_true')
     parser.add_argument('--quality', action='store_true', help="the demo task's recipes in each precision")
+    parser.add_argument(
+        '--resume', action='store_true', help='with --quality: keep the results already saved, run only the others'
+    )
     parser.add_argument('--output', type=Path, default=RESULTS / 'master_weights')
     args = parser.parse_args(argv)
     if args.quality:
         names = args.algorithms or list(QUALITY_RECIPES)
         output = args.output.with_name(args.output.name + '_quality')
         output.parent.mkdir(parents=True, exist_ok=True)
-        quality: list[dict[str, Any]] = []
+        saved = output.with_suffix('.json')
+        quality: list[dict[str, Any]] = json.loads(saved.read_text()) if args.resume and saved.exists() else []
+        done = {(r['algorithm'], r['precision']) for r in quality}
         for algorithm in names:
             for precision in PRECISIONS:
+                if (algorithm, precision) in done:
+                    continue
                 quality.append(quality_once(algorithm, precision))
                 print(json.dumps(quality[-1]), flush=True)  # a long run: each result as it comes, and saved
                 output.with_suffix('.json').write_text(json.dumps(quality, indent=1))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from composer.utils import dist
 from rank_checks import write_from_rank_zero
-from support import TINY_HIFT_RUN
+from support import TINY_HIFT_RUN, set_args
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from composer_thaw.cli import main as thaw
@@ -26,7 +26,7 @@ RECIPE = [*TINY_HIFT_RUN, 'data.max_train_samples=16', 'max_duration=4ba', 'run_
 
 
 def _run(*overrides: str) -> int:
-    return thaw(['run', 'yamls/demo.yaml', *[arg for o in [*RECIPE, *overrides] for arg in ('--set', o)]])
+    return thaw(['run', 'yamls/demo.yaml', *set_args([*RECIPE, *overrides])])
 
 
 def main(folder: Path) -> None:

@@ -63,6 +63,11 @@ def cpu_trainer(model, algorithms: Sequence = (), optimizer=None, max_duration: 
     return Trainer(model=model, optimizers=optimizer, algorithms=list(algorithms), **options)
 
 
+def set_args(overrides: Sequence[str]) -> list[str]:
+    """``thaw run``'s arguments for recipe overrides: ``['a=1', 'b=2']`` -> ``['--set', 'a=1', '--set', 'b=2']``."""
+    return [arg for override in overrides for arg in ('--set', override)]
+
+
 def run_thaw(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the ``thaw`` CLI in a subprocess (as a user would), capturing output."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from support import REPO, cpu_trainer, seeded_tiny_decoder
+from support import REPO, cpu_trainer, seeded_tiny_decoder, set_args
 
 from composer_thaw import training
 from composer_thaw.cli import EXIT_DIVERGED, main
@@ -50,7 +50,7 @@ def test_thaw_run_reports_the_batch_in_one_line_and_exits_non_zero(monkeypatch, 
     monkeypatch.setitem(training.MODEL_BUILDERS, 'tiny-decoder', lambda *a: _poisoned(build(*a), after_batches=1))
     recipe = str(REPO / 'yamls' / 'lora_decoder.yaml')
     overrides = ['max_duration=3ba', 'eval_interval=1ep', 'model.hidden_size=32', 'progress_bar=false']
-    code = main(['run', recipe, *[arg for o in overrides for arg in ('--set', o)]])
+    code = main(['run', recipe, *set_args(overrides)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_DIVERGED
     assert err[-1].startswith('thaw run: training stopped: the loss of training batch 2 is nan')

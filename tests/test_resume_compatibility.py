@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from support import REPO, cpu_trainer, seeded_tiny_decoder
+from support import REPO, cpu_trainer, seeded_tiny_decoder, set_args
 
 from composer_thaw import HiFTRotation, LayerFreezing, LoRAInject, RegexFreeze
 from composer_thaw.cli import EXIT_INVALID, main
@@ -149,7 +149,7 @@ def _checkpoint_of(path, algorithm) -> None:
 
 
 def _thaw_run(overrides: list[str]) -> int:
-    return main(['run', str(DEMO), *[arg for override in overrides for arg in ('--set', override)]])
+    return main(['run', str(DEMO), *set_args(overrides)])
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import REPO
+from support import REPO, set_args
 
 from composer_thaw.cli import EXIT_INVALID, main
 
@@ -197,7 +197,7 @@ def test_refused_before_training_in_one_line(name, tmp_path, checkpoint_folders,
     build, key = CASES[name]
     overrides = [*TINY, f'save_folder={tmp_path / "runs"}', *build(tmp_path, checkpoint_folders)]
     before = sorted(tmp_path.rglob('*'))
-    code = main(['run', str(DEMO), *[arg for override in overrides for arg in ('--set', override)]])
+    code = main(['run', str(DEMO), *set_args(overrides)])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == EXIT_INVALID, captured.err[-2000:]

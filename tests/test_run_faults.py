@@ -3,7 +3,7 @@ skips a checkpoint a killed save left incomplete, and resuming with another rota
 the weights only, when asked)."""
 
 import pytest
-from support import REPO
+from support import REPO, set_args
 
 from composer_thaw.cli import EXIT_INTERRUPTED, EXIT_INVALID, main
 from composer_thaw.recipe import load_recipe
@@ -20,10 +20,6 @@ TINY = [
     'progress_bar=false',
     'eval_interval=100ba',
 ]
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [arg for override in overrides for arg in ('--set', override)]
 
 
 def _interrupt(*args, **kwargs):
@@ -45,7 +41,7 @@ def test_an_interrupted_run_says_how_to_resume(extra, advice, tmp_path, monkeypa
     (tmp_path / 'saved' / 'latest-rank0.pt').write_bytes(b'')
     monkeypatch.setattr('composer_thaw.training.run_recipe', _interrupt)
     overrides = [*TINY, 'algorithms={}', *[e.format(tmp=tmp_path) for e in extra]]
-    assert main(['run', str(DEMO), *_sets(overrides)]) == EXIT_INTERRUPTED
+    assert main(['run', str(DEMO), *set_args(overrides)]) == EXIT_INTERRUPTED
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('thaw run: interrupted.')
     assert advice.format(tmp=tmp_path) in lines[0]
@@ -68,7 +64,7 @@ def test_resuming_with_another_rotation_is_refused_and_weights_only_starts_anew(
     run_recipe(load_recipe(DEMO, [*first, f'save_folder={tmp_path}', 'save_interval=2ba']))
     checkpoint = tmp_path / 'ep0-ba2-rank0.pt'
     resumed = [*TINY, 'algorithms={hift_rotation: {group_size: 1}}', 'max_duration=3ba', f'load_path={checkpoint}']
-    assert main(['run', str(DEMO), *_sets(resumed)]) == EXIT_INVALID
+    assert main(['run', str(DEMO), *set_args(resumed)]) == EXIT_INVALID
     lines = capsys.readouterr().err.strip().splitlines()
     refused = 'thaw run: invalid recipe: algorithms.hift_rotation.group_size = 1: '
     assert len(lines) == 1 and lines[0].startswith(refused)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import REPO, TINY_HIFT_RUN, two_process_part
+from support import REPO, TINY_HIFT_RUN, set_args, two_process_part
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from composer_thaw.cli import main
@@ -47,10 +47,6 @@ SAVING = ['save_interval=1ba', 'autoresume=true']
 
 def _id(kind: str, batch: int, where: float) -> str:
     return f'{kind} {batch} {where:.2f}'
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [arg for override in overrides for arg in ('--set', override)]
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -79,7 +75,11 @@ def killed(tmp_path_factory) -> dict[str, tuple[Path, dict[str, int]]]:
             'kind': kind,
             'batch': batch,
             'where': where,
-            'command': ['run', str(DEMO), *_sets([*RECIPE, f'save_folder={root / _id(kind, batch, where)}', *SAVING])],
+            'command': [
+                'run',
+                str(DEMO),
+                *set_args([*RECIPE, f'save_folder={root / _id(kind, batch, where)}', *SAVING]),
+            ],
         }
         for kind, batch, where in TRIALS
     ]
@@ -125,7 +125,7 @@ def test_sigterm_saves_at_the_end_of_the_batch_and_prints_the_command_that_resum
     overrides = [*RECIPE, f'save_folder={tmp_path / "runs"}', 'save_interval=100ba', f'summary_path={summary}']
     hook = register_optimizer_step_pre_hook(terminate_at_the_second_step)
     try:
-        code = main(['run', str(DEMO), *_sets(overrides)])
+        code = main(['run', str(DEMO), *set_args(overrides)])
     finally:
         hook.remove()
     assert code == 128 + signal.SIGTERM

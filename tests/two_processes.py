@@ -61,10 +61,12 @@ SHARDED_RECIPE = [
 
 def sharded_recipe(folder: Path) -> None:
     """What each process of ``thaw run yamls/sharded_decoder.yaml --nproc 2`` runs (``composer_thaw.cli._launch``)."""
+    from support import set_args
+
     from composer_thaw.cli import main
 
     overrides = [*SHARDED_RECIPE, f'summary_path={folder / "summary.json"}']
-    code = main(['run', 'yamls/sharded_decoder.yaml', *[arg for o in overrides for arg in ('--set', o)]])
+    code = main(['run', 'yamls/sharded_decoder.yaml', *set_args(overrides)])
     if code != 0:
         raise RuntimeError(f'thaw run exited {code}')
 
