@@ -17,7 +17,6 @@ import argparse
 import os
 import shlex
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,7 +127,9 @@ def _launch(recipe: str, overrides: Sequence[str], nproc: int) -> int:
     ]
     for override in overrides:
         command += ['--set', override]
-    return subprocess.call(command, env=env)
+    from composer_thaw.interruption import run_launcher
+
+    return run_launcher(command, env)
 
 
 def _run(args: argparse.Namespace) -> int:

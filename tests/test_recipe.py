@@ -147,10 +147,10 @@ def test_broken_yaml_and_indivisible_batch_are_one_line_errors(tmp_path, capsys)
 def test_nproc_reruns_the_same_command_in_each_process_of_composers_launcher(monkeypatch):
     """``thaw run --nproc 2`` starts ``composer -n 2`` running ``thaw run`` with the same recipe and overrides in each
     process (what each process then does is the ``sharded_recipe`` part of tests/two_processes.py)."""
-    import subprocess
+    from composer_thaw import interruption
 
     launched = []
-    monkeypatch.setattr(subprocess, 'call', lambda command, env: launched.append((command, env)) or 0)
+    monkeypatch.setattr(interruption, 'run_launcher', lambda command, env: launched.append((command, env)) or 0)
     recipe = str(REPO / 'yamls/sharded_decoder.yaml')
     assert main(['run', recipe, '--nproc', '2', '--set', 'max_duration=2ba']) == 0
     ((command, env),) = launched
