@@ -43,11 +43,12 @@ from conformance.harness import (
 PREVIEW_PATTERNS = ['model.embed_tokens.weight[0:100]', 'lm_head']
 
 
-def _trainer(case, state_dict_type: str, **kwargs):
-    model = tiny_model()
+def _trainer(algorithms, state_dict_type: str = 'sharded', model=None, max_duration: str = '2ep', **kwargs):
+    """A Trainer of the tiny task sharded by FSDP2 (AdamW at ``SHARDED_LR``, no evaluation)."""
+    model = model if model is not None else tiny_model()
     return make_trainer(
-        [case.build()],
-        max_duration='2ep',
+        algorithms,
+        max_duration=max_duration,
         model=model,
         optimizers=adamw(model, SHARDED_LR),
         eval_dataloader=None,
@@ -80,7 +81,7 @@ def _optimizer_record(trainer, params: dict[str, torch.Tensor]) -> dict:
 
 
 def _fit(case, state_dict_type: str, **kwargs):
-    trainer = _trainer(case, state_dict_type, **kwargs)
+    trainer = _trainer([case.build()], state_dict_type, **kwargs)
     # The sharded parameters, named before training: between steps FSDP2 may leave a module holding its unsharded
     # parameters, while the optimizer (and these names) keep the sharded ones.
     params = dict(user_module(trainer.state.model).named_parameters())
@@ -100,7 +101,7 @@ def _resume_is_exact(case, state_dict_type: str, folder: Path, straight: dict[st
 
 def _weights_only_load(case, plain_checkpoint: str) -> float:
     """Largest difference between the unsharded checkpoint's weights and the sharded model's after loading them."""
-    trainer = _trainer(case, 'full', load_path=plain_checkpoint, load_weights_only=True)
+    trainer = _trainer([case.build()], 'full', load_path=plain_checkpoint, load_weights_only=True)
     params = dict(user_module(trainer.state.model).named_parameters())
     loaded = {name.replace('.base_layer', ''): value for name, value in _whole_parameters(params).items()}
     trainer.close()
@@ -172,19 +173,8 @@ def export_lora(out: Path, **trainer_options) -> None:
 def _fit_bf16_with_masters(case, **kwargs) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, MasterCheck]:
     """4 steps of ``case`` on a bf16 model under FSDP2: at the end, the whole parameters, the masters gathered whole
     and this process's bytes of them; and the check."""
-    check = MasterCheck()
-    model = bf16_model()
-    algorithm = case.build()
-    trainer = make_trainer(
-        [algorithm],
-        max_duration='4ba',
-        model=model,
-        optimizers=adamw(model, SHARDED_LR),
-        eval_dataloader=None,
-        callbacks=[check],
-        parallelism_config={'fsdp': FSDP2Config()},
-        **kwargs,
-    )
+    check, algorithm = MasterCheck(), case.build()
+    trainer = _trainer([algorithm], model=bf16_model(), max_duration='4ba', callbacks=[check], **kwargs)
     params = dict(user_module(trainer.state.model).named_parameters())
     trainer.fit()
     masters = algorithm.state_dict()['master_weights']  # gathered whole from the shards (every rank calls it)
