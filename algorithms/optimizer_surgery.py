@@ -184,15 +184,17 @@ def restore_state(optimizer: Optimizer, params: Iterable[torch.Tensor], offloade
 
 @dataclass(frozen=True)
 class TrainingStateBytes:
-    """Bytes of training state: parameters, gradients, optimizer state."""
+    """Bytes of training state: parameters, gradients, optimizer state, and fp32 master copies
+    (``master_weights='fp32'``, :mod:`composer_thaw.master_weights`)."""
 
     params: int
     grads: int
     optimizer_state: int
+    masters: int = 0
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer_state
+        return self.params + self.grads + self.optimizer_state + self.masters
 
 
 def training_state_bytes(model: nn.Module, optimizers: Optional[Optimizers] = None) -> TrainingStateBytes:
@@ -200,8 +202,10 @@ def training_state_bytes(model: nn.Module, optimizers: Optional[Optimizers] = No
 
     Tied parameters count once; of a sharded (FSDP2) tensor only this rank's shard counts. Optimizer state counts
     every tensor in ``optimizer.state``, wherever it lives; state moved out of the optimizer (offloaded) is not
-    counted.
+    counted. The optimizer's fp32 master copies count apart (``masters``).
     """
+    from composer_thaw.master_weights import master_weights_of
+
     params = [local_tensor(p) for p in model.parameters()]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     grad_bytes = sum(
@@ -209,4 +213,5 @@ def training_state_bytes(model: nn.Module, optimizers: Optional[Optimizers] = No
     )
     optimizer = single_optimizer(optimizers)
     state_bytes = optimizer_state_bytes(optimizer) if optimizer is not None else 0
-    return TrainingStateBytes(param_bytes, grad_bytes, state_bytes)
+    masters = master_weights_of(optimizer)
+    return TrainingStateBytes(param_bytes, grad_bytes, state_bytes, masters.master_bytes() if masters else 0)

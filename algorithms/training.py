@@ -411,13 +411,15 @@ def parameter_checksum(model: nn.Module) -> str:
 @dataclass
 class RunSummary:
     """What a run cost and achieved. Bytes are those of the training batch with the most training state (its
-    parameters + gradients + optimizer state), on this process; samples/s counts every process's samples."""
+    parameters + gradients + optimizer state + fp32 masters), on this process; samples/s counts every process's
+    samples."""
 
     total_params: int = 0
     trainable_params: int = 0
     param_bytes: int = 0
     grad_bytes: int = 0
     optimizer_state_bytes: int = 0
+    master_bytes: int = 0  # fp32 master copies (master_weights: fp32)
     peak_memory_bytes: int = 0
     samples_per_second: float = 0.0
     train_batches: int = 0
@@ -430,7 +432,7 @@ class RunSummary:
 
     @property
     def training_state_bytes(self) -> int:
-        return self.param_bytes + self.grad_bytes + self.optimizer_state_bytes
+        return self.param_bytes + self.grad_bytes + self.optimizer_state_bytes + self.master_bytes
 
 
 def _peak_memory_bytes(on_gpu: bool) -> int:
@@ -462,6 +464,7 @@ class TrainingSummary(Callback):
         s = self.summary
         if counts.total >= s.training_state_bytes:  # the split of the peak batch, so the parts add up to it
             s.param_bytes, s.grad_bytes, s.optimizer_state_bytes = counts.params, counts.grads, counts.optimizer_state
+            s.master_bytes = counts.masters
         s.total_params = sum(p.numel() for p in model.parameters())
         s.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         s.train_batches = int(state.timestamp.batch)
@@ -662,6 +665,7 @@ def format_summary(summary: RunSummary) -> str:
         ('  parameters', _format_bytes(summary.param_bytes)),
         ('  gradients', _format_bytes(summary.grad_bytes)),
         ('  optimizer state', _format_bytes(summary.optimizer_state_bytes)),
+        *([('  fp32 masters', _format_bytes(summary.master_bytes))] if summary.master_bytes else []),
         ('peak memory (process)', _format_bytes(summary.peak_memory_bytes)),
         ('train samples/s', f'{summary.samples_per_second:.1f}'),
         ('train batches', str(summary.train_batches)),

@@ -270,3 +270,25 @@ def test_gpu_peak_of_a_1b_model_is_the_estimate_plus_activations():
     options = {'group_size': 1, 'freeze': freeze, 'master_weights': 'fp32'}
     predicted = estimate_training_state(spec_of(model), 'hift_rotation', options, dtype=BF16).training_state_bytes
     assert abs(peak - (predicted + activations)) <= 0.05 * (predicted + activations), (peak, predicted, activations)
+
+
+def test_training_state_counts_the_masters_and_the_run_summary_shows_them():
+    from composer_thaw.optimizer_surgery import training_state_bytes
+    from composer_thaw.training import RunSummary, format_summary
+
+    model = bf16_decoder()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    apply_regex_freeze(model, optimizer, trainable=['model.layers.1'])
+    before = training_state_bytes(model, optimizer)
+    enable_master_weights(model, optimizer, 'fp32')
+    train_step(model, optimizer)
+    counts = training_state_bytes(model, optimizer)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert before.masters == 0 and counts.masters == 4 * trainable > 0
+    assert counts.total == counts.params + counts.grads + counts.optimizer_state + counts.masters
+
+    summary = RunSummary(param_bytes=counts.params, optimizer_state_bytes=counts.optimizer_state)
+    assert '  fp32 masters' not in format_summary(summary)  # a run without masters shows no such row
+    summary.master_bytes = counts.masters
+    assert summary.training_state_bytes == counts.total
+    assert '  fp32 masters' in format_summary(summary)
