@@ -214,6 +214,44 @@ def test_lora_export_with_masters_has_the_dtypes_peft_writes(tmp_path):
     assert {v.dtype for k, v in ours.items() if 'lora_' not in k} == {BF16}
 
 
+def test_bf16_adapters_are_exported_from_their_fp32_masters_with_the_dtypes_peft_writes(tmp_path):
+    """Under FSDP2 adapters keep a bf16 base's dtype (adapters_in_base_dtype) and train through fp32 masters; the
+    export writes the masters, so the file is what PEFT (fp32 adapters) writes and loses no precision."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from composer_thaw.lora_inject.injection import adapter_layers
+    from composer_thaw.lora_inject.peft_format import save_adapter
+    from composer_thaw.lora_inject.surgery import adapters_in_base_dtype
+
+    model = bf16_decoder()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    apply_lora(model, optimizer, r=4, target_modules=['q_proj', 'v_proj'], modules_to_save=['lm_head'])
+    adapters_in_base_dtype(model)
+    masters = enable_master_weights(model, optimizer, 'fp32')
+    assert masters is not None
+    for seed in range(3):
+        train_step(model, optimizer, seed)
+    save_adapter(model, tmp_path / 'adapter', masters=masters)
+    save_adapter(model, tmp_path / 'weights')  # without the masters: the bf16 weights as they are
+
+    saved, weights = (load_file(tmp_path / name / 'adapter_model.safetensors') for name in ('adapter', 'weights'))
+    exported = 0
+    for name, layer in adapter_layers(model).items():
+        for attr in ('lora_A', 'lora_B'):
+            key = f'base_model.model.{name}.{attr}.weight'
+            master = masters.master_of(getattr(layer, attr))
+            assert master is not None and saved[key].dtype == torch.float32 and torch.equal(saved[key], master)
+            assert weights[key].dtype == BF16 and torch.equal(weights[key], getattr(layer, attr).detach())
+            exported += 1
+    assert exported == 2 * 2 * 2  # 2 blocks x (q_proj, v_proj) x (A, B)
+    assert {v.dtype for k, v in saved.items() if 'lora_' not in k} == {BF16}  # modules_to_save: the model's dtype
+    assert any(not torch.equal(saved[k].to(BF16).float(), saved[k]) for k in saved if 'lora_B' in k)  # finer than bf16
+
+    loaded = PeftModel.from_pretrained(bf16_decoder(), tmp_path / 'adapter')
+    assert loaded.base_model.model.model.layers[0].self_attn.q_proj.lora_A['default'].weight.dtype == torch.float32
+
+
 @pytest.mark.multiprocess
 def test_two_process_ddp_keeps_ranks_and_masters_identical_and_resumes_exactly(two_processes):
     import json

@@ -307,7 +307,7 @@ class LoRAInject(ConfigRepr, Algorithm):
             return
         # On every rank: under FSDP2 the whole tensors are gathered from all of them; rank 0 writes.
         if self.save_adapter_to:
-            save_adapter(state.model, self.save_adapter_to)
+            save_adapter(state.model, self.save_adapter_to, masters=self._master_copies.masters)
         if self.save_merged_to:
             export_merged(state.model, self.save_merged_to)
         dist.barrier()

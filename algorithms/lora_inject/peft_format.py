@@ -51,6 +51,7 @@ from composer_thaw.lora_inject.surgery import (
     lora_config_of,
     trainable_parameter_names,
 )
+from composer_thaw.master_weights import MasterWeights
 from composer_thaw.optimizer_surgery import Optimizers
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.sharding import full_tensor
@@ -116,10 +117,21 @@ def _adapted_root(model: nn.Module) -> tuple[nn.Module, LoRAConfig, dict[str, Lo
     return root, config, layers
 
 
-def adapter_state_dict(model: nn.Module, convert_pissa: bool = True) -> dict[str, torch.Tensor]:
+def _adapter_tensor(param: torch.Tensor, masters: Optional[MasterWeights]) -> torch.Tensor:
+    """The whole of an adapter tensor: from its fp32 master when it has one (a bf16 adapter under FSDP2), as PEFT
+    holds adapters in fp32 on a half-precision base."""
+    master = masters.master_of(param) if masters is not None else None
+    return full_tensor((master if master is not None else param).detach())
+
+
+def adapter_state_dict(
+    model: nn.Module, convert_pissa: bool = True, masters: Optional[MasterWeights] = None
+) -> dict[str, torch.Tensor]:
     """The trained tensors under PEFT's key names (``base_model.model.`` prefix included), detached copies.
 
-    Of a sharded (FSDP2) model the whole tensors, gathered from every rank: call it on every rank.
+    Of a sharded (FSDP2) model the whole tensors, gathered from every rank: call it on every rank. With ``masters``
+    (``master_weights='fp32'``) an adapter that has an fp32 master is written from it; other tensors (the
+    ``modules_to_save``) in the model's dtype, as PEFT writes them.
     """
     root, config, layers = _adapted_root(model)
     if _is_sliced(layers):
@@ -129,7 +141,7 @@ def adapter_state_dict(model: nn.Module, convert_pissa: bool = True) -> dict[str
         )
     state: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        tensors = {attr: full_tensor(getattr(layer, attr).detach()) for attr in _peft_names(layer)}
+        tensors = {attr: _adapter_tensor(getattr(layer, attr), masters) for attr in _peft_names(layer)}
         if convert_pissa and _is_pissa(layer):
             tensors['lora_A'] = torch.cat([tensors['lora_A'], layer.pissa_initial_A], dim=0)
             tensors['lora_B'] = torch.cat([tensors['lora_B'], -layer.pissa_initial_B], dim=1)
@@ -204,6 +216,7 @@ def save_adapter(
     directory: Union[str, os.PathLike],
     base_model_name_or_path: Optional[str] = None,
     convert_pissa: bool = True,
+    masters: Optional[MasterWeights] = None,
 ) -> Path:
     """Write the adapter to ``directory`` in PEFT's format (our own format for per-slice adapters).
 
@@ -216,6 +229,8 @@ def save_adapter(
         base_model_name_or_path: recorded in ``adapter_config.json`` (default: the model config's ``_name_or_path``).
         convert_pissa: write a PiSSA adapter for the original base (see the module docstring); ``False`` writes it
             for the residual base as it is in memory.
+        masters: the optimizer's fp32 masters (``master_weights='fp32'``): adapters that have one are written from
+            it (see :func:`adapter_state_dict`).
     """
     from safetensors.torch import save_file
 
@@ -230,7 +245,7 @@ def save_adapter(
         meta = {'format': THAW_FORMAT, 'version': 1, 'config': config.to_dict(), 'adapted_modules': sorted(layers)}
         config_name = THAW_CONFIG_NAME
     else:
-        state = adapter_state_dict(root, convert_pissa=convert_pissa)
+        state = adapter_state_dict(root, convert_pissa=convert_pissa, masters=masters)
         meta = peft_config_dict(root, base_model_name_or_path, convert_pissa=convert_pissa)
         config_name = ADAPTER_CONFIG_NAME
     if dist.get_global_rank() == 0:
