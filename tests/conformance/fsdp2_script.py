@@ -30,6 +30,7 @@ from composer_thaw.regex_freeze.preview import freeze_preview
 from composer_thaw.sharding import full_tensor, is_sharded, local_tensor
 from conformance.harness import (
     SHARDED_LR,
+    Case,
     MasterCheck,
     adamw,
     bf16_model,
@@ -184,10 +185,24 @@ def _fit_bf16_with_masters(case, **kwargs) -> tuple[dict[str, torch.Tensor], dic
     return whole, masters, local_bytes, check
 
 
+def _exported(saved: dict[str, torch.Tensor], name: str, master: torch.Tensor) -> bool:
+    """Whether the PEFT file ``saved`` holds the adapter ``name`` (``<layer>.lora_A``/``lora_B``) equal to ``master``
+    (PEFT's key: ``<layer>.lora_A.weight``, or ``<layer>.lora_embedding_A`` for an embedding)."""
+    layer, _, attr = name.rpartition('.')
+    prefix, part = f'base_model.model.{layer}.lora_', f'_{attr[-1]}.'
+    return any(
+        torch.equal(value, master) for key, value in saved.items() if key.startswith(prefix) and part in key + '.'
+    )
+
+
 def _masters_case(case, folder: Path) -> dict:
-    straight, masters, local_bytes, check = _fit_bf16_with_masters(case, save_folder=str(folder), save_interval='2ba')
+    exporting = case.name == 'lora_inject'  # the adapter written at the end, from the sharded fp32 masters
+    straight_case = Case(case.name, case.index, {**case.kwargs, 'save_adapter_to': str(folder / 'adapter')})
+    straight, masters, local_bytes, check = _fit_bf16_with_masters(
+        straight_case if exporting else case, save_folder=str(folder), save_interval='2ba'
+    )
     resumed, resumed_masters, _, resumed_check = _fit_bf16_with_masters(case, load_path=str(folder / 'ep0-ba2'))
-    return {
+    result = {
         'steps': [check.steps, resumed_check.steps],
         'failures': check.failures + resumed_check.failures,
         'masters_sharded': all(check.sharded + resumed_check.sharded),
@@ -199,6 +214,15 @@ def _masters_case(case, folder: Path) -> dict:
         'masters_resume_exact': masters.keys() == resumed_masters.keys()
         and all(torch.equal(resumed_masters[name], value) for name, value in masters.items()),
     }
+    if exporting:
+        from safetensors.torch import load_file
+
+        saved = load_file(folder / 'adapter' / 'adapter_model.safetensors')
+        adapters = {name: master for name, master in masters.items() if '.lora_' in name}
+        result['adapters_exported_from_masters'] = len(adapters) > 0 and all(
+            _exported(saved, name, master) for name, master in adapters.items()
+        )
+    return result
 
 
 def _previews() -> dict[str, str]:
