@@ -56,3 +56,31 @@ def test_minimal_run_measures_every_method_and_writes_table_json_and_plots(tmp_p
     assert json.loads((tmp_path / 'latest.json').read_text())['tasks'][0]['key'] == 'decoder-s'
     assert {p.name for p in paths} >= {'memory.png', 'loss.png', 'latest.json', 'latest.md'}
     assert (tmp_path / 'memory.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_bf16_products_in_fp32_are_fp32_sums_rounded_to_bf16_and_only_inside_the_mode():
+    """The quality benchmark's bf16 runs: each product of bf16 tensors is the fp32 product of the same (exact) bf16
+    values, rounded to bf16, in the forward and the backward pass; other dtypes and code outside are untouched."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.bf16_matmul import Bf16ProductsInFp32
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(32, 16, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(32, dtype=torch.bfloat16)
+    with Bf16ProductsInFp32():
+        out = F.linear(x, weight, bias)
+        scores = x @ x.transpose(1, 2)
+        attention = F.scaled_dot_product_attention(x, x, x)
+        fp32_out = F.linear(x.float(), weight.float())  # not bf16: left alone
+    assert out.dtype == scores.dtype == attention.dtype == torch.bfloat16 and fp32_out.dtype == torch.float32
+    assert torch.equal(out, F.linear(x.float(), weight.float(), bias.float()).to(torch.bfloat16))
+    assert torch.equal(scores, (x.float() @ x.float().transpose(1, 2)).to(torch.bfloat16))
+    assert torch.equal(attention, F.scaled_dot_product_attention(x.float(), x.float(), x.float()).to(torch.bfloat16))
+
+    out.float().sum().backward()
+    assert weight.grad is not None and weight.grad.dtype == torch.bfloat16
+    expected = (torch.ones(4 * 8, 32).T @ x.detach().float().reshape(-1, 16)).to(torch.bfloat16)
+    assert torch.equal(weight.grad, expected)
