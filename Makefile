@@ -42,9 +42,8 @@ bench-quick: $(STAMP)
 bench-master-weights: $(STAMP)
 	$(BIN)/python -m benchmarks.master_weights_bench
 
-# The demo task trained by each algorithm's recipe in fp32, bf16 + fp32 masters and pure bf16: hours on 2 CPU cores
-# (bf16 matmuls are slow there). Each result is saved as it comes; `make bench-master-weights-quality RESUME=1`
-# runs only those not saved yet.
+# The demo task trained by each algorithm's recipe in fp32, bf16 + fp32 masters and pure bf16: over an hour on 2 CPU
+# cores. Each result is saved as it comes; `make bench-master-weights-quality RESUME=1` runs only those not saved yet.
 bench-master-weights-quality: $(STAMP)
 	$(BIN)/python -m benchmarks.master_weights_bench --quality $(if $(RESUME),--resume)
 

@@ -3,7 +3,7 @@
     python -m benchmarks.master_weights_bench                  # decoder-s, 8 batches: about 1 minute on 2 cores
     python -m benchmarks.master_weights_bench --task minilm --batches 40   # the demo task's classifier, with quality
     python -m benchmarks.master_weights_bench --predicted-only  # the Llama 3-8B table of predicted device bytes
-    python -m benchmarks.master_weights_bench --quality         # the demo task's recipes: hours on 2 cores (bf16)
+    python -m benchmarks.master_weights_bench --quality         # the demo task's recipes: over an hour on 2 cores
     python -m benchmarks.master_weights_bench --quality --resume  # the runs not yet in its saved results
 
 For every algorithm (full fine-tuning, LayerFreezing, RegexFreeze, LoRAInject, HiFTRotation, with the options of
