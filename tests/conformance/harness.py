@@ -262,7 +262,6 @@ class MasterCheck(Callback):
     def __init__(self) -> None:
         self.steps = 0
         self.failures: list[str] = []
-        self.master_bytes: list[int] = []  # this process's
         self.sharded: list[bool] = []  # whether every master is a DTensor, at each step
 
     def _check(self, condition: bool, failure: str) -> None:
@@ -295,5 +294,4 @@ class MasterCheck(Callback):
                 self._check(param.requires_grad and id(param) in in_optimizer, 'an fp32 copy of a frozen tensor')
         expected = 4 * sum(local_tensor(p).numel() for p, _ in masters.masters.values())
         self._check(masters.master_bytes() == expected, 'master_bytes() is not 4 bytes per element held')
-        self.master_bytes.append(masters.master_bytes())
         self.sharded.append(all(is_sharded(master) for _, master in masters.masters.values()))
