@@ -329,7 +329,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     continue
                 quality.append(quality_once(algorithm, precision))
                 print(json.dumps(quality[-1]), flush=True)  # a long run: each result as it comes, and saved
-                output.with_suffix('.json').write_text(json.dumps(quality, indent=1))
+                saved.write_text(json.dumps(quality, indent=1))
         text = quality_markdown(quality)
         print(text)
         output.with_suffix('.md').write_text(text + '\n')

@@ -29,6 +29,7 @@ from composer_thaw.lora_inject.injection import (
     plan_injection,
     saved_module_names,
 )
+from composer_thaw.master_weights import LOW_PRECISION_DTYPES
 from composer_thaw.optimizer_surgery import Optimizers, add_params, group_index_of, remove_params, single_optimizer
 from composer_thaw.parameter_selection import user_module
 
@@ -271,7 +272,7 @@ def adapters_in_base_dtype(model: nn.Module) -> list[str]:
     cast = []
     for name, layer in adapter_layers(user_module(model)).items():
         base = getattr(layer.base_layer, 'weight', None)
-        if not isinstance(base, torch.Tensor) or base.dtype not in (torch.bfloat16, torch.float16):
+        if not isinstance(base, torch.Tensor) or base.dtype not in LOW_PRECISION_DTYPES:
             continue
         for param in layer.adapter_parameters().values():
             if param.dtype != base.dtype:

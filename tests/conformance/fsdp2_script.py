@@ -197,9 +197,12 @@ def _exported(saved: dict[str, torch.Tensor], name: str, master: torch.Tensor) -
 
 def _masters_case(case, folder: Path) -> dict:
     exporting = case.name == 'lora_inject'  # the adapter written at the end, from the sharded fp32 masters
-    straight_case = Case(case.name, case.index, {**case.kwargs, 'save_adapter_to': str(folder / 'adapter')})
+    if exporting:
+        case_saving = Case(case.name, case.index, {**case.kwargs, 'save_adapter_to': str(folder / 'adapter')})
+    else:
+        case_saving = case
     straight, masters, local_bytes, check = _fit_bf16_with_masters(
-        straight_case if exporting else case, save_folder=str(folder), save_interval='2ba'
+        case_saving, save_folder=str(folder), save_interval='2ba'
     )
     resumed, resumed_masters, _, resumed_check = _fit_bf16_with_masters(case, load_path=str(folder / 'ep0-ba2'))
     result = {
