@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint format docs bench bench-quick bench-sharded bench-master-weights bench-master-weights-quality gpu-wheels clean
+.PHONY: install demo test test-fast lint format docs bench bench-quick bench-sharded bench-master-weights bench-master-weights-quality bench-scale gpu-wheels clean
 
 install: $(STAMP)
 
@@ -46,6 +46,12 @@ bench-master-weights: $(STAMP)
 # cores. Each result is saved as it comes; `make bench-master-weights-quality RESUME=1` runs only those not saved yet.
 bench-master-weights-quality: $(STAMP)
 	$(BIN)/python -m benchmarks.master_weights_bench --quality $(if $(RESUME),--resume)
+
+# Every method on decoders of 4M, 50M, 300M and 1B parameters: bytes against `thaw estimate`, step time against each
+# peer; tables, JSON and log-log plots in benchmarks/results/scale*, and the README's scale section. Not in CI: about
+# 40 minutes on 2 CPU cores and up to 17 GiB of RAM. Each run is saved as it finishes; RESUME=1 runs only the others.
+bench-scale: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.scale --update-readme $(if $(RESUME),,--fresh)
 
 # Per-process bytes of every algorithm at world size 2, replicated (DDP) and sharded (FSDP2), with the estimates.
 bench-sharded: $(STAMP)

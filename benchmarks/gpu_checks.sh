@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU cases and CUDA-memory checks, for the lent GPU machine (the `device` tool), in about 5 minutes.
+# The GPU cases and CUDA-memory checks, for the lent GPU machine (the `device` tool), in about 10 minutes.
 #
 #   make gpu-wheels                 # here, with the network: the wheels that machine lacks, into build/gpu-wheels
 #   bash benchmarks/gpu_checks.sh   # there (carry build/gpu-wheels): installs them --no-deps, runs the checks
@@ -23,3 +23,11 @@ timeout 480 python -m pytest -q -p no:cacheprovider -o addopts= -rA --junitxml="
     tests/conformance/test_gpu.py \
     tests/test_master_weights.py::test_gpu_peak_of_a_1b_model_is_the_estimate_plus_activations \
     2>&1 | tee "$out/pytest.txt"
+# The scale sweep (make bench-scale) as far as it fits, one round per size, every row at every size: bytes counted
+# from the tensors and torch.cuda.memory_allocated growth after each step against `thaw estimate`, the peak
+# (torch.cuda.max_memory_allocated growth) beside the estimator's peak; step time against each peer. Informative: it
+# never fails the script. Tables, JSON and plots in $out/scale (scale.md).
+timeout 300 python -m benchmarks.scale --device gpu --rounds 1 --fresh --output-dir "$out/scale" \
+    > "$out/scale.txt" 2>&1 || echo "scale sweep stopped early (exit $?): the report has what finished" | tee -a "$out/scale.txt"
+python -m benchmarks.scale --device gpu --report-only --output-dir "$out/scale" >> "$out/scale.txt" 2>&1 || true
+tail -n 60 "$out/scale.txt"

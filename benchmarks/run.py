@@ -22,6 +22,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +31,7 @@ os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
 import torch
+from composer import Callback
 
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,8 +42,17 @@ from benchmarks.methods import METHODS, Method, Task, build_tasks, default_batch
 RESULTS = Path(__file__).resolve().parent / 'results'
 
 
-def run_once(task: Task, method: Method, device: str, batches: int, evaluate: bool) -> dict[str, Any]:
-    """One run of ``method`` on ``task``: train ``batches`` batches, measure, optionally evaluate."""
+def run_once(
+    task: Task,
+    method: Method,
+    device: str,
+    batches: int,
+    evaluate: bool,
+    callbacks: Optional[Callable[[StepRecorder], Sequence[Callback]]] = None,
+) -> dict[str, Any]:
+    """One run of ``method`` on ``task``: train ``batches`` batches, measure, optionally evaluate. ``callbacks``
+    makes more callbacks from the run's step recorder; they come right after it, outside the timed span
+    (:mod:`benchmarks.scale` measures memory there)."""
     from composer import Trainer
 
     on_gpu = device == 'gpu'
@@ -54,7 +65,7 @@ def run_once(task: Task, method: Method, device: str, batches: int, evaluate: bo
             max_duration=f'{batches}ba',
             optimizers=setup.optimizer,
             algorithms=setup.algorithms,
-            callbacks=[recorder, *setup.callbacks],
+            callbacks=[recorder, *(callbacks(recorder) if callbacks else ()), *setup.callbacks],
             device=device,
             progress_bar=False,
             log_to_console=False,
@@ -75,6 +86,7 @@ def run_once(task: Task, method: Method, device: str, batches: int, evaluate: bo
     steady = record.step_seconds[1:] or record.step_seconds
     return {
         'step_seconds': median_spread(steady)['median'],
+        'steady_step_seconds': steady,
         'losses': record.losses,
         'peak_state': vars(record.peak) if record.peak else None,
         'last_state': vars(record.last) if record.last else None,

@@ -1,0 +1,654 @@
+"""The methods at scale: LLaMA-style decoders of 4M, 50M, 300M and 1B parameters, bytes and step time against
+the estimator and each algorithm's peer.
+
+    python -m benchmarks.scale                   # the sweep (make bench-scale): about 40 minutes on 2 CPU cores
+    python -m benchmarks.scale --sizes 4M 50M    # a part of it
+    python -m benchmarks.scale --report-only     # rewrite the table, JSON and plots from the saved runs
+
+Each size is the built-in decoder (:func:`composer_thaw.models.tiny_decoder`: the embedded tokenizer's 30,522-token
+vocabulary, MLP width twice the hidden size, heads of 64) at a hidden size and depth, trained on batches of 1 x 128
+tokens of the same corpus in the same order. A *run* is what :func:`benchmarks.run.run_once` does for the quick
+benchmark: a fresh model (built from the same seed), the method's setup from :mod:`benchmarks.methods`, Composer's
+Trainer for 4 batches (2 epochs, so LayerFreezing freezes once, at the midpoint), no eval. The rows are
+:data:`benchmarks.methods.METHODS` (full fine-tuning, our four algorithms, their peers) in fp32, and full fine-tuning
+and our four in bf16 with fp32 masters (the setups of :mod:`benchmarks.master_weights_bench`), and full fine-tuning
+in pure bf16. Every size runs its rows in rounds, in an order rotated each round.
+
+Measured per run, after each batch and outside the timed span: the training-state tensors (parameters, gradients,
+optimizer state, masters: :class:`benchmarks.measure.StepRecorder`), the optimizer state HiFT holds offloaded, and the
+process's resident memory (RSS) growth since before the model was built, from a trimmed heap
+(:func:`benchmarks.measure.trim`, so freed activations are not counted); also the peak RSS growth over the run
+(activations included). Step time: every batch after the first, from all rounds; median and min-max. The ratio to the
+peer pairs each of our steps with the peer's step of the same round and position (ours / peer), median and min-max.
+
+The estimator (``thaw estimate``, :func:`composer_thaw.memory_estimate.estimate_training_state`) predicts the bytes
+after a step: parameters, gradients and optimizer state (with masters: the fp32 masters and fp32 state, and the
+masters' bf16 gradients released by the step). It is compared with the tensors and with the RSS growth at the batch
+where the tensors peak (LayerFreezing: after the last batch, half the blocks frozen). On a CPU, HiFT's offloaded
+state is host memory in the same process: its RSS is compared with the tensors plus what is offloaded.
+
+Each size runs in a child process that appends every run to ``benchmarks/results/scale-runs/<size>.jsonl`` as it
+finishes; a run that kills its process (out of memory) is recorded as failed and the child starts again after it.
+At 1B the rows are limited to what fits 24 GiB and the time budget (:data:`ROWS_AT`): our four algorithms in fp32
+and, where they fit, with masters; full fine-tuning in pure bf16; PEFT's LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+import torch
+from composer import Callback, Logger, State
+
+if __package__ in (None, ''):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.measure import StepRecorder, median_spread, rss_bytes, trim
+from benchmarks.methods import METHODS, Method, Setup, Task, _decoder_task
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+MIB, GIB = 2**20, 2**30
+SEQ_LEN = 128
+BATCHES = 4  # two epochs of two batches; the first batch is the warm-up
+TOLERANCE, SLACK = 0.03, 8 * MIB  # the estimator against the tensors and the RSS growth
+
+# name -> (hidden size, layers, rounds)
+SIZES: dict[str, tuple[int, int, int]] = {
+    '4M': (64, 4, 3),
+    '50M': (512, 8, 3),
+    '300M': (1024, 24, 2),
+    '1B': (2048, 21, 2),
+}
+MASTERS, BF16 = 'bf16 + masters', 'bf16'
+
+
+@dataclass
+class ScaleTask(Task):
+    """A decoder task whose model is built afresh from the same seed for every run, not copied from a kept one.
+
+    ``base`` is a 4M decoder, kept only for its tokenizer and metrics (PEFT's row rewraps with them); at 1B a kept
+    copy would cost 4 GiB of the 24.
+    """
+
+    hidden: int = 0
+    layers: int = 0
+
+    def fresh_model(self):
+        from composer.utils import reproducibility
+
+        from composer_thaw.models import tiny_decoder
+
+        reproducibility.seed_all(0)
+        heads = max(4, self.hidden // 64)
+        return tiny_decoder(
+            'llama', num_layers=self.layers, hidden_size=self.hidden, num_heads=heads, max_seq_len=SEQ_LEN
+        )
+
+    def spec(self):
+        """The estimator's :class:`ModelSpec` of :meth:`fresh_model`, from the kept small model's config."""
+        from composer_thaw.memory_estimate import spec_of
+
+        spec = spec_of(self.base)
+        config = spec.config
+        config.hidden_size, config.intermediate_size = self.hidden, 2 * self.hidden
+        config.num_hidden_layers = self.layers
+        config.num_attention_heads = config.num_key_value_heads = max(4, self.hidden // 64)
+        config.head_dim = self.hidden // config.num_attention_heads  # LlamaConfig derived it from the small size
+        return spec
+
+
+def scale_task(size: str) -> ScaleTask:
+    from composer_thaw.memory_estimate import meta_model
+
+    hidden, layers, _ = SIZES[size]
+    small = _decoder_task(size, 64, 4, batch_size=1, seq_len=SEQ_LEN, train_blocks=BATCHES // 2, eval_blocks=1)
+    task = ScaleTask(**vars(small), hidden=hidden, layers=layers)
+    task.top_patterns = [f'model.layers.{layers - 1}', 'model.norm', 'lm_head']
+    task.block_prefixes = [f'model.layers.{i}.' for i in range(layers)]
+    params = sum(p.numel() for p in meta_model(task.spec()).parameters())
+    task.title = f'LLaMA-style decoder, hidden {hidden}, {layers} layers ({params / 1e6:,.0f}M parameters)'
+    return task
+
+
+# ---- rows: the benchmark's methods, and ours in bf16 with fp32 masters --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    method: Method
+    precision: str = 'fp32'  # 'fp32', 'bf16 + masters' or 'bf16'
+    base: str = ''  # the fp32 row's key (ours and full)
+
+    @property
+    def key(self) -> str:
+        return self.method.key
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32 if self.precision == 'fp32' else torch.bfloat16
+
+
+def _low_precision(method: Method, precision: str) -> Row:
+    """``method`` (full fine-tuning or one of ours) on the model in bf16, with fp32 masters or (full only) without."""
+    from benchmarks.master_weights_bench import _algorithms, _FullMasters
+
+    masters = 'fp32' if precision == MASTERS else None
+
+    def setup(task: Task, device: str) -> Setup:
+        model = task.fresh_model().to(torch.bfloat16)
+        lr = task.adapter_lr if method.key == 'lora_inject' else task.lr
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        callbacks = [_FullMasters()] if method.key == 'full' and masters else []
+        return Setup(model, optimizer, _algorithms(task, masters)[method.key], callbacks)
+
+    name, options_of = method.estimate  # type: ignore[misc]
+    if masters:
+        estimate: tuple[str, Callable[[Task], dict[str, Any]]] = (
+            name,
+            lambda t: {**options_of(t), 'master_weights': 'fp32'},
+        )
+    else:
+        estimate = (name, options_of)
+    suffix = 'masters' if masters else 'bf16'
+    label = f'{method.label}, {"bf16 + fp32 masters" if masters else "pure bf16"}'
+    return Row(
+        replace(method, key=f'{method.key}+{suffix}', label=label, setup=setup, estimate=estimate),
+        precision,
+        method.key,
+    )
+
+
+def all_rows() -> list[Row]:
+    rows = [Row(m) for m in METHODS]
+    for method in METHODS:
+        if method.family == 'ours' or method.key == 'full':
+            rows.append(_low_precision(method, MASTERS))
+    rows.append(_low_precision(METHODS[0], BF16))
+    return rows
+
+
+# What runs at each size: everything up to 300M. At 1B (4 GiB of fp32 weights) full fine-tuning in fp32 (15 GiB of
+# training state) and with masters (17 GiB), LayerFreezing with masters (its first epoch is full fine-tuning), and
+# the peers that hold the full state (Composer's LayerFreezing) or add minutes of fp32 steps are left out.
+ROWS_AT: dict[str, Optional[tuple[str, ...]]] = {
+    '1B': (
+        'layer_freezing',
+        'regex_freeze',
+        'lora_inject',
+        'hift_rotation',
+        'regex_freeze+masters',
+        'lora_inject+masters',
+        'hift_rotation+masters',
+        'full+bf16',
+        'peft_lora',
+    ),
+}
+
+
+def rows_for(size: str, device: str = 'cpu') -> list[Row]:
+    keep = ROWS_AT.get(size) if device == 'cpu' else None  # a GPU of 80 GB holds every row
+    rows = [r for r in all_rows() if r.method.unavailable() is None]
+    return [r for r in rows if keep is None or r.key in keep]
+
+
+# ---- one run -------------------------------------------------------------------------------------------------------
+
+
+def memory_now(on_gpu: bool) -> int:
+    """Resident memory from a trimmed heap (CPU), or the bytes CUDA's allocator holds for tensors (GPU)."""
+    if on_gpu:
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    trim()
+    return rss_bytes()
+
+
+class AfterStepMemory(Callback):
+    """After each batch (after :class:`StepRecorder` took its time and counted the tensors): the memory growth
+    (:func:`memory_now`), and the optimizer state and masters HiFT holds offloaded."""
+
+    def __init__(self, recorder: StepRecorder, baseline: int, on_gpu: bool = False) -> None:
+        self.recorder = recorder
+        self.baseline = baseline
+        self.on_gpu = on_gpu
+        self.steps: list[dict[str, int]] = []
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        offloaded = 0
+        for algorithm in state.algorithms:
+            rotation = getattr(algorithm, 'rotation', None)
+            if rotation is not None:
+                offloaded += rotation.offloaded_bytes()
+                masters = getattr(getattr(rotation, 'master_copies', None), 'masters', None)
+                offloaded += masters.offloaded_bytes() if masters is not None else 0
+        self.steps.append(
+            {
+                'tensors': self.recorder.record.last.total,  # type: ignore[union-attr]
+                'offloaded': offloaded,
+                'memory_growth': memory_now(self.on_gpu) - self.baseline,
+            }
+        )
+
+
+def measure(task: ScaleTask, row: Row, device: str = 'cpu') -> dict[str, Any]:
+    """One run of ``row`` on ``task``: :func:`benchmarks.run.run_once` with the memory measured after each step."""
+    from benchmarks.run import run_once
+
+    on_gpu = device == 'gpu'
+    trim()
+    baseline = memory_now(on_gpu)
+    memory: list[AfterStepMemory] = []
+
+    def after_step(recorder: StepRecorder) -> list[Callback]:
+        memory.append(AfterStepMemory(recorder, baseline, on_gpu))
+        return memory[-1:]
+
+    started = time.perf_counter()
+    result = run_once(task, row.method, device, BATCHES, evaluate=False, callbacks=after_step)
+    return {
+        'step_seconds': result['steady_step_seconds'],
+        'losses': result['losses'],
+        'peak_state': result['peak_state'],
+        'last_state': result['last_state'],
+        'trainable_params': result['trainable_params'],
+        'peak_memory_growth': result['peak_memory_growth'],
+        'after_step': memory[0].steps,
+        'wall_seconds': time.perf_counter() - started,
+    }
+
+
+def estimate(task: ScaleTask, row: Row) -> Optional[dict[str, Any]]:
+    """The estimator's figures for ``row``: the peak and the bytes right after a step (what is measured)."""
+    from composer_thaw.memory_estimate import estimate_training_state
+
+    if row.method.estimate is None:
+        return None
+    name, options_of = row.method.estimate
+    options = dict(options_of(task))
+    if name == 'layer_freezing':  # compared after the last batch: the schedule's value at the midpoint epoch end
+        options.update(freeze_start=0.0, freeze_level=0.5)
+    e = estimate_training_state(task.spec(), name, options, dtype=row.dtype)
+    released = e.master_bytes // 2 + e.step_grad_bytes  # with masters: their bf16 grads, gone after the step
+    return {
+        'options': options,
+        'total_params': e.total_params,
+        'trainable_params': e.trainable_params,
+        'peak': e.training_state_bytes,
+        'after_step': e.training_state_bytes - released,
+        'split': {
+            'params': e.param_bytes,
+            'grads': e.grad_bytes - e.master_bytes // 2,
+            'optimizer_state': e.optimizer_state_bytes,
+            'masters': e.master_bytes,
+        },
+        'offloaded': e.offloaded_state_bytes,
+    }
+
+
+# ---- a size in a child process, runs saved as they finish ---------------------------------------------------------
+
+
+def _read_runs(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open('a') as out:
+        out.write(json.dumps(record) + '\n')
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def run_size(size: str, path: Path, device: str = 'cpu', rounds: Optional[int] = None, log=print) -> None:
+    """Every round of ``size`` in this process, skipping runs already in ``path``; one that started and never
+    finished (its process died) is recorded as failed."""
+    import warnings
+
+    warnings.filterwarnings('ignore')
+    records = _read_runs(path)
+    finished = {(r['row'], r['round']) for r in records if r['event'] in ('done', 'failed')}
+    for r in records:
+        if r['event'] == 'start' and (r['row'], r['round']) not in finished:
+            _append(path, {**r, 'event': 'failed', 'reason': 'the process died during the run (out of memory?)'})
+            finished.add((r['row'], r['round']))
+    rows = rows_for(size, device)
+    rounds = rounds or SIZES[size][2]
+    task = scale_task(size)
+    from benchmarks.run import run_once
+
+    smallest = min(SIZES, key=lambda name: SIZES[name][0] * SIZES[name][1])
+    run_once(scale_task(smallest), METHODS[0], device, 2, evaluate=False)  # one-time allocations land in no row
+    trim()
+    started = time.perf_counter()
+    for round_index in range(rounds):
+        for row in rows[round_index % len(rows) :] + rows[: round_index % len(rows)]:
+            if (row.key, round_index) in finished:
+                continue
+            _append(path, {'event': 'start', 'row': row.key, 'round': round_index, 'size': size})
+            result = measure(task, row, device)
+            _append(path, {'event': 'done', 'row': row.key, 'round': round_index, 'size': size, **result})
+            median = statistics.median(result['step_seconds'])
+            log(f'[{time.perf_counter() - started:6.0f}s] {size} round {round_index} {row.key}: step {median:.3f} s')
+            trim()
+
+
+def sweep(sizes: list[str], device: str, directory: Path, rounds: Optional[int] = None, log=print) -> None:
+    """Each size in a child process, started again after a run that killed it."""
+    (directory / 'scale-runs').mkdir(parents=True, exist_ok=True)
+    for size in sizes:
+        for attempt in range(len(rows_for(size, device)) * SIZES[size][2] + 1):
+            log(f'{size}: child process, attempt {attempt + 1}')
+            command = ['-m', 'benchmarks.scale', '--child', size, '--device', device, '--output-dir', str(directory)]
+            command += ['--rounds', str(rounds)] if rounds else []
+            code = subprocess.call([sys.executable, *command], cwd=Path(__file__).resolve().parents[1])
+            if code == 0:
+                break
+            log(f'{size}: child exited with {code}; the run it was in is recorded as failed')
+
+
+# ---- aggregation, table, plots ----------------------------------------------------------------------------------
+
+
+def _ratios(ours: list[list[float]], peer: list[list[float]]) -> Optional[dict[str, float]]:
+    pairs = [a / b for xs, ys in zip(ours, peer) for a, b in zip(xs, ys)]
+    return median_spread(pairs) if pairs else None
+
+
+def aggregate(size: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One size's rows from its saved runs, with the estimator's figures for each (computed here, on ``meta``)."""
+    by_row: dict[str, dict[str, Any]] = {}
+    rows = {r.key: r for r in all_rows()}
+    task = scale_task(size)
+    for rec in records:
+        entry = by_row.setdefault(rec['row'], {'runs': {}, 'failed': []})
+        if 'estimate' not in entry:
+            entry['estimate'] = estimate(task, rows[rec['row']])
+        if rec['event'] == 'done':
+            entry['runs'][rec['round']] = rec
+        elif rec['event'] == 'failed':
+            entry['failed'].append(rec['reason'])
+    out = []
+    for key, entry in by_row.items():
+        row = rows[key]
+        runs = [entry['runs'][k] for k in sorted(entry['runs'])]
+        item: dict[str, Any] = {
+            'row': key,
+            'label': row.method.label,
+            'family': row.method.family,
+            'precision': row.precision,
+            'closest_peer': row.method.closest_peer,
+            'base': row.base,
+            'estimate': entry.get('estimate'),
+            'failed': entry['failed'],
+            'rounds': len(runs),
+        }
+        if runs:
+            first = runs[0]
+            at = len(first['after_step']) - 1 if row.method.key.startswith('layer_freezing') else None
+            if at is None:
+                at = max(range(len(first['after_step'])), key=lambda i: first['after_step'][i]['tensors'])
+            point = first['after_step'][at]
+            item.update(
+                trainable_params=first['trainable_params'],
+                step_seconds=median_spread([s for r in runs for s in r['step_seconds']]),
+                step_times=[r['step_seconds'] for r in runs],
+                compared_at_batch=at + 1,
+                tensors=point['tensors'],
+                offloaded=point['offloaded'],
+                memory_growth=median_spread([r['after_step'][at]['memory_growth'] for r in runs]),
+                peak_memory_growth=median_spread([r['peak_memory_growth'] for r in runs]),
+                state_split=first['last_state'] if at == len(first['after_step']) - 1 else None,
+                losses=first['losses'],
+            )
+            prediction = (entry.get('estimate') or {}).get('after_step')
+            if prediction:
+                item['tensors_error'] = point['tensors'] / prediction - 1
+                if not row.method.key.startswith('hift_rotation'):
+                    item['memory_error'] = item['memory_growth']['median'] / prediction - 1
+            item['memory_vs_tensors'] = item['memory_growth']['median'] / (point['tensors'] + point['offloaded']) - 1
+        out.append(item)
+    measured = {i['row']: i for i in out if i.get('step_times')}
+    for item in measured.values():
+        peer = measured.get(item['closest_peer'] or '')
+        if peer is not None:
+            item['vs_peer'] = _ratios(item['step_times'], peer['step_times'])
+        base = measured.get(item['base'])
+        if base is not None and item['precision'] != 'fp32':
+            item['vs_fp32'] = _ratios(item['step_times'], base['step_times'])
+    hidden, layers, _ = SIZES[size]
+    params = next((i['estimate']['total_params'] for i in out if i.get('estimate')), None)
+    return {'size': size, 'hidden': hidden, 'layers': layers, 'params': params, 'rows': out}
+
+
+def _within(error: Optional[float], prediction: int) -> bool:
+    return error is not None and abs(error) * prediction <= TOLERANCE * prediction + SLACK
+
+
+def _mib(n: Optional[int]) -> str:
+    return f'{n / MIB:,.0f}' if n else ''
+
+
+def _cell_ratio(stats: Optional[dict[str, float]]) -> str:
+    if not stats:
+        return ''
+    return f'{stats["median"]:.2f}x ({stats["min"]:.2f}-{stats["max"]:.2f})'
+
+
+def size_table(size: dict[str, Any], memory: str = 'RSS') -> str:
+    lines = [
+        f'**{size["size"]}: hidden {size["hidden"]}, {size["layers"]} layers, {size["params"]:,} parameters**, '
+        f'batch 1 x {SEQ_LEN} tokens, {BATCHES} batches per run:',
+        '',
+        '| method | precision | trainable | step s, median (min-max) | step vs peer | vs own fp32 | tensors MiB '
+        f'| {memory} growth MiB | estimate MiB | tensors vs est. | {memory} vs est. | peak {memory} growth MiB '
+        '| est. peak MiB |',
+        '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+    ]
+    for item in size['rows']:
+        if 'step_seconds' not in item:
+            why = '; '.join(sorted(set(item['failed']))) or 'not run'
+            lines.append(f'| {item["label"]} | {item["precision"]} | failed: {why} |' + ' |' * 10)
+            continue
+        est = item.get('estimate')
+        prediction = est['after_step'] if est else None
+        s = item['step_seconds']
+        peer = f' (peer: {item["closest_peer"]})' if item.get('vs_peer') else ''
+        tensors_cell = f'{item["tensors"] / MIB:,.0f}'
+        if item['offloaded']:
+            tensors_cell += f' + {item["offloaded"] / MIB:,.0f} offloaded'
+        errors = []
+        for key in ('tensors_error', 'memory_error'):
+            error = item.get(key)
+            if error is None or prediction is None:
+                errors.append('')
+            else:
+                errors.append(f'{error:+.2%}{"" if _within(error, prediction) else " (out)"}')
+        if prediction is not None and item.get('memory_error') is None:
+            errors[1] = f'vs tensors + offloaded: {item["memory_vs_tensors"]:+.2%}'
+        lines.append(
+            f'| {item["label"]}{peer} | {item["precision"]} | {item["trainable_params"]:,} | '
+            f'{s["median"]:.3f} ({s["min"]:.3f}-{s["max"]:.3f}) | {_cell_ratio(item.get("vs_peer"))} | '
+            f'{_cell_ratio(item.get("vs_fp32"))} | {tensors_cell} | {item["memory_growth"]["median"] / MIB:,.0f} | '
+            f'{_mib(prediction)} | {errors[0]} | {errors[1]} | '
+            f'{item["peak_memory_growth"]["median"] / MIB:,.0f} | {_mib(est and est["peak"])} |'
+        )
+    return '\n'.join(lines)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env = result['environment']
+    where = (
+        f'GPU {env["gpu"]}'
+        if env['device'] == 'gpu'
+        else f'CPU ({env["cpu"]}, {env["cpu_count"]} cores, {env["torch_threads"]} torch threads, shared with other '
+        'work at nice 19)'
+    )
+    parts = [
+        f'Measured {env["date"]} on {where}; Composer Trainer, AdamW, batch 1 x {SEQ_LEN} tokens, '
+        f'{BATCHES} batches per run (the first one a warm-up), rounds per size in rotated order.',
+        '',
+        "Step s: every batch after the first, of every round. Step vs peer: ours / its peer's step at the same round "
+        'and batch, median (min-max) (LayerFreezing: Composer LayerFreezing; RegexFreeze: requires_grad by hand; '
+        'LoRAInject: PEFT; HiFTRotation: the hift package; the masters rows against the same fp32 peer). vs own fp32: '
+        'the same pairing against our fp32 row. Tensors: parameters, gradients, optimizer state and masters counted '
+        'from the tensors after the batch where they peak (LayerFreezing: after the last batch, half its blocks '
+        "frozen); HiFT's offloaded state apart. RSS growth (on a GPU: CUDA allocated): resident "
+        'memory after that batch, trimmed heap, since before the model was built (median over rounds). '
+        'Estimate: `thaw estimate` for the same point '
+        f'(activations excluded); "(out)": outside {TOLERANCE:.0%} + {SLACK // MIB} MiB. Peak RSS growth includes '
+        "activations and the step's transient copies; est. peak: the estimator's peak (with masters: the bf16 "
+        'gradients and their fp32 copies during the step), activations excluded.',
+    ]
+    missing = result.get('missing')
+    if missing:
+        parts += ['', f'Not measured: {missing}']
+    for size in result['sizes']:
+        parts += ['', size_table(size, 'RSS' if env['device'] == 'cpu' else 'CUDA allocated')]
+        left_out = [r.key for r in all_rows() if r.key not in {i['row'] for i in size['rows']}]
+        if left_out and ROWS_AT.get(size['size']) is not None:
+            parts += [
+                '',
+                f'Left out at {size["size"]} (24 GiB of RAM, the 45-minute budget): {", ".join(left_out)}.',
+            ]
+    parts += ['', f'Total time {result["seconds"] / 60:.0f} min.']
+    return '\n'.join(parts)
+
+
+def plot(result: dict[str, Any], directory: Path) -> list[Path]:
+    """Log-log: training-state bytes and step time against parameters, one line per row."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, value, ylabel in (
+        ('scale_bytes.png', lambda i: i['tensors'] + i['offloaded'], 'training-state bytes after a step (GiB)'),
+        ('scale_step_time.png', lambda i: i['step_seconds']['median'], 'step time, median (s)'),
+    ):
+        fig, ax = plt.subplots(figsize=(9, 6))
+        lines: dict[str, list[tuple[float, float]]] = {}
+        labels, families = {}, {}
+        for size in result['sizes']:
+            for item in size['rows']:
+                if 'step_seconds' in item and size['params']:
+                    y = value(item) / (GIB if name == 'scale_bytes.png' else 1)
+                    lines.setdefault(item['row'], []).append((size['params'], y))
+                    labels[item['row']] = f'{item["label"].replace("ours: ", "*")}'
+                    families[item['row']] = item['family']
+        for key, points in lines.items():
+            xs, ys = zip(*sorted(points))
+            style = '--' if families[key] == 'peer' else '-'
+            ax.plot(xs, ys, style, marker='o', markersize=3, linewidth=1.2, label=labels[key])
+            if name == 'scale_bytes.png' and key == 'full':
+                pass
+        ax.set_xscale('log')
+        ax.set_yscale('log')
+        ax.set_xlabel('parameters')
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend(fontsize=7, loc='upper left', ncol=2)
+        ax.set_title(('Bytes' if name == 'scale_bytes.png' else 'Step time') + ' against model size (* = ours)')
+        fig.tight_layout()
+        fig.savefig(directory / name, dpi=90)
+        plt.close(fig)
+        paths.append(directory / name)
+    return paths
+
+
+README_START, README_END = '<!-- scale:start -->', '<!-- scale:end -->'
+
+
+def write(
+    sizes: list[str], seconds: float, directory: Path = RESULTS, device: str = 'cpu', update_readme: bool = False
+) -> dict[str, Any]:
+    from benchmarks.report import README
+    from benchmarks.run import environment
+    from composer_thaw.atomic_files import atomic_write_text
+
+    aggregated, missing = [], []
+    for size in sizes:
+        records = _read_runs(directory / 'scale-runs' / f'{size}.jsonl')
+        if not any(r['event'] == 'done' for r in records):
+            missing.append(f'{size} (no run finished)')
+            continue
+        item = aggregate(size, records)
+        rounds = SIZES[size][2]
+        short = [i['row'] for i in item['rows'] if i.get('rounds', 0) < rounds and not i['failed']]
+        if short:
+            missing.append(f'{size}: {", ".join(short)} ran fewer than {rounds} rounds')
+        aggregated.append(item)
+    result = {
+        'environment': environment(device),
+        'seq_len': SEQ_LEN,
+        'batches': BATCHES,
+        'tolerance': TOLERANCE,
+        'slack_bytes': SLACK,
+        'sizes': aggregated,
+        'missing': '; '.join(missing),
+        'seconds': seconds,
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / 'scale.json', json.dumps(result, indent=1) + '\n')
+    table = markdown(result)
+    atomic_write_text(directory / 'scale.md', table + '\n')
+    plot(result, directory)
+    if update_readme:
+        text = README.read_text()
+        head, rest = text.split(README_START, 1)
+        _, tail = rest.split(README_END, 1)
+        images = '![bytes against size](benchmarks/results/scale_bytes.png)\n'
+        images += '![step time against size](benchmarks/results/scale_step_time.png)'
+        atomic_write_text(README, f'{head}{README_START}\n{table}\n\n{images}\n{README_END}{tail}')
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--sizes', nargs='*', default=list(SIZES), choices=list(SIZES))
+    parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
+    parser.add_argument('--report-only', action='store_true', help='rewrite the reports from the saved runs')
+    parser.add_argument('--fresh', action='store_true', help='forget the saved runs of these sizes first')
+    parser.add_argument('--update-readme', action='store_true')
+    parser.add_argument('--device', choices=['cpu', 'gpu'], default='cpu')
+    parser.add_argument('--rounds', type=int, default=None, help="rounds per size (default: SIZES' own)")
+    parser.add_argument('--output-dir', type=Path, default=RESULTS, help='reports here, runs in its scale-runs/')
+    args = parser.parse_args(argv)
+    runs = args.output_dir / 'scale-runs'
+    if args.child:
+        torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())))
+        log = lambda m: print(m, flush=True)  # noqa: E731
+        run_size(args.child, runs / f'{args.child}.jsonl', args.device, args.rounds, log=log)
+        return
+    started = time.perf_counter()
+    if not args.report_only:
+        if args.fresh:
+            for size in args.sizes:
+                (runs / f'{size}.jsonl').unlink(missing_ok=True)
+        sweep(args.sizes, args.device, args.output_dir, args.rounds, log=lambda m: print(m, flush=True))
+    seconds = time.perf_counter() - started
+    if args.report_only:  # the runs' own time
+        done = [r for s in args.sizes for r in _read_runs(runs / f'{s}.jsonl') if r['event'] == 'done']
+        seconds = sum(r['wall_seconds'] for r in done)
+    result = write(args.sizes, seconds, args.output_dir, args.device, args.update_readme)
+    print(markdown(result))
+
+
+if __name__ == '__main__':
+    main()
