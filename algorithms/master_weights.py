@@ -8,8 +8,13 @@ entry), with the low-precision gradient cast to fp32 as its gradient; after the 
 the low-precision weight (round to nearest) and the gradient is spent (``None``, as after ``zero_grad``). The
 parameter itself is never touched but for that in-place copy, so autograd hooks on it (DDP's all-reduce, gradient
 masks) stay in place. Updates smaller than the weight's resolution accumulate in the master until they move the
-weight, where pure bf16 training loses them. A frozen parameter never has a master, and one that stops training
-(frozen, or rotated out by HiFT) loses its master at once: the weight already holds the master's last cast.
+weight, where pure bf16 training loses them. A frozen parameter never has a master.
+
+A master lives as long as its parameter can train again, that is as long as the parameter is in the optimizer's param
+groups. One that stops training but stays there (rotated out by HiFT) keeps its master *parked*: moved to
+:attr:`MasterWeights.park_device` (the host, where HiFT offloads the optimizer state) or left where it is, and back,
+with the updates it holds below the weight's resolution, when the parameter trains again. Only a parameter removed from
+the optimizer (frozen for good, :func:`~composer_thaw.optimizer_surgery.remove_params`) loses its master.
 
 Because the optimizer holds its parameters outside the step, optimizer surgery
 (:mod:`composer_thaw.optimizer_surgery`: remove, add, offload and restore state) works unchanged, and
@@ -20,7 +25,7 @@ The masters themselves go into the algorithm's checkpoint state, so a resumed ru
 Under FSDP2 a master is a DTensor laid out as its weight: each process holds the fp32 rows of its own shard, and
 the cast back, like the optimizer step, touches only those (no communication). A checkpoint holds every master
 whole (gathered onto the CPU by each rank's :meth:`MasterWeights.state_dict`, a collective), whichever format
-Composer writes, and each rank takes its own rows back from it.
+Composer writes, and each rank takes its own rows back from it. Parked masters are saved and resumed as well.
 
 One :class:`MasterWeights` serves an optimizer (:func:`attach_master_weights` returns the one already attached),
 so algorithms combined on one optimizer (``LoRAInject`` + ``HiFTRotation(lora=True)``) share it. Every algorithm
@@ -39,8 +44,9 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Literal, Optional, cast
+from typing import Any, Literal, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -48,7 +54,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from composer_thaw.config_validation import ConfigError
-from composer_thaw.optimizer_surgery import Optimizers, single_optimizer
+from composer_thaw.optimizer_surgery import OffloadedTensor, Optimizers, offload_tensor, single_optimizer
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.sharding import ShardLayout, full_tensor, is_sharded, local_part, local_tensor
 
@@ -85,6 +91,29 @@ def check_master_weights(value: Any) -> None:
         )
 
 
+@dataclass
+class ParkedMaster:
+    """The master of a parameter that does not train now but may again (HiFT's inactive groups)."""
+
+    param: nn.Parameter
+    master: Union[torch.Tensor, OffloadedTensor]
+    offloaded: bool  # parked at MasterWeights.park_device: counted apart from the masters where the weights are
+
+    def restore(self) -> torch.Tensor:
+        """The master back where its parameter is (a DTensor again if it was one)."""
+        return self.master.restore() if isinstance(self.master, OffloadedTensor) else self.master
+
+    def whole(self) -> torch.Tensor:
+        """The whole master (gathered from every rank when sharded: a collective)."""
+        if isinstance(self.master, OffloadedTensor):
+            return self.master.whole()
+        return full_tensor(self.master).cpu() if is_sharded(self.master) else self.master
+
+    def local_bytes(self) -> int:
+        tensor = self.master.tensor if isinstance(self.master, OffloadedTensor) else local_tensor(self.master)
+        return tensor.numel() * tensor.element_size()
+
+
 class MasterWeights:
     """fp32 master copies of the low-precision parameters ``optimizer`` trains, stepped in their place.
 
@@ -98,6 +127,10 @@ class MasterWeights:
     masters. :meth:`sync` makes the masters follow that set; it runs before every step, and algorithms call it when
     they change what trains. A master whose weight was overwritten from outside (a checkpoint's weights loaded,
     another algorithm's copy) is refreshed from the weight before the next step.
+
+    :attr:`masters` holds the masters of the parameters that train now; :attr:`parked` those of parameters still in
+    the optimizer that do not train now, kept at :attr:`park_device` (``None``: where they are; HiFT with ``offload``
+    sets the host).
     """
 
     def __init__(self, optimizer: Optimizer, model: nn.Module, dtype: torch.dtype = torch.float32):
@@ -106,6 +139,8 @@ class MasterWeights:
         self.model = model
         self.dtype = dtype
         self.masters: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        self.parked: dict[int, ParkedMaster] = {}
+        self.park_device: Optional[torch.device] = None
         self._swapped: list[tuple[dict[str, Any], int, nn.Parameter, torch.Tensor]] = []
         self._handles: list[RemovableHandle] = []
         self._after_others: Optional[RemovableHandle] = None
@@ -135,18 +170,30 @@ class MasterWeights:
                     params.append(param)
         return params
 
+    def _in_optimizer(self) -> set[int]:
+        return {id(p) for group in self.optimizer.param_groups for p in group['params']}
+
     @torch.no_grad()
     def sync(self) -> None:
-        """Masters for exactly the parameters that train now: new ones from their current weights, none for the
-        others. Elements of a weight changed since the master's last cast (a checkpoint's weights loaded, frozen rows
-        restored) are taken into the master; the others keep the master's precision."""
+        """Masters for exactly the parameters that train now: parked ones brought back, new ones from their current
+        weights. The masters of parameters that stopped training are parked, those of parameters that left the
+        optimizer dropped. Elements of a weight changed since the master's last cast (a checkpoint's weights loaded,
+        frozen rows restored) are taken into the master; the others keep the master's precision."""
         if self._swapped:
             return  # inside a step
         if self._after_others is not None:  # hooks installed since (a new RowFreezer) run before it
             self._post_step_hooks().move_to_end(self._after_others.id)
         trainable = self.trainable_params()
         keep = {id(p) for p in trainable}
-        self.release([param for param, _ in self.masters.values() if id(param) not in keep])
+        in_optimizer = self._in_optimizer()
+        self.release([parked.param for key, parked in self.parked.items() if key not in in_optimizer])
+        for key, (param, master) in list(self.masters.items()):
+            if key not in keep:
+                if key in in_optimizer:
+                    del self.masters[key]
+                    self.parked[key] = self._park(param, master)
+                else:
+                    self.release([param])
         names: dict[int, str] = {}
         if any(id(param) not in self.masters for param in trainable):
             # Named now, while these are the sharded parameters the optimizer holds: between FSDP2's forward and
@@ -154,11 +201,19 @@ class MasterWeights:
             names = {id(p): name for name, p in user_module(self.model).named_parameters()}
         for param in trainable:
             entry = self.masters.get(id(param))
+            parked = self.parked.pop(id(param), None)
+            if parked is not None:
+                entry = self.masters[id(param)] = (param, parked.restore())
             if entry is None:
                 self.masters[id(param)] = (param, param.detach().to(self.dtype, copy=True))
                 self._names[id(param)] = names.get(id(param), '')
             else:
                 self._take_back(param, entry[1])
+
+    def _park(self, param: nn.Parameter, master: torch.Tensor) -> ParkedMaster:
+        if self.park_device is None:
+            return ParkedMaster(param, master, offloaded=False)
+        return ParkedMaster(param, offload_tensor(master, self.park_device), offloaded=True)
 
     def _take_back(self, param: torch.Tensor, master: torch.Tensor) -> None:
         """Elements of the weight that are not the master's cast (written from outside) go into the master (this
@@ -169,18 +224,31 @@ class MasterWeights:
             master[changed] = weight[changed].to(self.dtype)
 
     def release(self, params: Iterable[torch.Tensor]) -> None:
-        """Drop the masters of ``params`` (their weights already hold the masters' last cast)."""
+        """Drop the masters of ``params``, parked ones included (their weights already hold the masters' last cast):
+        for parameters that leave the optimizer for good."""
         for param in params:
             self.masters.pop(id(param), None)
+            self.parked.pop(id(param), None)
             self._names.pop(id(param), None)
 
     def master_bytes(self) -> int:
-        """Bytes of the masters this process holds (its shards of them, under FSDP2)."""
-        return sum(local_tensor(master).numel() * master.element_size() for _, master in self.masters.values())
+        """Bytes of the masters this process holds where the weights are (its shards of them, under FSDP2): those
+        that train and those parked without a :attr:`park_device`."""
+        active = sum(local_tensor(master).numel() * master.element_size() for _, master in self.masters.values())
+        return active + sum(parked.local_bytes() for parked in self.parked.values() if not parked.offloaded)
+
+    def offloaded_bytes(self) -> int:
+        """Bytes of the masters parked at :attr:`park_device` (on the host, with HiFT's offloaded state)."""
+        return sum(parked.local_bytes() for parked in self.parked.values() if parked.offloaded)
 
     def master_of(self, param: torch.Tensor) -> Optional[torch.Tensor]:
+        """The master of ``param``: the one stepped in its place, or a parked one where its parameter is (a copy when
+        it was offloaded); ``None`` without one."""
         entry = self.masters.get(id(param))
-        return None if entry is None else entry[1]
+        if entry is not None:
+            return entry[1]
+        parked = self.parked.get(id(param))
+        return None if parked is None else parked.restore()
 
     # ---- around the optimizer ----
     def _post_step_hooks(self) -> OrderedDict[int, Any]:
@@ -210,6 +278,7 @@ class MasterWeights:
             handle.remove()
         self._handles = []
         self.masters.clear()
+        self.parked.clear()
         self._names.clear()
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> Optional[tuple[Any, Any]]:
@@ -312,17 +381,21 @@ class MasterWeights:
 
     # ---- checkpoints ----
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{parameter name: master}`` (names in the user's model). A sharded master is gathered whole, onto the
-        CPU (a collective: under FSDP2 every rank calls it, as Composer's checkpointing does)."""
-        return {
+        """``{parameter name: master}`` (names in the user's model), parked masters included. A sharded master is
+        gathered whole, onto the CPU (a collective: under FSDP2 every rank calls it, as Composer's checkpointing
+        does)."""
+        saved = {
             self._names[key]: full_tensor(master).cpu() if is_sharded(master) else master
             for key, (_, master) in self.masters.items()
             if self._names[key]
         }
+        saved.update((self._names[key], parked.whole()) for key, parked in self.parked.items() if self._names[key])
+        return saved
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Take the masters a checkpoint saved (after the model's weights are loaded, before the optimizer's state).
+        """Take the masters a checkpoint saved (after the model's weights are loaded, before the optimizer's state):
+        those of parameters that require grad now train, the others are parked.
 
         Raises:
             ValueError: if a name is not a parameter of the model.
@@ -335,12 +408,23 @@ class MasterWeights:
                 'resume with the model and algorithms it was trained with.',
             )
         self.masters.clear()
+        self.parked.clear()
         self._names.clear()
         for name, saved in state.items():
             param = params[name]
             # Saved whole; under FSDP2 each rank keeps its own rows, laid out as the parameter is.
-            local = local_part(saved, param).to(device=param.device, dtype=self.dtype, copy=True)
-            self.masters[id(param)] = (param, ShardLayout.of(param).wrap(local) if is_sharded(param) else local)
+            local = local_part(saved, param).to(dtype=self.dtype, copy=True)
+            layout = ShardLayout.of(param) if is_sharded(param) else None
+            if not param.requires_grad and self.park_device is not None:  # parked: no trip through the device
+                offloaded = OffloadedTensor(local.to(self.park_device), param.device, layout)
+                self.parked[id(param)] = ParkedMaster(param, offloaded, offloaded=True)
+            else:
+                local = local.to(param.device)
+                master = local if layout is None else layout.wrap(local)
+                if param.requires_grad:
+                    self.masters[id(param)] = (param, master)
+                else:
+                    self.parked[id(param)] = ParkedMaster(param, master, offloaded=False)
             self._names[id(param)] = name
 
 
@@ -372,8 +456,12 @@ def enable_master_weights(
     model: nn.Module,
     optimizers: Optional[Optimizers],
     mode: Optional[MasterWeightsMode],
+    park_device: Optional[Union[str, torch.device]] = None,
 ) -> Optional[MasterWeights]:
     """Give the parameters ``optimizers`` trains fp32 masters (``mode='fp32'``); ``None`` does nothing.
+
+    ``park_device`` is where the masters of parameters that stop training for a while are kept (HiFT's offload
+    device); ``None`` keeps them where they are (or as an earlier call set it).
 
     Call it once what trains is decided (algorithms do at ``Event.BEFORE_LOAD``); later changes are followed at each
     step, and :func:`~composer_thaw.optimizer_surgery.remove_params` drops the masters of what it removes.
@@ -389,6 +477,8 @@ def enable_master_weights(
     if optimizer is None:
         raise ValueError(f'master_weights={mode!r} needs the optimizer that trains the model; got none.')
     masters = attach_master_weights(optimizer, model, mode)
+    if park_device is not None:
+        masters.park_device = torch.device(park_device)
     masters.sync()
     return masters
 
@@ -411,8 +501,12 @@ class MasterWeightsOption:
         self.masters: Optional[MasterWeights] = None
         self._pending: Optional[dict[str, torch.Tensor]] = None
 
-    def enable(self, model: nn.Module, optimizers: Optional[Optimizers]) -> None:
-        self.masters = enable_master_weights(model, optimizers, self.mode)
+    def enable(
+        self, model: nn.Module, optimizers: Optional[Optimizers], park_device: Optional[Union[str, torch.device]] = None
+    ) -> None:
+        """Attach the masters; ``park_device`` is where the masters of parameters that stop training for a while are
+        kept (HiFT's offload device; ``None``: where they are)."""
+        self.masters = enable_master_weights(model, optimizers, self.mode, park_device)
         if self.masters is not None and self._pending is not None:
             self.masters.load_state_dict(self._pending)
             self._pending = None

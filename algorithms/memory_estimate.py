@@ -321,7 +321,9 @@ def _hift_rotation(
     fp32_state: bool = False,
 ):
     """Resident (largest group + always-trainable units) and offloaded state under HiFT's rotation, and the bytes
-    moved between host and device per step (a group's state out and the next one's in at each switch)."""
+    moved between host and device per step (a group's state out and the next one's in at each switch). With fp32
+    masters (``fp32_state``) a group's masters live and move with its optimizer state: the offloaded and moved bytes
+    count them, and the parameters whose masters stay on the device come back as the last value."""
     from itertools import combinations
 
     from composer_thaw.hift_rotation import GroupQueue, plan_rotation
@@ -356,20 +358,25 @@ def _hift_rotation(
     rotating = _unique_params(p for i in plan.rotating for p in unit_params[i])
     all_trainable = _unique_params([*always, *rotating])
     offload = options.get('offload', True)
-    resident_state = _state_bytes(all_trainable if not offload else resident, opt_name, world_size, fp32_state)
-    offloaded = _state_bytes(all_trainable, opt_name, world_size, fp32_state) - resident_state
+
+    def moving_bytes(params) -> int:  # what leaves the device with a group: its optimizer state and its masters
+        masters = _master_bytes(params, world_size) if fp32_state else 0
+        return _state_bytes(params, opt_name, world_size, fp32_state) + masters
+
+    on_device = all_trainable if not offload else resident
+    resident_state = _state_bytes(on_device, opt_name, world_size, fp32_state)
+    offloaded = moving_bytes(all_trainable) - moving_bytes(on_device)
     transfer = 0
     if offload and len(groups) > 1:  # each switch: the leaving group's state out, the entering group's in
-        group_state = [
-            _state_bytes([p for i in g for p in unit_params[i]], opt_name, world_size, fp32_state) for g in groups
-        ]
+        group_state = [moving_bytes([p for i in g for p in unit_params[i]]) for g in groups]
         switches = sum(group_state[k] + group_state[(k + 1) % len(groups)] for k in range(len(groups)))
         transfer = switches // (len(groups) * options.get('steps_per_group', 1))
     note = (
         f"largest group: {', '.join(plan.names(largest))}; other groups' optimizer state "
         f'{"offloaded to the host" if offload else "kept on the device"} once visited'
+        f'{", with their fp32 masters" if fp32_state else ""}'
     )
-    return resident, resident_state, offloaded, note, transfer
+    return resident, resident_state, offloaded, note, transfer, on_device
 
 
 def _optimizer_name(optimizer: str) -> OptimizerName:
@@ -452,11 +459,11 @@ def estimate_training_state(
                 note = f'at the end of training ({depth} units frozen); before freezing starts: the full row'
             transfer = 0
             if algorithm == 'hift_rotation':
-                trainable, state_bytes, offloaded, note, transfer = _hift_rotation(
+                trainable, state_bytes, offloaded, note, transfer, mastered = _hift_rotation(
                     root, torch_optimizer, algorithm_options, optimizer, world_size, masters
                 )
             else:
-                trainable = _trainable(torch_optimizer)
+                trainable = mastered = _trainable(torch_optimizer)
                 state_bytes = _state_bytes(trainable, optimizer, world_size, masters)
         except ConfigError:
             raise
@@ -473,7 +480,7 @@ def estimate_training_state(
         optimizer_state_bytes=state_bytes,
         offloaded_state_bytes=offloaded,
         note=note,
-        master_bytes=_master_bytes(trainable, world_size) if masters else 0,
+        master_bytes=_master_bytes(mastered, world_size) if masters else 0,
         step_grad_bytes=_master_bytes(trainable, world_size) // 2 if masters else 0,
         transfer_bytes_per_step=transfer,
     )

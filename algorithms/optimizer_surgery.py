@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_thaw.sharding import ShardLayout, is_sharded, local_tensor
+from composer_thaw.sharding import ShardLayout, full_tensor, is_sharded, local_tensor
 
 __all__ = [
     'OffloadedTensor',
@@ -30,6 +30,7 @@ __all__ = [
     'add_params',
     'group_index_of',
     'offload_state',
+    'offload_tensor',
     'optimizer_state_bytes',
     'remove_params',
     'restore_state',
@@ -140,6 +141,25 @@ class OffloadedTensor:
         local = self.tensor.to(self.device, non_blocking=True)
         return local if self.layout is None else self.layout.wrap(local)
 
+    def whole(self) -> torch.Tensor:
+        """The whole tensor on the host: a sharded one gathered from every rank (a collective: every rank calls it)."""
+        return self.tensor if self.layout is None else full_tensor(self.restore()).cpu()
+
+
+def offload_tensor(
+    value: torch.Tensor, device: Union[str, torch.device] = 'cpu'
+) -> Union[torch.Tensor, OffloadedTensor]:
+    """``value`` moved to ``device`` as an :class:`OffloadedTensor` (its local shard, if sharded), or ``value`` itself
+    when it is there already. From a GPU to the host the copy goes to pinned memory without blocking."""
+    device = torch.device(device)
+    if value.device == device:
+        return value
+    local = local_tensor(value)
+    pin = device.type == 'cpu' and local.is_cuda
+    copy = torch.empty(local.shape, dtype=local.dtype, device=device, pin_memory=pin)
+    copy.copy_(local, non_blocking=pin)
+    return OffloadedTensor(copy, value.device, ShardLayout.of(value) if is_sharded(value) else None)
+
 
 def offload_state(
     optimizer: Optimizer,
@@ -151,23 +171,14 @@ def offload_state(
     On CUDA the copies go to pinned memory without blocking. The returned mapping
     (``id(param) -> state``) is what :func:`restore_state` puts back.
     """
-    device = torch.device(device)
     offloaded: dict[int, dict[str, Any]] = {}
     for param in params:
         state = optimizer.state.pop(param, None)
-        if state is None:
-            continue
-        moved = {}
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.device != device:
-                local = local_tensor(value)
-                pin = device.type == 'cpu' and local.is_cuda
-                copy = torch.empty(local.shape, dtype=local.dtype, device=device, pin_memory=pin)
-                copy.copy_(local, non_blocking=pin)
-                moved[key] = OffloadedTensor(copy, value.device, ShardLayout.of(value) if is_sharded(value) else None)
-            else:
-                moved[key] = value
-        offloaded[id(param)] = moved
+        if state is not None:
+            offloaded[id(param)] = {
+                key: offload_tensor(value, device) if isinstance(value, torch.Tensor) else value
+                for key, value in state.items()
+            }
     return offloaded
 
 

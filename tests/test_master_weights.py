@@ -266,6 +266,7 @@ def test_two_process_ddp_keeps_ranks_and_masters_identical_and_resumes_exactly(t
     assert result['ranks_identical_after_every_batch']
     assert result['masters_are_weights_after_every_batch']
     assert result['masters_identical_on_ranks']
+    assert result['reference_steps'] == 8 and result['reference_failures'] == [[], []], 'a rank lost an update'
     assert result['resumed_equals_uninterrupted']
 
 

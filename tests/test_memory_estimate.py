@@ -210,7 +210,9 @@ def test_llama_3_8b_full_fine_tune_by_hift_with_master_weights_fits_in_20_gib():
     assert blocks_only.total_params == 8_030_261_248
     assert blocks_only.trainable_params == 218_112_000  # one decoder block
     assert blocks_only.training_state_bytes <= 20 * 2**30
-    assert blocks_only.transfer_bytes_per_step == 2 * blocks_only.optimizer_state_bytes  # one block out, one in
+    # one block's fp32 state and masters out, the next one's in; the other 31 blocks' wait on the host
+    assert blocks_only.transfer_bytes_per_step == 2 * (blocks_only.optimizer_state_bytes + blocks_only.master_bytes)
+    assert blocks_only.offloaded_state_bytes == 31 * (blocks_only.optimizer_state_bytes + blocks_only.master_bytes)
     everything = estimate_training_state(spec, 'hift_rotation', {'group_size': 1, 'master_weights': 'fp32'})
     assert everything.trainable_params == 525_336_576  # the embedding unit sets the peak
     assert everything.training_state_bytes > blocks_only.training_state_bytes
@@ -220,3 +222,45 @@ def test_llama_3_8b_full_fine_tune_by_hift_with_master_weights_fits_in_20_gib():
 def test_full_takes_only_a_valid_master_weights_option(algorithm, options):
     with pytest.raises(ConfigError, match='master_weights'):
         estimate_training_state('tiny-decoder', algorithm, options)
+
+
+@pytest.mark.parametrize('offload', [True, False])
+def test_hift_master_weights_prediction_equals_a_rotation_that_visited_every_group(offload):
+    """Issue #22: HiFT keeps every group's master. On the device: the active group's masters (every group's without
+    offload); on the host: the others' fp32 optimizer state and masters; per step: one group's out and the next one's
+    in (down2up, group_size 1: every unit of the tiny decoder has the same size but the embeddings and the head)."""
+    from composer_thaw.hift_rotation import GroupRotation
+    from composer_thaw.master_weights import master_weights_of
+
+    model = user_module(support.seeded_tiny_decoder()).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    options = {'group_size': 1, 'freeze': [0, 6], 'offload': offload}  # the blocks and the final norm rotate
+    rotation = GroupRotation(model, optimizer, master_weights='fp32', **options)
+    for _ in range(5):  # four blocks and the norm: the last group active, every other one visited once
+        rotation.before_step()
+        ids = torch.randint(0, 1000, (2, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    masters = master_weights_of(optimizer)
+    assert masters is not None and rotation.active == (5,)  # the norm: the smallest group, not the estimate's peak
+
+    predicted = estimate_training_state(spec_of(model), 'hift_rotation', {**options, 'master_weights': 'fp32'})
+
+    block = list(model.model.layers[3].parameters())
+    norm = list(model.model.norm.parameters())
+    rotating = [p for layer in model.model.layers for p in layer.parameters()] + norm
+    assert predicted.master_bytes == 4 * sum(p.numel() for p in (block if offload else rotating))
+    assert masters.master_bytes() == 4 * sum(p.numel() for p in (norm if offload else rotating))
+    if offload:
+        # the host holds what the rotation offloaded; the estimate's peak has a block active instead of the norm
+        held = rotation.offloaded_bytes() + masters.offloaded_bytes()
+
+        def moving(params) -> int:  # fp32 exp_avg, exp_avg_sq and master per element, a 4-byte step per tensor
+            return sum(12 * p.numel() + 4 for p in params)
+
+        assert predicted.offloaded_state_bytes == held + moving(norm) - moving(block)
+        # each switch moves a group's state and masters out and the next one's in: over a pass of 4 blocks and the norm
+        assert predicted.transfer_bytes_per_step == 2 * (4 * moving(block) + moving(norm)) // 5
+    else:
+        assert predicted.offloaded_state_bytes == 0 and masters.offloaded_bytes() == 0

@@ -157,8 +157,9 @@ class GroupRotation:
             in the optimizer (the result is bit-identical, only memory differs).
         lr_per_pass: hold the learning rate constant within a pass at the schedule's value at the pass's first step.
         seed: seeds the ``random`` strategy; use the same on every rank.
-        master_weights: ``'fp32'``: low-precision weights, an fp32 master copy only for the active group (made from
-            its weights when it enters, dropped when it leaves) (:mod:`composer_thaw.master_weights`).
+        master_weights: ``'fp32'``: low-precision weights with an fp32 master copy for every tensor the rotation
+            trains, stepped while its group is active and otherwise kept with the group's optimizer state (on the
+            host with ``offload``) (:mod:`composer_thaw.master_weights`).
     """
 
     def __init__(
@@ -204,7 +205,8 @@ class GroupRotation:
         self._pass_starts = False
         self.active: tuple[int, ...] = ()
         self._switch()
-        self.master_copies.enable(model, self.optimizer)
+        # A group's masters are parked with its optimizer state while it waits for its next visit.
+        self.master_copies.enable(model, self.optimizer, park_device=_OFFLOAD_DEVICE if offload else None)
         self._hook = self.optimizer.register_step_post_hook(self._after_optimizer_step) if lr_per_pass else None
 
     # ---- what is where ----
@@ -246,7 +248,7 @@ class GroupRotation:
         restore_state(self.optimizer, entering, self.offloaded)
         for param in entering:
             param.requires_grad_(True)
-        self.master_copies.sync()  # the leaving group's masters go, the entering group's are made from its weights
+        self.master_copies.sync()  # the leaving group's masters are parked, the entering group's come back
 
     def apply_flags(self) -> None:
         """Only the active group's (and always-trainable units') parameters require grad."""
@@ -299,13 +301,15 @@ class GroupRotation:
         return total
 
     def metrics(self) -> dict[str, float]:
+        masters = self.master_copies.masters
         return {
             'pass': self.queue.passes,
             'active_unit': self.active[0],
             'trainable_params': sum(p.numel() for p in self.active_params),
             'optimizer_state_bytes': optimizer_state_bytes(self.optimizer),
             'offloaded_state_bytes': self.offloaded_bytes(),
-            'master_weight_bytes': self.master_copies.masters.master_bytes() if self.master_copies.masters else 0,
+            'master_weight_bytes': masters.master_bytes() if masters else 0,
+            'offloaded_master_bytes': masters.offloaded_bytes() if masters else 0,
         }
 
     # ---- checkpoints ----
@@ -324,8 +328,7 @@ class GroupRotation:
             offloaded[name], devices[name] = {}, {}
             for field, value in state.items():
                 if isinstance(value, OffloadedTensor):
-                    whole = value.tensor if value.layout is None else full_tensor(value.restore()).cpu()
-                    offloaded[name][field], devices[name][field] = whole, str(value.device)
+                    offloaded[name][field], devices[name][field] = value.whole(), str(value.device)
                 else:
                     offloaded[name][field] = full_tensor(value) if isinstance(value, torch.Tensor) else value
                     if isinstance(value, torch.Tensor):
@@ -444,8 +447,10 @@ class HiFTRotation(ConfigRepr, Algorithm):
         lr_per_pass: hold the learning rate constant within a pass at the schedule's value at the pass's first step
             (the schedule keeps its length and still decays to its end). Default: ``False`` (Composer's per-step
             schedule).
-        master_weights: ``'fp32'`` keeps the model's low-precision (bf16) weights and gives only the active group an
-            fp32 master copy and fp32 optimizer state (:mod:`composer_thaw.master_weights`). Default: ``None``.
+        master_weights: ``'fp32'`` keeps the model's low-precision (bf16) weights and gives every tensor the rotation
+            trains an fp32 master copy and fp32 optimizer state; an inactive group's masters wait with its optimizer
+            state (offloaded to the host with ``offload``), so no update below bf16's resolution is lost between
+            visits (:mod:`composer_thaw.master_weights`). Default: ``None``.
     """
 
     events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, Event.BATCH_START)

@@ -4,8 +4,9 @@ For each algorithm's first and last example: a run of 2 epochs (8 AdamW steps at
 (by then frozen parameters have left the optimizer, or HiFT's group changed) it saves a checkpoint after each
 epoch, in FSDP2's default sharded format and in the full one, and resumes from the first checkpoint in each format;
 for the first example, a weights-only load of the unsharded single-process checkpoint given as the second argument.
-Then the low-precision mode: each case of ``master_weights_cases()`` trains a bf16 model for 4 steps, checked by
-``MasterCheck`` at every step, saves a sharded checkpoint at step 2 and resumes from it. Last, the previews of a
+Then the low-precision mode: each case of ``master_weights_cases()`` trains a bf16 model for 8 steps, checked by
+``MasterCheck`` and against ``MasterReference`` (each rank replaying its shards) at every step, saves a sharded
+checkpoint at step 2 and resumes from it. Last, the previews of a
 sharded model, and LoRAInject's exports from one (``<out>/lora-export``). Writes, from rank 0,
 ``<out>/results.json`` and ``<out>/<case id>.pt`` (the whole parameters at the end, gathered from the shards).
 """
@@ -32,6 +33,7 @@ from conformance.harness import (
     SHARDED_LR,
     Case,
     MasterCheck,
+    MasterReference,
     adamw,
     bf16_model,
     first_and_last_cases,
@@ -171,15 +173,18 @@ def export_lora(out: Path, **trainer_options) -> None:
     trainer.close()
 
 
-def _fit_bf16_with_masters(case, **kwargs) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, MasterCheck]:
-    """4 steps of ``case`` on a bf16 model under FSDP2: at the end, the whole parameters, the masters gathered whole
-    and this process's bytes of them; and the check."""
+def _fit_bf16_with_masters(
+    case, callbacks=(), **kwargs
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, MasterCheck]:
+    """8 steps of ``case`` on a bf16 model under FSDP2 (HiFT visits its groups twice): at the end, the whole
+    parameters, the masters gathered whole and this process's bytes of them (parked ones included); and the check."""
     check, algorithm = MasterCheck(), case.build()
-    trainer = _trainer([algorithm], model=bf16_model(), max_duration='4ba', callbacks=[check], **kwargs)
+    trainer = _trainer([algorithm], model=bf16_model(), max_duration='8ba', callbacks=[check, *callbacks], **kwargs)
     params = dict(user_module(trainer.state.model).named_parameters())
     trainer.fit()
     masters = algorithm.state_dict()['master_weights']  # gathered whole from the shards (every rank calls it)
-    local_bytes = master_weights_of(trainer.state.optimizers[0]).master_bytes()
+    held = master_weights_of(trainer.state.optimizers[0])
+    local_bytes = held.master_bytes() + held.offloaded_bytes()
     whole = _whole_parameters(params)
     trainer.close()
     return whole, masters, local_bytes, check
@@ -201,13 +206,16 @@ def _masters_case(case, folder: Path) -> dict:
         case_saving = Case(case.name, case.index, {**case.kwargs, 'save_adapter_to': str(folder / 'adapter')})
     else:
         case_saving = case
+    reference = MasterReference()
     straight, masters, local_bytes, check = _fit_bf16_with_masters(
-        case_saving, save_folder=str(folder), save_interval='2ba'
+        case_saving, callbacks=[reference], save_folder=str(folder), save_interval='2ba'
     )
     resumed, resumed_masters, _, resumed_check = _fit_bf16_with_masters(case, load_path=str(folder / 'ep0-ba2'))
     result = {
         'steps': [check.steps, resumed_check.steps],
         'failures': check.failures + resumed_check.failures,
+        'reference_steps': reference.steps,
+        'reference_failures': reference.failures,
         'masters_sharded': all(check.sharded + resumed_check.sharded),
         'local_master_bytes': dist.all_gather_object(local_bytes),
         'whole_master_bytes': sum(4 * master.numel() for master in masters.values()),

@@ -25,6 +25,7 @@ from composer.utils import dist, reproducibility
 from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
 from composer_thaw.master_weights import LOW_PRECISION_DTYPES, master_weights_of
 from composer_thaw.models import load_tokenizer, tiny_decoder
+from composer_thaw.optimizer_surgery import group_index_of
 from composer_thaw.parameter_selection import user_module
 from composer_thaw.registry import algorithm_registry, build_algorithm
 from composer_thaw.sharding import is_sharded, local_tensor
@@ -254,10 +255,10 @@ def bf16_model():
 
 
 class MasterCheck(Callback):
-    """After every optimizer step: fp32 masters for exactly the low-precision tensors that train, each equal to its
-    weight, cast; fp32 optimizer state; no fp32 parameter that is frozen. Sharded (FSDP2) masters are compared part
-    by part on each rank. What fails is recorded in ``failures`` (a rank that raised would leave the other waiting
-    in a collective)."""
+    """After every optimizer step: fp32 masters for exactly the low-precision tensors that train, each (and each
+    parked master of a tensor that may train again) equal to its weight, cast; fp32 optimizer state; no fp32 parameter
+    that is frozen. Sharded (FSDP2) masters are compared part by part on each rank. What fails is recorded in
+    ``failures`` (a rank that raised would leave the other waiting in a collective)."""
 
     def __init__(self) -> None:
         self.steps = 0
@@ -283,15 +284,75 @@ class MasterCheck(Callback):
             if p.requires_grad and p.dtype in LOW_PRECISION_DTYPES
         }
         self._check(set(masters.masters) == trains, 'fp32 masters exist for other tensors than those that train')
-        for param, master in masters.masters.values():
+        parked = [(entry.param, entry.restore()) for entry in masters.parked.values()]
+        for param, master in [*masters.masters.values(), *parked]:
             self._check(master.dtype == torch.float32 and param.dtype == torch.bfloat16, 'a master is not fp32')
             same = torch.equal(local_tensor(master).to(torch.bfloat16), local_tensor(param.detach()))
             self._check(same, 'a bf16 weight is not its master, cast')
             for key, value in optimizer.state.get(param, {}).items():
                 self._check(key == 'step' or value.dtype == torch.float32, f'optimizer state {key} is {value.dtype}')
+        self._check(not set(masters.parked) - in_optimizer, 'a master is kept for a tensor out of the optimizer')
         for param in user_module(state.model).parameters():
             if param.dtype == torch.float32:  # only adapters a bf16 base gets (PEFT's autocast_adapter_dtype)
                 self._check(param.requires_grad and id(param) in in_optimizer, 'an fp32 copy of a frozen tensor')
-        expected = 4 * sum(local_tensor(p).numel() for p, _ in masters.masters.values())
+        held = [p for p, _ in masters.masters.values()] + [e.param for e in masters.parked.values() if not e.offloaded]
+        expected = 4 * sum(local_tensor(p).numel() for p in held)
         self._check(masters.master_bytes() == expected, 'master_bytes() is not 4 bytes per element held')
         self.sharded.append(all(is_sharded(master) for _, master in masters.masters.values()))
+
+
+class MasterReference(Callback):
+    """The promise of ``master_weights='fp32'``, replayed on an independent reference at every optimizer step: an fp32
+    copy of every tensor that has trained so far, kept for the whole run, stepped by an optimizer of the run's class
+    and hyperparameters (each param group's, as the step used them) on the gradients the run's step received, and
+    cast back into a copy of its weight. After each step every weight must equal its reference copy, cast, bit for
+    bit: an algorithm that drops a master and makes it again from the rounded weight (losing the updates below the
+    weight's resolution that it held) fails. Under FSDP2 each rank replays its own shards (the step is elementwise).
+    Failures are recorded in ``failures``, as :class:`MasterCheck` does."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.failures: list[str] = []
+        self.masters: dict[str, torch.Tensor] = {}  # parameter name -> this rank's part of the reference copy
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self._step: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # name -> (group, gradient, weight)
+        self._hyperparameters: list[dict[str, Any]] = []
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        """After the last microbatch's backward the gradients are the step's (reduced across ranks)."""
+        optimizer = state.optimizers[0]
+        groups = group_index_of(optimizer)
+        self._step = {
+            name: (groups[id(p)], local_tensor(p.grad).detach().clone(), local_tensor(p.detach()).clone())
+            for name, p in user_module(state.model).named_parameters()
+            if p.grad is not None and id(p) in groups
+        }
+        self._hyperparameters = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
+
+    @torch.no_grad()
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self.steps += 1
+        optimizer = state.optimizers[0]
+        if self.optimizer is None:
+            accepted = inspect.signature(type(optimizer)).parameters  # defaults may hold more than it takes
+            defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+            self.optimizer = type(optimizer)([{'params': []} for _ in optimizer.param_groups], **defaults)
+        for reference, hyperparameters in zip(self.optimizer.param_groups, self._hyperparameters):
+            reference.update(hyperparameters)
+        for master in self.masters.values():
+            master.grad = None
+        for name, (group, grad, weight) in self._step.items():
+            if name not in self.masters:  # first trained now: its copy starts from the weight, as a master would
+                self.masters[name] = weight.to(torch.float32)
+                self.optimizer.param_groups[group]['params'].append(self.masters[name])
+            self.masters[name].grad = grad.to(torch.float32)
+        self._step = {}
+        self.optimizer.step()
+        params = dict(user_module(state.model).named_parameters())
+        differ = [
+            name
+            for name, master in self.masters.items()
+            if not torch.equal(local_tensor(params[name].detach()), master.to(params[name].dtype))
+        ]
+        if differ:
+            self.failures.append(f'step {self.steps}: weights differ from the fp32 reference: {differ[:4]}')

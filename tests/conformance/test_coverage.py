@@ -75,6 +75,7 @@ N_A_TO_A_PLUGIN_WITHOUT_ANNOTATED_CHOICES = {
     'test_bad_configuration_fails_before_training_and_leaves_model_untouched',  # only with BAD_EXAMPLES
     'test_sharded_checkpoints_hold_state_only_for_what_trained',  # only LayerFreezing and HiFTRotation
     'test_trains_in_bf16_with_masters_and_resumes_bit_identical',  # only algorithms with a master_weights option
+    'test_weights_equal_a_reference_that_keeps_every_master',  # the same
     'test_bf16_weights_with_sharded_fp32_masters_train_and_resume_exactly',  # the same, under FSDP2
 }
 

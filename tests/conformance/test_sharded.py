@@ -115,11 +115,13 @@ MASTER_CASES = master_weights_cases()
 @pytest.mark.multiprocess
 @pytest.mark.parametrize('case', MASTER_CASES, ids=ids(MASTER_CASES))
 def test_bf16_weights_with_sharded_fp32_masters_train_and_resume_exactly(case, sharded_results):
-    """The conformance suite's master-weights case (test_master_weights.py) under FSDP2: MasterCheck after each of
-    4 steps, then a resume from the sharded checkpoint at step 2."""
+    """The conformance suite's master-weights cases (test_master_weights.py) under FSDP2: MasterCheck and the fp32
+    reference (each rank replaying its shards) after each of 8 steps, then a resume from the sharded checkpoint at
+    step 2."""
     result = sharded_results[1]['master_weights'][case.id]
-    assert result['steps'] == [4, 2]
+    assert result['steps'] == [8, 6]
     assert result['failures'] == []
+    assert result['reference_steps'] == 8 and result['reference_failures'] == []
     assert result['weights_bf16'], 'a weight left bf16 (a LoRA adapter keeps its base dtype under FSDP2)'
     assert result['masters_sharded'], 'a master is not sharded like its weight'
     local, whole = result['local_master_bytes'], result['whole_master_bytes']
