@@ -10,7 +10,12 @@ Example:
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import importlib.abc
+import importlib.machinery
+import sys
+import warnings
+from types import ModuleType
+from typing import Any, Optional, Union
 
 __version__ = '0.1.0'
 
@@ -27,6 +32,77 @@ _PUBLIC = {
 }
 
 __all__ = list(_PUBLIC)
+
+
+# Modules that moved into the role folders (core/, utils/, callbacks/, models/, datasets/, recipes/) in 0.2: the old
+# paths keep working for one release, with a DeprecationWarning naming the new one.
+MOVED_MODULES: dict[str, Union[str, tuple[str, ...]]] = {
+    'algorithm_state': 'composer_thaw.core.state',
+    'config_validation': 'composer_thaw.core.validation',
+    'registry': 'composer_thaw.core.registry',
+    'compatibility': 'composer_thaw.core.compatibility',
+    'resume_compatibility': 'composer_thaw.core.resume_checks',
+    'checkpointing': 'composer_thaw.core.checkpoint_algorithms',
+    'adapters': 'composer_thaw.utils.adapters',
+    'atomic_files': 'composer_thaw.utils.atomic_files',
+    'execution_order': 'composer_thaw.utils.execution_order',
+    'master_weights': 'composer_thaw.utils.master_weights',
+    'optimizer_surgery': 'composer_thaw.utils.optimizer_surgery',
+    'parameter_selection': 'composer_thaw.utils.parameter_selection',
+    'sharding': 'composer_thaw.utils.sharding',
+    'trainable_checkpoints': 'composer_thaw.utils.trainable_checkpoints',
+    'sharded_checkpoints': 'composer_thaw.utils.deferred_optimizer_load',
+    'loss_guard': 'composer_thaw.callbacks.loss_guard',
+    'interruption': 'composer_thaw.callbacks.interruption',
+    'vision': 'composer_thaw.models.vision',
+    'data': 'composer_thaw.datasets.builtin',
+    'local_data': 'composer_thaw.datasets.local_files',
+    'recipe': 'composer_thaw.recipes.schema',
+    'training': ('composer_thaw.recipes.running', 'composer_thaw.recipes.building'),  # split in two
+    'run_files': 'composer_thaw.recipes.run_files',
+    'memory_estimate': 'composer_thaw.recipes.memory_estimate',
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports ``composer_thaw.<old name>`` as the module it moved to (the same module object), with a warning."""
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: Any = None
+    ) -> Optional[importlib.machinery.ModuleSpec]:
+        package, _, name = fullname.rpartition('.')
+        if package != __name__ or name not in MOVED_MODULES:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        new = MOVED_MODULES[spec.name.rpartition('.')[2]]
+        names = (new,) if isinstance(new, str) else new
+        warnings.warn(
+            f'{spec.name} moved to {" and ".join(names)}; import from there (the old path goes in the next release).',
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if len(names) == 1:
+            return importlib.import_module(names[0])
+        parts = [importlib.import_module(name) for name in names]
+        joined = ModuleType(spec.name, f'{spec.name}: moved to {" and ".join(names)}.')
+
+        def find(name: str) -> Any:  # the old module's names, from whichever part has them now
+            for part in parts:
+                if hasattr(part, name):
+                    return getattr(part, name)
+            raise AttributeError(f'module {spec.name!r} has no attribute {name!r}')
+
+        joined.__getattr__ = find  # type: ignore[method-assign]
+        return joined
+
+    def exec_module(self, module: ModuleType) -> None:
+        pass  # the module it moved to is already executed
+
+
+if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModules())
 
 
 def __getattr__(name: str) -> Any:

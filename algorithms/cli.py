@@ -22,13 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from composer_thaw.config_validation import ConfigError
+from composer_thaw.core.validation import ConfigError
 
 __all__ = ['main']
 
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
-EXIT_DIVERGED = 3  # the loss became nan or inf (composer_thaw.loss_guard)
+EXIT_DIVERGED = 3  # the loss became nan or inf (composer_thaw.callbacks.loss_guard)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,13 +127,15 @@ def _launch(recipe: str, overrides: Sequence[str], nproc: int) -> int:
     ]
     for override in overrides:
         command += ['--set', override]
-    from composer_thaw.interruption import run_launcher
+    # deferred: the launcher helper, only for --nproc
+    from composer_thaw.callbacks.interruption import run_launcher
 
     return run_launcher(command, env)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from composer_thaw.recipe import check_processes, load_recipe
+    # deferred: each command loads only what it needs
+    from composer_thaw.recipes.schema import check_processes, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # validates everything before any model is built
     if args.nproc < 1:
@@ -142,10 +144,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         return _launch(args.recipe, args.overrides, args.nproc)
 
+    # deferred: Composer, once the recipe is valid
     from composer.utils import dist
 
-    from composer_thaw.loss_guard import NonFiniteLossError
-    from composer_thaw.training import format_summary, run_recipe
+    from composer_thaw.callbacks.loss_guard import NonFiniteLossError
+    from composer_thaw.recipes.running import format_summary, run_recipe
 
     try:
         summary = run_recipe(recipe)
@@ -156,7 +159,9 @@ def _run(args: argparse.Namespace) -> int:
         if dist.get_global_rank() == 0:  # every rank stopped at the same batch
             message = f'thaw run: {_what_stopped(interruption)} {_how_to_resume(recipe, args)}'
             print(message, file=sys.stderr, flush=True)
-        number = getattr(interruption, 'signal_number', None)  # a TrainingInterrupted (composer_thaw.interruption)
+        number = getattr(
+            interruption, 'signal_number', None
+        )  # a TrainingInterrupted (composer_thaw.callbacks.interruption)
         return EXIT_INTERRUPTED if number is None else 128 + number  # as a shell reports the signal
     if dist.get_global_rank() == 0:
         print(format_summary(summary), flush=True)
@@ -197,12 +202,13 @@ def _model_and_recipe_options(source: str, algorithm: str) -> tuple[Any, dict[st
     """The model a preview is about and the recipe's options for ``algorithm`` (empty unless ``source`` is a recipe).
 
     A recipe's model is built as ``thaw run`` builds it (its data read first, for the classes), with the same
-    checks; a name or folder alone gives the model :func:`~composer_thaw.training.build_named_model` builds.
+    checks; a name or folder alone gives the model :func:`~composer_thaw.recipes.building.build_named_model` builds.
     """
+    # deferred: Composer and transformers, for previews only
     from composer.utils import reproducibility
 
-    from composer_thaw.recipe import load_recipe
-    from composer_thaw.training import build_named_model, build_recipe_model
+    from composer_thaw.recipes.building import build_named_model, build_recipe_model
+    from composer_thaw.recipes.schema import load_recipe
 
     if _is_recipe(source):
         recipe = load_recipe(source)
@@ -234,6 +240,7 @@ def _override(options: dict[str, Any], args: argparse.Namespace, keys: Sequence[
 
 def _preview(args: argparse.Namespace) -> int:
     """Print what RegexFreeze would train on a recipe's model (with its regex_freeze options) or a named model."""
+    # deferred: one algorithm, for its preview only
     from composer_thaw.regex_freeze import freeze_preview
 
     model, options = _model_and_recipe_options(args.source, 'regex_freeze')
@@ -251,6 +258,7 @@ def _preview(args: argparse.Namespace) -> int:
 
 def _hift_preview(args: argparse.Namespace) -> int:
     """Print HiFTRotation's units and the groups its first passes visit (with the recipe's hift_rotation options)."""
+    # deferred: one algorithm, for its preview only
     from composer_thaw.hift_rotation import rotation_preview
 
     model, options = _model_and_recipe_options(args.source, 'hift_rotation')
@@ -264,7 +272,8 @@ def _hift_preview(args: argparse.Namespace) -> int:
 
 
 def _list_algorithms(args: argparse.Namespace) -> int:
-    from composer_thaw.registry import algorithm_registry
+    # deferred: Composer and the entry points, for the list only
+    from composer_thaw.core.registry import algorithm_registry
 
     for name, entry in sorted(algorithm_registry().items()):
         print(f'{name:28} {entry.source:14} {entry.target}')
@@ -272,7 +281,8 @@ def _list_algorithms(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from composer_thaw.memory_estimate import estimate_report
+    # deferred: the algorithms and transformers, for estimates only
+    from composer_thaw.recipes.memory_estimate import estimate_report
 
     print(
         estimate_report(args.model_config, args.algorithm, args.overrides, args.optimizer, args.dtype, args.world_size)

@@ -35,22 +35,22 @@ from composer.utils import reproducibility
 from torch.utils.data import DataLoader
 
 from composer_thaw.lora_inject import LoRAInject
-from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze import RegexFreeze
+from composer_thaw.utils.parameter_selection import user_module
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 DEMO_TRAINABLE = ['bert.encoder.layer.5', 'bert.pooler', 'classifier']  # yamls/demo.yaml
 
 
 def _decoder_52m():
-    from composer_thaw.models import tiny_decoder
+    from composer_thaw.models.builtin import tiny_decoder
 
     reproducibility.seed_all(0)
     return tiny_decoder('llama', num_layers=8, hidden_size=512, num_heads=8, max_seq_len=64)
 
 
 def _demo_model():
-    from composer_thaw.models import minilm_classifier
+    from composer_thaw.models.builtin import minilm_classifier
 
     reproducibility.seed_all(0)
     return minilm_classifier(num_labels=6)

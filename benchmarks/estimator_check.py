@@ -29,8 +29,8 @@ if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.measure import quiet_allocator, rss_bytes, trim
-from composer_thaw.atomic_files import atomic_write_text
-from composer_thaw.memory_estimate import estimate_training_state, spec_of
+from composer_thaw.recipes.memory_estimate import estimate_training_state, spec_of
+from composer_thaw.utils.atomic_files import atomic_write_text
 
 TOLERANCE = 0.03  # relative, on gradients + optimizer state
 ABSOLUTE_SLACK = 4 * 2**20  # bytes: allocator bookkeeping, autograd's small buffers
@@ -77,8 +77,8 @@ class RssCheck:
 
 
 def build_decoder(hidden: int, layers: int, seed: int = 0):
-    from composer_thaw.models import tiny_decoder
-    from composer_thaw.parameter_selection import user_module
+    from composer_thaw.models.builtin import tiny_decoder
+    from composer_thaw.utils.parameter_selection import user_module
 
     torch.manual_seed(seed)
     return user_module(
@@ -103,7 +103,7 @@ def measure_case(algorithm: str, options: dict[str, Any], hidden: int, layers: i
     With ``master_weights`` the model is bf16 and the masters' growth (when they are made) counts with the optimizer
     state; the gradients are held through the step, which would otherwise release them.
     """
-    from composer_thaw.master_weights import enable_master_weights
+    from composer_thaw.utils.master_weights import enable_master_weights
 
     mode = options.get('master_weights')
     model = build_decoder(hidden, layers)

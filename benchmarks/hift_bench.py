@@ -50,12 +50,12 @@ from torch import nn
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from composer_thaw.atomic_files import atomic_write_text
-from composer_thaw.data import ClassificationDataset, build_dataloader, stdlib_docs_examples
+from composer_thaw.datasets.builtin import ClassificationDataset, build_dataloader, stdlib_docs_examples
 from composer_thaw.hift_rotation import GroupRotation, rotation_units
-from composer_thaw.models import load_tokenizer, minilm_classifier
-from composer_thaw.optimizer_surgery import optimizer_state_bytes
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.models.builtin import load_tokenizer, minilm_classifier
+from composer_thaw.utils.atomic_files import atomic_write_text
+from composer_thaw.utils.optimizer_surgery import optimizer_state_bytes
+from composer_thaw.utils.parameter_selection import user_module
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'hift_rotation.json'
 HIFT_REGISTER = Path(torch.__file__).resolve().parents[1] / 'hift' / 'registerCallBack.py'
@@ -250,7 +250,7 @@ def demo_recipe(overrides: list[str]):
     """``yamls/demo.yaml`` as full fine-tuning (its RegexFreeze dropped, lr 1e-4), with ``overrides`` applied."""
     import yaml
 
-    from composer_thaw.recipe import apply_overrides, recipe_from_mapping, validate_recipe
+    from composer_thaw.recipes.schema import apply_overrides, recipe_from_mapping, validate_recipe
 
     data = yaml.safe_load((Path(__file__).resolve().parents[1] / 'yamls' / 'demo.yaml').read_text())
     data['algorithms'].pop('regex_freeze', None)
@@ -274,7 +274,7 @@ ACCURACY_RUNS = {
 
 
 def accuracy(budget: list[str], runs: list[str]) -> dict[str, Any]:
-    from composer_thaw.training import run_recipe
+    from composer_thaw.recipes.running import run_recipe
 
     out = {}
     for name in runs:

@@ -35,11 +35,11 @@ if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.measure import adamw, interleaved_times, train_step
-from composer_thaw.atomic_files import atomic_write_text
 from composer_thaw.layer_freezing import freezable_units, freeze_layers, freeze_units
-from composer_thaw.models import tiny_decoder
-from composer_thaw.optimizer_surgery import optimizer_state_bytes
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.models.builtin import tiny_decoder
+from composer_thaw.utils.atomic_files import atomic_write_text
+from composer_thaw.utils.optimizer_surgery import optimizer_state_bytes
+from composer_thaw.utils.parameter_selection import user_module
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'layer_freezing.json'
 

@@ -39,11 +39,11 @@ if __package__ in (None, ''):  # run as a script: make the repository importable
 
 from benchmarks.measure import adamw, interleaved_times, train_step
 from benchmarks.methods import swap_in_loralib
-from composer_thaw.atomic_files import atomic_write_text
 from composer_thaw.lora_inject import apply_lora
-from composer_thaw.models import tiny_decoder
-from composer_thaw.optimizer_surgery import training_state_bytes
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.models.builtin import tiny_decoder
+from composer_thaw.utils.atomic_files import atomic_write_text
+from composer_thaw.utils.optimizer_surgery import training_state_bytes
+from composer_thaw.utils.parameter_selection import user_module
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'lora_inject.json'
 TARGETS = ['q_proj', 'v_proj']
@@ -148,9 +148,14 @@ def accuracy_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     from composer import Trainer
     from composer.utils import reproducibility
 
-    from composer_thaw.data import STDLIB_DOCS_CLASSES, ClassificationDataset, build_dataloader, stdlib_docs_examples
+    from composer_thaw.datasets.builtin import (
+        STDLIB_DOCS_CLASSES,
+        ClassificationDataset,
+        build_dataloader,
+        stdlib_docs_examples,
+    )
     from composer_thaw.lora_inject import LoRAInject
-    from composer_thaw.models import load_tokenizer, minilm_classifier
+    from composer_thaw.models.builtin import load_tokenizer, minilm_classifier
 
     tokenizer = load_tokenizer()
     train, evaluation = stdlib_docs_examples()

@@ -57,8 +57,8 @@ if __package__ in (None, ''):  # run as a script: make the repository importable
 from benchmarks.bf16_matmul import Bf16ProductsInFp32
 from benchmarks.measure import median_spread, trim
 from benchmarks.methods import Task, _lora_options, build_tasks
-from composer_thaw.master_weights import enable_master_weights
-from composer_thaw.optimizer_surgery import training_state_bytes
+from composer_thaw.utils.master_weights import enable_master_weights
+from composer_thaw.utils.optimizer_surgery import training_state_bytes
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 YAMLS = Path(__file__).resolve().parents[1] / 'yamls'
@@ -171,8 +171,8 @@ def run_once(task: Task, algorithm: str, precision: str, batches: int) -> dict[s
 def quality_once(algorithm: str, precision: str, seed: Optional[int] = None) -> dict[str, Any]:
     """The demo task trained by ``algorithm``'s shipped recipe in ``precision`` (with ``seed`` instead of the recipe's
     when given); its eval accuracy and cost."""
-    from composer_thaw.recipe import load_recipe
-    from composer_thaw.training import run_recipe
+    from composer_thaw.recipes.running import run_recipe
+    from composer_thaw.recipes.schema import load_recipe
 
     overrides = ['progress_bar=false']
     if seed is not None:
@@ -258,7 +258,7 @@ def _seed_summary(results: list[dict[str, Any]]) -> list[str]:
 
 def predicted_rows() -> list[dict[str, Any]]:
     """Predicted device bytes for Llama 3-8B, bf16 weights with fp32 masters, next to AdamW fp32 and BAdam's formula."""
-    from composer_thaw.memory_estimate import estimate_training_state, load_model_config
+    from composer_thaw.recipes.memory_estimate import estimate_training_state, load_model_config
 
     spec = load_model_config('llama-3-8b')
     masters = {'master_weights': 'fp32'}

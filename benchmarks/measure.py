@@ -2,7 +2,7 @@
 
 * Time: :func:`time_call` (synchronizes CUDA around the call), :func:`interleaved_times` (warm-up, then every
   function once per round, so load from other processes hits all of them alike), :func:`median_spread`.
-* Bytes: :func:`composer_thaw.optimizer_surgery.training_state_bytes` on the model and optimizer, per batch, by
+* Bytes: :func:`composer_thaw.utils.optimizer_surgery.training_state_bytes` on the model and optimizer, per batch, by
   :class:`StepRecorder` (peak and last value), which also records each batch's wall time and loss.
 * Process memory on CPU: resident set size (RSS) from ``/proc``. :func:`quiet_allocator` makes it trustworthy:
   glibc's mmap threshold is pinned (large tensors are mmapped and returned to the system when freed, instead of
@@ -27,7 +27,7 @@ import torch
 from composer import Callback, Logger, State
 from torch import nn
 
-from composer_thaw.optimizer_surgery import TrainingStateBytes, training_state_bytes
+from composer_thaw.utils.optimizer_surgery import TrainingStateBytes, training_state_bytes
 
 __all__ = [
     'MemoryProbe',

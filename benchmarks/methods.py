@@ -32,8 +32,8 @@ from composer import Callback, Logger, State
 from composer.models import HuggingFaceModel
 from torch import nn
 
-from composer_thaw.optimizer_surgery import TrainingStateBytes, optimizer_state_bytes, training_state_bytes
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.optimizer_surgery import TrainingStateBytes, optimizer_state_bytes, training_state_bytes
+from composer_thaw.utils.parameter_selection import user_module
 
 __all__ = ['METHODS', 'Method', 'Setup', 'Task', 'build_tasks', 'default_batches', 'swap_in_loralib']
 
@@ -67,8 +67,8 @@ def _decoder_task(
 ) -> Task:
     from composer.utils import reproducibility
 
-    from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
-    from composer_thaw.models import load_tokenizer, tiny_decoder
+    from composer_thaw.datasets.builtin import LanguageModelingDataset, build_dataloader, python_topics_corpus
+    from composer_thaw.models.builtin import load_tokenizer, tiny_decoder
 
     tokenizer = load_tokenizer()
     reproducibility.seed_all(0)
@@ -100,8 +100,13 @@ def _decoder_task(
 def _minilm_task(batch_size: int, seq_len: int, train_examples: int, eval_examples: int) -> Task:
     from composer.utils import reproducibility
 
-    from composer_thaw.data import STDLIB_DOCS_CLASSES, ClassificationDataset, build_dataloader, stdlib_docs_examples
-    from composer_thaw.models import load_tokenizer, minilm_classifier
+    from composer_thaw.datasets.builtin import (
+        STDLIB_DOCS_CLASSES,
+        ClassificationDataset,
+        build_dataloader,
+        stdlib_docs_examples,
+    )
+    from composer_thaw.models.builtin import load_tokenizer, minilm_classifier
 
     tokenizer = load_tokenizer()
     reproducibility.seed_all(0)

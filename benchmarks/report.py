@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from composer_thaw.atomic_files import atomic_write_text
+from composer_thaw.utils.atomic_files import atomic_write_text
 
 __all__ = ['load', 'markdown', 'plot_loss', 'plot_memory', 'update_readme', 'write']
 

@@ -80,6 +80,7 @@ def run_once(
         metrics = next(iter(trainer.state.eval_metrics.values()))
         metric = float(metrics[task.metric].compute())
     trainer.close()
+    release_trainer()
     record = recorder.record
     del trainer, setup
     trim()
@@ -95,6 +96,16 @@ def run_once(
         'peak_memory': probe.peak,
         'eval_metric': metric,
     }
+
+
+def release_trainer() -> None:
+    """Let closed Trainers go: Composer registers each Trainer's engine with ``atexit`` (``Engine._close(state,
+    logger)``), which keeps every run's model, gradients and optimizer state alive until the process exits."""
+    import atexit
+
+    from composer.core.engine import Engine
+
+    atexit.unregister(Engine._close)
 
 
 def _rotated(items: list, by: int) -> list:
@@ -152,7 +163,7 @@ def _total(counts: Optional[dict[str, int]]) -> int:
 
 def estimator_rows(task: Task, methods: list[Method], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The estimator's prediction for full fine-tuning and each of ours, next to the measured training state."""
-    from composer_thaw.memory_estimate import estimate_training_state, spec_of
+    from composer_thaw.recipes.memory_estimate import estimate_training_state, spec_of
 
     measured = {row['method']: row for row in rows if row['available']}
     spec = spec_of(task.base)

@@ -4,7 +4,8 @@ Run with ``make bench-sharded`` (``composer -n 2 -m benchmarks.sharded``). Every
 decoder of ``make bench-quick`` for 2 epochs of 2 batches (the global batch split over the 2 processes); the
 recorder counts this process's parameters, gradients and optimizer state after every batch (only the local
 shards under FSDP2), reported at the last batch (HiFT: at the batch with the most state, the embeddings' turn).
-Next to it is :func:`composer_thaw.memory_estimate.estimate_training_state` with ``world_size=2`` (FSDP2) or 1 (DDP).
+Next to it is :func:`composer_thaw.recipes.memory_estimate.estimate_training_state` with ``world_size=2`` (FSDP2) or 1
+(DDP).
 Writes ``benchmarks/results/sharded.json`` and ``sharded.md`` from rank 0.
 """
 
@@ -20,8 +21,8 @@ from composer.utils.parallelism import FSDP2Config
 
 from benchmarks.measure import StepRecorder, default_state_counter
 from benchmarks.methods import METHODS, build_tasks
-from composer_thaw.atomic_files import atomic_write_text
-from composer_thaw.memory_estimate import estimate_training_state, spec_of
+from composer_thaw.recipes.memory_estimate import estimate_training_state, spec_of
+from composer_thaw.utils.atomic_files import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 MEASURED = ('full', 'layer_freezing', 'regex_freeze', 'lora_inject', 'hift_rotation')

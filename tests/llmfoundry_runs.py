@@ -32,7 +32,7 @@ def make_assets(out: Path) -> tuple[Path, Path]:
 
     from composer.utils import reproducibility
 
-    from composer_thaw.models import load_tokenizer, tiny_decoder
+    from composer_thaw.models.builtin import load_tokenizer, tiny_decoder
 
     reproducibility.seed_all(0)
     model_dir, data = out / 'model', out / 'train.jsonl'
@@ -69,7 +69,7 @@ def overrides(algorithm: str, model_dir: Path, data: Path, run: Path, **extra: s
 
 
 def parameters(trainer: Any) -> dict[str, torch.Tensor]:
-    from composer_thaw.parameter_selection import user_module
+    from composer_thaw.utils.parameter_selection import user_module
 
     return {n: p.detach().clone() for n, p in user_module(trainer.state.model).named_parameters()}
 

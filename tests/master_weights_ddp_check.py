@@ -24,8 +24,8 @@ from conformance.harness import MasterReference
 from rank_checks import RankChecks, rank_trainer, resumed_equals_uninterrupted, write_from_rank_zero
 
 from composer_thaw.hift_rotation import HiFTRotation
-from composer_thaw.master_weights import master_weights_of
-from composer_thaw.models import tiny_decoder
+from composer_thaw.models.builtin import tiny_decoder
+from composer_thaw.utils.master_weights import master_weights_of
 
 
 class Checks(RankChecks):

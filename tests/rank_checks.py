@@ -12,10 +12,10 @@ import torch
 from composer import Callback, Trainer
 from composer.utils import dist
 
-from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
-from composer_thaw.models import load_tokenizer
-from composer_thaw.parameter_selection import user_module
-from composer_thaw.training import parameter_checksum
+from composer_thaw.datasets.builtin import LanguageModelingDataset, build_dataloader, python_topics_corpus
+from composer_thaw.models.builtin import load_tokenizer
+from composer_thaw.recipes.running import parameter_checksum
+from composer_thaw.utils.parameter_selection import user_module
 
 
 class RankChecks(Callback):

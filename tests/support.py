@@ -13,8 +13,8 @@ import torch
 from composer import Trainer
 from composer.utils import reproducibility
 
-from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
-from composer_thaw.models import load_tokenizer, tiny_decoder
+from composer_thaw.datasets.builtin import LanguageModelingDataset, build_dataloader, python_topics_corpus
+from composer_thaw.models.builtin import load_tokenizer, tiny_decoder
 
 REPO = Path(__file__).resolve().parents[1]
 # `thaw run yamls/demo.yaml` overrides for a run of a few seconds: a tiny decoder, HiFT (whose rotation state, queue and

@@ -24,8 +24,8 @@ from torch import nn
 from composer_thaw.hift_rotation import GroupRotation, rotation_units
 from composer_thaw.layer_freezing import freeze_layers
 from composer_thaw.lora_inject import apply_lora, load_adapter_state_dict
-from composer_thaw.parameter_selection import parameter_aliases, split_into_units
 from composer_thaw.regex_freeze import apply_regex_freeze
+from composer_thaw.utils.parameter_selection import parameter_aliases, split_into_units
 
 NAMES = list(ARCHITECTURES)
 

@@ -1,4 +1,4 @@
-"""Compatibility between algorithms is declared in one place (``composer_thaw.compatibility``) from what each
+"""Compatibility between algorithms is declared in one place (``composer_thaw.core.compatibility``) from what each
 algorithm owns, so no algorithm imports another: every module under an algorithm folder is parsed and its imports
 checked; the declared table gives the refused and composing pairs; a third party's declaration takes part."""
 
@@ -11,8 +11,7 @@ import pytest
 from composer.core import Algorithm
 
 import composer_thaw
-from composer_thaw.algorithm_state import ConfigRepr
-from composer_thaw.compatibility import (
+from composer_thaw.core.compatibility import (
     ADAPTERS,
     BASE_PARAMETERS,
     Claim,
@@ -21,6 +20,7 @@ from composer_thaw.compatibility import (
     compatibility_table,
     conflict,
 )
+from composer_thaw.core.state import ConfigRepr
 from composer_thaw.hift_rotation import HiFTRotation
 from composer_thaw.layer_freezing import LayerFreezing
 from composer_thaw.lora_inject import LoRAInject
@@ -215,7 +215,7 @@ def test_claims_are_checked():
 def test_every_algorithm_of_ours_declares_what_it_owns():
     from conformance.harness import all_cases
 
-    from composer_thaw.registry import our_algorithm_names
+    from composer_thaw.core.registry import our_algorithm_names
 
     ours = [case for case in all_cases() if case.name in our_algorithm_names()]
     assert {case.name for case in ours} == set(our_algorithm_names())

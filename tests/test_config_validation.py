@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from composer_thaw.config_validation import ConfigError, ConfigTypeError, check_call_kwargs, check_value, from_mapping
+from composer_thaw.core.validation import ConfigError, ConfigTypeError, check_call_kwargs, check_value, from_mapping
 
 
 @dataclass

@@ -114,8 +114,8 @@ def test_the_repr_of_a_registered_third_party_algorithm_evals_back(thaw_example,
     """``eval_repr`` (used to rebuild algorithms from checkpoints) knows classes registered under the entry point."""
     from importlib.metadata import EntryPoint
 
-    from composer_thaw import registry
-    from composer_thaw.algorithm_state import eval_repr
+    from composer_thaw.core import registry
+    from composer_thaw.core.state import eval_repr
 
     point = EntryPoint(
         name=NAME, value=PROJECT['entry-points'][registry.ENTRY_POINT_GROUP][NAME], group=registry.ENTRY_POINT_GROUP

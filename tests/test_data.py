@@ -2,8 +2,8 @@
 
 import hashlib
 
-from composer_thaw import data
-from composer_thaw.models import load_tokenizer
+from composer_thaw.datasets import builtin as data
+from composer_thaw.models.builtin import load_tokenizer
 
 
 def _fingerprint(examples):

@@ -2,7 +2,7 @@
 
 from importlib.metadata import entry_points, packages_distributions
 
-from composer_thaw.registry import algorithm_registry, our_algorithm_names
+from composer_thaw.core.registry import algorithm_registry, our_algorithm_names
 
 
 def test_llmfoundry_entry_points_resolve_to_our_classes():

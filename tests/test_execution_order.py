@@ -8,8 +8,8 @@ import torch
 from architectures import ARCHITECTURES, VISION
 from torch import nn
 
-from composer_thaw.execution_order import ForwardTraceError, example_inputs, trace_forward
-from composer_thaw.parameter_selection import split_into_units
+from composer_thaw.utils.execution_order import ForwardTraceError, example_inputs, trace_forward
+from composer_thaw.utils.parameter_selection import split_into_units
 
 
 def _first_use_order(model: nn.Module) -> list[str]:

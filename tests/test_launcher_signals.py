@@ -1,4 +1,5 @@
-"""``thaw run --nproc N``: signals reach Composer's launcher once, through ``thaw`` (composer_thaw.interruption's
+"""``thaw run --nproc N``: signals reach Composer's launcher once, through ``thaw``
+(composer_thaw.callbacks.interruption's
 ``run_launcher``). A stand-in launcher records the signals it gets; what the real one does with them (SIGTERM to every
 rank, which saves and stops) is the ``interruption`` part of tests/two_processes.py."""
 
@@ -35,7 +36,7 @@ sys.exit(1)
 """
 
 THAW = (
-    'import os, sys; from composer_thaw.interruption import run_launcher; '
+    'import os, sys; from composer_thaw.callbacks.interruption import run_launcher; '
     'sys.exit(run_launcher(sys.argv[1:], os.environ))'
 )
 

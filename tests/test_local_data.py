@@ -8,8 +8,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from composer_thaw.config_validation import ConfigError
-from composer_thaw.local_data import (
+from composer_thaw.core.validation import ConfigError
+from composer_thaw.datasets.local_files import (
     IGNORE_INDEX,
     causal_lm_examples,
     instruction_examples,
@@ -17,7 +17,7 @@ from composer_thaw.local_data import (
     load_table,
     load_task_data,
 )
-from composer_thaw.models import load_tokenizer
+from composer_thaw.models.builtin import load_tokenizer
 
 PAIRS = [{'prompt': f'what is {i} plus {i}?', 'response': f'it is {2 * i}.'} for i in range(10)]
 REVIEWS = 'text,label\n' + ''.join(f'review number {i},{("bad", "good", "fine")[i % 3]}\n' for i in range(12))

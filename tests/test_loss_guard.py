@@ -4,9 +4,9 @@ import pytest
 import torch
 from support import REPO, cpu_trainer, seeded_tiny_decoder, set_args
 
-from composer_thaw import training
+from composer_thaw.callbacks.loss_guard import NonFiniteLossError, StopOnNonFiniteLoss
 from composer_thaw.cli import EXIT_DIVERGED, main
-from composer_thaw.loss_guard import NonFiniteLossError, StopOnNonFiniteLoss
+from composer_thaw.recipes import running as training
 
 
 def _poisoned(model, after_batches: int):

@@ -7,13 +7,13 @@ import torch
 from support import seeded_tiny_decoder
 from torch import nn
 
-from composer_thaw.config_validation import ConfigError
+from composer_thaw.core.validation import ConfigError
 from composer_thaw.hift_rotation import GroupRotation, HiFTRotation
 from composer_thaw.layer_freezing import LayerFreezing, freeze_units
 from composer_thaw.layer_freezing.units import freezable_units
 from composer_thaw.lora_inject import LoRAInject, apply_lora
-from composer_thaw.master_weights import enable_master_weights, master_weights_of
 from composer_thaw.regex_freeze import RegexFreeze, apply_regex_freeze
+from composer_thaw.utils.master_weights import enable_master_weights, master_weights_of
 
 BF16 = torch.bfloat16
 
@@ -276,7 +276,7 @@ def test_gpu_peak_of_a_1b_model_is_the_estimate_plus_activations():
     over a few steps is within 5% of the estimator's training state plus the activations measured alone."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from composer_thaw.memory_estimate import estimate_training_state, spec_of
+    from composer_thaw.recipes.memory_estimate import estimate_training_state, spec_of
 
     config = LlamaConfig(
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
@@ -312,8 +312,8 @@ def test_gpu_peak_of_a_1b_model_is_the_estimate_plus_activations():
 
 
 def test_training_state_counts_the_masters_and_the_run_summary_shows_them():
-    from composer_thaw.optimizer_surgery import training_state_bytes
-    from composer_thaw.training import RunSummary, format_summary
+    from composer_thaw.recipes.running import RunSummary, format_summary
+    from composer_thaw.utils.optimizer_surgery import training_state_bytes
 
     model = bf16_decoder()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -11,10 +11,10 @@ import pytest
 import support
 import torch
 
-from composer_thaw.config_validation import ConfigError
-from composer_thaw.memory_estimate import estimate_training_state, load_model_config, spec_of
-from composer_thaw.optimizer_surgery import training_state_bytes
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.core.validation import ConfigError
+from composer_thaw.recipes.memory_estimate import estimate_training_state, load_model_config, spec_of
+from composer_thaw.utils.optimizer_surgery import training_state_bytes
+from composer_thaw.utils.parameter_selection import user_module
 
 sys.path.insert(0, str(support.REPO))  # the benchmarks package lives at the repository root
 
@@ -178,7 +178,7 @@ def test_cli_invalid_input_exits_2_with_one_line(args, capsys):
 
 @pytest.mark.parametrize('algorithm,options', CASES, ids=[c[0] for c in CASES])
 def test_master_weights_prediction_equals_the_bytes_of_a_real_step(algorithm, options):
-    from composer_thaw.master_weights import enable_master_weights
+    from composer_thaw.utils.master_weights import enable_master_weights
 
     model = user_module(support.seeded_tiny_decoder()).to(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -230,7 +230,7 @@ def test_hift_master_weights_prediction_equals_a_rotation_that_visited_every_gro
     offload); on the host: the others' fp32 optimizer state and masters; per step: one group's out and the next one's
     in (down2up, group_size 1: every unit of the tiny decoder has the same size but the embeddings and the head)."""
     from composer_thaw.hift_rotation import GroupRotation
-    from composer_thaw.master_weights import master_weights_of
+    from composer_thaw.utils.master_weights import master_weights_of
 
     model = user_module(support.seeded_tiny_decoder()).to(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -2,8 +2,8 @@
 
 import torch
 
-from composer_thaw.models import embedded_minilm_path, minilm_classifier, tiny_decoder
-from composer_thaw.parameter_selection import split_into_units, user_module
+from composer_thaw.models.builtin import embedded_minilm_path, minilm_classifier, tiny_decoder
+from composer_thaw.utils.parameter_selection import split_into_units, user_module
 
 
 def test_minilm_loads_the_pretrained_weights_offline():
@@ -40,7 +40,7 @@ def test_a_tokenizer_without_any_special_token_gets_a_new_pad_token_and_a_row_fo
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from composer_thaw.models import default_task, hf_model
+    from composer_thaw.models.builtin import default_task, hf_model
 
     backend = Tokenizer(models.WordLevel({'a': 0, 'b': 1, 'c': 2}))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from composer_thaw.optimizer_surgery import (
+from composer_thaw.utils.optimizer_surgery import (
     add_params,
     group_index_of,
     offload_state,

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from composer.core import Algorithm
 
-from composer_thaw.algorithm_state import ConfigRepr, config_key, eval_repr
-from composer_thaw.config_validation import ConfigError, ConfigTypeError, _matches
-from composer_thaw.registry import algorithm_registry, build_algorithm, our_algorithm_names, registered_name
+from composer_thaw.core.registry import algorithm_registry, build_algorithm, our_algorithm_names, registered_name
+from composer_thaw.core.state import ConfigRepr, config_key, eval_repr
+from composer_thaw.core.validation import ConfigError, ConfigTypeError, _matches
 
 NAMES = our_algorithm_names()
 WRONG_TYPE_CANDIDATES = ({'not': 'valid'}, 3.5, 'not-valid', [object])

@@ -4,9 +4,9 @@ import pytest
 from architectures import ARCHITECTURES, VISION
 from torch import nn
 
-from composer_thaw.models import minilm_classifier, tiny_decoder
-from composer_thaw.parameter_selection import (
-    closest_names,
+from composer_thaw.core.validation import closest_names
+from composer_thaw.models.builtin import minilm_classifier, tiny_decoder
+from composer_thaw.utils.parameter_selection import (
     find_block_stacks,
     find_repeated_blocks,
     parameter_aliases,

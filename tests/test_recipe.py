@@ -8,8 +8,8 @@ import torch
 from support import REPO, run_thaw
 
 from composer_thaw.cli import EXIT_INVALID, main
-from composer_thaw.config_validation import ConfigError
-from composer_thaw.recipe import Recipe, load_recipe, recipe_from_mapping, recipe_to_mapping
+from composer_thaw.core.validation import ConfigError
+from composer_thaw.recipes.schema import Recipe, load_recipe, recipe_from_mapping, recipe_to_mapping
 
 RECIPES = sorted((REPO / 'yamls').glob('*.yaml'))
 
@@ -114,7 +114,7 @@ def test_freeze_preview_of_a_pattern_that_matches_nothing_exits_2(capsys):
 
 
 def test_resuming_without_the_checkpoints_algorithm_is_refused_by_name(tmp_path, capsys):
-    from composer_thaw.training import run_recipe
+    from composer_thaw.recipes.running import run_recipe
 
     decoder = [
         'model.name=tiny-decoder',
@@ -147,7 +147,7 @@ def test_broken_yaml_and_indivisible_batch_are_one_line_errors(tmp_path, capsys)
 def test_nproc_reruns_the_same_command_in_each_process_of_composers_launcher(monkeypatch):
     """``thaw run --nproc 2`` starts ``composer -n 2`` running ``thaw run`` with the same recipe and overrides in each
     process (what each process then does is the ``sharded_recipe`` part of tests/two_processes.py)."""
-    from composer_thaw import interruption
+    from composer_thaw.callbacks import interruption
 
     launched = []
     monkeypatch.setattr(interruption, 'run_launcher', lambda command, env: launched.append((command, env)) or 0)

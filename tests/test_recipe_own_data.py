@@ -10,10 +10,11 @@ import torch
 from composer.utils import reproducibility
 
 from composer_thaw.cli import EXIT_INVALID, main
-from composer_thaw.local_data import IGNORE_INDEX
-from composer_thaw.models import tiny_decoder
-from composer_thaw.recipe import load_recipe
-from composer_thaw.training import build_recipe_model, run_recipe
+from composer_thaw.datasets.local_files import IGNORE_INDEX
+from composer_thaw.models.builtin import tiny_decoder
+from composer_thaw.recipes.building import build_recipe_model
+from composer_thaw.recipes.running import run_recipe
+from composer_thaw.recipes.schema import load_recipe
 
 LABELS = ('negative', 'neutral', 'positive')
 WORDS = 'good great fine okay bad awful the movie was food service very quite'.split()
@@ -180,13 +181,13 @@ BROKEN = {
 def test_bad_data_is_refused_in_one_line_before_the_model_is_built(case, command, files, tmp_path, capsys, monkeypatch):
     import yaml
 
-    import composer_thaw.models
-    from composer_thaw.recipe import apply_overrides
+    import composer_thaw.models.builtin
+    from composer_thaw.recipes.schema import apply_overrides
 
     def no_model(*args, **kwargs):
         raise AssertionError('the model was built')
 
-    monkeypatch.setattr(composer_thaw.models, 'hf_model', no_model)
+    monkeypatch.setattr(composer_thaw.models.builtin, 'hf_model', no_model)
     (tmp_path / 'eval.csv').write_text('text,sentiment\nthe food was awful,awful\n')
     (tmp_path / 'empty.csv').write_text('')
     overrides, key, fragment = BROKEN[case]
@@ -205,7 +206,7 @@ def test_bad_data_is_refused_in_one_line_before_the_model_is_built(case, command
 def test_the_estimate_of_a_builtin_model_recipe_has_the_datas_classes(capsys, monkeypatch):
     from support import REPO
 
-    from composer_thaw.memory_estimate import estimate_training_state
+    from composer_thaw.recipes.memory_estimate import estimate_training_state
 
     monkeypatch.chdir(REPO)
     assert main(['estimate', '--model-config', 'yamls/files_classification.yaml']) == 0

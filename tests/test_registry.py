@@ -6,8 +6,8 @@ import pytest
 from composer.algorithms import EMA, GradientClipping
 from composer.algorithms import LayerFreezing as ComposerLayerFreezing
 
-from composer_thaw import registry
-from composer_thaw.config_validation import ConfigError
+from composer_thaw.core import registry
+from composer_thaw.core.validation import ConfigError
 
 
 def test_composer_algorithms_resolve_under_their_folder_names():

@@ -14,7 +14,7 @@ from support import REPO, cpu_trainer, seeded_tiny_decoder, set_args
 
 from composer_thaw import HiFTRotation, LayerFreezing, LoRAInject, RegexFreeze
 from composer_thaw.cli import EXIT_INVALID, main
-from composer_thaw.resume_compatibility import RESUME_CONFIG_KEY, ResumeConfigError
+from composer_thaw.core.resume_checks import RESUME_CONFIG_KEY, ResumeConfigError
 
 
 def _half_at_half(elapsed: float, freeze_start: float, freeze_level: float) -> float:
@@ -179,7 +179,7 @@ def test_thaw_run_refuses_before_building_anything(name, how, tmp_path, capsys):
 
 
 def test_thaw_run_with_load_weights_only_compares_nothing(tmp_path):
-    from composer_thaw.recipe import load_recipe
+    from composer_thaw.recipes.schema import load_recipe
 
     checkpoint = tmp_path / 'ep0-ba2-rank0.pt'
     _checkpoint_of(checkpoint, HiFTRotation(group_size=2))

@@ -167,7 +167,7 @@ def checkpoint_folders(tmp_path_factory) -> dict[str, Path]:
     """A small BERT classifier saved as Hugging Face does, and copies of it broken in the ways users meet."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from composer_thaw.models import load_tokenizer
+    from composer_thaw.models.builtin import load_tokenizer
 
     root = tmp_path_factory.mktemp('models')
     good = root / 'good'
@@ -243,7 +243,7 @@ PREVIEWED = {
 def test_previews_refuse_what_the_run_refuses_in_the_same_line(command, name, tmp_path, checkpoint_folders, capsys):
     import yaml
 
-    from composer_thaw.recipe import apply_overrides
+    from composer_thaw.recipes.schema import apply_overrides
 
     build, key = CASES[name]
     recipe = apply_overrides(yaml.safe_load(DEMO.read_text()), [*TINY, *build(tmp_path, checkpoint_folders)])

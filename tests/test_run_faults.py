@@ -6,8 +6,8 @@ import pytest
 from support import REPO, set_args
 
 from composer_thaw.cli import EXIT_INTERRUPTED, EXIT_INVALID, main
-from composer_thaw.recipe import load_recipe
-from composer_thaw.training import run_recipe
+from composer_thaw.recipes.running import run_recipe
+from composer_thaw.recipes.schema import load_recipe
 
 DEMO = REPO / 'yamls/demo.yaml'
 TINY = [
@@ -39,7 +39,7 @@ def _interrupt(*args, **kwargs):
 def test_an_interrupted_run_says_how_to_resume(extra, advice, tmp_path, monkeypatch, capsys):
     (tmp_path / 'saved').mkdir()
     (tmp_path / 'saved' / 'latest-rank0.pt').write_bytes(b'')
-    monkeypatch.setattr('composer_thaw.training.run_recipe', _interrupt)
+    monkeypatch.setattr('composer_thaw.recipes.running.run_recipe', _interrupt)
     overrides = [*TINY, 'algorithms={}', *[e.format(tmp=tmp_path) for e in extra]]
     assert main(['run', str(DEMO), *set_args(overrides)]) == EXIT_INTERRUPTED
     lines = capsys.readouterr().err.strip().splitlines()

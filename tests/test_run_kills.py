@@ -26,9 +26,9 @@ from support import REPO, TINY_HIFT_RUN, set_args, two_process_part
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from composer_thaw.cli import main
-from composer_thaw.recipe import load_recipe
-from composer_thaw.run_files import check_checkpoint_path
-from composer_thaw.training import run_recipe
+from composer_thaw.recipes.run_files import check_checkpoint_path
+from composer_thaw.recipes.running import run_recipe
+from composer_thaw.recipes.schema import load_recipe
 
 DEMO = REPO / 'yamls/demo.yaml'
 BATCHES = 3

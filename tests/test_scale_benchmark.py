@@ -33,6 +33,6 @@ def test_a_toy_size_measures_bytes_against_the_estimate_and_steps_against_the_pe
     assert ours['tensors_error'] == 0.0 and ours['estimate']['trainable_params'] == ours['trainable_params']
     assert ours['memory_growth']['median'] > ours['tensors'] * 0.9
     table = (tmp_path / 'scale.md').read_text()
-    assert '| ours: LoRAInject r=8 (peer: peft_lora) | fp32 |' in table and 'failed: the process died' in table
+    assert '| ours: LoRAInject r=8 (peer: peft_lora) | fp32 |' in table and 'failed: its process died' in table
     assert (tmp_path / 'scale_bytes.png').read_bytes()[:4] == b'\x89PNG'
     assert (tmp_path / 'scale_step_time.png').exists()

@@ -1,4 +1,4 @@
-"""The deferred optimizer read of sharded checkpoints (algorithms/sharded_checkpoints.py), in one process: the
+"""The deferred optimizer read of sharded checkpoints (algorithms/utils/deferred_optimizer_load.py), in one process: the
 template Composer reads into has the param groups and no per-parameter state, and building it allocates none.
 Resuming from real sharded checkpoints is checked at 2 processes in tests/conformance/test_sharded.py."""
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-from composer_thaw.sharded_checkpoints import defer_optimizer_load, load_deferred_optimizer
+from composer_thaw.utils.deferred_optimizer_load import defer_optimizer_load, load_deferred_optimizer
 
 
 def _model_and_optimizer():

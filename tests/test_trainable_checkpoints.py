@@ -1,4 +1,5 @@
-"""Trainable-only checkpoints (composer_thaw.trainable_checkpoints): LoRAInject writes them by default, RegexFreeze on
+"""Trainable-only checkpoints (composer_thaw.utils.trainable_checkpoints): LoRAInject writes them by default,
+RegexFreeze on
 request. They hold the trainable tensors and a fingerprint of the frozen ones, resume bit-exactly on the model as
 built, load with load_weights_only and strictly, and refuse frozen weights that differ, naming the tensor."""
 
@@ -13,9 +14,9 @@ from support import cpu_trainer, seeded_tiny_decoder
 from torch import nn
 
 from composer_thaw.lora_inject import LoRAInject, apply_lora, frozen_base_parameters
-from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze import RegexFreeze
-from composer_thaw.trainable_checkpoints import (
+from composer_thaw.utils.parameter_selection import user_module
+from composer_thaw.utils.trainable_checkpoints import (
     FINGERPRINT_KEY,
     FrozenWeightsMismatch,
     checkpoint_trainable_only,

@@ -5,8 +5,8 @@ import json
 import pytest
 from support import REPO, two_process_part
 
-from composer_thaw.recipe import load_recipe
-from composer_thaw.training import format_summary, run_recipe
+from composer_thaw.recipes.running import format_summary, run_recipe
+from composer_thaw.recipes.schema import load_recipe
 
 SMALL = [
     'max_duration=4ba',

@@ -25,9 +25,9 @@ from composer_thaw.hift_rotation import HiFTRotation
 from composer_thaw.layer_freezing import LayerFreezing
 from composer_thaw.lora_inject import LoRAInject, merge_adapters, save_adapter
 from composer_thaw.lora_inject.injection import adapter_layers
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.models.vision import SyntheticImages, synthetic_image_loader, vision_classifier, vision_model
 from composer_thaw.regex_freeze import RegexFreeze
-from composer_thaw.vision import SyntheticImages, synthetic_image_loader, vision_classifier, vision_model
+from composer_thaw.utils.parameter_selection import user_module
 
 MODELS = ('resnet18', 'vit')
 LORA_TARGETS = {'resnet18': ['conv1', 'conv2', 'fc'], 'vit': ['conv_proj', 'mlp.0', 'mlp.3', 'head']}
@@ -187,8 +187,8 @@ def test_regex_freeze_trains_only_what_its_patterns_name(name):
 def test_a_recipe_pairs_vision_models_with_images_only():
     from support import REPO
 
-    from composer_thaw.config_validation import ConfigError
-    from composer_thaw.recipe import load_recipe
+    from composer_thaw.core.validation import ConfigError
+    from composer_thaw.recipes.schema import load_recipe
 
     recipe = REPO / 'yamls/lora_vit_images.yaml'
     assert load_recipe(recipe, ['model.name=resnet18']).model.name == 'resnet18'

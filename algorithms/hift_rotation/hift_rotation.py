@@ -14,6 +14,9 @@ Example (any loop):
 Example (Composer):
     >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep',
     ...                   algorithms=[HiFTRotation(group_size=1, strategy='random', always_trainable=['classifier'])])
+
+Why one module: the functional core (:class:`GroupRotation`) and the Composer algorithm around it share the
+option checks and the checkpoint layout, as Composer's own algorithm modules keep both in one file.
 """
 
 from __future__ import annotations
@@ -29,27 +32,23 @@ from composer.utils import dist
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_thaw.adapters import has_adapters
-from composer_thaw.algorithm_state import (
+from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
+from composer_thaw.core.resume_checks import check_resume_config, resume_state
+from composer_thaw.core.state import (
     STATE_VERSION_KEY,
     ConfigRepr,
     check_state_version,
 )
-from composer_thaw.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
+from composer_thaw.core.types import single_optimizer
 from composer_thaw.hift_rotation.queue import STRATEGIES, GroupQueue, Strategy
 from composer_thaw.hift_rotation.units import RotationPlan, plan_rotation
-from composer_thaw.master_weights import MasterWeightsMode, MasterWeightsOption
-from composer_thaw.optimizer_surgery import (
-    OffloadedTensor,
-    offload_state,
-    optimizer_state_bytes,
-    restore_state,
-    single_optimizer,
-)
-from composer_thaw.parameter_selection import named_parameters, user_module
-from composer_thaw.resume_compatibility import check_resume_config, resume_state
-from composer_thaw.sharded_checkpoints import defer_optimizer_load, load_deferred_optimizer
-from composer_thaw.sharding import ShardLayout, full_tensor, is_sharded, local_part, refuse_fsdp1
+from composer_thaw.utils.adapters import has_adapters
+from composer_thaw.utils.deferred_optimizer_load import defer_optimizer_load, load_deferred_optimizer
+from composer_thaw.utils.master_weights import MasterWeightsMode, MasterWeightsOption
+from composer_thaw.utils.offloading import OffloadedTensor
+from composer_thaw.utils.optimizer_surgery import offload_state, optimizer_state_bytes, restore_state
+from composer_thaw.utils.parameter_selection import named_parameters, user_module
+from composer_thaw.utils.sharding import ShardLayout, full_tensor, is_sharded, local_part, refuse_fsdp1
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ class GroupRotation:
         seed: seeds the ``random`` strategy; use the same on every rank.
         master_weights: ``'fp32'``: low-precision weights with an fp32 master copy for every tensor the rotation
             trains, stepped while its group is active and otherwise kept with the group's optimizer state (on the
-            host with ``offload``) (:mod:`composer_thaw.master_weights`).
+            host with ``offload``) (:mod:`composer_thaw.utils.master_weights`).
     """
 
     def __init__(
@@ -450,7 +449,7 @@ class HiFTRotation(ConfigRepr, Algorithm):
         master_weights: ``'fp32'`` keeps the model's low-precision (bf16) weights and gives every tensor the rotation
             trains an fp32 master copy and fp32 optimizer state; an inactive group's masters wait with its optimizer
             state (offloaded to the host with ``offload``), so no update below bf16's resolution is lost between
-            visits (:mod:`composer_thaw.master_weights`). Default: ``None``.
+            visits (:mod:`composer_thaw.utils.master_weights`). Default: ``None``.
     """
 
     events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, Event.BATCH_START)
@@ -493,7 +492,7 @@ class HiFTRotation(ConfigRepr, Algorithm):
 
     def owns(self) -> tuple[Claim, ...]:
         """The rotation switches the base parameters on and off, or with ``lora=True`` the adapters (see
-        :mod:`composer_thaw.compatibility`)."""
+        :mod:`composer_thaw.core.compatibility`)."""
         return (Claim(ADAPTERS if self.lora else BASE_PARAMETERS, 'rotates', _RESTRICT_ADVICE),)
 
     def match(self, event: Event, state: State) -> bool:

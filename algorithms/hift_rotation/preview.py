@@ -17,7 +17,7 @@ from torch import nn
 
 from composer_thaw.hift_rotation.queue import GroupQueue, Strategy
 from composer_thaw.hift_rotation.units import plan_rotation
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 __all__ = ['rotation_preview']
 

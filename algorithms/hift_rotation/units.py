@@ -2,7 +2,7 @@
 
 A *unit* is what the ``hift`` package calls a layer: the embeddings (unit 0), each repeated block (units 1..n),
 then each module after the blocks (final norm, pooler, classifier, ``lm_head``), as the package's per-model regex
-lists give them. Here they come from :func:`composer_thaw.parameter_selection.split_into_units`, in the order they
+lists give them. Here they come from :func:`composer_thaw.utils.parameter_selection.split_into_units`, in the order they
 run in the forward pass, so any model with a ``ModuleList``/``Sequential`` of blocks works without registration
 (both stacks of an encoder-decoder, each stage of a ResNet); an explicit list of regexes (``groups``) replaces the
 discovery for models without one.
@@ -27,8 +27,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from composer_thaw.optimizer_surgery import group_index_of
-from composer_thaw.parameter_selection import ModelUnit, closest_names, named_parameters, split_into_units
+from composer_thaw.core.validation import closest_names
+from composer_thaw.utils.optimizer_surgery import group_index_of
+from composer_thaw.utils.parameter_selection import ModelUnit, named_parameters, split_into_units
 
 __all__ = ['RotationPlan', 'plan_rotation', 'rotation_units', 'trainable_parameters']
 
@@ -83,7 +84,7 @@ def rotation_units(
     """The units in HiFT's order (embeddings, blocks, trailing modules), restricted to parameters that train now.
 
     Args:
-        root: the user's model (:func:`~composer_thaw.parameter_selection.user_module` of a Composer model).
+        root: the user's model (:func:`~composer_thaw.utils.parameter_selection.user_module` of a Composer model).
         optimizer: if given, only parameters in its param groups count as trainable.
         groups: regexes, one unit each, replacing the automatic discovery.
 

@@ -25,8 +25,9 @@ from composer.loggers import Logger
 from composer.utils import ensure_tuple
 from torch.optim import Optimizer
 
-from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
-from composer_thaw.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
+from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
+from composer_thaw.core.resume_checks import check_resume_config, resume_state
+from composer_thaw.core.state import STATE_VERSION_KEY, ConfigRepr, check_state_version
 from composer_thaw.layer_freezing.units import (
     GRANULARITIES,
     FreezeUnit,
@@ -34,12 +35,11 @@ from composer_thaw.layer_freezing.units import (
     freezable_units,
     parameters_to_freeze,
 )
-from composer_thaw.master_weights import MasterWeightsOption
-from composer_thaw.optimizer_surgery import optimizer_state_bytes, remove_params
-from composer_thaw.parameter_selection import user_module
-from composer_thaw.resume_compatibility import check_resume_config, resume_state
-from composer_thaw.sharded_checkpoints import defer_optimizer_load, load_deferred_optimizer
-from composer_thaw.sharding import refuse_fsdp1
+from composer_thaw.utils.deferred_optimizer_load import defer_optimizer_load, load_deferred_optimizer
+from composer_thaw.utils.master_weights import MasterWeightsOption
+from composer_thaw.utils.optimizer_surgery import optimizer_state_bytes, remove_params
+from composer_thaw.utils.parameter_selection import user_module
+from composer_thaw.utils.sharding import refuse_fsdp1
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
     when resuming, before it is wrapped, for units that stay frozen for good), so ranks stay identical. Under FSDP2
     frozen shards leave the optimizer on every rank alike, and both checkpoint formats resume exactly: a sharded
     checkpoint's optimizer state is read after the frozen units are frozen again
-    (:mod:`composer_thaw.sharded_checkpoints`). FSDP1 is refused.
+    (:mod:`composer_thaw.utils.deferred_optimizer_load`). FSDP1 is refused.
 
     Args:
         freeze_start: fraction of training to run before freezing begins, in ``[0, 1]``. Default: ``0.5``.
@@ -195,7 +195,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
         interval: ``'epoch'``, or a number of batches between freezing updates.
         schedule: ``schedule(elapsed, freeze_start, freeze_level) -> fraction``; Composer's linear one if None.
         master_weights: ``'fp32'`` keeps the model's low-precision (bf16) weights and gives the units not yet frozen an
-            fp32 master copy and fp32 optimizer state (:mod:`composer_thaw.master_weights`). Default: ``None``.
+            fp32 master copy and fp32 optimizer state (:mod:`composer_thaw.utils.master_weights`). Default: ``None``.
             Freezing a unit frees its masters.
     """
 
@@ -234,7 +234,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
 
     def owns(self) -> tuple[Claim, ...]:
         """Freezing only grows, over whatever trains (base parameters and adapters alike): it composes with an
-        algorithm that decides once what trains, not with a rotation (see :mod:`composer_thaw.compatibility`)."""
+        algorithm that decides once what trains, not with a rotation (see :mod:`composer_thaw.core.compatibility`)."""
         advice = 'LayerFreezing only freezes whole units from the bottom up; drop it, or drop the rotation.'
         return (Claim(BASE_PARAMETERS, 'narrows', advice), Claim(ADAPTERS, 'narrows', advice))
 

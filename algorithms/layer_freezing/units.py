@@ -6,7 +6,7 @@ A *unit* is a named group of parameter names. Two granularities:
   Composer only counts modules without children; a module with both its own parameters and children (a
   ``nn.MultiheadAttention``'s ``in_proj_weight``, a custom block with a gate) is a unit here too, placed
   before its children, so its parameters can be frozen as well.
-* ``'block'``: the units of :func:`composer_thaw.parameter_selection.split_into_units`, in the order they run
+* ``'block'``: the units of :func:`composer_thaw.utils.parameter_selection.split_into_units`, in the order they run
   in the forward pass: the embeddings (everything that runs before the first block), then each block
   (``model.layers.3``, ``bert.encoder.layer.3``; both stacks of an encoder-decoder, with what runs between them,
   such as T5's ``encoder.final_layer_norm``, in its place). What runs after the last block (final norm, head) is
@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from composer_thaw.parameter_selection import parameter_aliases, split_into_units
+from composer_thaw.utils.parameter_selection import parameter_aliases, split_into_units
 
 __all__ = ['GRANULARITIES', 'FreezeUnit', 'Granularity', 'freezable_units', 'parameters_to_freeze']
 
@@ -72,7 +72,8 @@ def freezable_units(model: nn.Module, granularity: Granularity = 'leaf') -> list
 
     For ``'leaf'`` this is Composer's list of leaf modules without the last one (the head is never frozen);
     for ``'block'`` the embedding unit, the blocks and what runs between them, in the order they run. Pass
-    :func:`composer_thaw.parameter_selection.user_module` of a Composer model so names are the Hugging Face model's
+    :func:`composer_thaw.utils.parameter_selection.user_module` of a Composer model so names are the Hugging Face
+    model's
     own.
 
     Raises:

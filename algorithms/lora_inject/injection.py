@@ -13,6 +13,7 @@ from typing import Any, Optional, TypedDict, Union
 
 from torch import nn
 
+from composer_thaw.core.validation import closest_names
 from composer_thaw.lora_inject.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, TASK_MODULES_TO_SAVE, LoRAConfig
 from composer_thaw.lora_inject.layers import (
     SUPPORTED_TYPES,
@@ -33,7 +34,6 @@ from composer_thaw.lora_inject.matching import (
     matches_target_modules,
     saved_modules,
 )
-from composer_thaw.parameter_selection import closest_names
 
 __all__ = [
     'AdapterTarget',

@@ -18,6 +18,9 @@ equal slices and slice ``i`` of an enabled set has its own ``A_i``, ``B_i`` (sta
 
 ``merge()`` folds the update into the base weight (the forward pass is then the base module's alone); ``unmerge()``
 takes it out again, exact up to the rounding of the weight's dtype.
+
+Why one module: the adapter layers (linear, embedding, GPT-2 ``Conv1D``, DoRA) share one base with merge,
+unmerge and the initializations; each type is a few lines on top of it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer_thaw.sharding import shard_like
+from composer_thaw.utils.sharding import shard_like
 
 __all__ = [
     'LoRAConv',

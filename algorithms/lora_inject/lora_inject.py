@@ -22,8 +22,9 @@ from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 from torch import nn
 
-from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
-from composer_thaw.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
+from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
+from composer_thaw.core.resume_checks import check_resume_config, resume_state
+from composer_thaw.core.state import STATE_VERSION_KEY, ConfigRepr, check_state_version
 from composer_thaw.lora_inject.config import LoRAConfig, TaskType
 from composer_thaw.lora_inject.injection import adapter_layers
 from composer_thaw.lora_inject.layers import adapter_class_for
@@ -41,11 +42,10 @@ from composer_thaw.lora_inject.surgery import (
     trainable_parameter_names,
     unmerge_adapters,
 )
-from composer_thaw.master_weights import MasterWeightsOption
-from composer_thaw.parameter_selection import user_module
-from composer_thaw.resume_compatibility import check_resume_config, resume_state
-from composer_thaw.sharding import refuse_fsdp1
-from composer_thaw.trainable_checkpoints import install_for_trainer
+from composer_thaw.utils.master_weights import MasterWeightsOption
+from composer_thaw.utils.parameter_selection import user_module
+from composer_thaw.utils.sharding import refuse_fsdp1
+from composer_thaw.utils.trainable_checkpoints import install_for_trainer
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +155,13 @@ class LoRAInject(ConfigRepr, Algorithm):
             (``save_pretrained`` layout) to this directory.
         checkpoint_trainable_only: Composer checkpoints hold the adapters (and ``modules_to_save``, trained biases),
             their optimizer state and the algorithm state, plus a fingerprint of the frozen base weights, which a
-            resume takes from the model as built and checks (:mod:`~composer_thaw.trainable_checkpoints`), as
+            resume takes from the model as built and checks (:mod:`~composer_thaw.utils.trainable_checkpoints`), as
             Composer's ``should_save_peft_only`` does for PEFT models. ``None`` (default): on, except under FSDP2
             (full checkpoints there); ``False``: full checkpoints.
         master_weights: ``'fp32'``: the base stays in the model's low-precision dtype; adapters are fp32 parameters
             anyway on a bf16/fp16 base (PEFT's ``autocast_adapter_dtype``), and the other tensors that train
             (``modules_to_save``, biases) keep low-precision weights with fp32 master copies and fp32 optimizer state
-            (:mod:`composer_thaw.master_weights`). Default: ``None``.
+            (:mod:`composer_thaw.utils.master_weights`). Default: ``None``.
 
     Under FSDP2, an adapter on a bf16/fp16 base takes its base's dtype (FSDP2 all-gathers a sharded module's
     parameters in one dtype; :func:`~composer_thaw.lora_inject.surgery.adapters_in_base_dtype`): with
@@ -178,7 +178,7 @@ class LoRAInject(ConfigRepr, Algorithm):
     initialisation (see :class:`~composer_thaw.lora_inject.layers.LoRALayer`).
 
     ``RegexFreeze`` in the same Trainer is refused (at ``Event.INIT``, before anything changes): it would override
-    what LoRA trains (:mod:`composer_thaw.compatibility`, from :meth:`owns`). Train extra modules in full with
+    what LoRA trains (:mod:`composer_thaw.core.compatibility`, from :meth:`owns`). Train extra modules in full with
     ``modules_to_save``, biases with ``bias``.
     """
 
@@ -268,7 +268,7 @@ class LoRAInject(ConfigRepr, Algorithm):
 
     def owns(self) -> tuple[Claim, ...]:
         """LoRA decides that the base stays frozen (outside ``modules_to_save`` and ``bias``) and creates the
-        adapters (see :mod:`composer_thaw.compatibility`)."""
+        adapters (see :mod:`composer_thaw.core.compatibility`)."""
         advice = _modules_to_save_advice(self.config)
         return (Claim(BASE_PARAMETERS, 'sets', advice), Claim(ADAPTERS, 'provides', advice))
 

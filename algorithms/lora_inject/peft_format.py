@@ -25,6 +25,9 @@ PiSSA: training changes the base weights (they hold the residual). By default :f
 adapter for the original, unmodified base, as PEFT's ``path_initial_model_for_weight_conversion`` does: rank ``2r``
 with ``A' = [A; A0]``, ``B' = [B, -B0]`` (``A0``, ``B0`` the initial adapter), so ``base + adapter'`` equals
 ``residual + adapter``.
+
+Why one module: PEFT's key names and config fields are one format; writing and reading them must change
+together.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import torch
 from composer.utils import dist
 from torch import nn
 
-from composer_thaw.atomic_files import atomic_directory
+from composer_thaw.core.types import Optimizers
 from composer_thaw.lora_inject.config import LoRAConfig
 from composer_thaw.lora_inject.injection import adapter_layers, saved_module_names, selectable_modules
 from composer_thaw.lora_inject.layers import LoRAEmbedding, LoRALayer, is_conv1d_transposed
@@ -51,10 +54,10 @@ from composer_thaw.lora_inject.surgery import (
     lora_config_of,
     trainable_parameter_names,
 )
-from composer_thaw.master_weights import MasterWeights
-from composer_thaw.optimizer_surgery import Optimizers
-from composer_thaw.parameter_selection import user_module
-from composer_thaw.sharding import full_tensor
+from composer_thaw.utils.atomic_files import atomic_directory
+from composer_thaw.utils.master_weights import MasterWeights
+from composer_thaw.utils.parameter_selection import user_module
+from composer_thaw.utils.sharding import full_tensor
 
 __all__ = [
     'ADAPTER_CONFIG_NAME',

@@ -3,9 +3,9 @@
 Composer loads a checkpoint's model weights before any algorithm sees its state, so a resume with another ``r``
 (or ``rank_pattern``) would stop at ``size mismatch for ...lora_A`` deep inside ``load_state_dict``. A pre-hook on
 each adapter layer compares the incoming ``lora_A`` with the layer's before anything is copied and raises
-:class:`~composer_thaw.resume_compatibility.ResumeConfigError` naming the option, the checkpoint's rank and the new
+:class:`~composer_thaw.core.resume_checks.ResumeConfigError` naming the option, the checkpoint's rank and the new
 one. The other options are compared with the algorithm's saved state
-(:func:`~composer_thaw.resume_compatibility.check_resume_config`).
+(:func:`~composer_thaw.core.resume_checks.check_resume_config`).
 
 Example:
     >>> refuse_adapters_of_another_rank(model, LoRAInject(r=16))
@@ -22,9 +22,9 @@ from typing import Any
 
 from torch import nn
 
-from composer_thaw.algorithm_state import config_key
+from composer_thaw.core.resume_checks import ResumeConfigError
+from composer_thaw.core.state import config_key
 from composer_thaw.lora_inject.layers import LoRALayer
-from composer_thaw.resume_compatibility import ResumeConfigError
 
 __all__ = ['refuse_adapters_of_another_rank']
 

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from composer_thaw.adapters import adapter_config_of, record_adapter_config
+from composer_thaw.core.types import Optimizers, single_optimizer
 from composer_thaw.lora_inject.config import TASK_MODULES_TO_SAVE, LoRAConfig
 from composer_thaw.lora_inject.injection import (
     adapter_layers,
@@ -29,9 +29,10 @@ from composer_thaw.lora_inject.injection import (
     plan_injection,
     saved_module_names,
 )
-from composer_thaw.master_weights import LOW_PRECISION_DTYPES
-from composer_thaw.optimizer_surgery import Optimizers, add_params, group_index_of, remove_params, single_optimizer
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.adapters import adapter_config_of, record_adapter_config
+from composer_thaw.utils.master_weights import LOW_PRECISION_DTYPES
+from composer_thaw.utils.optimizer_surgery import add_params, group_index_of, remove_params
+from composer_thaw.utils.parameter_selection import user_module
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from composer_thaw.parameter_selection import closest_names, parameter_aliases
+from composer_thaw.core.validation import closest_names
+from composer_thaw.utils.parameter_selection import parameter_aliases
 
 __all__ = [
     'SYNTAXES',
@@ -317,7 +318,7 @@ def select_parameters(
 
     Args:
         model: the module whose parameter names the patterns are written against (use
-            :func:`~composer_thaw.parameter_selection.user_module` to unwrap Composer and DDP first).
+            :func:`~composer_thaw.utils.parameter_selection.user_module` to unwrap Composer and DDP first).
         trainable: patterns of what to train; ``None`` means every parameter.
         frozen: patterns applied afterwards that freeze tensors (no range) or rows (with a range).
         syntax: ``'axolotl'`` or ``'regex'``, see the module docstring.

@@ -16,8 +16,8 @@ from typing import Optional
 
 from torch import nn
 
-from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze.patterns import Syntax, TensorSelection, select_parameters
+from composer_thaw.utils.parameter_selection import user_module
 
 __all__ = ['freeze_preview']
 

@@ -21,11 +21,10 @@ from composer.loggers import Logger
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
-from composer_thaw.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
-from composer_thaw.master_weights import MasterWeightsOption
-from composer_thaw.optimizer_surgery import add_params, group_index_of, remove_params, single_optimizer
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
+from composer_thaw.core.resume_checks import check_resume_config, resume_state
+from composer_thaw.core.state import STATE_VERSION_KEY, ConfigRepr, check_state_version
+from composer_thaw.core.types import Optimizers, single_optimizer
 from composer_thaw.regex_freeze.patterns import (
     SYNTAXES,
     ParameterPattern,
@@ -35,9 +34,11 @@ from composer_thaw.regex_freeze.patterns import (
     select_parameters,
 )
 from composer_thaw.regex_freeze.row_freezing import RowFreezer, sync_ema_frozen_rows
-from composer_thaw.resume_compatibility import check_resume_config, resume_state
-from composer_thaw.sharding import refuse_fsdp1
-from composer_thaw.trainable_checkpoints import install_for_trainer
+from composer_thaw.utils.master_weights import MasterWeightsOption
+from composer_thaw.utils.optimizer_surgery import add_params, group_index_of, remove_params
+from composer_thaw.utils.parameter_selection import user_module
+from composer_thaw.utils.sharding import refuse_fsdp1
+from composer_thaw.utils.trainable_checkpoints import install_for_trainer
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ BAD_EXAMPLES: tuple[tuple[dict[str, Any], str], ...] = (
     ({'trainable': ['lm_head.weight[5:5]']}, 'empty row range'),
     ({'trainable': ['lm_head.weight[1:2:3]']}, 'malformed row range'),
 )
-
-Optimizers = Union[Optimizer, Sequence[Optimizer]]
 
 
 @dataclass
@@ -124,7 +123,7 @@ def apply_regex_freeze(
 
     Args:
         model: a Hugging Face model, or it wrapped by Composer and/or DDP; patterns match the names of
-            :func:`~composer_thaw.parameter_selection.user_module` (e.g. ``model.layers.3.mlp.up_proj.weight``).
+            :func:`~composer_thaw.utils.parameter_selection.user_module` (e.g. ``model.layers.3.mlp.up_proj.weight``).
         optimizers: the optimizer (one) that trains ``model``; ``None`` is allowed when no pattern has a row range.
         trainable: patterns of what to train (``None``: everything), see :mod:`composer_thaw.regex_freeze.patterns`.
         frozen: patterns applied afterwards, freezing tensors or rows ("everything but X" is ``frozen=['X']``).
@@ -220,9 +219,9 @@ class RegexFreeze(ConfigRepr, Algorithm):
             from the start of the name); ``'regex'``: plain Python regexes with ``re.search``.
         checkpoint_trainable_only: Composer checkpoints hold the trainable tensors, their optimizer state and the
             algorithm state, plus a fingerprint of the frozen tensors, which a resume takes from the model as built
-            and checks (:mod:`~composer_thaw.trainable_checkpoints`). Not under FSDP2. Default: full checkpoints.
+            and checks (:mod:`~composer_thaw.utils.trainable_checkpoints`). Not under FSDP2. Default: full checkpoints.
         master_weights: ``'fp32'`` keeps the model's low-precision (bf16) weights and gives the trainable tensors an
-            fp32 master copy and fp32 optimizer state (:mod:`composer_thaw.master_weights`). Default: ``None``.
+            fp32 master copy and fp32 optimizer state (:mod:`composer_thaw.utils.master_weights`). Default: ``None``.
             Frozen tensors and frozen rows stay bit-identical in the weights' dtype.
 
     Logs ``regex_freeze/trainable_params``, ``regex_freeze/total_params`` and ``regex_freeze/trainable_fraction``.
@@ -277,7 +276,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
 
     def owns(self) -> tuple[Claim, ...]:
         """Its patterns decide once which parameters train, adapters included (see
-        :mod:`composer_thaw.compatibility`); ``trains`` are its trainable patterns."""
+        :mod:`composer_thaw.core.compatibility`); ``trains`` are its trainable patterns."""
         trains = tuple(self.trainable or ())
         return (Claim(BASE_PARAMETERS, 'sets', trains=trains), Claim(ADAPTERS, 'sets', trains=trains))
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_thaw.sharding import is_sharded, local_rows, local_tensor
+from composer_thaw.utils.sharding import is_sharded, local_rows, local_tensor
 
 __all__ = ['RowFreezer', 'sync_ema_frozen_rows']
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder
 import torch
 from composer.utils import dist
 
-from composer_thaw.training import parameter_checksum
+from composer_thaw.recipes.running import parameter_checksum
 from conformance.harness import all_cases, make_trainer
 
 

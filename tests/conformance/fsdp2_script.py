@@ -25,10 +25,10 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from composer_thaw.hift_rotation.preview import rotation_preview
 from composer_thaw.lora_inject import LoRAInject
-from composer_thaw.master_weights import master_weights_of
-from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze.preview import freeze_preview
-from composer_thaw.sharding import full_tensor, is_sharded, local_tensor
+from composer_thaw.utils.master_weights import master_weights_of
+from composer_thaw.utils.parameter_selection import user_module
+from composer_thaw.utils.sharding import full_tensor, is_sharded, local_tensor
 from conformance.harness import (
     SHARDED_LR,
     Case,

@@ -22,13 +22,13 @@ from composer.core import Algorithm, Callback, State
 from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 
-from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
-from composer_thaw.master_weights import LOW_PRECISION_DTYPES, master_weights_of
-from composer_thaw.models import load_tokenizer, tiny_decoder
-from composer_thaw.optimizer_surgery import group_index_of
-from composer_thaw.parameter_selection import user_module
-from composer_thaw.registry import algorithm_registry, build_algorithm
-from composer_thaw.sharding import is_sharded, local_tensor
+from composer_thaw.core.registry import algorithm_registry, build_algorithm
+from composer_thaw.datasets.builtin import LanguageModelingDataset, build_dataloader, python_topics_corpus
+from composer_thaw.models.builtin import load_tokenizer, tiny_decoder
+from composer_thaw.utils.master_weights import LOW_PRECISION_DTYPES, master_weights_of
+from composer_thaw.utils.optimizer_surgery import group_index_of
+from composer_thaw.utils.parameter_selection import user_module
+from composer_thaw.utils.sharding import is_sharded, local_tensor
 
 GLOBAL_BATCH = 4
 TRAIN_BLOCKS = 16

@@ -8,8 +8,8 @@ from typing import Any, Literal, get_args, get_origin
 import pytest
 import torch
 
-from composer_thaw.config_validation import ConfigError, _matches
-from composer_thaw.registry import algorithm_registry, build_algorithm
+from composer_thaw.core.registry import algorithm_registry, build_algorithm
+from composer_thaw.core.validation import ConfigError, _matches
 from conformance.harness import adamw, algorithm_module, covered_names, make_trainer, tiny_model
 
 WRONG_TYPE_CANDIDATES = ({'not': 'valid'}, 3.5, 'not-valid', [object])

@@ -1,6 +1,7 @@
 """4 (pairs of ours): each meaningful pair trains correctly; each incompatible pair is refused at Trainer
 construction with an error that says what to do instead — never silent wrong training. The table is declared in
-``composer_thaw.compatibility`` from what each algorithm owns (``tests/test_compatibility.py`` checks it pair by pair).
+``composer_thaw.core.compatibility`` from what each algorithm owns (``tests/test_compatibility.py`` checks it pair by
+pair).
 
 | pair | result |
 |---|---|
@@ -16,7 +17,7 @@ construction with an error that says what to do instead — never silent wrong t
 import pytest
 import torch
 
-from composer_thaw.registry import build_algorithm, our_algorithm_names
+from composer_thaw.core.registry import build_algorithm, our_algorithm_names
 from conformance.harness import adamw, first_cases, ids, make_trainer, parameters, tiny_model
 
 LORA = ('lora_inject', {'r': 4, 'lora_alpha': 8, 'target_modules': ['q_proj', 'v_proj']})

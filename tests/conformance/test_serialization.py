@@ -8,9 +8,9 @@ import torch
 import yaml
 from composer.core import Event
 
-from composer_thaw.algorithm_state import STATE_VERSION_KEY, eval_repr, init_arguments
-from composer_thaw.checkpointing import check_checkpoint_algorithms
-from composer_thaw.registry import build_algorithm
+from composer_thaw.core.checkpoint_algorithms import check_checkpoint_algorithms
+from composer_thaw.core.registry import build_algorithm
+from composer_thaw.core.state import STATE_VERSION_KEY, eval_repr, init_arguments
 from conformance.harness import all_cases, baseline, first_cases, ids, make_trainer, parameters
 
 CASES = all_cases()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from support import two_process_part
 
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 from conformance.harness import (
     SHARDED_LR,
     adamw,

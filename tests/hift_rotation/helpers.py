@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from composer import Callback
 
-from composer_thaw.optimizer_surgery import optimizer_state_bytes
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.optimizer_surgery import optimizer_state_bytes
+from composer_thaw.utils.parameter_selection import user_module
 
 
 def trainable_names(model) -> list[str]:

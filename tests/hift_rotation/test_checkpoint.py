@@ -10,9 +10,9 @@ import torch
 from composer.optim import LinearScheduler
 from support import cpu_trainer, seeded_tiny_decoder
 
-from composer_thaw.algorithm_state import STATE_VERSION_KEY
+from composer_thaw.core.state import STATE_VERSION_KEY
 from composer_thaw.hift_rotation import HiFTRotation
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 from .helpers import StepWatcher
 

@@ -4,7 +4,7 @@ import torch
 from support import lm_loader, seeded_tiny_decoder
 
 from composer_thaw import apply_hift_rotation
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 
 def test_plain_loop_trains_one_group_per_step_bottom_up():

@@ -13,8 +13,8 @@ from torch import nn
 from composer_thaw.hift_rotation import GroupQueue, GroupRotation, plan_rotation
 from composer_thaw.lora_inject import apply_lora
 from composer_thaw.lora_inject.surgery import adapters_in_base_dtype
-from composer_thaw.master_weights import master_weights_of
-from composer_thaw.parameter_selection import named_parameters
+from composer_thaw.utils.master_weights import master_weights_of
+from composer_thaw.utils.parameter_selection import named_parameters
 
 BF16 = torch.bfloat16
 LR, WEIGHT_DECAY = 1e-5, 0.1

@@ -7,7 +7,7 @@ import pytest
 from support import cpu_trainer, seeded_tiny_decoder
 
 from composer_thaw.hift_rotation import GroupQueue, HiFTRotation, plan_rotation
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 from .helpers import StepWatcher
 from .hift_reference import hift_handler, hift_visiting_order

@@ -10,7 +10,7 @@ from composer.algorithms import GradientClipping
 from support import cpu_trainer, seeded_tiny_decoder
 
 from composer_thaw.hift_rotation import HiFTRotation
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 from .helpers import StepWatcher
 

@@ -8,14 +8,14 @@ import torch
 from support import seeded_tiny_decoder
 
 from composer_thaw.hift_rotation import plan_rotation, rotation_preview, rotation_units
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 from .hift_reference import hift_handler, hift_unit_parameters
 
 
 @pytest.fixture(scope='module')
 def minilm():
-    from composer_thaw.models import minilm_classifier
+    from composer_thaw.models.builtin import minilm_classifier
 
     return user_module(minilm_classifier(num_labels=6))
 

@@ -9,9 +9,9 @@ from composer.models import ComposerClassifier
 from support import cpu_trainer, seeded_tiny_decoder
 from torch import nn
 
-from composer_thaw.config_validation import ConfigError
+from composer_thaw.core.registry import build_algorithm
+from composer_thaw.core.validation import ConfigError
 from composer_thaw.hift_rotation import EXAMPLES, GroupRotation, HiFTRotation
-from composer_thaw.registry import build_algorithm
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ from composer import Callback, Trainer
 from composer.core import State
 from composer.loggers import Logger
 
-from composer_thaw.data import LanguageModelingDataset, build_dataloader, python_topics_corpus
-from composer_thaw.models import load_tokenizer, tiny_decoder
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.datasets.builtin import LanguageModelingDataset, build_dataloader, python_topics_corpus
+from composer_thaw.models.builtin import load_tokenizer, tiny_decoder
+from composer_thaw.utils.parameter_selection import user_module
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')

@@ -21,8 +21,8 @@ from composer.utils import dist
 from rank_checks import RankChecks, rank_trainer, resumed_equals_uninterrupted, write_from_rank_zero
 
 from composer_thaw.layer_freezing import LayerFreezing
-from composer_thaw.models import tiny_decoder
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.models.builtin import tiny_decoder
+from composer_thaw.utils.parameter_selection import user_module
 
 
 class Checks(RankChecks):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from composer_thaw.algorithm_state import STATE_VERSION_KEY
+from composer_thaw.core.state import STATE_VERSION_KEY
 from composer_thaw.layer_freezing import LayerFreezing
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 from .conftest import frozen_names
 

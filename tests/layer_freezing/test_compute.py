@@ -4,7 +4,7 @@ the first trainable unit."""
 from __future__ import annotations
 
 from composer_thaw.layer_freezing import freeze_layers
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 
 def test_backward_does_not_run_through_the_frozen_prefix(make_model):

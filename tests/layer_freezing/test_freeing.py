@@ -9,8 +9,8 @@ from composer import Callback
 from composer.algorithms.layer_freezing import freeze_layers as composer_freeze_layers
 
 from composer_thaw.layer_freezing import LayerFreezing, freeze_layers
-from composer_thaw.optimizer_surgery import optimizer_state_bytes
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.optimizer_surgery import optimizer_state_bytes
+from composer_thaw.utils.parameter_selection import user_module
 
 
 def _one_adamw_step(model):

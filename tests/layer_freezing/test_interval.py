@@ -6,7 +6,7 @@ from __future__ import annotations
 from composer.loggers import InMemoryLogger
 
 from composer_thaw.layer_freezing import LayerFreezing
-from composer_thaw.optimizer_surgery import optimizer_state_bytes
+from composer_thaw.utils.optimizer_surgery import optimizer_state_bytes
 
 from .conftest import FrozenRecorder
 

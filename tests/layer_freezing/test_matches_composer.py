@@ -9,7 +9,7 @@ from composer.algorithms import LayerFreezing as ComposerLayerFreezing
 from composer.loggers import InMemoryLogger
 
 from composer_thaw.layer_freezing import LayerFreezing, freeze_layers
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 from .conftest import FrozenRecorder
 

@@ -8,7 +8,7 @@ from composer.algorithms.layer_freezing import freeze_layers as composer_freeze_
 from torch import nn
 
 from composer_thaw.layer_freezing import freezable_units, freeze_layers
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 
 def _trainable(model):

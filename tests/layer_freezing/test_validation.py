@@ -7,10 +7,10 @@ import pytest
 from composer.models import ComposerClassifier
 from torch import nn
 
-from composer_thaw.config_validation import ConfigError
+from composer_thaw.core.registry import build_algorithm
+from composer_thaw.core.validation import ConfigError
 from composer_thaw.layer_freezing import EXAMPLES, LayerFreezing, freeze_layers
 from composer_thaw.layer_freezing.layer_freezing import linear_schedule  # noqa: F401  (used by eval(repr))
-from composer_thaw.registry import build_algorithm
 
 
 @pytest.mark.parametrize(

@@ -23,9 +23,9 @@ from composer.utils import dist
 from rank_checks import RankChecks, rank_trainer, resumed_equals_uninterrupted, write_from_rank_zero
 
 from composer_thaw.lora_inject import LoRAInject
-from composer_thaw.models import tiny_decoder
-from composer_thaw.parameter_selection import user_module
-from composer_thaw.trainable_checkpoints import FINGERPRINT_KEY
+from composer_thaw.models.builtin import tiny_decoder
+from composer_thaw.utils.parameter_selection import user_module
+from composer_thaw.utils.trainable_checkpoints import FINGERPRINT_KEY
 
 OPTIONS = dict(
     r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'embed_tokens'], use_dora=True, modules_to_save=['lm_head']

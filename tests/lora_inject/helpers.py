@@ -11,7 +11,7 @@ from torch import nn
 from composer_thaw.lora_inject import apply_lora, load_adapter_state_dict
 from composer_thaw.lora_inject.injection import adapter_layers
 from composer_thaw.lora_inject.peft_format import PEFT_PREFIX, _our_name
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 PEFT_FIELDS = (
     'r',

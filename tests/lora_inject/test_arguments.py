@@ -10,7 +10,7 @@ from typing import Literal, get_args, get_origin
 import pytest
 from composer.core import Event
 
-from composer_thaw.config_validation import ConfigTypeError
+from composer_thaw.core.validation import ConfigTypeError
 from composer_thaw.lora_inject import LoRAConfig, LoRAInject
 
 WRONG = {

@@ -10,8 +10,8 @@ from support import cpu_trainer, seeded_tiny_decoder
 
 from composer_thaw.lora_inject import LoRAInject
 from composer_thaw.lora_inject.injection import adapter_layers
-from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze import RegexFreeze
+from composer_thaw.utils.parameter_selection import user_module
 
 LORA = dict(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'])
 

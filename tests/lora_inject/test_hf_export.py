@@ -18,8 +18,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from composer_thaw.lora_inject import EXAMPLES, LoRAInject, apply_lora, expose_merged_state_dict, merge_adapters
 from composer_thaw.lora_inject.injection import adapter_layers
 from composer_thaw.lora_inject.peft_format import merged_state_dict
-from composer_thaw.parameter_selection import user_module
-from composer_thaw.trainable_checkpoints import FINGERPRINT_KEY
+from composer_thaw.utils.parameter_selection import user_module
+from composer_thaw.utils.trainable_checkpoints import FINGERPRINT_KEY
 
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
 CASES: list[tuple[str, dict[str, Any]]] = [

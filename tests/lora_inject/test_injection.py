@@ -11,7 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from composer_thaw.lora_inject import LoRAInject, LoRALinear, apply_lora
 from composer_thaw.lora_inject.injection import adapter_layers
-from composer_thaw.models import tiny_decoder
+from composer_thaw.models.builtin import tiny_decoder
 
 from .helpers import tiny_hf_model
 

@@ -14,7 +14,7 @@ from composer_thaw.lora_inject import DEFAULT_TARGET_MODULES, LoRAConfig, apply_
 from composer_thaw.lora_inject.injection import adapter_layers, saved_module_names
 from composer_thaw.lora_inject.matching import block_index, is_target
 from composer_thaw.lora_inject.peft_format import config_from_peft
-from composer_thaw.models import tiny_decoder
+from composer_thaw.models.builtin import tiny_decoder
 
 from .helpers import randomize_trainable, tiny_hf_model
 

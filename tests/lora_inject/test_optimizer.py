@@ -6,7 +6,7 @@ import torch
 
 from composer_thaw.lora_inject import apply_lora
 from composer_thaw.lora_inject.injection import adapter_layers
-from composer_thaw.models import tiny_decoder
+from composer_thaw.models.builtin import tiny_decoder
 
 
 def _model_and_grouped_optimizer():

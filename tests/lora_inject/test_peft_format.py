@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from composer_thaw.lora_inject import apply_lora, export_merged, load_adapter, save_adapter
 from composer_thaw.lora_inject.injection import adapter_layers
-from composer_thaw.models import tiny_decoder
+from composer_thaw.models.builtin import tiny_decoder
 
 from .helpers import randomize_peft_adapters, randomize_trainable, tiny_hf_model
 

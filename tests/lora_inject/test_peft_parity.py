@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from composer_thaw.models import minilm_classifier, tiny_decoder
+from composer_thaw.models.builtin import minilm_classifier, tiny_decoder
 
 from .helpers import our_grads, peft_grads_in_our_names, twin_models
 

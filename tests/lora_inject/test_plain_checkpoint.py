@@ -16,7 +16,7 @@ from composer_thaw.lora_inject import LoRAInject, apply_lora, merge_adapters
 from composer_thaw.lora_inject.injection import adapter_layers
 from composer_thaw.lora_inject.layers import LoRAEmbedding
 from composer_thaw.lora_inject.peft_format import merged_state_dict
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
 

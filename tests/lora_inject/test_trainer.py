@@ -10,10 +10,10 @@ import pytest
 import torch
 from support import cpu_trainer, seeded_tiny_decoder
 
-from composer_thaw.algorithm_state import STATE_VERSION_KEY
+from composer_thaw.core.state import STATE_VERSION_KEY
 from composer_thaw.lora_inject import LoRAInject
 from composer_thaw.lora_inject.injection import adapter_layers
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 OPTIONS = dict(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'embed_tokens'], modules_to_save=['lm_head'])
 

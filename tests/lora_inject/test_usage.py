@@ -8,7 +8,7 @@ from support import cpu_trainer, seeded_tiny_decoder
 
 from composer_thaw.lora_inject import EXAMPLES, LoRAInject, apply_lora, merge_adapters, unmerge_adapters
 from composer_thaw.lora_inject.injection import adapter_layers
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 
 @pytest.mark.parametrize('example', EXAMPLES, ids=lambda e: ','.join(sorted(e)))

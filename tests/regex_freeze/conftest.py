@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import support
 
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 
 @pytest.fixture(scope='session')
@@ -17,7 +17,7 @@ def decoder():
 @pytest.fixture(scope='session')
 def minilm():
     """The embedded all-MiniLM-L6-v2 classifier (loaded once; tests must not change it)."""
-    from composer_thaw.models import minilm_classifier
+    from composer_thaw.models.builtin import minilm_classifier
 
     return minilm_classifier(num_labels=6)
 

@@ -22,10 +22,10 @@ from composer.algorithms import GradientClipping
 from composer.utils import dist, reproducibility
 from rank_checks import RankChecks, rank_trainer, write_from_rank_zero
 
-from composer_thaw.models import tiny_decoder
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.models.builtin import tiny_decoder
+from composer_thaw.recipes.running import parameter_checksum
 from composer_thaw.regex_freeze import RegexFreeze
-from composer_thaw.training import parameter_checksum
+from composer_thaw.utils.parameter_selection import user_module
 
 TRAINABLE = ['model.embed_tokens.weight[1000:2500]', 'lm_head.weight[1000:2500]', 'model.layers.1']
 FROZEN = ['model.layers.1.mlp.up_proj.weight[0:16]']

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 
 class RowsFromTrainableLeaf(nn.Module):

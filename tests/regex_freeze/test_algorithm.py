@@ -8,10 +8,10 @@ import torch
 from composer.core import Event
 from composer.loggers import InMemoryLogger
 
-from composer_thaw.algorithm_state import STATE_VERSION_KEY
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.core.registry import build_algorithm
+from composer_thaw.core.state import STATE_VERSION_KEY
 from composer_thaw.regex_freeze import EXAMPLES, RegexFreeze, apply_regex_freeze, freeze_preview
-from composer_thaw.registry import build_algorithm
+from composer_thaw.utils.parameter_selection import user_module
 
 from .reference import full_parameters
 
@@ -135,8 +135,8 @@ def test_state_dict_is_versioned_and_records_the_selection():
 
 
 def test_from_a_yaml_recipe(tmp_path):
-    from composer_thaw.recipe import recipe_from_mapping
-    from composer_thaw.training import build_trainer
+    from composer_thaw.recipes.running import build_trainer
+    from composer_thaw.recipes.schema import recipe_from_mapping
 
     recipe = recipe_from_mapping(
         {

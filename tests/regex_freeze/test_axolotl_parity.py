@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze import select_parameters
 from composer_thaw.regex_freeze.patterns import parse_patterns
+from composer_thaw.utils.parameter_selection import user_module
 
 from .axolotl_oracle import axolotl_matches, axolotl_row_masks
 from .conftest import shapes_of

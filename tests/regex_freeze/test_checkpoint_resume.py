@@ -7,8 +7,8 @@ import support
 import torch
 from composer.algorithms import EMA
 
-from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze import RegexFreeze
+from composer_thaw.utils.parameter_selection import user_module
 
 from .reference import full_parameters
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from composer_thaw.config_validation import ConfigError
+from composer_thaw.core.registry import build_algorithm
+from composer_thaw.core.validation import ConfigError
 from composer_thaw.regex_freeze import RegexFreeze, apply_regex_freeze, freeze_preview
-from composer_thaw.registry import build_algorithm
 
 
 def _snapshot(model, optimizer):

@@ -7,9 +7,9 @@ import pytest
 import support
 import torch
 
-from composer_thaw.optimizer_surgery import training_state_bytes
-from composer_thaw.parameter_selection import user_module
 from composer_thaw.regex_freeze import RegexFreeze
+from composer_thaw.utils.optimizer_surgery import training_state_bytes
+from composer_thaw.utils.parameter_selection import user_module
 
 from .reference import full_parameters, make_trainable_by_hand
 

@@ -5,10 +5,10 @@ On small language models the vocabulary matrices are the largest tensors: in the
 embeddings stop requiring grad and leave the optimizer with their state, so they cost neither gradients nor
 optimizer state, and they stay bit-identical.
 
-Built from composer-thaw's shared pieces: :func:`composer_thaw.parameter_selection.user_module` (names relative to
-the user's model), :func:`composer_thaw.optimizer_surgery.remove_params` (the parameters and their optimizer state
-leave the optimizer), :class:`composer_thaw.algorithm_state.ConfigRepr` (``repr`` and ``==``),
-:func:`composer_thaw.algorithm_state.check_state_version` and :func:`composer_thaw.sharding.refuse_fsdp1`.
+Built from composer-thaw's shared pieces: :func:`composer_thaw.utils.parameter_selection.user_module` (names relative to
+the user's model), :func:`composer_thaw.utils.optimizer_surgery.remove_params` (the parameters and their optimizer state
+leave the optimizer), :class:`composer_thaw.core.state.ConfigRepr` (``repr`` and ``==``),
+:func:`composer_thaw.core.state.check_state_version` and :func:`composer_thaw.utils.sharding.refuse_fsdp1`.
 
 Example:
     >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -26,11 +26,12 @@ from composer.loggers import Logger
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_thaw.algorithm_state import STATE_VERSION_KEY, ConfigRepr, check_state_version
-from composer_thaw.compatibility import BASE_PARAMETERS, Claim, check_compatibility
-from composer_thaw.optimizer_surgery import remove_params, single_optimizer
-from composer_thaw.parameter_selection import user_module
-from composer_thaw.sharding import refuse_fsdp1
+from composer_thaw.core.compatibility import BASE_PARAMETERS, Claim, check_compatibility
+from composer_thaw.core.state import STATE_VERSION_KEY, ConfigRepr, check_state_version
+from composer_thaw.core.types import single_optimizer
+from composer_thaw.utils.optimizer_surgery import remove_params
+from composer_thaw.utils.parameter_selection import user_module
+from composer_thaw.utils.sharding import refuse_fsdp1
 
 __all__ = ['EXAMPLES', 'FreezeEmbeddings', 'apply_freeze_embeddings', 'embedding_parameters']
 
@@ -150,7 +151,7 @@ class FreezeEmbeddings(ConfigRepr, Algorithm):
         self.frozen: Optional[list[str]] = None  # names of the frozen parameters, once applied
 
     def owns(self) -> tuple[Claim, ...]:
-        """What it owns, for :mod:`composer_thaw.compatibility`: it narrows which base parameters train."""
+        """What it owns, for :mod:`composer_thaw.core.compatibility`: it narrows which base parameters train."""
         return (Claim(BASE_PARAMETERS, 'narrows', 'FreezeEmbeddings: drop it, or freeze the embeddings otherwise.'),)
 
     def match(self, event: Event, state: State) -> bool:

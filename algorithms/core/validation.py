@@ -13,7 +13,7 @@ import difflib
 import inspect
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
 __all__ = [
@@ -21,7 +21,7 @@ __all__ = [
     'ConfigTypeError',
     'check_call_kwargs',
     'check_value',
-    'close_matches',
+    'closest_names',
     'describe_type',
     'from_mapping',
 ]
@@ -159,8 +159,6 @@ def from_mapping(cls: type, data: Any, key: str) -> Any:
     hints = typing.get_type_hints(cls)
     unknown = [k for k in data if k not in fields]
     if unknown:
-        from composer_thaw.parameter_selection import closest_names
-
         bad = unknown[0]
         suggestion = closest_names(str(bad), list(fields), n=1)
         raise ConfigTypeError(
@@ -187,21 +185,34 @@ def from_mapping(cls: type, data: Any, key: str) -> Any:
     return cls(**values)
 
 
-def close_matches(name: str, choices: Sequence[str]) -> list[str]:
-    """Up to three of ``choices`` that look like a misspelling of ``name``, closest first: the close ones if there
-    are any (similarity 0.6, difflib's default), else the loosely similar ones (0.4), else none.
+def closest_names(query: str, names: Iterable[str], n: int = 5, *, loose: bool = True) -> list[str]:
+    """The package's one "did you mean" helper: up to ``n`` of ``names`` most like ``query``, closest first.
+
+    With ``loose=False`` (a misspelled option name) only look-alikes: the close ones (similarity 0.6, difflib's
+    default) if there are any, else the loosely similar ones (0.4), else none. With ``loose=True`` (a pattern that
+    matched nothing) the loosely similar ones, then names that contain the query stripped of regex syntax, and if
+    nothing resembles it, the first ``n`` names, so the message always shows some valid ones.
 
     Example:
-        >>> close_matches('lora_alhpa', ['r', 'lora_alpha', 'lora_dropout'])
+        >>> closest_names('lora_alhpa', ['r', 'lora_alpha', 'lora_dropout'], n=3, loose=False)
         ['lora_alpha']
-        >>> close_matches('rank', ['r', 'lora_alpha', 'rank_pattern'])
+        >>> closest_names('rank', ['r', 'lora_alpha', 'rank_pattern'], n=3, loose=False)
         ['rank_pattern', 'r']
+        >>> closest_names('layers.9', ['model.layers.0', 'model.norm', 'lm_head'], n=2)
+        ['model.layers.0']
     """
-    return difflib.get_close_matches(name, choices, n=3) or difflib.get_close_matches(name, choices, n=3, cutoff=0.4)
+    names = list(names)
+    if not loose:
+        return difflib.get_close_matches(query, names, n=n) or difflib.get_close_matches(query, names, n=n, cutoff=0.4)
+    close = difflib.get_close_matches(query, names, n=n, cutoff=0.4)
+    if len(close) < n:
+        stripped = query.strip('^$.*\\[]()')
+        close += [name for name in names if stripped and stripped in name and name not in close][: n - len(close)]
+    return close or names[:n]
 
 
 def _did_you_mean(name: str, choices: Sequence[str]) -> str:
-    suggestions = close_matches(name, choices)
+    suggestions = closest_names(name, choices, n=3, loose=False)
     return f' (did you mean {" or ".join(map(repr, suggestions))}?)' if suggestions else ''
 
 

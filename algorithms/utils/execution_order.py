@@ -245,7 +245,7 @@ def trace_forward(model: nn.Module, inputs: Optional[ExampleInputs] = None) -> F
     """Run one forward of ``model`` on stand-in weights and record when modules run and parameters are first used.
 
     Args:
-        model: the user's model (:func:`composer_thaw.parameter_selection.user_module` of a Composer model).
+        model: the user's model (:func:`composer_thaw.utils.parameter_selection.user_module` of a Composer model).
         inputs: ``(args, kwargs)`` of the forward; by default the first of :func:`example_inputs` that runs.
 
     Raises:

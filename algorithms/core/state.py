@@ -20,6 +20,10 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import composer_thaw
+from composer_thaw.core.registry import algorithm_registry, registered_name
+from composer_thaw.core.validation import ConfigError, check_call_kwargs
+
 __all__ = [
     'STATE_VERSION_KEY',
     'ConfigRepr',
@@ -53,8 +57,6 @@ def config_key(cls: type) -> str:
         >>> config_key(LoRAInject)
         'algorithms.lora_inject'
     """
-    from composer_thaw.registry import registered_name
-
     name = registered_name(cls)
     return f'algorithms.{name}' if name is not None else cls.__name__
 
@@ -63,7 +65,7 @@ def checked_init(cls: type, init: Callable[..., None]) -> Callable[..., None]:
     """``cls``'s constructor ``init``, wrapped so that its arguments are checked (names, required ones, annotated
     types) before it runs.
 
-    The errors are those ``thaw run`` gives for a recipe (:func:`~composer_thaw.config_validation.check_call_kwargs`,
+    The errors are those ``thaw run`` gives for a recipe (:func:`~composer_thaw.core.validation.check_call_kwargs`,
     keys under :func:`config_key`), so ``cls(**kwargs)`` from an llm-foundry YAML reads the same. The wrapper keeps
     the signature, annotations and docstring (``functools.wraps``), so ``inspect.signature(cls)`` and
     ``typing.get_type_hints(cls.__init__)`` see the original.
@@ -84,8 +86,6 @@ def checked_init(cls: type, init: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(init)
     def checked(self: Any, *args: Any, **kwargs: Any) -> None:
-        from composer_thaw.config_validation import ConfigError, check_call_kwargs
-
         try:
             check_call_kwargs('', cls, {**dict(zip(positional, args)), **kwargs})
         except ConfigError as error:
@@ -139,9 +139,6 @@ def eval_repr(text: str) -> Any:
     The names it can use are this package's public names and the class of each third-party algorithm registered
     under the ``composer_thaw.algorithms`` entry point (only the one the text calls is imported).
     """
-    import composer_thaw
-    from composer_thaw.registry import algorithm_registry
-
     namespace = {name: getattr(composer_thaw, name) for name in composer_thaw.__all__}
     class_name = text.partition('(')[0].strip()
     if class_name not in namespace:

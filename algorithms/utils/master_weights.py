@@ -14,10 +14,10 @@ A master lives as long as its parameter can train again, that is as long as the 
 groups. One that stops training but stays there (rotated out by HiFT) keeps its master *parked*: moved to
 :attr:`MasterWeights.park_device` (the host, where HiFT offloads the optimizer state) or left where it is, and back,
 with the updates it holds below the weight's resolution, when the parameter trains again. Only a parameter removed from
-the optimizer (frozen for good, :func:`~composer_thaw.optimizer_surgery.remove_params`) loses its master.
+the optimizer (frozen for good, :func:`~composer_thaw.utils.optimizer_surgery.remove_params`) loses its master.
 
 Because the optimizer holds its parameters outside the step, optimizer surgery
-(:mod:`composer_thaw.optimizer_surgery`: remove, add, offload and restore state) works unchanged, and
+(:mod:`composer_thaw.utils.optimizer_surgery`: remove, add, offload and restore state) works unchanged, and
 ``optimizer.state`` stays keyed by the model's parameters: checkpoints have their usual layout, with fp32 state
 (``Optimizer.load_state_dict`` would cast it to the parameter's dtype; a hook gives the saved fp32 state back).
 The masters themselves go into the algorithm's checkpoint state, so a resumed run is bit-identical.
@@ -37,6 +37,9 @@ Example:
     >>> masters = enable_master_weights(model, optimizer, 'fp32')
     >>> model(**batch).loss.backward(); optimizer.step()  # steps the fp32 masters, then casts back
     >>> masters.master_bytes()  # 4 bytes per trainable element
+
+Why one module: the masters' lifetime (made, parked, dropped), their swap around the optimizer step and their
+checkpoint state are one mechanism.
 """
 
 from __future__ import annotations
@@ -53,10 +56,11 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from composer_thaw.config_validation import ConfigError
-from composer_thaw.optimizer_surgery import OffloadedTensor, Optimizers, offload_tensor, single_optimizer
-from composer_thaw.parameter_selection import user_module
-from composer_thaw.sharding import ShardLayout, full_tensor, is_sharded, local_part, local_tensor
+from composer_thaw.core.types import Optimizers, single_optimizer
+from composer_thaw.core.validation import ConfigError
+from composer_thaw.utils.offloading import OffloadedTensor, offload_tensor
+from composer_thaw.utils.parameter_selection import user_module
+from composer_thaw.utils.sharding import ShardLayout, full_tensor, is_sharded, local_part, local_tensor
 
 __all__ = [
     'LOW_PRECISION_DTYPES',
@@ -80,7 +84,7 @@ _ATTACHED: weakref.WeakKeyDictionary[Optimizer, MasterWeights] = weakref.WeakKey
 
 
 def check_master_weights(value: Any) -> None:
-    """Raise :class:`~composer_thaw.config_validation.ConfigError` unless ``value`` is ``None`` or a valid mode."""
+    """Raise :class:`~composer_thaw.core.validation.ConfigError` unless ``value`` is ``None`` or a valid mode."""
     if value is not None and value not in MASTER_WEIGHTS_CHOICES:
         choices = ', '.join(repr(choice) for choice in MASTER_WEIGHTS_CHOICES)
         raise ConfigError(
@@ -464,7 +468,7 @@ def enable_master_weights(
     device); ``None`` keeps them where they are (or as an earlier call set it).
 
     Call it once what trains is decided (algorithms do at ``Event.BEFORE_LOAD``); later changes are followed at each
-    step, and :func:`~composer_thaw.optimizer_surgery.remove_params` drops the masters of what it removes.
+    step, and :func:`~composer_thaw.utils.optimizer_surgery.remove_params` drops the masters of what it removes.
 
     Raises:
         ConfigError: for an unknown ``mode``.

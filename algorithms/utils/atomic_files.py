@@ -27,9 +27,7 @@ from composer.loggers import Logger
 from composer.utils import checkpoint as composer_checkpoint
 from composer.utils import dist
 
-from composer_thaw.run_files import replace_symlink
-
-__all__ = ['AtomicCheckpointSaver', 'atomic_directory', 'atomic_write_text', 'temporary_name']
+__all__ = ['AtomicCheckpointSaver', 'atomic_directory', 'atomic_write_text', 'replace_symlink', 'temporary_name']
 
 PathLike = Union[str, os.PathLike]
 
@@ -57,6 +55,15 @@ def _renamed_into_place(path: PathLike) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def replace_symlink(link: Path, target: str) -> None:
+    """Point ``link`` at ``target`` in one step: a new link under its :func:`temporary_name`, renamed over the old
+    one, so a kill at any moment leaves either the old link or the new one, never none."""
+    temporary = temporary_name(link)
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(target)
+    os.replace(temporary, link)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:

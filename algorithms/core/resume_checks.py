@@ -5,7 +5,8 @@ and ``strategy``, LoRA's ``r`` and targets, RegexFreeze's patterns, LayerFreezin
 records their values with its checkpoint state (:func:`resume_state`) and, when a checkpoint is loaded, refuses a
 configuration that differs in any of them (:func:`check_resume_config`), naming the field, the checkpoint's value
 and the new one. ``thaw run`` makes the same check before it builds anything
-(:func:`~composer_thaw.checkpointing.check_resume_compatibility`). Starting a new run from a checkpoint's weights
+(:func:`~composer_thaw.core.checkpoint_algorithms.check_resume_compatibility`). Starting a new run from a checkpoint's
+weights
 (``load_weights_only``) reads no algorithm state, so nothing is compared.
 
 Example:
@@ -27,8 +28,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from composer_thaw.algorithm_state import config_key, eval_repr
-from composer_thaw.config_validation import ConfigError
+from composer_thaw.core.state import config_key, eval_repr
+from composer_thaw.core.validation import ConfigError
 
 __all__ = ['RESUME_CONFIG_KEY', 'ResumeConfigError', 'check_resume_config', 'resume_config', 'resume_state']
 

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import contextvars
-import difflib
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,12 +25,11 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from composer_thaw.execution_order import ForwardTrace, ForwardTraceError, trace_forward
+from composer_thaw.utils.execution_order import ForwardTrace, ForwardTraceError, trace_forward
 
 __all__ = [
     'ModelUnit',
     'RepeatedBlocks',
-    'closest_names',
     'find_block_stacks',
     'find_repeated_blocks',
     'named_parameters',
@@ -80,16 +78,6 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
         first = canonical.setdefault(id(param), name)
         aliases.setdefault(first, []).append(name)
     return aliases
-
-
-def closest_names(query: str, names: Iterable[str], n: int = 5) -> list[str]:
-    """Names most similar to ``query``, for 'did you mean' error messages."""
-    names = list(names)
-    close = difflib.get_close_matches(query, names, n=n, cutoff=0.4)
-    if len(close) < n:
-        stripped = query.strip('^$.*\\[]()')
-        close += [name for name in names if stripped and stripped in name and name not in close][: n - len(close)]
-    return close or names[:n]
 
 
 @dataclass(frozen=True)
@@ -303,7 +291,7 @@ def _leading_unit_name(model: nn.Module, regions: Sequence[str]) -> str:
 def split_into_units(model: nn.Module) -> list[ModelUnit]:
     """Split ``model`` into HiFT-style units, in the order they run in the forward pass.
 
-    One forward on a tiny input is traced (:func:`composer_thaw.execution_order.trace_forward`, on stand-in
+    One forward on a tiny input is traced (:func:`composer_thaw.utils.execution_order.trace_forward`, on stand-in
     weights, so nothing is computed on the real ones). Every stack of repeated blocks (:func:`find_block_stacks`:
     both stacks of an encoder-decoder, each stage of a ResNet) gives one ``block`` unit per block. What runs before
     the first block forms one ``embedding`` unit: GPT-2's ``wte`` and ``wpe`` together, named ``embeddings``; a

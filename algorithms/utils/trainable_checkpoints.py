@@ -42,8 +42,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from composer_thaw.resume_compatibility import RESUME_CONFIG_KEY, check_resume_config, resume_config
-from composer_thaw.sharding import is_sharded
+from composer_thaw.core.resume_checks import RESUME_CONFIG_KEY, check_resume_config, resume_config
+from composer_thaw.utils.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 

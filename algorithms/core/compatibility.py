@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union, get_args
 
-from composer_thaw.algorithm_state import refuse_duplicates
+from composer_thaw.core.state import refuse_duplicates
 
 __all__ = [
     'ADAPTERS',

@@ -13,19 +13,22 @@ A source is a JSON Lines / JSON, CSV, Parquet or text file (a glob, or a list of
   only: every other label is ``-100``.
 
 Every problem with the data (a missing file, an empty one, a column that is not there, a label that only the
-eval data has, rows of the wrong shape) is a :class:`~composer_thaw.config_validation.ConfigError` naming the
+eval data has, rows of the wrong shape) is a :class:`~composer_thaw.core.validation.ConfigError` naming the
 recipe key, its value and what would be valid, raised before any model is built. The functions here are what
 ``thaw run`` uses; call them from Python to train your own data with your own ``Trainer``.
 
 Example:
-    >>> from composer_thaw.local_data import load_task_data
-    >>> from composer_thaw.models import load_tokenizer
+    >>> from composer_thaw.datasets.local_files import load_task_data
+    >>> from composer_thaw.models.builtin import load_tokenizer
     >>> data = load_task_data(
     ...     'instruction', load_tokenizer('my-model'), train='train.jsonl', eval_fraction=0.1, max_seq_len=256
     ... )
     >>> loader = data.train_loader(batch_size=8)
     >>> data.label_names is None  # only classification has labels
     True
+
+Why one module: every file format goes through the same column, label, position and tokenizer checks before a
+row is tokenized; reading and checking are one pipeline, and a split would make each half import the other.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
-from composer_thaw.config_validation import ConfigError
+from composer_thaw.core.validation import ConfigError
 
 if TYPE_CHECKING:
     import datasets
@@ -548,7 +551,8 @@ def load_task_data(
 
     Args:
         task: ``'classification'``, ``'causal_lm'`` or ``'instruction'``.
-        tokenizer: a Hugging Face tokenizer (with a pad token: :func:`composer_thaw.models.load_tokenizer` sets one).
+        tokenizer: a Hugging Face tokenizer (with a pad token: :func:`composer_thaw.models.builtin.load_tokenizer`
+        sets one).
         train: the training rows: a file, a glob, a list of files, or a ``save_to_disk`` folder.
         eval: the eval rows, in the same forms; or ``None`` with ``eval_fraction``.
         eval_fraction: the share of ``train`` held out for evaluation (a seeded split), when ``eval`` is ``None``.

@@ -18,8 +18,9 @@ from typing import Any, Union
 import torch
 from composer.core import Algorithm
 
-from composer_thaw.algorithm_state import eval_repr
-from composer_thaw.resume_compatibility import check_resume_config
+from composer_thaw.core.registry import algorithm_registry
+from composer_thaw.core.resume_checks import check_resume_config
+from composer_thaw.core.state import eval_repr
 
 __all__ = [
     'algorithms_in_checkpoint',
@@ -30,8 +31,6 @@ __all__ = [
 
 
 def _registered_class_names() -> dict[str, str]:
-    from composer_thaw.registry import algorithm_registry
-
     return {
         entry.target.partition(':')[2]: name
         for name, entry in algorithm_registry().items()
@@ -64,13 +63,13 @@ def check_checkpoint_algorithms(path: Union[str, Path], algorithms: Sequence[Alg
         raise ValueError(
             f'checkpoint {str(path)!r} was trained with {listed}, which this run does not use. Composer restores only '
             'its own algorithms; add them (recipe key `algorithms:` or `Trainer(algorithms=[...])`, e.g. '
-            '`composer_thaw.checkpointing.algorithms_in_checkpoint(path)`), or load only its weights '
+            '`composer_thaw.core.checkpoint_algorithms.algorithms_in_checkpoint(path)`), or load only its weights '
             '(Trainer(load_weights_only=True), recipe key load_weights_only: true).',
         )
 
 
 def check_resume_compatibility(path: Union[str, Path], algorithms: Sequence[Algorithm]) -> None:
-    """Raise :class:`~composer_thaw.resume_compatibility.ResumeConfigError` if an algorithm of ``algorithms`` is
+    """Raise :class:`~composer_thaw.core.resume_checks.ResumeConfigError` if an algorithm of ``algorithms`` is
     configured otherwise than when it wrote its state into the checkpoint at ``path``, in a field that shaped that
     state (its ``resume_fields``): the check each algorithm makes when the state loads, made before anything is built.
     """

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from composer.core import Algorithm
 
-from composer_thaw.config_validation import ConfigError, check_call_kwargs
+from composer_thaw.core.validation import ConfigError, check_call_kwargs, closest_names
 
 __all__ = [
     'ENTRY_POINT_GROUP',
@@ -110,8 +110,6 @@ def build_algorithm(name: str, kwargs: Mapping[str, Any] | None, where: str = 'a
     """
     registry = algorithm_registry()
     if name not in registry:
-        from composer_thaw.parameter_selection import closest_names
-
         suggestions = closest_names(name, sorted(registry), n=3)
         raise ConfigError(
             f'{where}.{name}',

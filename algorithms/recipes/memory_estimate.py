@@ -13,93 +13,42 @@ Example:
 From the command line: ``thaw estimate --model-config llama-7b --algorithm full --algorithm 'lora_inject={r: 16}'
 --algorithm 'hift_rotation={group_size: 4}'``.
 ``--model-config`` also takes a recipe: the model its run builds (task, classes read from its data, pad token),
-from the config alone (:func:`composer_thaw.training.recipe_model_spec`).
+from the config alone (:func:`composer_thaw.recipes.building.recipe_model_spec`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Optional, Union, cast
 
 import torch
 from torch import nn
 
-from composer_thaw.config_validation import ConfigError
-from composer_thaw.parameter_selection import units_in_registration_order
+from composer_thaw.core.registry import algorithm_registry, build_algorithm
+from composer_thaw.core.validation import ConfigError
+from composer_thaw.hift_rotation import GroupQueue, plan_rotation
+from composer_thaw.layer_freezing import freeze_layers
+from composer_thaw.lora_inject import apply_lora
+from composer_thaw.lora_inject.surgery import adapters_in_base_dtype
+from composer_thaw.models.specs import BUILTIN_CONFIGS, ModelSpec, load_model_config, meta_model, spec_of
+from composer_thaw.regex_freeze import apply_regex_freeze
+from composer_thaw.utils.master_weights import LOW_PRECISION_DTYPES, check_master_weights
+from composer_thaw.utils.parameter_selection import units_in_registration_order
 
 __all__ = [
     'BUILTIN_CONFIGS',
     'ESTIMATED_ALGORITHMS',
     'OPTIMIZER_STATE',
     'MemoryEstimate',
+    'ModelSpec',
     'estimate_training_state',
     'format_estimates',
     'load_model_config',
     'meta_model',
     'spec_of',
 ]
-
-# Hugging Face config dicts of well-known models, so sizes can be estimated without a download.
-BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
-    'gpt2': {
-        'model_type': 'gpt2',
-        'n_embd': 768,
-        'n_layer': 12,
-        'n_head': 12,
-        'vocab_size': 50257,
-        'n_positions': 1024,
-    },
-    'llama-7b': {
-        'model_type': 'llama',
-        'hidden_size': 4096,
-        'intermediate_size': 11008,
-        'num_hidden_layers': 32,
-        'num_attention_heads': 32,
-        'num_key_value_heads': 32,
-        'vocab_size': 32000,
-        'max_position_embeddings': 4096,
-    },
-    'llama-3-8b': {  # Meta-Llama-3-8B's config.json
-        'model_type': 'llama',
-        'hidden_size': 4096,
-        'intermediate_size': 14336,
-        'num_hidden_layers': 32,
-        'num_attention_heads': 32,
-        'num_key_value_heads': 8,
-        'vocab_size': 128256,
-        'max_position_embeddings': 8192,
-        'rope_theta': 500000.0,
-        'tie_word_embeddings': False,
-    },
-    'llama-2-13b': {
-        'model_type': 'llama',
-        'hidden_size': 5120,
-        'intermediate_size': 13824,
-        'num_hidden_layers': 40,
-        'num_attention_heads': 40,
-        'num_key_value_heads': 40,
-        'vocab_size': 32000,
-        'max_position_embeddings': 4096,
-    },
-    'mistral-7b': {
-        'model_type': 'mistral',
-        'hidden_size': 4096,
-        'intermediate_size': 14336,
-        'num_hidden_layers': 32,
-        'num_attention_heads': 32,
-        'num_key_value_heads': 8,
-        'vocab_size': 32000,
-        'max_position_embeddings': 32768,
-    },
-}
-BUILTIN_CONFIGS['llama-2-7b'] = BUILTIN_CONFIGS['llama-7b']  # Llama 2-7B has the same shape
-# Also built in, from this package: 'minilm' (the embedded checkpoint's config, 6-class head) and 'tiny-decoder'.
-_PACKAGE_MODELS = ('minilm', 'tiny-decoder')
 
 # Optimizer -> (state tensors per parameter, bytes of per-parameter scalars such as Adam's float32 ``step``).
 # Models up to this many parameters have their units ordered by a traced forward (parameter_selection).
@@ -117,19 +66,11 @@ ESTIMATED_ALGORITHMS = ('full', 'layer_freezing', 'regex_freeze', 'lora_inject',
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """A Hugging Face config and the head to build on it."""
-
-    config: Any  # transformers.PretrainedConfig
-    task: Literal['causal-lm', 'sequence-classification']
-    name: str
-
-
-@dataclass(frozen=True)
 class MemoryEstimate:
     """Predicted bytes on the training device, plus optimizer state held elsewhere (HiFT's offloaded state).
 
-    With ``master_weights='fp32'`` (:mod:`composer_thaw.master_weights`) ``master_bytes`` are the fp32 master copies
+    With ``master_weights='fp32'`` (:mod:`composer_thaw.utils.master_weights`) ``master_bytes`` are the fp32 master
+    copies
     of the low-precision tensors that train, and ``step_grad_bytes`` what their gradients grow by during the
     optimizer step (each becomes an fp32 copy, the low-precision one released: 2 bytes per bf16 element).
     ``transfer_bytes_per_step`` is what moves between host and device per optimizer step, averaged over a rotation
@@ -155,100 +96,6 @@ class MemoryEstimate:
         return (
             self.param_bytes + self.grad_bytes + self.optimizer_state_bytes + self.master_bytes + self.step_grad_bytes
         )
-
-
-def _tiny_decoder_config() -> dict[str, Any]:
-    # The defaults of composer_thaw.models.tiny_decoder('llama'); the vocabulary is the embedded tokenizer's.
-    return {
-        'model_type': 'llama',
-        'hidden_size': 64,
-        'intermediate_size': 128,
-        'num_hidden_layers': 4,
-        'num_attention_heads': 4,
-        'num_key_value_heads': 4,
-        'vocab_size': 30522,
-        'max_position_embeddings': 128,
-        'pad_token_id': 0,
-        'tie_word_embeddings': False,
-    }
-
-
-def load_model_config(
-    source: Union[str, Path, Mapping[str, Any]], overrides: Optional[Mapping[str, Any]] = None, num_labels: int = 6
-) -> ModelSpec:
-    """A :class:`ModelSpec` from a built-in name, a ``config.json`` (or its folder), or a config dict.
-
-    Args:
-        source: ``'minilm'``, ``'tiny-decoder'``, one of :data:`BUILTIN_CONFIGS`, a path, or a dict with ``model_type``.
-        overrides: config values to change (e.g. ``{'num_hidden_layers': 8}``).
-        num_labels: classes of the head for encoder models (the built-in task has 6).
-
-    Raises:
-        ConfigError: an unknown name, a missing file, or a config Hugging Face cannot read.
-    """
-    from transformers import AutoConfig
-
-    name = str(source) if not isinstance(source, Mapping) else source.get('_name_or_path', 'config')
-    if isinstance(source, Mapping):
-        data = dict(source)
-    elif source == 'minilm':
-        from composer_thaw.models import embedded_minilm_path
-
-        data = json.loads((embedded_minilm_path() / 'config.json').read_text())
-    elif source == 'tiny-decoder':
-        data = _tiny_decoder_config()
-    elif source in BUILTIN_CONFIGS:
-        data = dict(BUILTIN_CONFIGS[str(source)])
-    else:
-        path = Path(source)
-        if path.is_dir():
-            path = path / 'config.json'
-        if not path.is_file():
-            raise ConfigError(
-                '--model-config',
-                str(source),
-                'expected a local config.json (or its folder) or one of '
-                f'{", ".join(map(repr, (*_PACKAGE_MODELS, *BUILTIN_CONFIGS)))}.',
-            )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ConfigError('--model-config', str(source), f'not valid JSON: {error}.') from error
-    data.update(overrides or {})
-    model_type = data.pop('model_type', None)
-    if not model_type:
-        raise ConfigError('--model-config', name, "the config has no 'model_type' (e.g. 'llama', 'bert').")
-    try:
-        config = AutoConfig.for_model(model_type, **data)
-    except (ValueError, TypeError) as error:
-        raise ConfigError('--model-config', name, str(error)) from error
-    from composer_thaw.models import default_task
-
-    encoder = default_task(config) == 'classification'
-    if encoder:
-        config.num_labels = num_labels
-    return ModelSpec(config, 'sequence-classification' if encoder else 'causal-lm', name)
-
-
-def spec_of(model: nn.Module) -> ModelSpec:
-    """The :class:`ModelSpec` of a built model (Composer-wrapped or not), to estimate exactly what it trains."""
-    from composer_thaw.parameter_selection import user_module
-
-    root = user_module(model)
-    task: Literal['causal-lm', 'sequence-classification'] = (
-        'sequence-classification' if 'SequenceClassification' in type(root).__name__ else 'causal-lm'
-    )
-    return ModelSpec(copy.deepcopy(root.config), task, type(root).__name__)
-
-
-def meta_model(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model of ``spec`` on the ``meta`` device: exact shapes, no memory."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    cls = AutoModelForCausalLM if spec.task == 'causal-lm' else AutoModelForSequenceClassification
-    with torch.device('meta'):
-        model = cls.from_config(spec.config, torch_dtype=dtype)
-    return model
 
 
 def _unique_params(params) -> list[torch.Tensor]:
@@ -280,8 +127,6 @@ def _state_bytes(params, optimizer: str, world_size: int = 1, fp32_state: bool =
 
 def _master_bytes(params, world_size: int = 1) -> int:
     """fp32 bytes for the low-precision tensors among ``params``: their masters (or their fp32 step gradients)."""
-    from composer_thaw.master_weights import LOW_PRECISION_DTYPES
-
     return sum(4 * _shard_numel(p, world_size) for p in params if p.dtype in LOW_PRECISION_DTYPES)
 
 
@@ -294,8 +139,6 @@ def _validate(algorithm: str, options: Mapping[str, Any]) -> None:
     if algorithm not in ESTIMATED_ALGORITHMS:
         raise ConfigError('--algorithm', algorithm, f'not estimated; choose one of {", ".join(ESTIMATED_ALGORITHMS)}.')
     if algorithm == 'full':
-        from composer_thaw.master_weights import check_master_weights
-
         if set(options) - {'master_weights'}:
             raise ConfigError(
                 '--algorithm full', dict(options), 'full fine-tuning takes no options but master_weights.'
@@ -305,8 +148,6 @@ def _validate(algorithm: str, options: Mapping[str, Any]) -> None:
         except ConfigError as error:
             raise error.under('--algorithm full') from None
         return
-    from composer_thaw.registry import algorithm_registry, build_algorithm
-
     if algorithm not in algorithm_registry():
         raise ConfigError('--algorithm', algorithm, 'this algorithm is not installed in this version.')
     build_algorithm(algorithm, dict(options), where='--algorithm')
@@ -325,8 +166,6 @@ def _hift_rotation(
     masters (``fp32_state``) a group's masters live and move with its optimizer state: the offloaded and moved bytes
     count them, and the parameters whose masters stay on the device come back as the last value."""
     from itertools import combinations
-
-    from composer_thaw.hift_rotation import GroupQueue, plan_rotation
 
     if options.get('lora'):
         raise ConfigError(
@@ -434,20 +273,12 @@ def estimate_training_state(
     with units_in_registration_order() if large else contextlib.nullcontext():
         try:
             if algorithm == 'lora_inject':
-                from composer_thaw.lora_inject import apply_lora
-
                 apply_lora(root, torch_optimizer, **algorithm_options)
                 if world_size > 1:  # sharded: adapters keep their base's dtype, as LoRAInject does under FSDP2
-                    from composer_thaw.lora_inject.surgery import adapters_in_base_dtype
-
                     adapters_in_base_dtype(root)
             elif algorithm == 'regex_freeze':
-                from composer_thaw.regex_freeze import apply_regex_freeze
-
                 apply_regex_freeze(root, torch_optimizer, **algorithm_options)
             elif algorithm == 'layer_freezing':
-                from composer_thaw.layer_freezing import freeze_layers
-
                 depth, _ = freeze_layers(
                     root,
                     torch_optimizer,
@@ -565,8 +396,9 @@ def estimate_report(
         raise ConfigError('--dtype', dtype, f'choose one of {", ".join(_DTYPES)}.')
     changes = dict(_parse_override(o) for o in overrides)
     if model_config.endswith(('.yaml', '.yml')):  # a recipe: the model its run builds
-        from composer_thaw.recipe import load_recipe
-        from composer_thaw.training import recipe_model_spec
+        # deferred: building a recipe's model loads Composer's Trainer stack, which a named config never needs
+        from composer_thaw.recipes.building import recipe_model_spec
+        from composer_thaw.recipes.schema import load_recipe
 
         spec = recipe_model_spec(load_recipe(model_config))
         for key, value in changes.items():

@@ -22,39 +22,21 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_thaw.sharding import ShardLayout, full_tensor, is_sharded, local_tensor
+from composer_thaw.core.types import Optimizers, single_optimizer
+from composer_thaw.utils.master_weights import master_weights_of, release_masters
+from composer_thaw.utils.offloading import OffloadedTensor, offload_tensor
+from composer_thaw.utils.sharding import local_tensor
 
 __all__ = [
-    'OffloadedTensor',
     'TrainingStateBytes',
     'add_params',
     'group_index_of',
     'offload_state',
-    'offload_tensor',
     'optimizer_state_bytes',
     'remove_params',
     'restore_state',
-    'single_optimizer',
     'training_state_bytes',
 ]
-
-Optimizers = Union[Optimizer, Sequence[Optimizer]]
-
-
-def single_optimizer(optimizers: Optional[Optimizers]) -> Optional[Optimizer]:
-    """The one optimizer in ``optimizers`` (``None`` if there is none).
-
-    Raises:
-        NotImplementedError: for more than one optimizer, as Composer's own surgery does.
-    """
-    if optimizers is None:
-        return None
-    if isinstance(optimizers, Optimizer):
-        return optimizers
-    optimizers = list(optimizers)
-    if len(optimizers) > 1:
-        raise NotImplementedError(f'Only one optimizer is supported, got {len(optimizers)}.')
-    return optimizers[0] if optimizers else None
 
 
 def group_index_of(optimizer: Optimizer) -> dict[int, int]:
@@ -66,7 +48,7 @@ def remove_params(optimizer: Optimizer, params: Iterable[torch.Tensor]) -> dict[
     """Remove ``params`` from ``optimizer``: from their param groups and from ``optimizer.state``.
 
     Parameters not in the optimizer are ignored. Each removed parameter's ``.grad`` is dropped too, and so is its fp32
-    master copy (:mod:`composer_thaw.master_weights`).
+    master copy (:mod:`composer_thaw.utils.master_weights`).
 
     Returns:
         ``id(param) -> group index`` for each removed parameter, to put it back with :func:`add_params`.
@@ -80,8 +62,6 @@ def remove_params(optimizer: Optimizer, params: Iterable[torch.Tensor]) -> dict[
         removed[key] = groups[key]
         optimizer.state.pop(param, None)
         param.grad = None
-    from composer_thaw.master_weights import release_masters
-
     release_masters(optimizer, to_remove.values())  # fp32 master copies (master_weights='fp32') go with the state
     return removed
 
@@ -125,42 +105,6 @@ def optimizer_state_bytes(optimizer: Optimizer, device: Optional[torch.device] =
     return total
 
 
-@dataclass(frozen=True)
-class OffloadedTensor:
-    """An optimizer-state tensor moved off its device, and the device it comes back to.
-
-    A sharded (DTensor) state tensor is offloaded as its local shard, with the layout it returns to.
-    """
-
-    tensor: torch.Tensor
-    device: torch.device
-    layout: Optional[ShardLayout] = None
-
-    def restore(self) -> torch.Tensor:
-        """The tensor back on its device (as a DTensor again if it was one)."""
-        local = self.tensor.to(self.device, non_blocking=True)
-        return local if self.layout is None else self.layout.wrap(local)
-
-    def whole(self) -> torch.Tensor:
-        """The whole tensor on the host: a sharded one gathered from every rank (a collective: every rank calls it)."""
-        return self.tensor if self.layout is None else full_tensor(self.restore()).cpu()
-
-
-def offload_tensor(
-    value: torch.Tensor, device: Union[str, torch.device] = 'cpu'
-) -> Union[torch.Tensor, OffloadedTensor]:
-    """``value`` moved to ``device`` as an :class:`OffloadedTensor` (its local shard, if sharded), or ``value`` itself
-    when it is there already. From a GPU to the host the copy goes to pinned memory without blocking."""
-    device = torch.device(device)
-    if value.device == device:
-        return value
-    local = local_tensor(value)
-    pin = device.type == 'cpu' and local.is_cuda
-    copy = torch.empty(local.shape, dtype=local.dtype, device=device, pin_memory=pin)
-    copy.copy_(local, non_blocking=pin)
-    return OffloadedTensor(copy, value.device, ShardLayout.of(value) if is_sharded(value) else None)
-
-
 def offload_state(
     optimizer: Optimizer,
     params: Iterable[torch.Tensor],
@@ -196,7 +140,7 @@ def restore_state(optimizer: Optimizer, params: Iterable[torch.Tensor], offloade
 @dataclass(frozen=True)
 class TrainingStateBytes:
     """Bytes of training state: parameters, gradients, optimizer state, and fp32 master copies
-    (``master_weights='fp32'``, :mod:`composer_thaw.master_weights`)."""
+    (``master_weights='fp32'``, :mod:`composer_thaw.utils.master_weights`)."""
 
     params: int
     grads: int
@@ -215,8 +159,6 @@ def training_state_bytes(model: nn.Module, optimizers: Optional[Optimizers] = No
     every tensor in ``optimizer.state``, wherever it lives; state moved out of the optimizer (offloaded) is not
     counted. The optimizer's fp32 master copies count apart (``masters``).
     """
-    from composer_thaw.master_weights import master_weights_of
-
     params = [local_tensor(p) for p in model.parameters()]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     grad_bytes = sum(

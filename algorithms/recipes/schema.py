@@ -14,6 +14,9 @@ Example:
     >>> recipe = load_recipe('yamls/demo.yaml', overrides=['max_duration=1ep'])
     >>> recipe.model.name
     'minilm'
+
+Why one module: the recipe's dataclasses and the checks between their sections (model against data, algorithms
+against precision and parallelism) read together; the checks run before anything heavy is imported.
 """
 
 from __future__ import annotations
@@ -29,8 +32,14 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from composer_thaw.config_validation import ConfigError, from_mapping
-from composer_thaw.run_files import LATEST_LINK, check_checkpoint_path, check_writable_folder, checkpoint_to_resume
+from composer_thaw.core.validation import ConfigError, from_mapping
+from composer_thaw.datasets.local_files import source_format
+from composer_thaw.recipes.run_files import (
+    LATEST_LINK,
+    check_checkpoint_path,
+    check_writable_folder,
+    checkpoint_to_resume,
+)
 
 __all__ = [
     'DataConfig',
@@ -61,7 +70,7 @@ class ModelConfig:
     """``minilm``: the embedded all-MiniLM-L6-v2 classifier; ``hf``: a local checkpoint at ``path``, built for
     ``task`` (by default the data's: ``classification`` for labelled data, ``causal_lm`` for text and instructions)
     with the tokenizer of ``tokenizer`` (default: ``path``); ``tiny-decoder``: the built-in randomly initialized
-    causal LM; ``resnet18``, ``vit``: torchvision image classifiers (:mod:`composer_thaw.vision`; the ViT takes
+    causal LM; ``resnet18``, ``vit``: torchvision image classifiers (:mod:`composer_thaw.models.vision`; the ViT takes
     ``num_layers``, ``hidden_size``, ``num_heads``)."""
 
     name: Literal['minilm', 'hf', 'tiny-decoder', 'resnet18', 'vit'] = 'minilm'
@@ -82,7 +91,8 @@ class ModelConfig:
 class DataConfig:
     """``stdlib-docs``: 6-class docstring classification; ``python-topics``: language modelling text; ``files``:
     your own rows for ``task`` from ``train`` and ``eval`` (or ``eval_fraction`` of ``train``): JSON Lines, CSV,
-    Parquet or text files, globs, lists of them, or ``save_to_disk`` folders (see :mod:`composer_thaw.local_data`);
+    Parquet or text files, globs, lists of them, or ``save_to_disk`` folders (see
+    :mod:`composer_thaw.datasets.local_files`);
     ``synthetic-images``: 10-class synthetic images for the vision models."""
 
     name: Literal['stdlib-docs', 'python-topics', 'files', 'synthetic-images'] = 'stdlib-docs'
@@ -248,7 +258,7 @@ def validate_recipe(recipe: Recipe) -> None:
 
     _check_model(recipe.model)
     _check_data(recipe.data)
-    from composer_thaw.vision import check_vision_recipe
+    from composer_thaw.models.vision import check_vision_recipe  # deferred: torch, so bad files fail fast
 
     vision_problem = check_vision_recipe(recipe.model.name, recipe.data.name)
     if vision_problem is not None:
@@ -277,8 +287,9 @@ def validate_recipe(recipe: Recipe) -> None:
     if recipe.load_path is not None and '://' not in recipe.load_path:
         check_checkpoint_path('load_path', recipe.load_path, sharded=_saves_sharded(recipe))
 
-    from composer_thaw.checkpointing import check_checkpoint_algorithms, check_resume_compatibility
-    from composer_thaw.registry import build_algorithm
+    # deferred: Composer and the algorithms load only once the file-level checks above have passed
+    from composer_thaw.core.checkpoint_algorithms import check_checkpoint_algorithms, check_resume_compatibility
+    from composer_thaw.core.registry import build_algorithm
 
     built = [build_algorithm(name, kwargs) for name, kwargs in recipe.algorithms.items()]
     resumed = _resumed_checkpoint(recipe)
@@ -343,8 +354,6 @@ def _check_model(model: ModelConfig) -> None:
 
 
 def _check_data(data: DataConfig) -> None:
-    from composer_thaw.local_data import source_format
-
     if data.name != 'files':
         for key in _FILE_DATA_KEYS:
             if getattr(data, key) is not None:

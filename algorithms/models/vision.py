@@ -15,15 +15,12 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Optional, get_args
+from typing import Literal, Optional, get_args
 
 import torch
 from composer.models import ComposerClassifier
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-
-if TYPE_CHECKING:
-    from composer_thaw.recipe import ModelConfig
 
 __all__ = [
     'IMAGE_SIZE',
@@ -32,7 +29,6 @@ __all__ = [
     'SyntheticImages',
     'VisionModel',
     'check_vision_recipe',
-    'recipe_vision_classifier',
     'synthetic_image_loader',
     'synthetic_image_loaders',
     'vision_classifier',
@@ -95,15 +91,6 @@ def vision_classifier(
     """:func:`vision_model` (``options``: the ViT's ``num_layers``, ``hidden_dim``, ``num_heads``) in Composer's
     ``ComposerClassifier`` (cross-entropy loss, accuracy metrics)."""
     return ComposerClassifier(vision_model(name, num_classes, image_size, **options), num_classes=num_classes)
-
-
-def recipe_vision_classifier(config: ModelConfig, num_classes: int) -> ComposerClassifier:
-    """A recipe's ``model: {name: resnet18}`` or ``{name: vit, num_layers, hidden_size, num_heads}`` for images of
-    side :data:`IMAGE_SIZE`."""
-    if config.name == 'vit':
-        options = {'num_layers': config.num_layers, 'hidden_dim': config.hidden_size, 'num_heads': config.num_heads}
-        return vision_classifier('vit', num_classes, IMAGE_SIZE, **options)
-    return vision_classifier('resnet18', num_classes, IMAGE_SIZE)
 
 
 class SyntheticImages(Dataset):

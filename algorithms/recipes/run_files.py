@@ -2,7 +2,7 @@
 
 A save folder that cannot be written would otherwise be discovered at the first save (with save-at-end, after
 the whole run); a checkpoint that cannot be read, at load time with a message from deep inside ``torch.load``.
-Each check raises :class:`~composer_thaw.config_validation.ConfigError` naming the recipe key and leaves nothing
+Each check raises :class:`~composer_thaw.core.validation.ConfigError` naming the recipe key and leaves nothing
 behind: the probe file and any folders made for it are removed.
 
 Example:
@@ -19,14 +19,14 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from composer_thaw.config_validation import ConfigError
+from composer_thaw.core.validation import ConfigError
+from composer_thaw.utils.atomic_files import replace_symlink, temporary_name
 
 __all__ = [
     'check_checkpoint_path',
     'check_writable_folder',
     'checkpoint_to_resume',
     'complete_latest_link',
-    'replace_symlink',
     'resume_from_a_complete_checkpoint',
 ]
 
@@ -43,7 +43,7 @@ def check_writable_folder(key: str, folder: str) -> None:
         missing.append(candidate)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f'.thaw-write-probe-{os.getpid()}'
+        probe = temporary_name(path / 'write-probe')
         probe.write_bytes(b'')
         probe.unlink()
     except OSError as error:
@@ -153,15 +153,6 @@ def complete_latest_link(path: str) -> Optional[str]:
     if latest is None or not Path(path).is_symlink():
         return None
     return resume_from_a_complete_checkpoint(str(Path(path).parent), int(latest.group(1)), 'load_path')
-
-
-def replace_symlink(link: Path, target: str) -> None:
-    """Point ``link`` at ``target`` in one step: a new link under a temporary name, renamed over the old one, so a
-    kill at any moment leaves either the old link or the new one, never none."""
-    temporary = link.with_name(f'.{link.name}.{os.getpid()}.tmp')
-    temporary.unlink(missing_ok=True)
-    temporary.symlink_to(target)
-    os.replace(temporary, link)
 
 
 def _complete(path: Path) -> bool:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from composer_thaw.parameter_selection import user_module
+from composer_thaw.utils.parameter_selection import user_module
 
 __all__ = ['ADAPTER_CONFIG_ATTRIBUTE', 'adapter_config_of', 'has_adapters', 'record_adapter_config']
 

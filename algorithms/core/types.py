@@ -1,0 +1,33 @@
+"""The optimizers Composer hands an algorithm (``state.optimizers``: one, or a sequence), and the one the package's
+algorithms work with.
+
+Example:
+    >>> optimizer = single_optimizer(state.optimizers)  # None without one; more than one is refused
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+from torch.optim import Optimizer
+
+__all__ = ['Optimizers', 'single_optimizer']
+
+Optimizers = Union[Optimizer, Sequence[Optimizer]]
+
+
+def single_optimizer(optimizers: Optional[Optimizers]) -> Optional[Optimizer]:
+    """The one optimizer in ``optimizers`` (``None`` if there is none).
+
+    Raises:
+        NotImplementedError: for more than one optimizer, as Composer's own surgery does.
+    """
+    if optimizers is None:
+        return None
+    if isinstance(optimizers, Optimizer):
+        return optimizers
+    optimizers = list(optimizers)
+    if len(optimizers) > 1:
+        raise NotImplementedError(f'Only one optimizer is supported, got {len(optimizers)}.')
+    return optimizers[0] if optimizers else None
