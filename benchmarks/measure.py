@@ -190,6 +190,7 @@ class StepRecord:
     """What :class:`StepRecorder` saw during one ``fit``."""
 
     step_seconds: list[float] = field(default_factory=list)
+    step_cpu_seconds: list[float] = field(default_factory=list)  # this process's CPU time (all threads) per batch
     losses: list[float] = field(default_factory=list)
     peak: Optional[TrainingStateBytes] = None
     last: Optional[TrainingStateBytes] = None
@@ -204,18 +205,20 @@ class StepRecorder(Callback):
         self.count_state = count_state
         self.on_gpu = on_gpu
         self.record = StepRecord()
-        self._started = 0.0
+        self._started = self._cpu_started = 0.0
 
     def batch_start(self, state: State, logger: Logger) -> None:
         if self.on_gpu:
             torch.cuda.synchronize()
         self._started = time.perf_counter()
+        self._cpu_started = time.process_time()
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self.on_gpu:
             torch.cuda.synchronize()
         record = self.record
         record.step_seconds.append(time.perf_counter() - self._started)
+        record.step_cpu_seconds.append(time.process_time() - self._cpu_started)
         loss = state.loss
         record.losses.append(float(sum(loss) if isinstance(loss, (list, tuple)) else loss))
         counts = self.count_state(state)

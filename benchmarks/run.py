@@ -88,6 +88,7 @@ def run_once(
     return {
         'step_seconds': median_spread(steady)['median'],
         'steady_step_seconds': steady,
+        'steady_step_cpu_seconds': record.step_cpu_seconds[1:] or record.step_cpu_seconds,
         'losses': record.losses,
         'peak_state': vars(record.peak) if record.peak else None,
         'last_state': vars(record.last) if record.last else None,

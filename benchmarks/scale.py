@@ -271,6 +271,7 @@ def measure(task: ScaleTask, row: Row, device: str = 'cpu') -> dict[str, Any]:
     result = run_once(task, row.method, device, BATCHES, evaluate=False, callbacks=after_step)
     return {
         'step_seconds': result['steady_step_seconds'],
+        'step_cpu_seconds': result['steady_step_cpu_seconds'],
         'losses': result['losses'],
         'peak_state': result['peak_state'],
         'last_state': result['last_state'],
@@ -414,6 +415,9 @@ def aggregate(size: str, records: list[dict[str, Any]]) -> dict[str, Any]:
             if at is None:
                 at = max(range(len(first['after_step'])), key=lambda i: first['after_step'][i]['tensors'])
             point = first['after_step'][at]
+            if all('step_cpu_seconds' in r for r in runs):
+                item['step_cpu_seconds'] = median_spread([s for r in runs for s in r['step_cpu_seconds']])
+                item['step_cpu_times'] = [r['step_cpu_seconds'] for r in runs]
             item.update(
                 trainable_params=first['trainable_params'],
                 step_seconds=median_spread([s for r in runs for s in r['step_seconds']]),
@@ -438,6 +442,8 @@ def aggregate(size: str, records: list[dict[str, Any]]) -> dict[str, Any]:
         peer = measured.get(item['closest_peer'] or '')
         if peer is not None:
             item['vs_peer'] = _ratios(item['step_times'], peer['step_times'])
+            if 'step_cpu_times' in item and 'step_cpu_times' in peer:
+                item['vs_peer_cpu'] = _ratios(item['step_cpu_times'], peer['step_cpu_times'])
         base = measured.get(item['base'])
         if base is not None and item['precision'] != 'fp32':
             item['vs_fp32'] = _ratios(item['step_times'], base['step_times'])
@@ -465,15 +471,16 @@ def size_table(size: dict[str, Any], memory: str = 'RSS') -> str:
         f'**{size["size"]}: hidden {size["hidden"]}, {size["layers"]} layers, {size["params"]:,} parameters**, '
         f'batch 1 x {SEQ_LEN} tokens, {BATCHES} batches per run:',
         '',
-        '| method | precision | trainable | step s, median (min-max) | step vs peer | vs own fp32 | tensors MiB '
+        '| method | precision | trainable | step s, median (min-max) | step vs peer | vs own fp32 | CPU s per step '
+        '| CPU vs peer | tensors MiB '
         f'| {memory} growth MiB | estimate MiB | tensors vs est. | {memory} vs est. | peak {memory} growth MiB '
         '| est. peak MiB |',
-        '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+        '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     for item in size['rows']:
         if 'step_seconds' not in item:
             why = '; '.join(sorted(set(item['failed']))) or 'not run'
-            lines.append(f'| {item["label"]} | {item["precision"]} | failed: {why} |' + ' |' * 10)
+            lines.append(f'| {item["label"]} | {item["precision"]} | failed: {why} |' + ' |' * 12)
             continue
         est = item.get('estimate')
         prediction = est['after_step'] if est else None
@@ -482,6 +489,7 @@ def size_table(size: dict[str, Any], memory: str = 'RSS') -> str:
         tensors_cell = f'{item["tensors"] / MIB:,.0f}'
         if item['offloaded']:
             tensors_cell += f' + {item["offloaded"] / MIB:,.0f} offloaded'
+        cpu = f'{item["step_cpu_seconds"]["median"]:.3f}' if 'step_cpu_seconds' in item else ''
         errors = []
         for key in ('tensors_error', 'memory_error'):
             error = item.get(key)
@@ -494,7 +502,8 @@ def size_table(size: dict[str, Any], memory: str = 'RSS') -> str:
         lines.append(
             f'| {item["label"]}{peer} | {item["precision"]} | {item["trainable_params"]:,} | '
             f'{s["median"]:.3f} ({s["min"]:.3f}-{s["max"]:.3f}) | {_cell_ratio(item.get("vs_peer"))} | '
-            f'{_cell_ratio(item.get("vs_fp32"))} | {tensors_cell} | {item["memory_growth"]["median"] / MIB:,.0f} | '
+            f'{_cell_ratio(item.get("vs_fp32"))} | {cpu} | {_cell_ratio(item.get("vs_peer_cpu"))} | '
+            f'{tensors_cell} | {item["memory_growth"]["median"] / MIB:,.0f} | '
             f'{_mib(prediction)} | {errors[0]} | {errors[1]} | '
             f'{item["peak_memory_growth"]["median"] / MIB:,.0f} | {_mib(est and est["peak"])} |'
         )
@@ -513,7 +522,9 @@ def markdown(result: dict[str, Any]) -> str:
         f'Measured {env["date"]} on {where}; Composer Trainer, AdamW, batch 1 x {SEQ_LEN} tokens, '
         f'{BATCHES} batches per run (the first one a warm-up), rounds per size in rotated order.',
         '',
-        "Step s: every batch after the first, of every round. Step vs peer: ours / its peer's step at the same round "
+        "Step s: wall time of every batch after the first, of every round; CPU s: this process's CPU time (both "
+        'threads) over the same span, where the run recorded it (less sensitive to other work on the machine). '
+        "Step vs peer: ours / its peer's step at the same round "
         'and batch, median (min-max) (LayerFreezing: Composer LayerFreezing; RegexFreeze: requires_grad by hand; '
         'LoRAInject: PEFT; HiFTRotation: the hift package; the masters rows against the same fp32 peer). vs own fp32: '
         'the same pairing against our fp32 row. Tensors: parameters, gradients, optimizer state and masters counted '
@@ -591,8 +602,8 @@ def summary(result: dict[str, Any], sizes: tuple[str, ...] = ('300M', '1B')) -> 
     memory = 'RSS' if result['environment']['device'] == 'cpu' else 'CUDA allocated'
     lines = [
         f'| size | method | precision | tensors GiB | {memory} growth GiB | estimate GiB | tensors vs est. '
-        f'| {memory} vs est. | step vs peer, median (min-max) |',
-        '|---|---|---|---|---|---|---|---|---|',
+        f'| {memory} vs est. | step vs peer, median (min-max) | CPU time vs peer |',
+        '|---|---|---|---|---|---|---|---|---|---|',
     ]
     for size in result['sizes']:
         if size['size'] not in sizes:
@@ -601,7 +612,7 @@ def summary(result: dict[str, Any], sizes: tuple[str, ...] = ('300M', '1B')) -> 
             est = item.get('estimate')
             if est is None or 'step_seconds' not in item:
                 if est is not None:
-                    lines.append(f'| {size["size"]} | {item["label"]} | {item["precision"]} | failed |' + ' |' * 5)
+                    lines.append(f'| {size["size"]} | {item["label"]} | {item["precision"]} | failed |' + ' |' * 6)
                 continue
             error = item.get('memory_error')
             memory_cell = f'{error:+.2%}' if error is not None else f'{item["memory_vs_tensors"]:+.2%} (vs tensors)'
@@ -609,7 +620,8 @@ def summary(result: dict[str, Any], sizes: tuple[str, ...] = ('300M', '1B')) -> 
             lines.append(
                 f'| {size["size"]} | {item["label"].replace("ours: ", "")} | {item["precision"]} | {tensors:.2f} | '
                 f'{item["memory_growth"]["median"] / GIB:.2f} | {est["after_step"] / GIB:.2f} | '
-                f'{item["tensors_error"]:+.2%} | {memory_cell} | {_cell_ratio(item.get("vs_peer"))} |'
+                f'{item["tensors_error"]:+.2%} | {memory_cell} | {_cell_ratio(item.get("vs_peer"))} | '
+                f'{_cell_ratio(item.get("vs_peer_cpu"))} |'
             )
     return '\n'.join(lines)
 

@@ -30,6 +30,7 @@ def test_a_toy_size_measures_bytes_against_the_estimate_and_steps_against_the_pe
     assert rows['regex_freeze+masters']['failed'] and 'step_seconds' not in rows['regex_freeze+masters']
     ours = rows['lora_inject']
     assert len(ours['step_times'][0]) == scale.BATCHES - 1 and ours['vs_peer']['n'] == scale.BATCHES - 1
+    assert ours['vs_peer_cpu']['n'] == scale.BATCHES - 1 and ours['step_cpu_seconds']['median'] > 0
     assert ours['tensors_error'] == 0.0 and ours['estimate']['trainable_params'] == ours['trainable_params']
     assert ours['memory_growth']['median'] > ours['tensors'] * 0.9
     table = (tmp_path / 'scale.md').read_text()
