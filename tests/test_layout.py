@@ -33,7 +33,6 @@ RANKS = {
     **dict.fromkeys(ALGORITHMS, 2),
     'recipes': 3,
     'cli': 4,
-    '__main__': 4,
 }
 FLAT_MODULES = {'__init__.py', 'cli.py', '__main__.py'}
 LONG_MODULE_LINES = 500
@@ -51,9 +50,11 @@ def modules() -> dict[str, Path]:
 
 
 def folder(module: str) -> str:
-    """The role folder (or flat module) a module belongs to: its first name under the package."""
+    """The role folder (or flat module) a module belongs to: its first name under the package (``__main__`` is the
+    command line's, as ``cli`` is)."""
     parts = module.split('.')
-    return parts[1] if len(parts) > 1 else ''
+    name = parts[1] if len(parts) > 1 else ''
+    return 'cli' if name == '__main__' else name
 
 
 def _type_checking(node: ast.AST) -> bool:

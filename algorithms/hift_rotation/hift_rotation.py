@@ -26,19 +26,13 @@ from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
 import torch
-from composer.core import Algorithm, Event, State
+from composer.core import Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
-from composer_thaw.core.resume_checks import check_resume_config, resume_state
-from composer_thaw.core.state import (
-    STATE_VERSION_KEY,
-    ConfigRepr,
-    check_state_version,
-)
+from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim
 from composer_thaw.core.types import single_optimizer
 from composer_thaw.hift_rotation.queue import STRATEGIES, GroupQueue, Strategy
 from composer_thaw.hift_rotation.units import RotationPlan, plan_rotation
@@ -48,11 +42,12 @@ from composer_thaw.utils.master_weights import MasterWeightsMode, MasterWeightsO
 from composer_thaw.utils.offloading import OffloadedTensor
 from composer_thaw.utils.optimizer_surgery import offload_state, optimizer_state_bytes, restore_state
 from composer_thaw.utils.parameter_selection import named_parameters, user_module
-from composer_thaw.utils.sharding import ShardLayout, full_tensor, is_sharded, local_part, refuse_fsdp1
+from composer_thaw.utils.sharding import ShardLayout, full_tensor, is_sharded, local_part
+from composer_thaw.utils.thaw_algorithm import ThawAlgorithm
 
 log = logging.getLogger(__name__)
 
-__all__ = ['BAD_EXAMPLES', 'EXAMPLES', 'GroupRotation', 'HiFTRotation', 'apply_hift_rotation', 'check_rotation_options']
+__all__ = ['GroupRotation', 'HiFTRotation', 'apply_hift_rotation', 'check_rotation_options']
 
 # Valid on tiny_decoder('llama', num_layers=4): units embed_tokens, layers.0-3, norm, lm_head (indices 0..6).
 EXAMPLES: tuple[dict[str, Any], ...] = (
@@ -69,7 +64,6 @@ BAD_EXAMPLES: tuple[tuple[dict[str, Any], str], ...] = (
     ({'groups': ['embed_tokens', 'no_such_module', '.*']}, "groups entry 'no_such_module' matches no"),
 )
 
-_STATE_VERSION = 1
 # Options that decide the rotation's queue and position; a checkpoint resumes only with the same values.
 _ROTATION_OPTIONS = ('group_size', 'strategy', 'steps_per_group', 'freeze', 'always_trainable', 'groups', 'lora')
 _OFFLOAD_DEVICE = 'cpu'
@@ -418,7 +412,7 @@ _RESTRICT_ADVICE = (
 )
 
 
-class HiFTRotation(ConfigRepr, Algorithm):
+class HiFTRotation(ThawAlgorithm):
     """HiFT as a Composer algorithm: all parameters train, one group of units per step, the rest offloaded.
 
     Units are found automatically (embeddings, each repeated block, each module after the blocks) or given as
@@ -454,6 +448,7 @@ class HiFTRotation(ConfigRepr, Algorithm):
 
     events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, Event.BATCH_START)
     resume_fields = (*_ROTATION_OPTIONS, 'master_weights')  # what shapes the saved units, queue, position, masters
+    duplicate_advice = 'give one HiFTRotation (one rotation decides what trains).'
 
     def __init__(
         self,
@@ -500,8 +495,7 @@ class HiFTRotation(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:  # only checks, before Composer wraps the model
-            check_compatibility(self, state.algorithms, 'give one HiFTRotation (one rotation decides what trains).')
-            refuse_fsdp1(state, 'HiFTRotation')
+            self.check_trainer(state)
             return
         if event == Event.BEFORE_LOAD:
             if self.rotation is not None:
@@ -537,15 +531,11 @@ class HiFTRotation(ConfigRepr, Algorithm):
         self.rotation.before_step()
         logger.log_metrics({f'hift_rotation/{key}': value for key, value in self.rotation.metrics().items()})
 
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {'repr': repr(self), STATE_VERSION_KEY: _STATE_VERSION, **resume_state(self)}
-        if self.rotation is not None:
-            state.update(self.rotation.state_dict())
-        return state
+    def own_state(self) -> dict[str, Any]:
+        """The rotation's position, queue, offloaded state and masters (:meth:`GroupRotation.state_dict`)."""
+        return self.rotation.state_dict() if self.rotation is not None else {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state_version(type(self).__name__, state, _STATE_VERSION)
-        check_resume_config(self, state)  # the saved queue and position fit only the rotation that wrote them
+    def load_own_state(self, state: dict[str, Any]) -> None:
         if 'units' not in state:
             return  # saved before the rotation started
         if self.rotation is None:

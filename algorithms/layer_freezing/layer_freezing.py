@@ -20,14 +20,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, Optional, Union
 
 import torch
-from composer.core import Algorithm, Event, State, TimeUnit
+from composer.core import Event, State, TimeUnit
 from composer.loggers import Logger
 from composer.utils import ensure_tuple
 from torch.optim import Optimizer
 
-from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
-from composer_thaw.core.resume_checks import check_resume_config, resume_state
-from composer_thaw.core.state import STATE_VERSION_KEY, ConfigRepr, check_state_version
+from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim
 from composer_thaw.layer_freezing.units import (
     GRANULARITIES,
     FreezeUnit,
@@ -39,11 +37,11 @@ from composer_thaw.utils.deferred_optimizer_load import defer_optimizer_load, lo
 from composer_thaw.utils.master_weights import MasterWeightsOption
 from composer_thaw.utils.optimizer_surgery import optimizer_state_bytes, remove_params
 from composer_thaw.utils.parameter_selection import user_module
-from composer_thaw.utils.sharding import refuse_fsdp1
+from composer_thaw.utils.thaw_algorithm import ThawAlgorithm
 
 log = logging.getLogger(__name__)
 
-__all__ = ['EXAMPLES', 'FreezeSchedule', 'LayerFreezing', 'freeze_layers', 'freeze_units', 'linear_schedule']
+__all__ = ['FreezeSchedule', 'LayerFreezing', 'freeze_layers', 'freeze_units', 'linear_schedule']
 
 FreezeSchedule = Callable[[float, float, float], float]
 """``schedule(elapsed, freeze_start, freeze_level) -> fraction of freezable units to freeze``."""
@@ -53,8 +51,6 @@ EXAMPLES: tuple[dict[str, Any], ...] = (
     {'freeze_start': 0.0, 'freeze_level': 0.5, 'granularity': 'block', 'interval': 2},
     {'freeze_start': 0.25, 'freeze_level': 0.75, 'granularity': 'leaf', 'interval': 'epoch'},
 )
-
-_STATE_VERSION = 1
 
 
 def linear_schedule(elapsed: float, freeze_start: float, freeze_level: float) -> float:
@@ -169,7 +165,7 @@ def _freeze_by_schedule(
     return freeze_depth, freeze_percentage, units
 
 
-class LayerFreezing(ConfigRepr, Algorithm):
+class LayerFreezing(ThawAlgorithm):
     """Progressively freeze a model's layers, earliest first, freeing their optimizer state.
 
     Freezing starts after ``freeze_start`` of training; the fraction of freezable units frozen then grows linearly
@@ -202,6 +198,8 @@ class LayerFreezing(ConfigRepr, Algorithm):
     events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, Event.EPOCH_END, Event.BATCH_END)  # whatever the options
     # What decides the units and when each one freezes: a resume with other values would follow neither schedule.
     resume_fields = ('freeze_start', 'freeze_level', 'granularity', 'interval', 'schedule', 'master_weights')
+    master_copies: MasterWeightsOption
+    duplicate_advice = 'give one LayerFreezing (its schedule decides everything frozen).'
 
     def __init__(
         self,
@@ -213,7 +211,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
         master_weights: Optional[Literal['fp32']] = None,
     ):
         _check_arguments(freeze_start, freeze_level, granularity, schedule)
-        self._master_copies = MasterWeightsOption(master_weights)
+        self.master_copies = MasterWeightsOption(master_weights)
         if interval != 'epoch' and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
             raise ValueError(f"interval={interval!r} must be 'epoch' or a positive number of batches (an int).")
         self.freeze_start = freeze_start
@@ -247,10 +245,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            check_compatibility(
-                self, state.algorithms, 'give one LayerFreezing (its schedule decides everything frozen).'
-            )
-            refuse_fsdp1(state, 'LayerFreezing')
+            self.check_trainer(state)
             # Find the units now, so a model that cannot be frozen fails before training; keep the state so that
             # load_state_dict (which only receives the checkpoint) can re-freeze the model before the optimizer loads.
             self._state = state
@@ -261,7 +256,7 @@ class LayerFreezing(ConfigRepr, Algorithm):
                 self._loaded_units = None
             return
         if event == Event.BEFORE_LOAD:  # a sharded checkpoint holds no state for the parameters frozen by then
-            self._master_copies.enable(state.model, state.optimizers)
+            self.master_copies.enable(state.model, state.optimizers)
             defer_optimizer_load(state)
             return
         if event == Event.AFTER_LOAD:
@@ -299,19 +294,13 @@ class LayerFreezing(ConfigRepr, Algorithm):
             return state.timestamp.batch.value / (max_duration.value * int(state.dataloader_len))
         return float(state.get_elapsed_duration())  # type: ignore[arg-type]
 
-    def state_dict(self) -> dict[str, Any]:
+    def own_state(self) -> dict[str, Any]:
         return {
-            'repr': repr(self),
-            STATE_VERSION_KEY: _STATE_VERSION,
             'granularity': self.granularity,
             'frozen_units': [unit.name for unit in self._units[: self._units_frozen]],
-            **self._master_copies.state_dict(),
-            **resume_state(self),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state_version(type(self).__name__, state, _STATE_VERSION)
-        check_resume_config(self, state)
+    def load_own_state(self, state: dict[str, Any]) -> None:
         if state.get('granularity', self.granularity) != self.granularity:
             raise ValueError(
                 f'The checkpoint froze units at granularity={state["granularity"]!r}, but this LayerFreezing has '
@@ -322,7 +311,6 @@ class LayerFreezing(ConfigRepr, Algorithm):
             self._loaded_units = frozen  # frozen at Event.INIT, once the model is known
         else:
             self._refreeze(frozen)
-        self._master_copies.load_state_dict(state)
 
     def _refreeze(self, unit_names: list[str]) -> None:
         """Freeze the units a checkpoint recorded; they must be a prefix of this model's freezable units."""

@@ -16,15 +16,13 @@ import logging
 import re
 from typing import Any, Literal, Optional, Union
 
-from composer.core import Algorithm, Event, State
+from composer.core import Event, State
 from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 from torch import nn
 
-from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
-from composer_thaw.core.resume_checks import check_resume_config, resume_state
-from composer_thaw.core.state import STATE_VERSION_KEY, ConfigRepr, check_state_version
+from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim
 from composer_thaw.lora_inject.config import LoRAConfig, TaskType
 from composer_thaw.lora_inject.injection import adapter_layers
 from composer_thaw.lora_inject.layers import adapter_class_for
@@ -44,13 +42,12 @@ from composer_thaw.lora_inject.surgery import (
 )
 from composer_thaw.utils.master_weights import MasterWeightsOption
 from composer_thaw.utils.parameter_selection import user_module
-from composer_thaw.utils.sharding import refuse_fsdp1
+from composer_thaw.utils.thaw_algorithm import ThawAlgorithm
 from composer_thaw.utils.trainable_checkpoints import install_for_trainer
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    'EXAMPLES',
     'LoRAInject',
     'LoRASummary',
     'apply_lora',
@@ -143,7 +140,7 @@ def _copy_of_mapping(value: Any) -> Any:
     return dict(value) if isinstance(value, dict) else value
 
 
-class LoRAInject(ConfigRepr, Algorithm):
+class LoRAInject(ThawAlgorithm):
     """Low-rank adapters (LoRA, DoRA, rsLoRA, PiSSA) injected at ``Event.INIT``.
 
     The arguments are those of :class:`~composer_thaw.lora_inject.config.LoRAConfig`, plus:
@@ -204,6 +201,8 @@ class LoRAInject(ConfigRepr, Algorithm):
         'task_type',  # adds the task's head to modules_to_save
         'master_weights',  # fp32 masters and their optimizer state in the checkpoint
     )
+    master_copies: MasterWeightsOption
+    duplicate_advice = 'give one LoRAInject (rank_pattern and alpha_pattern set per-target ranks).'
 
     def __init__(
         self,
@@ -238,7 +237,7 @@ class LoRAInject(ConfigRepr, Algorithm):
         self.save_adapter_to, self.save_merged_to = save_adapter_to, save_merged_to
         self.checkpoint_trainable_only = checkpoint_trainable_only
         self.master_weights = master_weights
-        self._master_copies = MasterWeightsOption(master_weights)
+        self.master_copies = MasterWeightsOption(master_weights)
         for key in ('save_adapter_to', 'save_merged_to'):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
@@ -277,10 +276,7 @@ class LoRAInject(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            check_compatibility(
-                self, state.algorithms, 'give one LoRAInject (rank_pattern and alpha_pattern set per-target ranks).'
-            )
-            refuse_fsdp1(state, 'LoRAInject')
+            self.check_trainer(state)
             # The same adapter initialization on every rank, as Composer does before sharding: FSDP2 keeps each rank's
             # own rows, so per-rank seeds would give a model that no single process could have built.
             with reproducibility.seed_context(state.rank_zero_seed):
@@ -302,26 +298,15 @@ class LoRAInject(ConfigRepr, Algorithm):
         if event == Event.BEFORE_LOAD:
             _check_base_layers_kept(user_module(state.model), self.config, bool(self.save_merged_to))
             freeze_outside_adapters(state.model, state.optimizers)
-            self._master_copies.enable(state.model, state.optimizers)
+            self.master_copies.enable(state.model, state.optimizers)
             refuse_adapters_of_another_rank(state.model, self)  # checked as Composer loads the checkpoint's weights
             return
         # On every rank: under FSDP2 the whole tensors are gathered from all of them; rank 0 writes.
         if self.save_adapter_to:
-            save_adapter(state.model, self.save_adapter_to, masters=self._master_copies.masters)
+            save_adapter(state.model, self.save_adapter_to, masters=self.master_copies.masters)
         if self.save_merged_to:
             export_merged(state.model, self.save_merged_to)
         dist.barrier()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            STATE_VERSION_KEY: 1,
-            'repr': repr(self),
-            'config': self.config.to_dict(),
-            **resume_state(self),
-            **self._master_copies.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state_version('LoRAInject', state, supported=1)
-        check_resume_config(self, state)
-        self._master_copies.load_state_dict(state)
+    def own_state(self) -> dict[str, Any]:
+        return {'config': self.config.to_dict()}

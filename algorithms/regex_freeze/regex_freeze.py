@@ -16,14 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from composer.algorithms import EMA
-from composer.core import Algorithm, Event, State
+from composer.core import Event, State
 from composer.loggers import Logger
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim, check_compatibility
-from composer_thaw.core.resume_checks import check_resume_config, resume_state
-from composer_thaw.core.state import STATE_VERSION_KEY, ConfigRepr, check_state_version
+from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim
 from composer_thaw.core.types import Optimizers, single_optimizer
 from composer_thaw.regex_freeze.patterns import (
     SYNTAXES,
@@ -37,14 +35,12 @@ from composer_thaw.regex_freeze.row_freezing import RowFreezer, sync_ema_frozen_
 from composer_thaw.utils.master_weights import MasterWeightsOption
 from composer_thaw.utils.optimizer_surgery import add_params, group_index_of, remove_params
 from composer_thaw.utils.parameter_selection import user_module
-from composer_thaw.utils.sharding import refuse_fsdp1
+from composer_thaw.utils.thaw_algorithm import ThawAlgorithm
 from composer_thaw.utils.trainable_checkpoints import install_for_trainer
 
 log = logging.getLogger(__name__)
 
-__all__ = ['BAD_EXAMPLES', 'EXAMPLES', 'RegexFreeze', 'apply_regex_freeze']
-
-STATE_VERSION = 1
+__all__ = ['RegexFreeze', 'apply_regex_freeze']
 
 # Valid on tiny_decoder('llama', num_layers=4); the conformance suite runs each of them.
 EXAMPLES: tuple[dict[str, Any], ...] = (
@@ -198,7 +194,7 @@ def _frozen_rows_by_param(model: nn.Module, selection: Selection) -> dict[nn.Par
     return {params[name]: t.frozen_rows for name, t in selection.items() if t.frozen_rows and name in params}
 
 
-class RegexFreeze(ConfigRepr, Algorithm):
+class RegexFreeze(ThawAlgorithm):
     """Train exactly the parameters (and tensor rows) that patterns name; everything else is frozen for real.
 
     At :attr:`.Event.INIT` it only takes note of the model and optimizer, so that surgery algorithms running at
@@ -242,6 +238,8 @@ class RegexFreeze(ConfigRepr, Algorithm):
     events = (Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, *sorted(_EMA_SYNC_EVENTS, key=lambda e: e.value))
     # The selection, whose optimizer state the checkpoint holds, and the fp32 masters of what trains.
     resume_fields = ('trainable', 'frozen', 'syntax', 'master_weights')
+    master_copies: MasterWeightsOption
+    duplicate_advice = 'give one RegexFreeze with all the trainable and frozen patterns.'
 
     def __init__(
         self,
@@ -251,7 +249,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
         checkpoint_trainable_only: bool = False,
         master_weights: Optional[Literal['fp32']] = None,
     ):
-        self._master_copies = MasterWeightsOption(master_weights)
+        self.master_copies = MasterWeightsOption(master_weights)
         if syntax not in SYNTAXES:
             raise ValueError(f'syntax={syntax!r} is not a pattern syntax; choose one of {list(SYNTAXES)}.')
         if trainable is None and not frozen:
@@ -287,10 +285,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
         if event == Event.INIT:
-            check_compatibility(
-                self, state.algorithms, 'give one RegexFreeze with all the trainable and frozen patterns.'
-            )
-            refuse_fsdp1(state, 'RegexFreeze')
+            self.check_trainer(state)
             frozen = self.checkpoint_trainable_only
             install_for_trainer(state, self, frozen, default=False, frozen=lambda: self._fully_frozen())
             self._model, self._optimizers = state.model, state.optimizers
@@ -318,7 +313,7 @@ class RegexFreeze(ConfigRepr, Algorithm):
         self.selection = selection
         self._model, self._optimizers = model, optimizers
         self._frozen_rows = _frozen_rows_by_param(model, selection)
-        self._master_copies.enable(model, optimizers)
+        self.master_copies.enable(model, optimizers)
 
     def _fully_frozen(self) -> list[nn.Parameter]:
         """The whole tensors the selection freezes (what trainable-only checkpoints leave out)."""
@@ -327,17 +322,10 @@ class RegexFreeze(ConfigRepr, Algorithm):
         params = dict(user_module(self._model).named_parameters())
         return [params[name] for name, t in self.selection.items() if t.fully_frozen and name in params]
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state[STATE_VERSION_KEY] = STATE_VERSION
-        state['trainable_rows'] = self.selection.as_plain_data() if self.selection is not None else None
-        state.update(self._master_copies.state_dict())
-        state.update(resume_state(self))
-        return state
+    def own_state(self) -> dict[str, Any]:
+        return {'trainable_rows': self.selection.as_plain_data() if self.selection is not None else None}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state_version('RegexFreeze', state, STATE_VERSION)
-        check_resume_config(self, state)
+    def load_own_state(self, state: dict[str, Any]) -> None:
         saved = state.get('trainable_rows')
         if self._model is None:
             return  # not part of a Trainer yet: Event.AFTER_LOAD will apply it
@@ -346,7 +334,6 @@ class RegexFreeze(ConfigRepr, Algorithm):
         ).as_plain_data()
         if saved is not None and saved != current:
             raise ValueError(_selection_mismatch(saved, current))
-        self._master_copies.load_state_dict(state)
         # Model weights are loaded before algorithm state and the optimizer state after it; re-applying makes sure
         # the optimizer's structure matches the checkpoint's (idempotent when nothing changed).
         self._apply_to(self._model, self._optimizers)

@@ -21,21 +21,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union, get_args
 
-from composer.core import Algorithm, Event, State
+from composer.core import Event, State
 from composer.loggers import Logger
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_thaw.core.compatibility import BASE_PARAMETERS, Claim, check_compatibility
-from composer_thaw.core.state import STATE_VERSION_KEY, ConfigRepr, check_state_version
+from composer_thaw.core.compatibility import BASE_PARAMETERS, Claim
 from composer_thaw.core.types import single_optimizer
 from composer_thaw.utils.optimizer_surgery import remove_params
 from composer_thaw.utils.parameter_selection import user_module
-from composer_thaw.utils.sharding import refuse_fsdp1
+from composer_thaw.utils.thaw_algorithm import ThawAlgorithm
 
-__all__ = ['EXAMPLES', 'FreezeEmbeddings', 'apply_freeze_embeddings', 'embedding_parameters']
-
-STATE_VERSION = 1
+__all__ = ['FreezeEmbeddings', 'apply_freeze_embeddings', 'embedding_parameters']
 
 Which = Literal['input', 'output', 'both']
 WHICH: tuple[str, ...] = get_args(Which)
@@ -126,7 +123,7 @@ def apply_freeze_embeddings(model: nn.Module, optimizers: Optional[Optimizers], 
     return list(params)
 
 
-class FreezeEmbeddings(ConfigRepr, Algorithm):
+class FreezeEmbeddings(ThawAlgorithm):
     """Keep the token embeddings (``which='input'``), the output embeddings (``'output'``) or both fixed.
 
     It only ever freezes (:meth:`owns`): it composes with ``LoRAInject``, ``RegexFreeze`` and ``LayerFreezing``,
@@ -144,6 +141,7 @@ class FreezeEmbeddings(ConfigRepr, Algorithm):
     """
 
     events = (Event.INIT, Event.BEFORE_LOAD)
+    duplicate_advice = 'give one FreezeEmbeddings, with which=... naming all to freeze.'
 
     def __init__(self, which: Which = 'input'):
         _check_which(which)
@@ -159,23 +157,16 @@ class FreezeEmbeddings(ConfigRepr, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            check_compatibility(
-                self, state.algorithms, 'give one FreezeEmbeddings, with which=... naming all to freeze.'
-            )
-            refuse_fsdp1(state, 'FreezeEmbeddings')
+            self.check_trainer(state)
             return
         self.frozen = apply_freeze_embeddings(state.model, state.optimizers, self.which)
         params = dict(user_module(state.model).named_parameters())
         logger.log_metrics({'freeze_embeddings/frozen_params': sum(params[name].numel() for name in self.frozen)})
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state[STATE_VERSION_KEY] = STATE_VERSION
-        state['frozen'] = self.frozen
-        return state
+    def own_state(self) -> dict[str, Any]:
+        return {'frozen': self.frozen}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state_version('FreezeEmbeddings', state, STATE_VERSION)
+    def load_own_state(self, state: dict[str, Any]) -> None:
         saved = state.get('frozen')
         if saved is not None and self.frozen is not None and saved != self.frozen:
             raise ValueError(
