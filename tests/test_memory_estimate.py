@@ -264,3 +264,30 @@ def test_hift_master_weights_prediction_equals_a_rotation_that_visited_every_gro
         assert predicted.transfer_bytes_per_step == 2 * (4 * moving(block) + moving(norm)) // 5
     else:
         assert predicted.offloaded_state_bytes == 0 and masters.offloaded_bytes() == 0
+
+
+def test_each_algorithm_states_its_own_estimate_and_the_estimator_names_none():
+    """Issue #23: ``thaw estimate`` finds ``estimate_memory`` next to each algorithm's class (as the conformance suite
+    finds ``EXAMPLES``), so the estimator has no branch per algorithm and restates none of their defaults."""
+    import ast
+    import inspect
+
+    from composer_thaw.core.registry import algorithm_module
+    from composer_thaw.recipes import memory_estimate
+    from composer_thaw.recipes.memory_estimate import estimated_algorithms
+
+    ours = ('hift_rotation', 'layer_freezing', 'lora_inject', 'regex_freeze')
+    assert set(ours) <= set(estimated_algorithms()) and estimated_algorithms()[0] == 'full'
+    for name in ours:
+        assert callable(getattr(algorithm_module(name), 'estimate_memory', None)), name
+    tree = ast.parse(inspect.getsource(memory_estimate))
+    compared = [  # `algorithm == 'lora_inject'` and the like: a branch per algorithm
+        node.value
+        for compare in ast.walk(tree)
+        if isinstance(compare, ast.Compare)
+        for node in ast.walk(compare)
+        if isinstance(node, ast.Constant) and node.value in ours
+    ]
+    assert not compared, f'the estimator branches on {compared}'
+    with pytest.raises(ConfigError, match='not estimated; choose one of full, '):
+        estimate_training_state(load_model_config('tiny-decoder'), 'gradient_clipping')

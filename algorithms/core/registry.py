@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
+from types import ModuleType
 from typing import Any, Optional
 
 from composer.core import Algorithm
@@ -29,6 +30,7 @@ from composer_thaw.core.validation import ConfigError, check_call_kwargs, closes
 __all__ = [
     'ENTRY_POINT_GROUP',
     'AlgorithmEntry',
+    'algorithm_module',
     'algorithm_registry',
     'build_algorithm',
     'our_algorithm_names',
@@ -79,6 +81,13 @@ def algorithm_registry() -> Mapping[str, AlgorithmEntry]:
     for name, target in _OURS.items():
         registry[name] = AlgorithmEntry(name, 'composer-thaw', target)
     return registry
+
+
+def algorithm_module(name: str) -> ModuleType:
+    """The module that defines the algorithm registered as ``name``: where it declares what the package finds next
+    to its class (``EXAMPLES`` and ``BAD_EXAMPLES`` for the conformance suite, ``estimate_memory`` for ``thaw
+    estimate``)."""
+    return importlib.import_module(algorithm_registry()[name].load().__module__)
 
 
 def our_algorithm_names() -> list[str]:

@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 
 from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim
 from composer_thaw.core.types import single_optimizer
+from composer_thaw.hift_rotation.memory import estimate_memory  # found next to the class, as EXAMPLES are
 from composer_thaw.hift_rotation.queue import STRATEGIES, GroupQueue, Strategy
 from composer_thaw.hift_rotation.units import RotationPlan, plan_rotation
 from composer_thaw.utils.adapters import has_adapters
@@ -47,7 +48,7 @@ from composer_thaw.utils.thaw_algorithm import ThawAlgorithm
 
 log = logging.getLogger(__name__)
 
-__all__ = ['GroupRotation', 'HiFTRotation', 'apply_hift_rotation', 'check_rotation_options']
+__all__ = ['GroupRotation', 'HiFTRotation', 'apply_hift_rotation', 'check_rotation_options', 'estimate_memory']
 
 # Valid on tiny_decoder('llama', num_layers=4): units embed_tokens, layers.0-3, norm, lm_head (indices 0..6).
 EXAMPLES: tuple[dict[str, Any], ...] = (

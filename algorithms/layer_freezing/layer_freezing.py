@@ -35,13 +35,14 @@ from composer_thaw.layer_freezing.units import (
 )
 from composer_thaw.utils.deferred_optimizer_load import defer_optimizer_load, load_deferred_optimizer
 from composer_thaw.utils.master_weights import MasterWeightsOption
+from composer_thaw.utils.memory import EstimateSettings, MemoryPlan, resident_plan
 from composer_thaw.utils.optimizer_surgery import optimizer_state_bytes, remove_params
 from composer_thaw.utils.parameter_selection import user_module
 from composer_thaw.utils.thaw_algorithm import ThawAlgorithm
 
 log = logging.getLogger(__name__)
 
-__all__ = ['FreezeSchedule', 'LayerFreezing', 'freeze_layers', 'freeze_units', 'linear_schedule']
+__all__ = ['FreezeSchedule', 'LayerFreezing', 'estimate_memory', 'freeze_layers', 'freeze_units', 'linear_schedule']
 
 FreezeSchedule = Callable[[float, float, float], float]
 """``schedule(elapsed, freeze_start, freeze_level) -> fraction of freezable units to freeze``."""
@@ -324,3 +325,16 @@ class LayerFreezing(ThawAlgorithm):
             )
         freeze_units(user_module(self._state.model), self._state.optimizers, self._units[: len(unit_names)])
         self._units_frozen = max(self._units_frozen, len(unit_names))
+
+
+def estimate_memory(
+    model: torch.nn.Module, optimizer: Optimizer, algorithm: LayerFreezing, settings: EstimateSettings
+) -> MemoryPlan:
+    """For ``thaw estimate``: the state once the schedule reaches ``freeze_level`` (the end of training); before
+    freezing starts the run holds the full fine-tuning state."""
+    depth, _ = freeze_layers(
+        model, optimizer, 1.0, algorithm.freeze_start, algorithm.freeze_level, algorithm.granularity, algorithm.schedule
+    )
+    return resident_plan(
+        optimizer, settings, f'at the end of training ({depth} units frozen); before freezing starts: the full row'
+    )

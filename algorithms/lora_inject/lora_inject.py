@@ -21,6 +21,7 @@ from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 from torch import nn
+from torch.optim import Optimizer
 
 from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim
 from composer_thaw.lora_inject.config import LoRAConfig, TaskType
@@ -41,6 +42,7 @@ from composer_thaw.lora_inject.surgery import (
     unmerge_adapters,
 )
 from composer_thaw.utils.master_weights import MasterWeightsOption
+from composer_thaw.utils.memory import EstimateSettings, MemoryPlan, resident_plan
 from composer_thaw.utils.parameter_selection import user_module
 from composer_thaw.utils.thaw_algorithm import ThawAlgorithm
 from composer_thaw.utils.trainable_checkpoints import install_for_trainer
@@ -51,6 +53,7 @@ __all__ = [
     'LoRAInject',
     'LoRASummary',
     'apply_lora',
+    'estimate_memory',
     'freeze_outside_adapters',
     'frozen_base_parameters',
     'lora_config_of',
@@ -310,3 +313,14 @@ class LoRAInject(ThawAlgorithm):
 
     def own_state(self) -> dict[str, Any]:
         return {'config': self.config.to_dict()}
+
+
+def estimate_memory(
+    model: nn.Module, optimizer: Optimizer, algorithm: LoRAInject, settings: EstimateSettings
+) -> MemoryPlan:
+    """For ``thaw estimate``: the adapters and what else trains (``modules_to_save``, biases); sharded over several
+    processes the adapters take their base's dtype, as LoRAInject makes them under FSDP2."""
+    apply_lora(model, optimizer, algorithm.config)
+    if settings.world_size > 1:
+        adapters_in_base_dtype(model)
+    return resident_plan(optimizer, settings)

@@ -19,50 +19,44 @@ from the config alone (:func:`composer_thaw.recipes.building.recipe_model_spec`)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union, cast
+from typing import Any, Optional, Union, cast
 
 import torch
-from torch import nn
+from composer.core import Algorithm
 
-from composer_thaw.core.registry import algorithm_registry, build_algorithm
+from composer_thaw.core.registry import algorithm_module, algorithm_registry, build_algorithm
 from composer_thaw.core.validation import ConfigError
-from composer_thaw.hift_rotation import GroupQueue, plan_rotation
-from composer_thaw.layer_freezing import freeze_layers
-from composer_thaw.lora_inject import apply_lora
-from composer_thaw.lora_inject.surgery import adapters_in_base_dtype
 from composer_thaw.models.specs import BUILTIN_CONFIGS, ModelSpec, load_model_config, meta_model, spec_of
-from composer_thaw.regex_freeze import apply_regex_freeze
-from composer_thaw.utils.master_weights import LOW_PRECISION_DTYPES, check_master_weights
+from composer_thaw.utils.master_weights import check_master_weights
+from composer_thaw.utils.memory import (
+    OPTIMIZER_STATE,
+    EstimateSettings,
+    MemoryPlan,
+    OptimizerName,
+    master_bytes,
+    resident_plan,
+    tensor_bytes,
+    unique_params,
+)
 from composer_thaw.utils.parameter_selection import units_in_registration_order
 
 __all__ = [
     'BUILTIN_CONFIGS',
-    'ESTIMATED_ALGORITHMS',
     'OPTIMIZER_STATE',
     'MemoryEstimate',
     'ModelSpec',
     'estimate_training_state',
+    'estimated_algorithms',
     'format_estimates',
     'load_model_config',
     'meta_model',
     'spec_of',
 ]
 
-# Optimizer -> (state tensors per parameter, bytes of per-parameter scalars such as Adam's float32 ``step``).
 # Models up to this many parameters have their units ordered by a traced forward (parameter_selection).
 _TRACED_UP_TO = 2_000_000_000
-
-OPTIMIZER_STATE: dict[str, tuple[int, int]] = {
-    'adamw': (2, 4),
-    'adam': (2, 4),
-    'sgd': (1, 0),  # with momentum; plain SGD keeps no state
-    'adagrad': (1, 4),
-}
-OptimizerName = Literal['adamw', 'adam', 'sgd', 'adagrad']
-
-ESTIMATED_ALGORITHMS = ('full', 'layer_freezing', 'regex_freeze', 'lora_inject', 'hift_rotation')
 
 
 @dataclass(frozen=True)
@@ -98,46 +92,22 @@ class MemoryEstimate:
         )
 
 
-def _unique_params(params) -> list[torch.Tensor]:
-    seen: dict[int, torch.Tensor] = {}
-    for param in params:
-        seen.setdefault(id(param), param)
-    return list(seen.values())
+def _estimator(name: str) -> Optional[Callable[..., MemoryPlan]]:
+    """The ``estimate_memory`` an algorithm declares next to its class (as it declares its ``EXAMPLES``)."""
+    try:
+        return getattr(algorithm_module(name), 'estimate_memory', None)
+    except ImportError:  # a third party's broken entry point: not estimated
+        return None
 
 
-def _shard_numel(param: torch.Tensor, world_size: int) -> int:
-    """Elements of ``param`` on the rank holding the most of it when FSDP2 shards dim 0 over ``world_size`` ranks
-    (``torch.chunk``: the first ranks get ``ceil(rows / world_size)`` rows)."""
-    if world_size == 1 or param.ndim == 0 or param.shape[0] == 0:
-        return param.numel()
-    return -(-param.shape[0] // world_size) * (param.numel() // param.shape[0])
+def estimated_algorithms() -> list[str]:
+    """``full`` and every registered algorithm that declares ``estimate_memory`` (ours and third parties')."""
+    return ['full', *(name for name in sorted(algorithm_registry()) if _estimator(name) is not None)]
 
 
-def _bytes(params, world_size: int = 1) -> int:
-    return sum(_shard_numel(p, world_size) * p.element_size() for p in params)
-
-
-def _state_bytes(params, optimizer: str, world_size: int = 1, fp32_state: bool = False) -> int:
-    """Optimizer state of ``params``: in each parameter's dtype, or fp32 for all (``master_weights='fp32'``)."""
-    tensors, scalars = OPTIMIZER_STATE[optimizer]
-    return sum(
-        tensors * _shard_numel(p, world_size) * (4 if fp32_state else p.element_size()) + scalars for p in params
-    )
-
-
-def _master_bytes(params, world_size: int = 1) -> int:
-    """fp32 bytes for the low-precision tensors among ``params``: their masters (or their fp32 step gradients)."""
-    return sum(4 * _shard_numel(p, world_size) for p in params if p.dtype in LOW_PRECISION_DTYPES)
-
-
-def _trainable(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return _unique_params(p for group in optimizer.param_groups for p in group['params'] if p.requires_grad)
-
-
-def _validate(algorithm: str, options: Mapping[str, Any]) -> None:
-    """Check options the way a recipe would (unknown keys, wrong types, the algorithm's own validation)."""
-    if algorithm not in ESTIMATED_ALGORITHMS:
-        raise ConfigError('--algorithm', algorithm, f'not estimated; choose one of {", ".join(ESTIMATED_ALGORITHMS)}.')
+def _validate(algorithm: str, options: Mapping[str, Any]) -> Optional[Algorithm]:
+    """Check options the way a recipe would (unknown keys, wrong types, the algorithm's own validation); the built
+    algorithm (``None`` for ``full``)."""
     if algorithm == 'full':
         if set(options) - {'master_weights'}:
             raise ConfigError(
@@ -147,75 +117,12 @@ def _validate(algorithm: str, options: Mapping[str, Any]) -> None:
             check_master_weights(options.get('master_weights'))
         except ConfigError as error:
             raise error.under('--algorithm full') from None
-        return
-    if algorithm not in algorithm_registry():
-        raise ConfigError('--algorithm', algorithm, 'this algorithm is not installed in this version.')
-    build_algorithm(algorithm, dict(options), where='--algorithm')
-
-
-def _hift_rotation(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    options: Mapping[str, Any],
-    opt_name: str,
-    world_size: int,
-    fp32_state: bool = False,
-):
-    """Resident (largest group + always-trainable units) and offloaded state under HiFT's rotation, and the bytes
-    moved between host and device per step (a group's state out and the next one's in at each switch). With fp32
-    masters (``fp32_state``) a group's masters live and move with its optimizer state: the offloaded and moved bytes
-    count them, and the parameters whose masters stay on the device come back as the last value."""
-    from itertools import combinations
-
-    if options.get('lora'):
+        return None
+    if algorithm not in algorithm_registry() or _estimator(algorithm) is None:
         raise ConfigError(
-            '--algorithm hift_rotation',
-            dict(options),
-            'lora=true is not estimated; estimate '
-            'lora_inject instead (the rotation only lowers its small adapter state further).',
+            '--algorithm', algorithm, f'not estimated; choose one of {", ".join(estimated_algorithms())}.'
         )
-    group_size = options.get('group_size', 1)
-    plan = plan_rotation(
-        model, optimizer, group_size, options.get('freeze'), options.get('always_trainable'), options.get('groups')
-    )
-    named = dict(model.named_parameters())
-    unit_params = [_unique_params(named[n] for n in unit.parameter_names) for unit in plan.units]
-    always = [p for i in plan.always for p in unit_params[i]]
-    strategy = options.get('strategy', 'down2up')
-    if strategy == 'random':  # any group can come up: the largest possible one bounds the resident share
-        candidates = (
-            combinations(plan.rotating, group_size)
-            if len(plan.rotating) <= 12
-            else [tuple(sorted(plan.rotating, key=lambda i: -_bytes(unit_params[i]))[:group_size])]
-        )
-        groups = list(candidates)
-    else:  # every group the queue visits, until it comes back to its start
-        queue = GroupQueue(plan.rotating, group_size, strategy)
-        groups = [queue.next_group()[0] for _ in range(max(1, len(plan.rotating)) * max(1, plan.groups_per_pass))]
-    largest = max(groups, key=lambda g: _bytes(p for i in g for p in unit_params[i]))
-    resident = _unique_params([*always, *(p for i in largest for p in unit_params[i])])
-    rotating = _unique_params(p for i in plan.rotating for p in unit_params[i])
-    all_trainable = _unique_params([*always, *rotating])
-    offload = options.get('offload', True)
-
-    def moving_bytes(params) -> int:  # what leaves the device with a group: its optimizer state and its masters
-        masters = _master_bytes(params, world_size) if fp32_state else 0
-        return _state_bytes(params, opt_name, world_size, fp32_state) + masters
-
-    on_device = all_trainable if not offload else resident
-    resident_state = _state_bytes(on_device, opt_name, world_size, fp32_state)
-    offloaded = moving_bytes(all_trainable) - moving_bytes(on_device)
-    transfer = 0
-    if offload and len(groups) > 1:  # each switch: the leaving group's state out, the entering group's in
-        group_state = [moving_bytes([p for i in g for p in unit_params[i]]) for g in groups]
-        switches = sum(group_state[k] + group_state[(k + 1) % len(groups)] for k in range(len(groups)))
-        transfer = switches // (len(groups) * options.get('steps_per_group', 1))
-    note = (
-        f"largest group: {', '.join(plan.names(largest))}; other groups' optimizer state "
-        f'{"offloaded to the host" if offload else "kept on the device"} once visited'
-        f'{", with their fp32 masters" if fp32_state else ""}'
-    )
-    return resident, resident_state, offloaded, note, transfer, on_device
+    return build_algorithm(algorithm, dict(options), where='--algorithm')
 
 
 def _optimizer_name(optimizer: str) -> OptimizerName:
@@ -239,13 +146,12 @@ def estimate_training_state(
     gradients and optimizer state split on dim 0, and the figures are those of the rank holding the largest shards.
     DDP (replicated) costs what ``world_size=1`` predicts on every process.
 
-    * ``full``: every parameter trains.
-    * ``lora_inject``, ``regex_freeze``: what the functional form leaves trainable (row-range tensors keep full-size
-      state, as in a real run).
-    * ``layer_freezing``: the state once ``freeze_level`` is reached (end of training); before freezing starts the
-      run holds the ``full`` state.
-    * ``hift_rotation``: parameters, plus gradients and optimizer state of the always-trainable units and of the
-      largest group; the other groups' state is reported as offloaded (host memory).
+    ``full``: every parameter trains. Any other algorithm is built from ``options`` (checked as a recipe's) and its
+    own ``estimate_memory`` (declared next to its class, :mod:`composer_thaw.utils.memory`) applies its functional
+    form to the meta model and says what stays on the device: what ``lora_inject`` and ``regex_freeze`` leave
+    trainable (row-range tensors keep full-size state, as in a real run); ``layer_freezing``'s state once
+    ``freeze_level`` is reached; ``hift_rotation``'s always-trainable units and largest group, with the other groups'
+    state (and masters) offloaded to host memory.
 
     ``options`` may hold ``master_weights: 'fp32'`` (for ``full`` too): the weights are low precision (``dtype``, or
     bf16 when ``dtype`` is fp32), the tensors that train get fp32 masters, fp32 optimizer state and, during the step,
@@ -259,61 +165,43 @@ def estimate_training_state(
     optimizer = _optimizer_name(optimizer)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError('--world-size', world_size, 'expected a whole number of processes, at least 1.')
-    _validate(algorithm, options)
+    built = _validate(algorithm, options)
     masters = options.get('master_weights') is not None
     if masters and dtype not in (torch.bfloat16, torch.float16):
         dtype = torch.bfloat16
-    algorithm_options = {k: v for k, v in options.items() if k != 'master_weights'}
+    settings = EstimateSettings(optimizer, world_size, fp32_state=masters)
     root = meta_model(spec, dtype)
     torch_optimizer = torch.optim.SGD(root.parameters(), lr=0.1)  # only its param groups are used
-    note, offloaded = '', 0
     # Tracing a forward to order the units costs a pass over every weight: for billions of parameters, units follow
     # registration order (the same for the built-in decoder configs; byte totals do not depend on the order).
     large = sum(p.numel() for p in root.parameters()) > _TRACED_UP_TO
     with units_in_registration_order() if large else contextlib.nullcontext():
         try:
-            if algorithm == 'lora_inject':
-                apply_lora(root, torch_optimizer, **algorithm_options)
-                if world_size > 1:  # sharded: adapters keep their base's dtype, as LoRAInject does under FSDP2
-                    adapters_in_base_dtype(root)
-            elif algorithm == 'regex_freeze':
-                apply_regex_freeze(root, torch_optimizer, **algorithm_options)
-            elif algorithm == 'layer_freezing':
-                depth, _ = freeze_layers(
-                    root,
-                    torch_optimizer,
-                    1.0,
-                    options.get('freeze_start', 0.5),
-                    options.get('freeze_level', 1.0),
-                    options.get('granularity', 'leaf'),
-                )
-                note = f'at the end of training ({depth} units frozen); before freezing starts: the full row'
-            transfer = 0
-            if algorithm == 'hift_rotation':
-                trainable, state_bytes, offloaded, note, transfer, mastered = _hift_rotation(
-                    root, torch_optimizer, algorithm_options, optimizer, world_size, masters
-                )
+            if built is None:
+                plan = resident_plan(torch_optimizer, settings)
             else:
-                trainable = mastered = _trainable(torch_optimizer)
-                state_bytes = _state_bytes(trainable, optimizer, world_size, masters)
+                estimator = _estimator(algorithm)
+                assert estimator is not None  # _validate
+                plan = estimator(root, torch_optimizer, built, settings)
         except ConfigError:
             raise
         except ValueError as error:
             raise ConfigError(f'--algorithm {algorithm}', options, str(error)) from error
-    params = _unique_params(root.parameters())
+    params = unique_params(root.parameters())
+    mastered = plan.trainable if plan.mastered is None else plan.mastered
     return MemoryEstimate(
         algorithm=algorithm,
         options=options,
         total_params=sum(p.numel() for p in params),
-        trainable_params=sum(p.numel() for p in trainable),
-        param_bytes=_bytes(params, world_size),
-        grad_bytes=_bytes(trainable, world_size),
-        optimizer_state_bytes=state_bytes,
-        offloaded_state_bytes=offloaded,
-        note=note,
-        master_bytes=_master_bytes(mastered, world_size) if masters else 0,
-        step_grad_bytes=_master_bytes(trainable, world_size) // 2 if masters else 0,
-        transfer_bytes_per_step=transfer,
+        trainable_params=sum(p.numel() for p in plan.trainable),
+        param_bytes=tensor_bytes(params, world_size),
+        grad_bytes=tensor_bytes(plan.trainable, world_size),
+        optimizer_state_bytes=plan.optimizer_state_bytes,
+        offloaded_state_bytes=plan.offloaded_state_bytes,
+        note=plan.note,
+        master_bytes=master_bytes(mastered, world_size) if masters else 0,
+        step_grad_bytes=master_bytes(plan.trainable, world_size) // 2 if masters else 0,
+        transfer_bytes_per_step=plan.transfer_bytes_per_step,
     )
 
 

@@ -33,6 +33,7 @@ from composer_thaw.regex_freeze.patterns import (
 )
 from composer_thaw.regex_freeze.row_freezing import RowFreezer, sync_ema_frozen_rows
 from composer_thaw.utils.master_weights import MasterWeightsOption
+from composer_thaw.utils.memory import EstimateSettings, MemoryPlan, resident_plan
 from composer_thaw.utils.optimizer_surgery import add_params, group_index_of, remove_params
 from composer_thaw.utils.parameter_selection import user_module
 from composer_thaw.utils.thaw_algorithm import ThawAlgorithm
@@ -40,7 +41,7 @@ from composer_thaw.utils.trainable_checkpoints import install_for_trainer
 
 log = logging.getLogger(__name__)
 
-__all__ = ['RegexFreeze', 'apply_regex_freeze']
+__all__ = ['RegexFreeze', 'apply_regex_freeze', 'estimate_memory']
 
 # Valid on tiny_decoder('llama', num_layers=4); the conformance suite runs each of them.
 EXAMPLES: tuple[dict[str, Any], ...] = (
@@ -352,3 +353,12 @@ def _selection_mismatch(saved: dict[str, list[list[int]]], current: dict[str, li
         'with, or load only its weights (Trainer(load_weights_only=True), recipe key load_weights_only: true) to '
         'start a new phase with new patterns.'
     )
+
+
+def estimate_memory(
+    model: nn.Module, optimizer: Optimizer, algorithm: RegexFreeze, settings: EstimateSettings
+) -> MemoryPlan:
+    """For ``thaw estimate``: what the selection trains (a tensor with a row range keeps full-size state, as in a
+    run)."""
+    apply_regex_freeze(model, optimizer, algorithm.trainable, algorithm.frozen, algorithm.syntax)
+    return resident_plan(optimizer, settings)

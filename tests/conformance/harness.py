@@ -10,7 +10,6 @@ topics corpus; 4 batches of 4 sequences per epoch (the global batch is split acr
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from composer.core import Algorithm, Callback, State
 from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 
-from composer_thaw.core.registry import algorithm_registry, build_algorithm
+from composer_thaw.core.registry import algorithm_module, algorithm_registry, build_algorithm
 from composer_thaw.datasets.builtin import LanguageModelingDataset, build_dataloader, python_topics_corpus
 from composer_thaw.models.builtin import load_tokenizer, tiny_decoder
 from composer_thaw.utils.master_weights import LOW_PRECISION_DTYPES, master_weights_of
@@ -63,11 +62,6 @@ class Case:
 def covered_names() -> list[str]:
     """Every registered algorithm that is not Composer's own: ours and third parties' (entry points)."""
     return sorted(name for name, entry in algorithm_registry().items() if entry.source != 'composer')
-
-
-def algorithm_module(name: str):
-    """The module that defines the algorithm registered as ``name`` (it declares EXAMPLES, maybe BAD_EXAMPLES)."""
-    return importlib.import_module(algorithm_registry()[name].load().__module__)
 
 
 def examples_of(name: str) -> tuple[dict[str, Any], ...]:
