@@ -205,8 +205,11 @@ ROWS_AT: dict[str, Optional[tuple[str, ...]]] = {
 LEFT_OUT_AT: dict[str, tuple[str, ...]] = {'300M': ('loralib',)}
 
 
-def rows_for(size: str, device: str = 'cpu') -> list[Row]:
+def rows_for(size: str, device: str = 'cpu', only: Optional[list[str]] = None) -> list[Row]:
+    """The rows run at ``size`` (``only``: those of them named)."""
     keep = ROWS_AT.get(size) if device == 'cpu' else None  # a GPU of 80 GB holds every row
+    if only:
+        keep = tuple(k for k in (keep or [r.key for r in all_rows()]) if k in only)
     drop = LEFT_OUT_AT.get(size, ()) if device == 'cpu' else ()
     rows = [r for r in all_rows() if r.method.unavailable() is None and r.key not in drop]
     if keep is None:
@@ -250,8 +253,20 @@ class AfterStepMemory(Callback):
                 'tensors': self.recorder.record.last.total,  # type: ignore[union-attr]
                 'offloaded': offloaded,
                 'memory_growth': memory_now(self.on_gpu) - self.baseline,
+                'outputs': _held_bytes(state.outputs) + _held_bytes(state.batch),
             }
         )
+
+
+def _held_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (a tensor, a mapping such as a model output, or a sequence of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_held_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_held_bytes(v) for v in value)
+    return 0
 
 
 def measure(task: ScaleTask, row: Row, device: str = 'cpu') -> dict[str, Any]:
@@ -326,7 +341,14 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         os.fsync(out.fileno())
 
 
-def run_size(size: str, path: Path, device: str = 'cpu', rounds: Optional[int] = None, log=print) -> None:
+def run_size(
+    size: str,
+    path: Path,
+    device: str = 'cpu',
+    rounds: Optional[int] = None,
+    log=print,
+    only: Optional[list[str]] = None,
+) -> None:
     """Every round of ``size`` in this process, skipping runs already in ``path``; one that started and never
     finished (its process died) is recorded as failed."""
     import warnings
@@ -338,7 +360,7 @@ def run_size(size: str, path: Path, device: str = 'cpu', rounds: Optional[int] =
         if r['event'] == 'start' and (r['row'], r['round']) not in finished:
             _append(path, {**r, 'event': 'failed', 'reason': 'its process died (out of memory or an error)'})
             finished.add((r['row'], r['round']))
-    rows = rows_for(size, device)
+    rows = rows_for(size, device, only)
     rounds = rounds or SIZES[size][2]
     task = scale_task(size)
     from benchmarks.run import run_once
@@ -359,7 +381,14 @@ def run_size(size: str, path: Path, device: str = 'cpu', rounds: Optional[int] =
             trim()
 
 
-def sweep(sizes: list[str], device: str, directory: Path, rounds: Optional[int] = None, log=print) -> None:
+def sweep(
+    sizes: list[str],
+    device: str,
+    directory: Path,
+    rounds: Optional[int] = None,
+    log=print,
+    only: Optional[list[str]] = None,
+) -> None:
     """Each size in a child process, started again after a run that killed it."""
     (directory / 'scale-runs').mkdir(parents=True, exist_ok=True)
     for size in sizes:
@@ -367,6 +396,7 @@ def sweep(sizes: list[str], device: str, directory: Path, rounds: Optional[int] 
             log(f'{size}: child process, attempt {attempt + 1}')
             command = ['-m', 'benchmarks.scale', '--child', size, '--device', device, '--output-dir', str(directory)]
             command += ['--rounds', str(rounds)] if rounds else []
+            command += ['--rows', *only] if only else []
             code = subprocess.call([sys.executable, *command], cwd=Path(__file__).resolve().parents[1])
             if code == 0:
                 break
@@ -376,8 +406,9 @@ def sweep(sizes: list[str], device: str, directory: Path, rounds: Optional[int] 
 # ---- aggregation, table, plots ----------------------------------------------------------------------------------
 
 
-def _ratios(ours: list[list[float]], peer: list[list[float]]) -> Optional[dict[str, float]]:
-    pairs = [a / b for xs, ys in zip(ours, peer) for a, b in zip(xs, ys)]
+def _ratios(ours: dict[int, list[float]], peer: dict[int, list[float]]) -> Optional[dict[str, float]]:
+    """Each of our steps over the peer's step of the same round and batch: median and min-max."""
+    pairs = [a / b for k in sorted(set(ours) & set(peer)) for a, b in zip(ours[k], peer[k])]
     return median_spread(pairs) if pairs else None
 
 
@@ -415,13 +446,14 @@ def aggregate(size: str, records: list[dict[str, Any]]) -> dict[str, Any]:
             if at is None:
                 at = max(range(len(first['after_step'])), key=lambda i: first['after_step'][i]['tensors'])
             point = first['after_step'][at]
-            if all('step_cpu_seconds' in r for r in runs):
-                item['step_cpu_seconds'] = median_spread([s for r in runs for s in r['step_cpu_seconds']])
-                item['step_cpu_times'] = [r['step_cpu_seconds'] for r in runs]
+            cpu = {r['round']: r['step_cpu_seconds'] for r in runs if 'step_cpu_seconds' in r}
+            if cpu:  # runs before CPU time was recorded have none
+                item['step_cpu_seconds'] = median_spread([s for steps in cpu.values() for s in steps])
+                item['step_cpu_times'] = cpu
             item.update(
                 trainable_params=first['trainable_params'],
                 step_seconds=median_spread([s for r in runs for s in r['step_seconds']]),
-                step_times=[r['step_seconds'] for r in runs],
+                step_times={r['round']: r['step_seconds'] for r in runs},
                 compared_at_batch=at + 1,
                 tensors=point['tensors'],
                 offloaded=point['offloaded'],
@@ -430,12 +462,17 @@ def aggregate(size: str, records: list[dict[str, Any]]) -> dict[str, Any]:
                 state_split=first['last_state'] if at == len(first['after_step']) - 1 else None,
                 losses=first['losses'],
             )
+            held = point.get('outputs')
+            if held is None:  # runs saved before the outputs were counted: the logits, batch x seq x vocab
+                held = SEQ_LEN * task.spec().config.vocab_size * (4 if row.precision == 'fp32' else 2)
+            item['outputs'] = held
+            beyond = item['memory_growth']['median'] - held  # what the training state should explain
             prediction = (entry.get('estimate') or {}).get('after_step')
             if prediction:
                 item['tensors_error'] = point['tensors'] / prediction - 1
                 if not row.method.key.startswith('hift_rotation'):
-                    item['memory_error'] = item['memory_growth']['median'] / prediction - 1
-            item['memory_vs_tensors'] = item['memory_growth']['median'] / (point['tensors'] + point['offloaded']) - 1
+                    item['memory_error'] = beyond / prediction - 1
+            item['memory_vs_tensors'] = beyond / (point['tensors'] + point['offloaded']) - 1
         out.append(item)
     measured = {i['row']: i for i in out if i.get('step_times')}
     for item in measured.values():
@@ -530,7 +567,9 @@ def markdown(result: dict[str, Any]) -> str:
         'the same pairing against our fp32 row. Tensors: parameters, gradients, optimizer state and masters counted '
         'from the tensors after the batch where they peak (LayerFreezing: after the last batch, half its blocks '
         "frozen); HiFT's offloaded state apart. RSS growth (on a GPU: CUDA allocated): resident "
-        'memory after that batch, trimmed heap, since before the model was built (median over rounds). '
+        'memory after that batch, trimmed heap, since before the model was built (median over rounds); it is '
+        "compared less the last batch's outputs Composer keeps until the next batch (`state.outputs`: the logits, "
+        f'1 x {SEQ_LEN} x 30,522, 15 MiB in fp32), which are no training state. '
         'Estimate: `thaw estimate` for the same point '
         f'(activations excluded); "(out)": outside {TOLERANCE:.0%} + {SLACK // MIB} MiB. Peak RSS growth includes '
         "activations and the step's transient copies; est. peak: the estimator's peak (with masters: the bf16 "
@@ -680,20 +719,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--update-readme', action='store_true')
     parser.add_argument('--device', choices=['cpu', 'gpu'], default='cpu')
     parser.add_argument('--rounds', type=int, default=None, help="rounds per size (default: SIZES' own)")
+    parser.add_argument('--rows', nargs='*', default=None, help='only these rows (keys), e.g. to add a round to them')
     parser.add_argument('--output-dir', type=Path, default=RESULTS, help='reports here, runs in its scale-runs/')
     args = parser.parse_args(argv)
     runs = args.output_dir / 'scale-runs'
     if args.child:
         torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())))
         log = lambda m: print(m, flush=True)  # noqa: E731
-        run_size(args.child, runs / f'{args.child}.jsonl', args.device, args.rounds, log=log)
+        run_size(args.child, runs / f'{args.child}.jsonl', args.device, args.rounds, log=log, only=args.rows)
         return
     started = time.perf_counter()
     if not args.report_only:
         if args.fresh:
             for size in args.sizes:
                 (runs / f'{size}.jsonl').unlink(missing_ok=True)
-        sweep(args.sizes, args.device, args.output_dir, args.rounds, log=lambda m: print(m, flush=True))
+        sweep(args.sizes, args.device, args.output_dir, args.rounds, lambda m: print(m, flush=True), args.rows)
     seconds = time.perf_counter() - started
     if args.report_only:  # the runs' own time
         done = [r for s in args.sizes for r in _read_runs(runs / f'{s}.jsonl') if r['event'] == 'done']
