@@ -63,8 +63,8 @@ def overrides(algorithm: str, model_dir: Path, data: Path, run: Path, **extra: s
     if algorithm == 'layer_freezing':  # at every batch, not only at epoch ends; one of 3 blocks frozen after batch 1
         options.update({'algorithms.layer_freezing.interval': '1', 'algorithms.layer_freezing.freeze_level': '1.0'})
     if algorithm == 'lora_inject':
-        options['callbacks.hf_checkpointer.save_folder'] = str(run / 'hf')
-        options['callbacks.hf_checkpointer.save_interval'] = '2ba'
+        options['callbacks.merged_hf_checkpointer.save_folder'] = str(run / 'hf')
+        options['callbacks.merged_hf_checkpointer.save_interval'] = '2ba'
     return [f'{key}={value}' for key, value in options.items()]
 
 

@@ -7,8 +7,6 @@ Example:
 """
 
 from composer_thaw.hift_rotation.hift_rotation import (
-    BAD_EXAMPLES,
-    EXAMPLES,
     GroupRotation,
     HiFTRotation,
     apply_hift_rotation,
@@ -19,8 +17,6 @@ from composer_thaw.hift_rotation.queue import STRATEGIES, GroupQueue
 from composer_thaw.hift_rotation.units import RotationPlan, plan_rotation, rotation_units
 
 __all__ = [
-    'BAD_EXAMPLES',
-    'EXAMPLES',
     'STRATEGIES',
     'GroupQueue',
     'GroupRotation',

@@ -1,7 +1,6 @@
 """Progressive layer freezing that frees optimizer memory, skips frozen backward and resumes from checkpoints."""
 
 from composer_thaw.layer_freezing.layer_freezing import (
-    EXAMPLES,
     FreezeSchedule,
     LayerFreezing,
     freeze_layers,
@@ -11,7 +10,6 @@ from composer_thaw.layer_freezing.layer_freezing import (
 from composer_thaw.layer_freezing.units import FreezeUnit, freezable_units, parameters_to_freeze
 
 __all__ = [
-    'EXAMPLES',
     'FreezeSchedule',
     'FreezeUnit',
     'LayerFreezing',

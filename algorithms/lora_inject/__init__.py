@@ -8,13 +8,14 @@ Example:
 
 from composer_thaw.lora_inject.config import DEFAULT_TARGET_MODULES, LoRAConfig
 from composer_thaw.lora_inject.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
-from composer_thaw.lora_inject.lora_inject import EXAMPLES, LoRAInject
+from composer_thaw.lora_inject.lora_inject import LoRAInject
 from composer_thaw.lora_inject.peft_format import (
     adapter_state_dict,
     export_merged,
     expose_merged_state_dict,
     load_adapter,
     load_adapter_state_dict,
+    merged_state_dict_view,
     save_adapter,
 )
 from composer_thaw.lora_inject.surgery import (
@@ -29,7 +30,6 @@ from composer_thaw.lora_inject.surgery import (
 
 __all__ = [
     'DEFAULT_TARGET_MODULES',
-    'EXAMPLES',
     'LoRAConfig',
     'LoRAConv',
     'LoRAEmbedding',
@@ -47,6 +47,7 @@ __all__ = [
     'load_adapter_state_dict',
     'lora_config_of',
     'merge_adapters',
+    'merged_state_dict_view',
     'save_adapter',
     'unmerge_adapters',
 ]

@@ -27,7 +27,7 @@ from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim
 from composer_thaw.lora_inject.config import LoRAConfig, TaskType
 from composer_thaw.lora_inject.injection import adapter_layers
 from composer_thaw.lora_inject.layers import adapter_class_for
-from composer_thaw.lora_inject.peft_format import export_merged, expose_merged_state_dict, save_adapter
+from composer_thaw.lora_inject.peft_format import export_merged, save_adapter
 from composer_thaw.lora_inject.resume import refuse_adapters_of_another_rank
 from composer_thaw.lora_inject.surgery import (
     LoRASummary,
@@ -48,6 +48,10 @@ from composer_thaw.utils.thaw_algorithm import ThawAlgorithm
 from composer_thaw.utils.trainable_checkpoints import install_for_trainer
 
 log = logging.getLogger(__name__)
+
+# The llm-foundry callback that exports the merged model (composer_thaw.lora_inject.llmfoundry_export, registered
+# under that name; its module imports llm-foundry, which this one must not need).
+MERGED_EXPORT = 'merged_hf_checkpointer'
 
 __all__ = [
     'LoRAInject',
@@ -103,18 +107,18 @@ def _check_base_layers_kept(root: nn.Module, config: LoRAConfig, save_merged: bo
         log.info('LoRA: base layers replaced by another algorithm after injection (kept frozen): %s', replaced)
 
 
-def _expose_merged_model_to_hugging_face(model: nn.Module) -> None:
-    """Under Composer, the Hugging Face model's own state dict is the merged plain model's (for ``save_pretrained``
-    and llm-foundry's ``hf_checkpointer``); Composer's model around it, which checkpoints save, keeps the adapters.
-
-    Only for a ``transformers`` model inside Composer's wrapper: were it ``state.model`` itself, checkpoints would
-    lose the adapters.
-    """
-    from transformers import PreTrainedModel
-
-    root = user_module(model)
-    if root is not model and isinstance(root, PreTrainedModel):
-        expose_merged_state_dict(root)
+def _refuse_plain_hf_checkpointer(state: State) -> None:
+    """llm-foundry's ``hf_checkpointer`` would load the adapted model's keys strictly into a plain model and fail at
+    its first export, after training: refuse it before, naming the callback that merges the adapters."""
+    for callback in state.callbacks:
+        kind = type(callback)
+        if kind.__name__ == 'HuggingFaceCheckpointer' and kind.__module__.startswith('llmfoundry.'):
+            raise ValueError(
+                "LoRAInject: llm-foundry's hf_checkpointer exports the model's own state dict, which holds the "
+                'adapters apart from the base, so a plain Hugging Face model cannot load it; use callbacks: '
+                f'{{{MERGED_EXPORT}: {{...}}}} (the same options; composer-thaw registers it), which exports the base '
+                'with the adapters merged in.'
+            )
 
 
 def _modules_to_save_advice(config: LoRAConfig) -> Any:
@@ -167,10 +171,12 @@ class LoRAInject(ThawAlgorithm):
     parameters in one dtype; :func:`~composer_thaw.lora_inject.surgery.adapters_in_base_dtype`): with
     ``master_weights='fp32'`` it trains through an fp32 master and fp32 optimizer state, as the other tensors do.
 
-    The Hugging Face model's own ``state_dict()`` (``state.model.model``: what ``save_pretrained`` and llm-foundry's
-    ``hf_checkpointer`` save) is the merged plain model, so they write a normal Hugging Face folder with the adapters
-    merged in; Composer's checkpoints (the state dict of ``state.model``) keep the adapters apart. See
-    :func:`~composer_thaw.lora_inject.peft_format.expose_merged_state_dict`.
+    The Hugging Face model's own ``state_dict()`` holds the adapters, as Composer's checkpoints do. A plain Hugging
+    Face export merges them in explicitly: ``save_merged_to``,
+    :func:`~composer_thaw.lora_inject.peft_format.export_merged`,
+    ``with merged_state_dict_view(model): model.save_pretrained(...)``, or under llm-foundry the
+    ``merged_hf_checkpointer`` callback (:mod:`composer_thaw.lora_inject.llmfoundry_export`; the plain
+    ``hf_checkpointer`` is refused before training).
 
     Resume a checkpoint written with ``LoRAInject`` by passing the same ``LoRAInject`` to the new Trainer: Composer
     re-applies only its own surgery algorithms automatically. A checkpoint written without LoRA (a plain run) loads
@@ -280,13 +286,13 @@ class LoRAInject(ThawAlgorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             self.check_trainer(state)
+            _refuse_plain_hf_checkpointer(state)
             # The same adapter initialization on every rank, as Composer does before sharding: FSDP2 keeps each rank's
             # own rows, so per-rank seeds would give a model that no single process could have built.
             with reproducibility.seed_context(state.rank_zero_seed):
                 summary = inject_adapters(state.model, state.optimizers, self.config)
             if isinstance(getattr(state, 'fsdp_config', None), FSDP2Config):
                 adapters_in_base_dtype(state.model)  # FSDP2 shards a module's parameters in one dtype
-            _expose_merged_model_to_hugging_face(state.model)
             root = user_module(state.model)
             frozen = self.checkpoint_trainable_only
             install_for_trainer(state, self, frozen, default=True, frozen=lambda: frozen_base_parameters(root))

@@ -36,12 +36,16 @@ import json
 import math
 import os
 import re
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from composer.utils import dist
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from composer_thaw.core.types import Optimizers
 from composer_thaw.lora_inject.config import LoRAConfig
@@ -72,6 +76,7 @@ __all__ = [
     'load_adapter_state_dict',
     'merge_into_state_dict',
     'merged_state_dict',
+    'merged_state_dict_view',
     'peft_config_dict',
     'save_adapter',
 ]
@@ -474,28 +479,46 @@ def _merged_view_hook(module: nn.Module, state: dict[str, Any], prefix: str, loc
         merge_into_state_dict(module, state)
 
 
-def expose_merged_state_dict(model: nn.Module) -> None:
-    """Make the state dict of the adapted model itself the merged plain model's, as Hugging Face code expects.
+def expose_merged_state_dict(model: nn.Module) -> RemovableHandle:
+    """Make the state dict of the adapted model itself the merged plain model's, as Hugging Face code expects,
+    until the returned handle is removed (:func:`merged_state_dict_view` does both around a block).
 
-    Afterwards ``root.state_dict()`` (``root = user_module(model)``: the Hugging Face model) has the base model's
-    own keys with every adapter merged in, so ``save_pretrained`` and llm-foundry's ``hf_checkpointer`` (which
-    loads it strictly into ``type(root)(config)``) write a plain Hugging Face model that computes what the adapted
-    one does. The state dict of any module that contains ``root`` (Composer's model, DDP: what checkpoints hold)
-    keeps the adapters, so a resumed run continues exactly. ``LoRAInject`` calls it on Hugging Face models.
-
-    The training state of ``root`` alone is no longer its ``state_dict()``: save adapters with :func:`save_adapter`,
-    and do not load ``root.state_dict()`` back into the adapted ``root`` (the merged weights would become the base,
-    under the trained adapters).
+    Meanwhile ``root.state_dict()`` (``root = user_module(model)``: the Hugging Face model) has the base model's own
+    keys with every adapter merged in, so ``save_pretrained`` and llm-foundry's ``hf_checkpointer`` (which loads it
+    strictly into ``type(root)(config)``) write a plain Hugging Face model that computes what the adapted one does.
+    The state dict of any module that contains ``root`` (Composer's model, DDP: what checkpoints hold) keeps the
+    adapters, so a resumed run continues exactly. Do not load ``root.state_dict()`` back into the adapted ``root``
+    while it is exposed (the merged weights would become the base, under the trained adapters).
 
     Example:
         >>> apply_lora(hf_model, r=8, target_modules=['q_proj', 'v_proj'])
-        >>> expose_merged_state_dict(hf_model)
+        >>> handle = expose_merged_state_dict(hf_model)
         >>> plain = type(hf_model)(hf_model.config)
         >>> plain.load_state_dict(hf_model.state_dict())  # strict; plain computes what hf_model computes
+        >>> handle.remove()  # hf_model.state_dict() holds the adapters again
     """
     root, _, _ = _adapted_root(model)
-    if not any(hook is _merged_view_hook for hook in root._state_dict_hooks.values()):
-        root.register_state_dict_post_hook(_merged_view_hook)
+    if any(hook is _merged_view_hook for hook in root._state_dict_hooks.values()):
+        return RemovableHandle(
+            OrderedDict()
+        )  # exposed already (an enclosing view): removing this one leaves that in place
+    return root.register_state_dict_post_hook(_merged_view_hook)
+
+
+@contextmanager
+def merged_state_dict_view(model: nn.Module) -> Iterator[nn.Module]:
+    """While the block runs, the adapted Hugging Face model's own ``state_dict()`` is the merged plain model's
+    (:func:`expose_merged_state_dict`); afterwards it holds the adapters again. Yields that Hugging Face model.
+
+    Example:
+        >>> with merged_state_dict_view(model) as hf_model:
+        ...     hf_model.save_pretrained('out/merged')  # a plain Hugging Face folder
+    """
+    handle = expose_merged_state_dict(model)
+    try:
+        yield user_module(model)
+    finally:
+        handle.remove()
 
 
 def export_merged(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:

@@ -8,11 +8,9 @@ Example:
 
 from composer_thaw.regex_freeze.patterns import ParameterPattern, Selection, TensorSelection, select_parameters
 from composer_thaw.regex_freeze.preview import freeze_preview
-from composer_thaw.regex_freeze.regex_freeze import BAD_EXAMPLES, EXAMPLES, RegexFreeze, apply_regex_freeze
+from composer_thaw.regex_freeze.regex_freeze import RegexFreeze, apply_regex_freeze
 
 __all__ = [
-    'BAD_EXAMPLES',
-    'EXAMPLES',
     'ParameterPattern',
     'RegexFreeze',
     'Selection',

@@ -11,7 +11,8 @@ from torch import nn
 
 from composer_thaw.core.registry import build_algorithm
 from composer_thaw.core.validation import ConfigError
-from composer_thaw.hift_rotation import EXAMPLES, GroupRotation, HiFTRotation
+from composer_thaw.hift_rotation import GroupRotation, HiFTRotation
+from composer_thaw.hift_rotation.hift_rotation import EXAMPLES
 
 
 @pytest.mark.parametrize(

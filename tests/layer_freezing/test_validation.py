@@ -9,8 +9,11 @@ from torch import nn
 
 from composer_thaw.core.registry import build_algorithm
 from composer_thaw.core.validation import ConfigError
-from composer_thaw.layer_freezing import EXAMPLES, LayerFreezing, freeze_layers
-from composer_thaw.layer_freezing.layer_freezing import linear_schedule  # noqa: F401  (used by eval(repr))
+from composer_thaw.layer_freezing import LayerFreezing, freeze_layers
+from composer_thaw.layer_freezing.layer_freezing import (
+    EXAMPLES,
+    linear_schedule,  # noqa: F401  (used by eval(repr))
+)
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,15 @@ from support import cpu_trainer, seeded_tiny_decoder
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from composer_thaw.lora_inject import EXAMPLES, LoRAInject, apply_lora, expose_merged_state_dict, merge_adapters
+from composer_thaw.lora_inject import (
+    LoRAInject,
+    apply_lora,
+    expose_merged_state_dict,
+    merge_adapters,
+    merged_state_dict_view,
+)
 from composer_thaw.lora_inject.injection import adapter_layers
+from composer_thaw.lora_inject.lora_inject import EXAMPLES
 from composer_thaw.lora_inject.peft_format import merged_state_dict
 from composer_thaw.utils.parameter_selection import user_module
 from composer_thaw.utils.trainable_checkpoints import FINGERPRINT_KEY
@@ -63,22 +70,23 @@ def test_a_fresh_model_of_the_same_class_loads_the_state_dict_strictly_and_compu
     expected = _logits(model)
     composer_view = set(model.state_dict())  # before: the training state, adapters apart
     assert any('.lora_A' in key for key in composer_view)
-    expose_merged_state_dict(model)
-    expose_merged_state_dict(model)  # idempotent: one hook
-    state = model.state_dict()
+    with merged_state_dict_view(model), merged_state_dict_view(model):  # nested: one hook, removed once, at the end
+        state = model.state_dict()
     assert not [key for key in state if 'lora_' in key or '.base_layer.' in key or 'pissa_initial' in key]
     fresh = _fresh_like_hf_checkpointer(model, state)
     torch.testing.assert_close(_logits(fresh), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_logits(model), expected, atol=0, rtol=0)  # the adapted model is unchanged
     assert state.keys() == merged_state_dict(model).keys()
+    assert set(model.state_dict()) == composer_view, 'outside the view the state dict holds the adapters again'
 
 
 def test_a_merged_model_exposes_its_weights_once_merged():
     model = _trained_adapters('llama', dict(EXAMPLES[1]))
     expected = _logits(model)
     merge_adapters(model)
-    expose_merged_state_dict(model)
+    handle = expose_merged_state_dict(model)
     fresh = _fresh_like_hf_checkpointer(model, model.state_dict())
+    handle.remove()
     torch.testing.assert_close(_logits(fresh), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -86,19 +94,20 @@ def test_save_pretrained_writes_a_plain_model_that_from_pretrained_loads(tmp_pat
     from transformers import AutoModelForCausalLM
 
     model = _trained_adapters('llama', dict(EXAMPLES[0]))
-    expose_merged_state_dict(model)
-    model.save_pretrained(tmp_path)
+    with merged_state_dict_view(model) as hf_model:
+        hf_model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is type(model)
     torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-5, rtol=1e-5)
 
 
-def test_under_lora_inject_hf_code_sees_the_merged_model_and_composer_checkpoints_keep_the_adapters():
+def test_under_lora_inject_the_export_view_is_the_merged_model_and_composer_checkpoints_keep_the_adapters():
     trainer = cpu_trainer(seeded_tiny_decoder(seed=0), [LoRAInject(**EXAMPLES[0])], max_duration='2ba')
     trainer.fit()
     hf_model = trainer.state.model.model.eval()
-    # as hf_checkpointer gathers it
-    state = get_model_state_dict(hf_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    assert any('.lora_A' in key for key in hf_model.state_dict()), "the model's own state dict keeps the adapters"
+    with merged_state_dict_view(trainer.state.model):  # as merged_hf_checkpointer gathers it
+        state = get_model_state_dict(hf_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     fresh = _fresh_like_hf_checkpointer(hf_model, state)
     torch.testing.assert_close(_logits(fresh), _logits(hf_model), atol=1e-5, rtol=1e-5)
     layers = adapter_layers(hf_model)
@@ -108,3 +117,19 @@ def test_under_lora_inject_hf_code_sees_the_merged_model_and_composer_checkpoint
     for name in layers:
         assert {f'model.{name}.lora_A', f'model.{name}.lora_B'} <= set(checkpointed)
         assert f'model.{name}.base_layer.weight' in frozen and f'model.{name}.base_layer.weight' not in checkpointed
+
+
+def test_llm_foundrys_plain_hf_checkpointer_is_refused_before_training_naming_the_merged_one(tmp_path: Path):
+    pytest.importorskip('llmfoundry')
+    from llmfoundry.callbacks import HuggingFaceCheckpointer
+
+    from composer_thaw.lora_inject.llmfoundry_export import MergedHuggingFaceCheckpointer
+
+    model = seeded_tiny_decoder(seed=0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    plain = HuggingFaceCheckpointer(save_folder=str(tmp_path / 'hf'), save_interval='1ep')
+    with pytest.raises(ValueError, match='merged_hf_checkpointer'):
+        cpu_trainer(model, [LoRAInject(**EXAMPLES[0])], callbacks=[plain])
+    assert dict(model.named_parameters()).keys() == before.keys(), 'no adapters were injected'
+    merged = MergedHuggingFaceCheckpointer(save_folder=str(tmp_path / 'hf'), save_interval='1ep')
+    cpu_trainer(seeded_tiny_decoder(seed=0), [LoRAInject(**EXAMPLES[0])], callbacks=[merged]).close()

@@ -6,8 +6,9 @@ import pytest
 import torch
 from support import cpu_trainer, seeded_tiny_decoder
 
-from composer_thaw.lora_inject import EXAMPLES, LoRAInject, apply_lora, merge_adapters, unmerge_adapters
+from composer_thaw.lora_inject import LoRAInject, apply_lora, merge_adapters, unmerge_adapters
 from composer_thaw.lora_inject.injection import adapter_layers
+from composer_thaw.lora_inject.lora_inject import EXAMPLES
 from composer_thaw.utils.parameter_selection import user_module
 
 

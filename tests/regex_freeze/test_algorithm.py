@@ -10,7 +10,8 @@ from composer.loggers import InMemoryLogger
 
 from composer_thaw.core.registry import build_algorithm
 from composer_thaw.core.state import STATE_VERSION_KEY
-from composer_thaw.regex_freeze import EXAMPLES, RegexFreeze, apply_regex_freeze, freeze_preview
+from composer_thaw.regex_freeze import RegexFreeze, apply_regex_freeze, freeze_preview
+from composer_thaw.regex_freeze.regex_freeze import EXAMPLES
 from composer_thaw.utils.parameter_selection import user_module
 
 from .reference import full_parameters
