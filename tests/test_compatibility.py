@@ -27,7 +27,7 @@ from composer_thaw.lora_inject import LoRAInject
 from composer_thaw.regex_freeze import RegexFreeze
 
 PACKAGE = Path(composer_thaw.__file__).resolve().parent
-ALGORITHM_FOLDERS = sorted(p.parent.name for p in PACKAGE.glob('*/__init__.py'))
+ALGORITHM_FOLDERS = sorted(p.parent.name for p in PACKAGE.glob('*/metadata.json'))  # one per algorithm, as Composer's
 
 
 def _imported_modules(path: Path, package: str) -> set[str]:

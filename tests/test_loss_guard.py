@@ -6,7 +6,7 @@ from support import REPO, cpu_trainer, seeded_tiny_decoder, set_args
 
 from composer_thaw.callbacks.loss_guard import NonFiniteLossError, StopOnNonFiniteLoss
 from composer_thaw.cli import EXIT_DIVERGED, main
-from composer_thaw.recipes import running as training
+from composer_thaw.recipes import building
 
 
 def _poisoned(model, after_batches: int):
@@ -46,8 +46,8 @@ def test_finite_losses_train_as_without_the_callback():
 
 
 def test_thaw_run_reports_the_batch_in_one_line_and_exits_non_zero(monkeypatch, capsys):
-    build = training.MODEL_BUILDERS['tiny-decoder']
-    monkeypatch.setitem(training.MODEL_BUILDERS, 'tiny-decoder', lambda *a: _poisoned(build(*a), after_batches=1))
+    build = building.MODEL_BUILDERS['tiny-decoder']
+    monkeypatch.setitem(building.MODEL_BUILDERS, 'tiny-decoder', lambda *a: _poisoned(build(*a), after_batches=1))
     recipe = str(REPO / 'yamls' / 'lora_decoder.yaml')
     overrides = ['max_duration=3ba', 'eval_interval=1ep', 'model.hidden_size=32', 'progress_bar=false']
     code = main(['run', recipe, *set_args(overrides)])
