@@ -174,12 +174,40 @@ def _low_precision(method: Method, precision: str) -> Row:
     )
 
 
+class _Bf16Models:
+    """``task`` with bf16 models: a peer's own setup, run on the model in bf16."""
+
+    def __init__(self, task: Task) -> None:
+        self._task = task
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
+
+    def fresh_model(self):
+        return self._task.fresh_model().to(torch.bfloat16)
+
+
+def _peer_in_bf16(method: Method) -> Row:
+    """A peer on the bf16 model: what our rows with masters compute, so their step compares like with like (PEFT
+    keeps its adapters fp32 on a bf16 base, as LoRAInject does; the freezing peers train in pure bf16)."""
+
+    def setup(task: Task, device: str) -> Setup:
+        return method.setup(_Bf16Models(task), device)  # type: ignore[arg-type]
+
+    label = f'{method.label}, bf16 model'
+    return Row(replace(method, key=f'{method.key}+bf16', label=label, setup=setup), BF16, method.key)
+
+
+BF16_PEERS = ('composer_lf', 'manual_freeze', 'peft_lora', 'hift_package')
+
+
 def all_rows() -> list[Row]:
     rows = [Row(m) for m in METHODS]
     for method in METHODS:
         if method.family == 'ours' or method.key == 'full':
             rows.append(_low_precision(method, MASTERS))
     rows.append(_low_precision(METHODS[0], BF16))
+    rows += [_peer_in_bf16(m) for m in METHODS if m.key in BF16_PEERS]
     return rows
 
 
@@ -206,10 +234,10 @@ LEFT_OUT_AT: dict[str, tuple[str, ...]] = {'300M': ('loralib',)}
 
 
 def rows_for(size: str, device: str = 'cpu', only: Optional[list[str]] = None) -> list[Row]:
-    """The rows run at ``size`` (``only``: those of them named)."""
+    """The rows run at ``size`` (``only``: the rows named, even those the size leaves out by default)."""
     keep = ROWS_AT.get(size) if device == 'cpu' else None  # a GPU of 80 GB holds every row
-    if only:
-        keep = tuple(k for k in (keep or [r.key for r in all_rows()]) if k in only)
+    if only:  # asked for by name: beyond what the size runs by default too
+        keep = tuple(only)
     drop = LEFT_OUT_AT.get(size, ()) if device == 'cpu' else ()
     rows = [r for r in all_rows() if r.method.unavailable() is None and r.key not in drop]
     if keep is None:
@@ -477,7 +505,10 @@ def aggregate(size: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     measured = {i['row']: i for i in out if i.get('step_times')}
     for item in measured.values():
         peer = measured.get(item['closest_peer'] or '')
+        if item['precision'] != 'fp32' and f'{item["closest_peer"]}+bf16' in measured:  # like with like
+            peer = measured[f'{item["closest_peer"]}+bf16']
         if peer is not None:
+            item['peer_row'] = peer['row']
             item['vs_peer'] = _ratios(item['step_times'], peer['step_times'])
             if 'step_cpu_times' in item and 'step_cpu_times' in peer:
                 item['vs_peer_cpu'] = _ratios(item['step_cpu_times'], peer['step_cpu_times'])
@@ -522,7 +553,7 @@ def size_table(size: dict[str, Any], memory: str = 'RSS') -> str:
         est = item.get('estimate')
         prediction = est['after_step'] if est else None
         s = item['step_seconds']
-        peer = f' (peer: {item["closest_peer"]})' if item.get('vs_peer') else ''
+        peer = f' (peer: {item["peer_row"]})' if item.get('vs_peer') else ''
         tensors_cell = f'{item["tensors"] / MIB:,.0f}'
         if item['offloaded']:
             tensors_cell += f' + {item["offloaded"] / MIB:,.0f} offloaded'
@@ -716,6 +747,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--report-only', action='store_true', help='rewrite the reports from the saved runs')
     parser.add_argument('--fresh', action='store_true', help='forget the saved runs of these sizes first')
+    parser.add_argument('--retry-failed', action='store_true', help='run again the runs of these sizes that failed')
     parser.add_argument('--update-readme', action='store_true')
     parser.add_argument('--device', choices=['cpu', 'gpu'], default='cpu')
     parser.add_argument('--rounds', type=int, default=None, help="rounds per size (default: SIZES' own)")
@@ -730,9 +762,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     started = time.perf_counter()
     if not args.report_only:
-        if args.fresh:
-            for size in args.sizes:
-                (runs / f'{size}.jsonl').unlink(missing_ok=True)
+        for size in args.sizes:
+            path = runs / f'{size}.jsonl'
+            if args.fresh:
+                path.unlink(missing_ok=True)
+            elif args.retry_failed and path.exists():
+                records = _read_runs(path)
+                failed = {(r['row'], r['round']) for r in records if r['event'] == 'failed'}
+                kept = [r for r in records if (r['row'], r.get('round')) not in failed or r['event'] == 'done']
+                path.write_text(''.join(json.dumps(r) + '\n' for r in kept))
         sweep(args.sizes, args.device, args.output_dir, args.rounds, lambda m: print(m, flush=True), args.rows)
     seconds = time.perf_counter() - started
     if args.report_only:  # the runs' own time
