@@ -1,6 +1,7 @@
 """A recipe trains end to end under Composer and reports what it cost."""
 
 import json
+import re
 
 import pytest
 from support import REPO, two_process_part
@@ -84,6 +85,11 @@ def test_a_resumed_recipe_replays_the_data_and_ends_bit_identical(tmp_path):
     resumed = run_recipe(load_recipe(REPO / 'yamls/demo.yaml', decoder + [f'load_path={tmp_path}/ep0-ba4-rank0.pt']))
     assert (resumed.batches_run, resumed.train_batches) == (2, 6)
     assert resumed.param_checksums == straight.param_checksums
+    assert straight.resumed_from is None and 'resumed from' not in format_summary(straight)
+    assert (resumed.resumed_from, resumed.resumed_at_batch) == (f'{tmp_path}/ep0-ba4-rank0.pt', 4)
+    table = format_summary(resumed)
+    assert re.search(rf'\| resumed from +\| {re.escape(str(tmp_path))}/ep0-ba4-rank0.pt \(batch 4\)\n', table)
+    assert re.search(r'\| train batches +\| 6\n\|   trained in this run +\| 2\n', table)
 
 
 RECIPES = sorted((REPO / 'yamls').glob('*.yaml'))

@@ -77,6 +77,8 @@ class RunSummary:
     samples_per_second: float = 0.0
     train_batches: int = 0
     batches_run: int = 0  # in this process: fewer than train_batches when resumed from a checkpoint
+    resumed_from: Optional[str] = None  # the checkpoint a resumed run started from (load_path or autoresume)
+    resumed_at_batch: int = 0  # the batch it had trained up to
     eval_metrics: dict[str, float] = field(default_factory=dict)
     majority_rate: Optional[float] = None
     world_size: int = 1
@@ -248,6 +250,9 @@ def _metric_values(trainer: Trainer) -> dict[str, float]:
 def run_recipe(recipe: Recipe) -> RunSummary:
     """Train ``recipe`` and return its :class:`RunSummary` (on every rank; checksums gathered from all ranks)."""
     trainer, callback, _ = build_trainer(recipe)
+    if int(trainer.state.timestamp.batch) > 0:  # a checkpoint's training state loaded (not a weights-only start)
+        callback.summary.resumed_from = str(trainer.state.load_path)
+        callback.summary.resumed_at_batch = int(trainer.state.timestamp.batch)
     with warnings.catch_warnings():
         # The last eval batch is smaller than the eval batch size; Composer says so on every evaluation.
         warnings.filterwarnings('ignore', message='Cannot split tensor of length')
@@ -278,6 +283,11 @@ def format_summary(summary: RunSummary) -> str:
     rows = [
         ('algorithms', ', '.join(summary.algorithms) or '(none: full fine-tuning)'),
         ('processes', str(summary.world_size)),
+        *(
+            [('resumed from', f'{summary.resumed_from} (batch {summary.resumed_at_batch})')]
+            if summary.resumed_from
+            else []
+        ),
         ('total parameters', f'{summary.total_params:,}'),
         (
             'trainable parameters',
@@ -291,6 +301,7 @@ def format_summary(summary: RunSummary) -> str:
         ('peak memory (process)', _format_bytes(summary.peak_memory_bytes)),
         ('train samples/s', f'{summary.samples_per_second:.1f}'),
         ('train batches', str(summary.train_batches)),
+        *([('  trained in this run', str(summary.batches_run))] if summary.resumed_from else []),
     ]
     for name, value in summary.eval_metrics.items():
         shown = f'{value:.2%}' if 'Accuracy' in name else f'{value:.4f}'
