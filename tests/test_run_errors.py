@@ -64,6 +64,14 @@ def _resumed_with_another_rank(tmp_path: Path, folders: dict[str, Path]) -> list
     return ['algorithms={lora_inject: {r: 16}}', f'load_path={path}']
 
 
+def _lora_resumed_on_other_frozen_weights(tmp_path: Path, folders: dict[str, Path]) -> list[str]:
+    """A LoRA run's adapter-only checkpoint, resumed on a base built from another seed: its frozen weights differ."""
+    lora = 'algorithms={lora_inject: {r: 4, target_modules: [q_proj, v_proj]}}'
+    saved = tmp_path / 'saved'
+    assert main(['run', str(DEMO), *set_args([*TINY, lora, 'max_duration=1ba', f'save_folder={saved}'])]) == 0
+    return [lora, 'seed=18', f'load_path={saved / "ep0-ba1-rank0.pt"}']
+
+
 def _only_incomplete_checkpoints(*resuming: str) -> Case:
     """A save folder whose latest checkpoint a killed save cut short, with no complete one to fall back to."""
 
@@ -112,6 +120,7 @@ CASES: dict[str, tuple[Case, str]] = {
     'truncated load_path': (_truncated_checkpoint, 'load_path'),
     'folder as load_path': (lambda tmp_path, folders: [f'load_path={tmp_path}'], 'load_path'),
     'resume with another LoRA r': (_resumed_with_another_rank, 'algorithms.lora_inject.r'),
+    'LoRA checkpoint on other frozen weights': (_lora_resumed_on_other_frozen_weights, 'load_path'),
     'autoresume with only an incomplete checkpoint': (
         _only_incomplete_checkpoints('run_name=r', 'autoresume=true'),
         'autoresume',

@@ -47,6 +47,7 @@ from composer_thaw.utils.atomic_files import atomic_write_text, checkpoint_saver
 from composer_thaw.utils.optimizer_surgery import training_state_bytes
 from composer_thaw.utils.parameter_selection import user_module
 from composer_thaw.utils.sharding import full_tensor
+from composer_thaw.utils.trainable_checkpoints import FrozenWeightsMismatch
 
 __all__ = ['RunSummary', 'TrainingSummary', 'build_trainer', 'format_summary', 'parameter_checksum', 'run_recipe']
 
@@ -175,7 +176,8 @@ def _build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData
     model, data = built.model, built.data
     optimizer = build_optimizer(model, recipe.optimizer)
     summary = TrainingSummary()
-    with _algorithm_errors(recipe, algorithms):  # they check themselves against the model at INIT and BEFORE_LOAD
+    # Algorithms check themselves against the model at INIT and BEFORE_LOAD; a checkpoint loads while it is built.
+    with _algorithm_errors(recipe, algorithms), _checkpoint_errors(recipe):
         trainer = _trainer(recipe, model, data, optimizer, algorithms, summary)
     if not any(param.requires_grad for param in model.parameters()):
         trainer.close()
@@ -237,6 +239,17 @@ def _algorithm_errors(recipe: Recipe, algorithms: list) -> Iterator[None]:
             if name is not None:
                 raise ConfigError(f'algorithms.{name}', recipe.algorithms[name] or {}, str(error)) from error
         raise
+
+
+@contextmanager
+def _checkpoint_errors(recipe: Recipe) -> Iterator[None]:
+    """A checkpoint that does not fit the model as built (a trainable-only checkpoint on other frozen weights)
+    becomes an error naming the recipe key that resumed it."""
+    try:
+        yield
+    except FrozenWeightsMismatch as error:
+        key, value = ('load_path', recipe.load_path) if recipe.load_path else ('autoresume', recipe.save_folder)
+        raise ConfigError(key, value, str(error)) from error
 
 
 def _metric_values(trainer: Trainer) -> dict[str, float]:
