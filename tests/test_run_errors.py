@@ -72,6 +72,13 @@ def _lora_resumed_on_other_frozen_weights(tmp_path: Path, folders: dict[str, Pat
     return [lora, 'seed=18', f'load_path={saved / "ep0-ba1-rank0.pt"}']
 
 
+def _json_lines_with_a_number_for_a_text(tmp_path: Path, folders: dict[str, Path]) -> list[str]:
+    """A JSONL whose second row has a number where the first has a text: datasets' reader logs it too."""
+    path = tmp_path / 'train.jsonl'
+    path.write_text('{"text": "hello world"}\n{"text": 5}\n')
+    return ['data.name=files', 'data.task=causal_lm', f'data.train={path}', 'data.eval_fraction=0.5']
+
+
 def _only_incomplete_checkpoints(*resuming: str) -> Case:
     """A save folder whose latest checkpoint a killed save cut short, with no complete one to fall back to."""
 
@@ -121,6 +128,7 @@ CASES: dict[str, tuple[Case, str]] = {
     'folder as load_path': (lambda tmp_path, folders: [f'load_path={tmp_path}'], 'load_path'),
     'resume with another LoRA r': (_resumed_with_another_rank, 'algorithms.lora_inject.r'),
     'LoRA checkpoint on other frozen weights': (_lora_resumed_on_other_frozen_weights, 'load_path'),
+    'JSON lines with a wrongly typed row': (_json_lines_with_a_number_for_a_text, 'data.train'),
     'autoresume with only an incomplete checkpoint': (
         _only_incomplete_checkpoints('run_name=r', 'autoresume=true'),
         'autoresume',

@@ -171,6 +171,8 @@ def load_table(key: str, source: Source, data_format: Optional[str] = None) -> d
     shown: Any = str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]
     progress = not datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parsers log what our one line says already
     try:
         if fmt == 'disk':
             table = datasets.load_from_disk(str(paths[0]))
@@ -183,6 +185,7 @@ def load_table(key: str, source: Source, data_format: Optional[str] = None) -> d
             raise ConfigError(key, shown, 'no rows.') from error
         raise ConfigError(key, shown, f'not readable as {fmt}: {detail}') from error
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if progress:
             datasets.enable_progress_bars()
     if not isinstance(table, datasets.Dataset):
@@ -551,8 +554,8 @@ def load_task_data(
 
     Args:
         task: ``'classification'``, ``'causal_lm'`` or ``'instruction'``.
-        tokenizer: a Hugging Face tokenizer (with a pad token: :func:`composer_thaw.models.builtin.load_tokenizer`
-        sets one).
+        tokenizer: a Hugging Face tokenizer (with a pad token:
+            :func:`composer_thaw.models.builtin.load_tokenizer` sets one).
         train: the training rows: a file, a glob, a list of files, or a ``save_to_disk`` folder.
         eval: the eval rows, in the same forms; or ``None`` with ``eval_fraction``.
         eval_fraction: the share of ``train`` held out for evaluation (a seeded split), when ``eval`` is ``None``.
