@@ -43,7 +43,8 @@ from composer_thaw.recipes.schema import (
     Recipe,
     check_processes,
 )
-from composer_thaw.utils.atomic_files import atomic_write_text, checkpoint_saver
+from composer_thaw.utils.atomic_checkpoints import checkpoint_saver
+from composer_thaw.utils.atomic_files import atomic_write_text
 from composer_thaw.utils.optimizer_surgery import training_state_bytes
 from composer_thaw.utils.parameter_selection import user_module
 from composer_thaw.utils.sharding import full_tensor
