@@ -223,6 +223,10 @@ ROWS_AT: dict[str, Optional[tuple[str, ...]]] = {
         'regex_freeze+masters',
         'lora_inject+masters',
         'hift_rotation+masters',
+        'peft_lora+bf16',
+        'hift_package+bf16',
+        'manual_freeze',
+        'hift_package',
         'full+bf16',
         'layer_freezing',
     ),
@@ -403,7 +407,9 @@ def run_size(
                 continue
             _append(path, {'event': 'start', 'row': row.key, 'round': round_index, 'size': size})
             result = measure(task, row, device)
-            _append(path, {'event': 'done', 'row': row.key, 'round': round_index, 'size': size, **result})
+            session = os.environ.get('SCALE_SESSION', 'sweep')  # which invocation: its runs ran side by side
+            _append(path, {'event': 'done', 'row': row.key, 'round': round_index, 'size': size, 'session': session,
+                           **result})  # fmt: skip
             median = statistics.median(result['step_seconds'])
             log(f'[{time.perf_counter() - started:6.0f}s] {size} round {round_index} {row.key}: step {median:.3f} s')
             trim()
@@ -434,9 +440,13 @@ def sweep(
 # ---- aggregation, table, plots ----------------------------------------------------------------------------------
 
 
-def _ratios(ours: dict[int, list[float]], peer: dict[int, list[float]]) -> Optional[dict[str, float]]:
-    """Each of our steps over the peer's step of the same round and batch: median and min-max."""
-    pairs = [a / b for k in sorted(set(ours) & set(peer)) for a, b in zip(ours[k], peer[k])]
+def _ratios(ours: dict[int, list[float]], peer: dict[int, list[float]], sessions=None) -> Optional[dict[str, float]]:
+    """Each of our steps over the peer's step of the same round and batch (and the same invocation, when
+    ``sessions`` gives each side's: runs added later ran on a machine in another state): median and min-max."""
+    rounds = sorted(set(ours) & set(peer))
+    if sessions is not None:
+        rounds = [k for k in rounds if sessions[0].get(k) == sessions[1].get(k)]
+    pairs = [a / b for k in rounds for a, b in zip(ours[k], peer[k])]
     return median_spread(pairs) if pairs else None
 
 
@@ -482,6 +492,7 @@ def aggregate(size: str, records: list[dict[str, Any]]) -> dict[str, Any]:
                 trainable_params=first['trainable_params'],
                 step_seconds=median_spread([s for r in runs for s in r['step_seconds']]),
                 step_times={r['round']: r['step_seconds'] for r in runs},
+                sessions={r['round']: r.get('session', 'sweep') for r in runs},
                 compared_at_batch=at + 1,
                 tensors=point['tensors'],
                 offloaded=point['offloaded'],
@@ -509,12 +520,13 @@ def aggregate(size: str, records: list[dict[str, Any]]) -> dict[str, Any]:
             peer = measured[f'{item["closest_peer"]}+bf16']
         if peer is not None:
             item['peer_row'] = peer['row']
-            item['vs_peer'] = _ratios(item['step_times'], peer['step_times'])
+            sessions = (item['sessions'], peer['sessions'])
+            item['vs_peer'] = _ratios(item['step_times'], peer['step_times'], sessions)
             if 'step_cpu_times' in item and 'step_cpu_times' in peer:
-                item['vs_peer_cpu'] = _ratios(item['step_cpu_times'], peer['step_cpu_times'])
+                item['vs_peer_cpu'] = _ratios(item['step_cpu_times'], peer['step_cpu_times'], sessions)
         base = measured.get(item['base'])
         if base is not None and item['precision'] != 'fp32':
-            item['vs_fp32'] = _ratios(item['step_times'], base['step_times'])
+            item['vs_fp32'] = _ratios(item['step_times'], base['step_times'], (item['sessions'], base['sessions']))
     hidden, layers, _ = SIZES[size]
     params = next((i['estimate']['total_params'] for i in out if i.get('estimate')), None)
     return {'size': size, 'hidden': hidden, 'layers': layers, 'params': params, 'rows': out}
@@ -594,8 +606,10 @@ def markdown(result: dict[str, Any]) -> str:
         'threads) over the same span, where the run recorded it (less sensitive to other work on the machine). '
         "Step vs peer: ours / its peer's step at the same round "
         'and batch, median (min-max) (LayerFreezing: Composer LayerFreezing; RegexFreeze: requires_grad by hand; '
-        'LoRAInject: PEFT; HiFTRotation: the hift package; the masters rows against the same fp32 peer). vs own fp32: '
-        'the same pairing against our fp32 row. Tensors: parameters, gradients, optimizer state and masters counted '
+        'LoRAInject: PEFT; HiFTRotation: the hift package; the masters rows against the same peer on the bf16 model '
+        'where it ran, else the fp32 one); only runs of the same invocation pair (rows added later ran on a machine '
+        'under other load). vs own fp32: the same pairing against our fp32 row. '
+        'Tensors: parameters, gradients, optimizer state and masters counted '
         'from the tensors after the batch where they peak (LayerFreezing: after the last batch, half its blocks '
         "frozen); HiFT's offloaded state apart. RSS growth (on a GPU: CUDA allocated): resident "
         'memory after that batch, trimmed heap, since before the model was built (median over rounds); it is '
@@ -761,6 +775,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         run_size(args.child, runs / f'{args.child}.jsonl', args.device, args.rounds, log=log, only=args.rows)
         return
     started = time.perf_counter()
+    os.environ.setdefault('SCALE_SESSION', time.strftime('%Y-%m-%d %H:%M:%S'))
     if not args.report_only:
         for size in args.sizes:
             path = runs / f'{size}.jsonl'
@@ -768,7 +783,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                 path.unlink(missing_ok=True)
             elif args.retry_failed and path.exists():
                 records = _read_runs(path)
-                failed = {(r['row'], r['round']) for r in records if r['event'] == 'failed'}
+                failed = {
+                    (r['row'], r['round'])
+                    for r in records
+                    if r['event'] == 'failed' and (not args.rows or r['row'] in args.rows)
+                }
                 kept = [r for r in records if (r['row'], r.get('round')) not in failed or r['event'] == 'done']
                 path.write_text(''.join(json.dumps(r) + '\n' for r in kept))
         sweep(args.sizes, args.device, args.output_dir, args.rounds, lambda m: print(m, flush=True), args.rows)
