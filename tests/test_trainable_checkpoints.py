@@ -13,7 +13,7 @@ import torch
 from support import cpu_trainer, seeded_tiny_decoder
 from torch import nn
 
-from composer_thaw.lora_inject import LoRAInject, apply_lora, frozen_base_parameters
+from composer_thaw.lora_inject import LoRAInject, apply_lora, frozen_base_parameters, merged_state_dict_view
 from composer_thaw.regex_freeze import RegexFreeze
 from composer_thaw.utils.parameter_selection import user_module
 from composer_thaw.utils.trainable_checkpoints import (
@@ -57,8 +57,11 @@ def test_a_lora_checkpoint_holds_the_adapters_and_a_fingerprint_of_each_frozen_t
     fingerprints = state[FINGERPRINT_KEY]['frozen']
     assert fingerprints.keys() == frozen.keys()
     assert all(fingerprints[k] == tensor_fingerprint(p) for k, p in frozen.items())  # frozen: unchanged by training
-    full = lora_run.trainer.state.model.model.state_dict()  # Hugging Face code still sees every (merged) weight
-    assert 'model.layers.0.self_attn.q_proj.weight' in full and 'lm_head.weight' in full
+    full = lora_run.trainer.state.model.model.state_dict()  # Hugging Face code still sees every weight
+    assert 'model.layers.0.self_attn.q_proj.base_layer.weight' in full and 'lm_head.weight' in full
+    with merged_state_dict_view(lora_run.trainer.state.model):  # and the plain model's, merged, for an export
+        merged = lora_run.trainer.state.model.model.state_dict()
+    assert 'model.layers.0.self_attn.q_proj.weight' in merged and not [k for k in merged if 'lora_' in k]
 
 
 def test_resuming_on_the_model_as_built_is_bit_identical(lora_run):
