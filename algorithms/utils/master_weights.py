@@ -393,6 +393,8 @@ class MasterWeights:
             for key, (_, master) in self.masters.items()
             if self._names[key]
         }
+        if self.parked and torch.cuda.is_available():
+            torch.cuda.synchronize()  # parked masters were copied to the host without blocking
         saved.update((self._names[key], parked.whole()) for key, parked in self.parked.items() if self._names[key])
         return saved
 
