@@ -272,3 +272,25 @@ def test_previews_refuse_what_the_run_refuses_in_the_same_line(command, name, tm
     assert code == EXIT_INVALID, captured.err[-2000:]
     assert len(lines) == 1 and lines[0].startswith(f'thaw {command}: invalid recipe: {key} = '), captured.err[-2000:]
     assert 'Traceback' not in captured.err + captured.out
+
+
+def test_a_bad_data_file_is_refused_before_composer_is_imported(tmp_path):
+    """Issue #25: file-level checks come first, so a bad file is refused in about a second (Composer's import alone
+    takes 10-20 s): run with Composer made unimportable, the refusal is still the one line, exit 2."""
+    import subprocess
+    import sys
+
+    path = tmp_path / 'train.jsonl'
+    path.write_text('{"text": "hello world"}\n{"text": 5}\n')
+    overrides = ['data.name=files', 'data.task=causal_lm', f'data.train={path}', 'data.eval_fraction=0.5']
+    script = (
+        'import sys\n'
+        "sys.modules['composer'] = None  # importing it now raises ImportError\n"
+        'from composer_thaw.cli import main\n'
+        f'sys.exit(main({["run", str(DEMO), *set_args(overrides)]!r}))\n'
+    )
+    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == EXIT_INVALID, done.stderr[-2000:]
+    assert lines == [lines[0]] and lines[0].startswith("thaw run: invalid recipe: data.train = '"), done.stderr
+    assert 'JSON parse error' in lines[0]

@@ -33,7 +33,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from composer_thaw.core.validation import ConfigError, from_mapping
-from composer_thaw.datasets.local_files import source_format
+from composer_thaw.datasets.local_files import load_table, source_format
 from composer_thaw.recipes.run_files import (
     LATEST_LINK,
     check_checkpoint_path,
@@ -219,7 +219,12 @@ def _check_positive(key: str, value: Optional[Union[int, float]]) -> None:
 
 
 def validate_recipe(recipe: Recipe) -> None:
-    """Check everything that can be checked without building the model: values, files, algorithm options."""
+    """Check everything that can be checked without building the model: values, files, algorithm options.
+
+    The model's and the data's files come first, before Composer and torch are imported: a bad file is refused in
+    about a second."""
+    _check_model(recipe.model)
+    _check_data(recipe.data)
     _check_time('max_duration', recipe.max_duration, positive=True, fraction=False)
     _check_time('eval_interval', recipe.eval_interval, positive=True)
     _check_time('save_interval', recipe.save_interval, positive=True)
@@ -256,8 +261,6 @@ def validate_recipe(recipe: Recipe) -> None:
             'set model.dtype: bfloat16 (or float16), or drop master_weights to train in fp32.',
         )
 
-    _check_model(recipe.model)
-    _check_data(recipe.data)
     from composer_thaw.models.vision import check_vision_recipe  # deferred: torch, so bad files fail fast
 
     vision_problem = check_vision_recipe(recipe.model.name, recipe.data.name)
@@ -387,6 +390,11 @@ def _check_data(data: DataConfig) -> None:
     source_format('data.train', data.train, data.format)
     if data.eval is not None:
         source_format('data.eval', data.eval, data.format)
+    # Read now (datasets caches what it parsed for the run): an unreadable, empty or malformed file is refused before
+    # Composer loads. Columns, labels and tokens are checked as the run reads the rows.
+    load_table('data.train', data.train, data.format)
+    if data.eval is not None:
+        load_table('data.eval', data.eval, data.format)
 
 
 def data_task(data: DataConfig) -> str:
