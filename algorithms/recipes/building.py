@@ -50,6 +50,7 @@ from composer_thaw.recipes.schema import (
     SchedulerConfig,
     model_task,
 )
+from composer_thaw.utils.sharding import average_gradients_on_gloo
 
 __all__ = [
     'DATA_BUILDERS',
@@ -351,6 +352,7 @@ def build_parallelism(config: ParallelismConfig) -> Optional[dict[str, Any]]:
         return None
     from composer.utils.parallelism import FSDP2Config
 
+    average_gradients_on_gloo()  # FSDP2 on CPU sums gradients across processes without it
     return {'fsdp': FSDP2Config(**asdict(config.fsdp))}
 
 

@@ -25,6 +25,7 @@ import torch
 __all__ = [
     'FSDP2_HINT',
     'ShardLayout',
+    'average_gradients_on_gloo',
     'full_tensor',
     'is_sharded',
     'local_part',
@@ -130,3 +131,31 @@ def refuse_fsdp1(state: Any, algorithm: str) -> None:
             f'{algorithm} does not support FSDP1 (FSDPConfig): it flattens parameters into FlatParameters, which '
             f'{algorithm} cannot freeze or select one by one; {FSDP2_HINT}.',
         )
+
+
+def average_gradients_on_gloo() -> None:
+    """Make FSDP2 average gradients across processes on the gloo backend (CPU), as it does on NCCL. Idempotent.
+
+    For fp32 and bf16 gradients FSDP2 reduce-scatters with ``ReduceOp.AVG``, which gloo silently treats as a sum: on
+    CPU every gradient came out ``world_size`` times a single process's (SGD at 2 processes took twice the step, and
+    AdamW's moments carried the scale, so a checkpoint resumed at another world size drifted). This patches FSDP2's
+    choice of divide factors (``torch.distributed.fsdp._fully_shard._fsdp_collectives``) so that a gloo group sums and
+    then divides once by the data-parallel size; other backends keep FSDP2's own choice. Our algorithms call it at
+    ``Event.INIT`` under FSDP2, and ``thaw run`` when its recipe shards.
+    """
+    import torch.distributed as torch_dist
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
+
+    original = collectives._get_gradient_divide_factors
+    if getattr(original, 'averages_on_gloo', False):
+        return
+
+    def divide_factors(reduce_scatter_group: Any, all_reduce_group: Any, *args: Any, **kwargs: Any) -> Any:
+        factors = original(reduce_scatter_group, all_reduce_group, *args, **kwargs)
+        if factors[0] is not None or torch_dist.get_backend(reduce_scatter_group) != 'gloo':
+            return factors
+        size = reduce_scatter_group.size() * (all_reduce_group.size() if all_reduce_group is not None else 1)
+        return 1.0, float(size)  # a predivide factor makes FSDP2 sum; the postdivide factor averages once
+
+    divide_factors.averages_on_gloo = True  # type: ignore[attr-defined]
+    collectives._get_gradient_divide_factors = divide_factors

@@ -28,12 +28,13 @@ from __future__ import annotations
 from typing import Any, ClassVar, Optional
 
 from composer.core import Algorithm, State
+from composer.utils.parallelism import FSDP2Config
 
 from composer_thaw.core.compatibility import check_compatibility
 from composer_thaw.core.resume_checks import check_resume_config, resume_state
 from composer_thaw.core.state import STATE_VERSION_KEY, ConfigRepr, check_state_version
 from composer_thaw.utils.master_weights import MasterWeightsOption
-from composer_thaw.utils.sharding import refuse_fsdp1
+from composer_thaw.utils.sharding import average_gradients_on_gloo, refuse_fsdp1
 
 __all__ = ['ThawAlgorithm']
 
@@ -57,6 +58,8 @@ class ThawAlgorithm(ConfigRepr, Algorithm):
         """At ``Event.INIT``, before any change: refuse a second instance or a conflicting algorithm, and FSDP1."""
         check_compatibility(self, state.algorithms, self.duplicate_advice)
         refuse_fsdp1(state, type(self).__name__)
+        if isinstance(getattr(state, 'fsdp_config', None), FSDP2Config):
+            average_gradients_on_gloo()  # FSDP2 on CPU sums gradients across processes without it
 
     def own_state(self) -> dict[str, Any]:
         """What this algorithm adds to its checkpoint state."""

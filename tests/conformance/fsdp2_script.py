@@ -144,9 +144,35 @@ def main(out: Path, plain_checkpoint: str) -> None:
         case.id: _masters_case(case, shared / 'master-weights' / case.id) for case in master_weights_cases()
     }
     results['previews'] = _previews()
+    results['sgd_averaged'] = _sgd_run(out / 'sgd.pt')
     export_lora(out / 'lora-export', parallelism_config={'fsdp': FSDP2Config()})
     if dist.get_global_rank() == 0:
         (out / 'results.json').write_text(json.dumps(results, indent=2))
+
+
+def _sgd_run(path: Path) -> bool:
+    """8 SGD steps, no algorithm, sharded: with the gradients averaged across processes (as our algorithms' INIT has
+    made FSDP2 do on gloo by now) they equal one process's to rounding (SGD shows a gradient's scale, AdamW hides it).
+    Saves the whole parameters; returns whether the patch was in place before this run."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+    patched = getattr(_fsdp_collectives._get_gradient_divide_factors, 'averages_on_gloo', False)
+    model = tiny_model()
+    trainer = make_trainer(
+        [],
+        max_duration='8ba',
+        model=model,
+        optimizers=torch.optim.SGD(model.parameters(), lr=1e-2),
+        eval_dataloader=None,
+        parallelism_config={'fsdp': FSDP2Config()},
+    )
+    params = dict(user_module(trainer.state.model).named_parameters())
+    trainer.fit()
+    whole = _whole_parameters(params)
+    if dist.get_global_rank() == 0:
+        torch.save(whole, path)
+    trainer.close()
+    return patched
 
 
 def export_lora(out: Path, **trainer_options) -> None:

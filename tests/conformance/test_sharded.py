@@ -171,3 +171,29 @@ def test_fsdp1_is_refused_before_training_naming_fsdp2(case):
     algorithm = case.build()
     with pytest.raises(NotImplementedError, match='FSDP2Config'):
         make_trainer([algorithm], parallelism_config={'fsdp': {'use_orig_params': True}})
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_on_gloo_averages_gradients_as_one_process_would(sharded_results):
+    """Issue #24: gloo sums where FSDP2 asks for an average, so on CPU every gradient was world_size times a single
+    process's. After our algorithms' INIT (utils.sharding.average_gradients_on_gloo) 8 sharded SGD steps equal 8
+    steps in one process to rounding; SGD shows a gradient's scale where AdamW hides it."""
+    out, results = sharded_results
+    assert results['sgd_averaged'], "the algorithms' INIT did not make FSDP2 average on gloo"
+    model = tiny_model()
+    single = make_trainer(
+        [],
+        max_duration='8ba',
+        model=model,
+        optimizers=torch.optim.SGD(model.parameters(), lr=1e-2),
+        eval_dataloader=None,
+    )
+    single.fit()
+    expected = parameters(single)
+    single.close()
+    sharded = torch.load(out / 'sgd.pt')
+    assert sharded.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(
+            sharded[name], value, atol=1e-6, rtol=0, msg=f'{name} differs: gradients not averaged'
+        )
