@@ -40,6 +40,7 @@ from conformance.harness import (
     last_cases,
     make_trainer,
     master_weights_cases,
+    sgd_trainer,
     tiny_model,
 )
 
@@ -157,15 +158,7 @@ def _sgd_run(path: Path) -> bool:
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 
     patched = getattr(_fsdp_collectives._get_gradient_divide_factors, 'averages_on_gloo', False)
-    model = tiny_model()
-    trainer = make_trainer(
-        [],
-        max_duration='8ba',
-        model=model,
-        optimizers=torch.optim.SGD(model.parameters(), lr=1e-2),
-        eval_dataloader=None,
-        parallelism_config={'fsdp': FSDP2Config()},
-    )
+    trainer = sgd_trainer(parallelism_config={'fsdp': FSDP2Config()})
     params = dict(user_module(trainer.state.model).named_parameters())
     trainer.fit()
     whole = _whole_parameters(params)

@@ -137,6 +137,14 @@ def make_trainer(
     return Trainer(model=model, optimizers=optimizers, algorithms=list(algorithms), **options)
 
 
+def sgd_trainer(**kwargs: Any) -> Trainer:
+    """8 plain SGD steps on the tiny task, no algorithm: SGD shows a gradient's scale, which AdamW hides (the sharded
+    part compares its gradient averaging with one process's)."""
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    return make_trainer([], max_duration='8ba', model=model, optimizers=optimizer, eval_dataloader=None, **kwargs)
+
+
 def parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in user_module(trainer.state.model).named_parameters()}
 

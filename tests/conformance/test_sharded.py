@@ -24,6 +24,7 @@ from conformance.harness import (
     master_weights_cases,
     optimizer_state,
     parameters,
+    sgd_trainer,
     tiny_model,
 )
 
@@ -180,14 +181,7 @@ def test_fsdp2_on_gloo_averages_gradients_as_one_process_would(sharded_results):
     steps in one process to rounding; SGD shows a gradient's scale where AdamW hides it."""
     out, results = sharded_results
     assert results['sgd_averaged'], "the algorithms' INIT did not make FSDP2 average on gloo"
-    model = tiny_model()
-    single = make_trainer(
-        [],
-        max_duration='8ba',
-        model=model,
-        optimizers=torch.optim.SGD(model.parameters(), lr=1e-2),
-        eval_dataloader=None,
-    )
+    single = sgd_trainer()
     single.fit()
     expected = parameters(single)
     single.close()
