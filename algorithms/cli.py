@@ -1,6 +1,7 @@
 """The ``thaw`` command.
 
     thaw run yamls/demo.yaml [--set optimizer.lr=1e-4 ...] [--nproc N]
+    thaw run yamls/demo.yaml --nproc 2 --nnodes 2 --node-rank 0 --master-addr node0 --master-port 29500  # per node
     thaw freeze-preview yamls/regex_freeze.yaml          # what the recipe's regex_freeze would train
     thaw freeze-preview minilm --pattern classifier --pattern 'bert.encoder.layer.5'
     thaw hift-preview yamls/hift_minilm.yaml              # HiFT's units and the order it trains them in
@@ -15,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 from composer_thaw.core.validation import ConfigError
+from composer_thaw.recipes import launching
+from composer_thaw.recipes.launching import NodeLayout, StopReport, node_layout
 
 __all__ = ['main']
 
@@ -47,7 +50,22 @@ def _parser() -> argparse.ArgumentParser:
         metavar='KEY=VALUE',
         help='override a recipe value (dotted path; value parsed as YAML); repeatable',
     )
-    run.add_argument('--nproc', type=int, default=1, help='number of processes (Composer launcher; gloo on CPU)')
+    nodes = run.add_argument_group(
+        'processes and machines',
+        "Composer's launcher starts the processes (gloo on CPU, NCCL on GPUs). On several machines run the same "
+        'command on each, with its own --node-rank. An option left out is read from the environment variable '
+        "Composer's launcher reads (in brackets), so a scheduler such as SLURM can set them.",
+    )
+    # whole numbers are checked by composer_thaw.recipes.launching.node_layout: a bad one is a one-line error
+    for flag, metavar, text in (
+        ('--nproc', 'N', 'processes on this node (LOCAL_WORLD_SIZE; default 1)'),
+        ('--nnodes', 'N', 'nodes (machines) in the run (default 1)'),
+        ('--world-size', 'N', 'processes on all nodes, instead of --nnodes: nnodes x nproc (WORLD_SIZE)'),
+        ('--node-rank', 'R', 'this node, 0 to nnodes - 1 (NODE_RANK, or BASE_RANK / nproc; default 0)'),
+        ('--master-addr', 'HOST', 'host name or address of node 0, the same on every node (MASTER_ADDR)'),
+        ('--master-port', 'PORT', 'a free TCP port on node 0, the same on every node (MASTER_PORT)'),
+    ):
+        nodes.add_argument(flag, default=None, metavar=metavar, help=text)
     preview = commands.add_parser('freeze-preview', help='show what RegexFreeze patterns would train')
     preview.add_argument(
         'source', help="a recipe (.yaml), 'minilm', 'tiny-decoder', or a local Hugging Face checkpoint"
@@ -110,39 +128,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _launch(recipe: str, overrides: Sequence[str], nproc: int) -> int:
-    """Re-run ``thaw run`` under Composer's launcher with ``nproc`` processes."""
-    env = dict(os.environ)
-    env.setdefault('OMP_NUM_THREADS', '1')
-    command = [
-        sys.executable,
-        '-m',
-        'composer.cli.launcher',
-        '-n',
-        str(nproc),
-        '-m',
-        'composer_thaw.cli',
-        'run',
-        recipe,
-    ]
-    for override in overrides:
-        command += ['--set', override]
-    # deferred: the launcher helper, only for --nproc
-    from composer_thaw.callbacks.interruption import run_launcher
+def _layout(args: argparse.Namespace) -> NodeLayout:
+    """This node's processes from ``thaw run``'s options and the launcher's environment variables, checked."""
+    return node_layout(
+        nproc=args.nproc,
+        nnodes=args.nnodes,
+        world_size=args.world_size,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        environ=os.environ,
+    )
 
-    return run_launcher(command, env)
+
+def _launch(args: argparse.Namespace, recipe: Any, layout: NodeLayout) -> int:
+    """Start this node's ranks of ``layout`` under Composer's launcher, each running ``thaw run`` with the same recipe
+    and overrides, and wait for them. If they stopped on an interruption, say what was saved and print the commands
+    that resume, last (after every rank and the launcher have exited)."""
+    run_arguments = ['run', args.recipe, *[a for o in args.overrides for a in ('--set', o)]]
+    passed: list[int] = []
+    with tempfile.TemporaryDirectory(prefix='thaw-run-') as reports:
+        env = dict(os.environ)
+        env.setdefault('OMP_NUM_THREADS', '1')
+        env[launching.STOP_REPORTS] = reports  # where each rank says it stopped on an interruption
+        code = launching.run_launcher(launching.launcher_command(layout, run_arguments), env, passed)
+        report = launching.read_stop_report(reports)
+    if report is not None or (passed and code != 0):
+        stopped = report or StopReport()  # none: the ranks stopped before they could report (a second signal)
+        print(f'thaw run: {_what_stopped(stopped)} {_how_to_resume(recipe, args, layout)}', file=sys.stderr, flush=True)
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:
     # deferred: each command loads only what it needs
     from composer_thaw.recipes.schema import check_processes, load_recipe
 
+    rank = launching.launched_rank(os.environ)  # one process of a launch: it trains, whatever the options say
+    layout = launching.rank_layout(os.environ) if rank else _layout(args)
     recipe = load_recipe(args.recipe, args.overrides)  # validates everything before any model is built
-    if args.nproc < 1:
-        raise ConfigError('--nproc', args.nproc, 'expected a positive number of processes.')
-    check_processes(recipe, args.nproc, f'--nproc {args.nproc}')
-    if args.nproc > 1:
-        return _launch(args.recipe, args.overrides, args.nproc)
+    if not rank:
+        check_processes(recipe, layout.world_size, layout.described)
+        if layout.world_size > 1:
+            return _launch(args, recipe, layout)
 
     # deferred: Composer, once the recipe is valid
     from composer.utils import dist
@@ -156,19 +183,26 @@ def _run(args: argparse.Namespace) -> int:
         print(f'thaw run: training stopped: {error}', file=sys.stderr, flush=True)
         return EXIT_DIVERGED
     except KeyboardInterrupt as interruption:  # Ctrl-C, or SIGINT/SIGTERM stopping at a batch's end (after a save)
-        if dist.get_global_rank() == 0:  # every rank stopped at the same batch
-            message = f'thaw run: {_what_stopped(interruption)} {_how_to_resume(recipe, args)}'
+        # a TrainingInterrupted (composer_thaw.callbacks.interruption) has the signal, batch and checkpoint
+        number = getattr(interruption, 'signal_number', None)
+        reports = os.environ.get(launching.STOP_REPORTS)
+        if reports:  # started by `thaw run`, which prints the message once every rank has exited
+            stopped = StopReport(
+                number, getattr(interruption, 'batch', None), getattr(interruption, 'checkpoint', None)
+            )
+            launching.write_stop_report(reports, dist.get_global_rank(), stopped)
+        elif dist.get_global_rank() == 0:  # every rank stopped at the same batch
+            message = f'thaw run: {_what_stopped(interruption)} {_how_to_resume(recipe, args, layout)}'
             print(message, file=sys.stderr, flush=True)
-        number = getattr(
-            interruption, 'signal_number', None
-        )  # a TrainingInterrupted (composer_thaw.callbacks.interruption)
         return EXIT_INTERRUPTED if number is None else 128 + number  # as a shell reports the signal
     if dist.get_global_rank() == 0:
         print(format_summary(summary), flush=True)
     return 0
 
 
-def _what_stopped(interruption: KeyboardInterrupt) -> str:
+def _what_stopped(interruption: object) -> str:
+    """What stopped the run: a :class:`~composer_thaw.callbacks.interruption.TrainingInterrupted`, a
+    :class:`~composer_thaw.recipes.launching.StopReport` or a plain ``KeyboardInterrupt``."""
     number = getattr(interruption, 'signal_number', None)
     if number is None:
         return 'interrupted.'
@@ -177,10 +211,9 @@ def _what_stopped(interruption: KeyboardInterrupt) -> str:
     return f'interrupted by {signal.Signals(number).name} after batch {getattr(interruption, "batch", "?")}{saved}.'
 
 
-def _how_to_resume(recipe: Any, args: argparse.Namespace) -> str:
-    """One sentence on picking up an interrupted run from what it saved, with the command that does it."""
-    from composer.utils import dist
-
+def _how_to_resume(recipe: Any, args: argparse.Namespace, layout: NodeLayout) -> str:
+    """One sentence on picking up an interrupted run from what it saved, with the command that does it on
+    ``layout``: one line, or on several nodes one line per node (each with its ``--node-rank``), last."""
     if recipe.save_folder is None:
         return 'Nothing was saved (the recipe has no save_folder); set save_folder to be able to resume a run.'
     if not (Path(recipe.save_folder) / 'latest-rank0.pt').exists():
@@ -192,10 +225,12 @@ def _how_to_resume(recipe: Any, args: argparse.Namespace) -> str:
     else:
         added = [f'load_path={Path(recipe.save_folder) / "latest-rank0.pt"}', 'load_weights_only=false']
     command = ['thaw', 'run', args.recipe, *[a for o in [*kept, *added] for a in ('--set', o)]]
-    processes = max(args.nproc, dist.get_world_size())  # each process of `--nproc N` runs `thaw run` without it
-    if processes != 1:
-        command += ['--nproc', str(processes)]
-    return f'Checkpoints so far are in {recipe.save_folder!r}; continue from the latest one with: {shlex.join(command)}'
+    lines = launching.resume_commands(command, layout)
+    where = f'Checkpoints so far are in {recipe.save_folder!r}; continue from the latest one with'
+    if len(lines) == 1:
+        return f'{where}: {lines[0]}'
+    nodes = f'these {len(lines)} commands, each on its node (this is node {layout.node_rank})'
+    return f'{where} {nodes}:\n' + '\n'.join(lines)
 
 
 def _model_and_recipe_options(source: str, algorithm: str) -> tuple[Any, dict[str, Any]]:
@@ -304,6 +339,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as error:
         source = getattr(args, 'recipe', None) or getattr(args, 'source', None) or getattr(args, 'model_config', '')
         what = 'recipe' if args.command == 'run' or _is_recipe(str(source)) else 'input'
+        if args.command == 'run' and (error.key.startswith('--') or error.key.split(' ')[0].isupper()):
+            what = 'option'  # how many processes and where (an option, or the launcher's environment variable)
         one_line = ' '.join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f'thaw {args.command}: invalid {what}: {one_line}', file=sys.stderr)
         return EXIT_INVALID

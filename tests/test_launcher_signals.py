@@ -1,7 +1,7 @@
-"""``thaw run --nproc N``: signals reach Composer's launcher once, through ``thaw``
-(composer_thaw.callbacks.interruption's
-``run_launcher``). A stand-in launcher records the signals it gets; what the real one does with them (SIGTERM to every
-rank, which saves and stops) is the ``interruption`` part of tests/two_processes.py."""
+"""``thaw run --nproc N``: signals reach Composer's launcher once, through ``thaw`` (composer_thaw.recipes.launching's
+``run_launcher``). A stand-in launcher records the signals it gets; what the real one does with them (SIGTERM to
+every rank, which saves and stops) is the ``interruption`` part of tests/two_processes.py, and tests/test_nodes.py
+(the node launcher, and two nodes on localhost)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ sys.exit(1)
 """
 
 THAW = (
-    'import os, sys; from composer_thaw.callbacks.interruption import run_launcher; '
+    'import os, sys; from composer_thaw.recipes.launching import run_launcher; '
     'sys.exit(run_launcher(sys.argv[1:], os.environ))'
 )
 

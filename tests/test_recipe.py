@@ -145,19 +145,21 @@ def test_broken_yaml_and_indivisible_batch_are_one_line_errors(tmp_path, capsys)
 
 
 def test_nproc_reruns_the_same_command_in_each_process_of_composers_launcher(monkeypatch):
-    """``thaw run --nproc 2`` starts ``composer -n 2`` running ``thaw run`` with the same recipe and overrides in each
-    process (what each process then does is the ``sharded_recipe`` part of tests/two_processes.py)."""
-    from composer_thaw.callbacks import interruption
+    """``thaw run --nproc 2`` starts Composer's launcher (composer_thaw.recipes.node_launcher) with 2 processes, each
+    running ``thaw run`` with the same recipe and overrides (what each process then does is the ``sharded_recipe``
+    part of tests/two_processes.py)."""
+    from composer_thaw.recipes import launching
 
     launched = []
-    monkeypatch.setattr(interruption, 'run_launcher', lambda command, env: launched.append((command, env)) or 0)
+    monkeypatch.setattr(launching, 'run_launcher', lambda command, env, passed: launched.append((command, env)) or 0)
     recipe = str(REPO / 'yamls/sharded_decoder.yaml')
     assert main(['run', recipe, '--nproc', '2', '--set', 'max_duration=2ba']) == 0
     ((command, env),) = launched
     assert command[1:] == [
-        '-m', 'composer.cli.launcher', '-n', '2', '-m', 'composer_thaw.cli', 'run', recipe, '--set', 'max_duration=2ba'
+        '-m', 'composer_thaw.recipes.node_launcher', '-n', '2', '-m', 'composer_thaw.cli', 'run', recipe,
+        '--set', 'max_duration=2ba',
     ]  # fmt: skip
-    assert env['OMP_NUM_THREADS']
+    assert env['OMP_NUM_THREADS'] and env['THAW_STOP_REPORTS']
 
 
 def test_hift_preview_shows_the_recipes_units_and_order(capsys):

@@ -11,10 +11,13 @@ Across processes (DDP, FSDP2) the ranks agree at each batch's end on whether any
 all-reduce of a number), so a signal that reached one rank only stops all of them at the same batch, where they
 save one checkpoint together.
 
-``thaw run --nproc N`` starts Composer's launcher in a session of its own (:func:`run_launcher`), so that every
-signal reaches the ranks one way: a terminal's Ctrl-C, a SIGTERM (``kill``, a container runtime stopping its main
-process) or a SIGHUP reaches ``thaw`` alone, which passes it on to the launcher as the Ctrl-C the launcher handles
-(it sends SIGTERM to every rank and waits for them), and ``thaw`` waits for the ranks' save and resume message.
+``thaw run --nproc N`` (and each node of ``--nnodes``) starts Composer's launcher in a session of its own
+(:func:`composer_thaw.recipes.launching.run_launcher`), so that every signal reaches the ranks one way: a terminal's
+Ctrl-C, a SIGTERM (``kill``, a container runtime stopping its main process) or a SIGHUP reaches ``thaw`` alone,
+which passes it on to the launcher (:mod:`composer_thaw.recipes.node_launcher`), which sends SIGTERM to every rank
+of its node and waits for them; ``thaw`` then prints what was saved and the command that resumes, last. A signal to
+one node stops the ranks of every node at the same batch: the ranks of the other nodes stop too, and their launchers
+and ``thaw`` end the same way.
 
 Example:
     >>> with checkpoint_on_interrupt(trainer):
@@ -23,10 +26,10 @@ Example:
 
 from __future__ import annotations
 
+import os
 import signal
-import subprocess
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Optional
@@ -36,10 +39,9 @@ from composer import Callback, Logger, State, Trainer
 from composer.callbacks import CheckpointSaver
 from composer.utils import dist
 
-__all__ = ['TrainingInterrupted', 'checkpoint_on_interrupt', 'run_launcher']
+__all__ = ['TrainingInterrupted', 'checkpoint_on_interrupt']
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-PASSED_TO_LAUNCHER = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -73,6 +75,10 @@ class _SaveAndStop(Callback):
             if saver.last_checkpoint_batch != state.timestamp.batch:  # not saved at this batch yet
                 saver._save_checkpoint(state, logger)  # the saver's own save: same names, latest link, atomic
             checkpoint = saver.saved_checkpoints[-1] if saver.saved_checkpoints else None
+            if checkpoint is not None and state.fsdp_sharded_state_dict_enabled:  # a folder of every rank's shards
+                checkpoint = os.path.dirname(checkpoint)
+        if dist.get_world_size() > 1:  # rank 0's: only it writes a checkpoint that is not sharded
+            checkpoint = dist.all_gather_object(checkpoint)[0]
         raise TrainingInterrupted(signal_number, int(state.timestamp.batch), checkpoint)
 
 
@@ -102,31 +108,3 @@ def checkpoint_on_interrupt(trainer: Trainer) -> Iterator[None]:
         trainer.state.callbacks.remove(callback)
         for number, handler in previous.items():
             signal.signal(number, handler)
-
-
-def run_launcher(command: Sequence[str], env: Mapping[str, str]) -> int:
-    """Run Composer's launcher (``command``) to its end, in a session of its own, and return its exit status (128 + n
-    when signal n ended it, as a shell reports).
-
-    SIGINT, SIGTERM and SIGHUP received meanwhile are passed on to the launcher as SIGINT: its Ctrl-C, on which it
-    sends SIGTERM to every rank (each saves at its batch's end and stops) and waits for them; passed on a second
-    time, the launcher stops waiting and kills them. Being in another session, the launcher and its ranks get no
-    signal from the terminal directly, so a Ctrl-C reaches them once, through here.
-
-    Example:
-        >>> run_launcher([sys.executable, '-m', 'composer.cli.launcher', '-n', '2', 'train.py'], os.environ)
-        0
-    """
-    launcher = subprocess.Popen(list(command), env=dict(env), start_new_session=True)
-
-    def pass_on(signal_number: int, frame: Optional[FrameType]) -> None:
-        if launcher.poll() is None:
-            launcher.send_signal(signal.SIGINT)
-
-    previous = {number: signal.signal(number, pass_on) for number in PASSED_TO_LAUNCHER}
-    try:
-        code = launcher.wait()
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    return 128 - code if code < 0 else code

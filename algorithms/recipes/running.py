@@ -45,6 +45,7 @@ from composer_thaw.recipes.schema import (
 )
 from composer_thaw.utils.atomic_checkpoints import checkpoint_saver
 from composer_thaw.utils.atomic_files import atomic_write_text
+from composer_thaw.utils.node_signal_files import per_node_signal_files
 from composer_thaw.utils.optimizer_surgery import training_state_bytes
 from composer_thaw.utils.parameter_selection import user_module
 from composer_thaw.utils.sharding import full_tensor
@@ -178,7 +179,8 @@ def _build_trainer(recipe: Recipe) -> tuple[Trainer, TrainingSummary, RecipeData
     optimizer = build_optimizer(model, recipe.optimizer)
     summary = TrainingSummary()
     # Algorithms check themselves against the model at INIT and BEFORE_LOAD; a checkpoint loads while it is built.
-    with _algorithm_errors(recipe, algorithms), _checkpoint_errors(recipe):
+    # per_node_signal_files: several nodes can autoresume from one shared save folder (a Composer 0.32 fix)
+    with _algorithm_errors(recipe, algorithms), _checkpoint_errors(recipe), per_node_signal_files():
         trainer = _trainer(recipe, model, data, optimizer, algorithms, summary)
     if not any(param.requires_grad for param in model.parameters()):
         trainer.close()
