@@ -89,9 +89,11 @@ bench-master-weights-quality: $(STAMP)
 bench-scale: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.scale --update-readme $(if $(RESUME),,--fresh)
 
-# Per-process bytes of every algorithm at world size 2, replicated (DDP) and sharded (FSDP2), with the estimates.
+# Per-process bytes of every algorithm at world size 2 (or NPROC=4: benchmarks/results/sharded-ws4.*), replicated
+# (DDP) and sharded (FSDP2), with the estimates.
+NPROC ?= 2
 bench-sharded: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/composer -n 2 -m benchmarks.sharded
+	OMP_NUM_THREADS=1 $(BIN)/composer -n $(NPROC) -m benchmarks.sharded
 
 # ruff's lint rules and formatting, and mypy on the package (all configured in pyproject.toml).
 lint: $(STAMP)

@@ -1,17 +1,22 @@
-"""Per-process training-state bytes at world size 2: each algorithm replicated (DDP) and sharded (Composer's FSDP2).
+"""Per-process training-state bytes at the launch's world size: each algorithm replicated (DDP) and sharded
+(Composer's FSDP2).
 
-Run with ``make bench-sharded`` (``composer -n 2 -m benchmarks.sharded``). Every method trains the 20.9M-parameter
-decoder of ``make bench-quick`` for 2 epochs of 2 batches (the global batch split over the 2 processes); the
-recorder counts this process's parameters, gradients and optimizer state after every batch (only the local
-shards under FSDP2), reported at the last batch (HiFT: at the batch with the most state, the embeddings' turn).
-Next to it is :func:`composer_thaw.recipes.memory_estimate.estimate_training_state` with ``world_size=2`` (FSDP2) or 1
+Run with ``make bench-sharded`` (``composer -n 2 -m benchmarks.sharded``), or at another world size with ``make
+bench-sharded NPROC=4``. Every method trains the 20.9M-parameter decoder of ``make bench-quick`` for 2 epochs of 2
+batches (the global batch split over the processes); the recorder counts this process's parameters, gradients and
+optimizer state after every batch (only the local shards under FSDP2), reported at the last batch (HiFT: at the
+batch with the most state, the embeddings' turn). Next to it is
+:func:`composer_thaw.recipes.memory_estimate.estimate_training_state` with ``world_size`` the launch's (FSDP2) or 1
 (DDP).
-Writes ``benchmarks/results/sharded.json`` and ``sharded.md`` from rank 0.
+Writes ``benchmarks/results/sharded.json`` and ``sharded.md`` (world size 2), ``sharded-ws<N>.json`` and
+``sharded-ws<N>.md`` (world size N) from rank 0; ``python -m benchmarks.sharded --table <json>`` prints a saved
+result's table again.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,7 +62,8 @@ def _measure(method, task, layout: str) -> dict[str, Any]:
     name, options = method.estimate
     # The last batch is before the last epoch's freezing: LayerFreezing has frozen half the units by then.
     estimated_options = {'freeze_start': 0.0, 'freeze_level': 0.5} if name == 'layer_freezing' else options(task)
-    estimate = estimate_training_state(spec, name, estimated_options, world_size=2 if layout == 'FSDP2' else 1)
+    world_size = dist.get_world_size() if layout == 'FSDP2' else 1
+    estimate = estimate_training_state(spec, name, estimated_options, world_size=world_size)
     return {
         'method': method.key,
         'label': method.label,
@@ -81,20 +87,34 @@ def _table(rows: list[dict[str, Any]], title: str) -> str:
         title,
         '',
         '| method | layout | batch | params (MiB) | grads (MiB) | optimizer state (MiB) | '
-        'total (MiB) | estimate (MiB) | vs estimate |',
-        '|---|---|---|---|---|---|---|---|---|',
+        'total (MiB) | estimate (MiB) | vs estimate | total per rank (MiB) |',
+        '|---|---|---|---|---|---|---|---|---|---|',
     ]
     for row in rows:
-        worst = max(row['state_per_rank'], key=lambda s: s['params'] + s['grads'] + s['optimizer_state'])
-        total = worst['params'] + worst['grads'] + worst['optimizer_state']
+        totals = [s['params'] + s['grads'] + s['optimizer_state'] for s in row['state_per_rank']]
+        worst = row['state_per_rank'][totals.index(max(totals))]
+        total = max(totals)
         estimate = sum(row['estimate'].values())
         lines.append(
             f'| {row["label"]} | {row["layout"]} | {row["measured_at"]} | {_mib(worst["params"])} | '
             f'{_mib(worst["grads"])} | '
             f'{_mib(worst["optimizer_state"])} | {_mib(total)} | {_mib(estimate)} | '
-            f'{(total - estimate) / estimate:+.2%} |'
+            f'{(total - estimate) / estimate:+.2%} | {" / ".join(_mib(t) for t in totals)} |'
         )
     return '\n'.join(lines)
+
+
+def _names(world_size: int) -> tuple[str, str]:
+    """The result files of a world size: ``sharded.json`` and ``sharded.md`` at 2 (the first ones), else with it."""
+    stem = 'sharded' if world_size == 2 else f'sharded-ws{world_size}'
+    return f'{stem}.json', f'{stem}.md'
+
+
+def _title(task_title: str, world_size: int) -> str:
+    return (
+        f"Per-process training state at world size {world_size} (the largest rank, and each rank's total), "
+        f'{task_title}; the estimate is `thaw estimate --world-size {world_size}` for FSDP2 and 1 for DDP:'
+    )
 
 
 def main(only: Optional[list[str]] = None) -> None:
@@ -102,17 +122,26 @@ def main(only: Optional[list[str]] = None) -> None:
     rows = [
         _measure(method, task, layout) for method in METHODS if method.key in (only or MEASURED) for layout in LAYOUTS
     ]
+    world_size = dist.get_world_size()
     if dist.get_global_rank() == 0:
         RESULTS.mkdir(exist_ok=True)
-        atomic_write_text(RESULTS / 'sharded.json', json.dumps({'task': task.title, 'rows': rows}, indent=2))
-        title = (
-            f'Per-process training state at world size 2 (the larger rank), {task.title}; the estimate is '
-            '`thaw estimate --world-size 2` for FSDP2 and 1 for DDP:'
-        )
-        table = _table(rows, title)
-        atomic_write_text(RESULTS / 'sharded.md', table + '\n')
+        json_name, table_name = _names(world_size)
+        result = {'task': task.title, 'world_size': world_size, 'rows': rows}
+        atomic_write_text(RESULTS / json_name, json.dumps(result, indent=2))
+        table = _table(rows, _title(task.title, world_size))
+        atomic_write_text(RESULTS / table_name, table + '\n')
         print(table)
 
 
+def table_of(path: Path) -> str:
+    """The table of a saved result (``benchmarks/results/sharded*.json``)."""
+    result = json.loads(path.read_text())
+    world_size = result.get('world_size', len(result['rows'][0]['state_per_rank']))
+    return _table(result['rows'], _title(result['task'], world_size))
+
+
 if __name__ == '__main__':
-    main()
+    if sys.argv[1:2] == ['--table']:
+        print(table_of(Path(sys.argv[2])))
+    else:
+        main()
