@@ -55,8 +55,9 @@ TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
 }
 
 # Default targets per Hugging Face ``config.model_type``: PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-# entry by entry (tests/lora_inject/test_matching.py compares them); mostly the query and value projections.
-DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+# entry by entry (tests/lora_inject/test_matching.py compares them), up to PEFT 0.21 (gemma4, nemotron_h, rwkv and
+# rwkv7 came after 0.16); mostly the query and value projections. A string is a regex, as a target_modules string.
+DEFAULT_TARGET_MODULES: dict[str, Union[str, tuple[str, ...]]] = {
     'bart': ('q_proj', 'v_proj'),
     'bert': ('query', 'value'),
     'blip-2': ('q', 'v', 'q_proj', 'v_proj'),
@@ -71,6 +72,7 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     'gemma': ('q_proj', 'v_proj'),
     'gemma2': ('q_proj', 'v_proj'),
     'gemma3_text': ('q_proj', 'v_proj'),
+    'gemma4': r'.*language_model\..*\.(q_proj|v_proj)',
     'gpt2': ('c_attn',),
     'gpt_bigcode': ('c_attn',),
     'gpt_neo': ('q_proj', 'v_proj'),
@@ -83,6 +85,7 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     'mixtral': ('q_proj', 'v_proj'),
     'mpt': ('Wqkv',),
     'mt5': ('q', 'v'),
+    'nemotron_h': ('q_proj', 'k_proj', 'v_proj', 'o_proj'),
     'opt': ('q_proj', 'v_proj'),
     'phi': ('q_proj', 'v_proj', 'fc1', 'fc2'),
     'qwen2': ('q_proj', 'v_proj'),
@@ -90,6 +93,8 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     'RefinedWeb': ('query_key_value',),
     'RefinedWebModel': ('query_key_value',),
     'roberta': ('query', 'value'),
+    'rwkv': ('key', 'value', 'receptance', 'output'),
+    'rwkv7': ('r_proj', 'k_proj', 'v_proj', 'o_proj', 'key', 'value'),
     'stablelm': ('q_proj', 'v_proj'),
     't5': ('q', 'v'),
     'xlm-roberta': ('query', 'value'),

@@ -160,7 +160,7 @@ def attention_bypassed_names(root: nn.Module) -> set[str]:
     }
 
 
-def default_target_modules(root: nn.Module) -> list[str]:
+def default_target_modules(root: nn.Module) -> Union[str, list[str]]:
     """``target_modules=None``: the entry of :data:`DEFAULT_TARGET_MODULES` for ``root.config.model_type``.
 
     Example:
@@ -175,7 +175,8 @@ def default_target_modules(root: nn.Module) -> list[str]:
             f'model_type={model_type!r} ({type(root).__name__}). Name the modules, e.g. '
             f"target_modules=['q_proj', 'v_proj'], or use 'all-linear'. Model types with a default: {known}.",
         )
-    return list(DEFAULT_TARGET_MODULES[model_type])
+    targets = DEFAULT_TARGET_MODULES[model_type]
+    return targets if isinstance(targets, str) else list(targets)
 
 
 def saved_module_names(root: nn.Module, config: LoRAConfig) -> list[str]:

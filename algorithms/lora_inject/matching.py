@@ -82,22 +82,24 @@ def is_guarded_by_modules_to_save(name: str, modules_to_save: Optional[Sequence[
 def block_index(name: str, layers_pattern: LayersPattern = None) -> Optional[int]:
     """The block index PEFT reads from ``name`` for ``layers_to_transform``, or ``None``.
 
-    Without ``layers_pattern`` (``None`` or empty): the number in the last ``.<container>.<i>.`` of the name. With
-    it (a regex or a list of them, tried in order, the first that matches wins): the number in the last
-    ``.<pattern>.<i>.``. The number must be followed by a dot, so it is never the module's own name.
+    Without ``layers_pattern`` (``None`` or empty): the number in the first ``.<container>.<i>.`` of the name. With
+    it (a regex or a list of them, tried in order, the first that matches wins): the number in the first
+    ``<pattern>.<i>.`` at the start of the name or after a dot. The number must be followed by a dot, so it is never
+    the module's own name. The first index is the block's, not a nested one (an MoE expert's in
+    ``model.layers.1.mlp.experts.0.up_proj``), as in PEFT 0.21; PEFT 0.16 read the last.
 
     Example:
         >>> block_index('model.layers.3.mlp.up_proj'), block_index('transformer.h.1.attn.c_attn', 'h')
         (3, 1)
     """
     if not layers_pattern:
-        patterns = [r'[^.]*']
-    else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        match = re.match(r'.*?\.[^.]*\.(?P<index>\d+)\.', name)
+        return None if match is None else int(match.group('index'))
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
     for pattern in patterns:
-        match = re.match(rf'.*\.{pattern}\.(\d+)\.', name)
+        match = re.match(rf'(?:^|.*?\.){pattern}\.(?P<index>\d+)\.', name)
         if match is not None:
-            return int(match.groups()[-1])  # the index group is the last one, whatever groups the pattern has
+            return int(match.group('index'))  # named: the pattern may have groups of its own
     return None
 
 

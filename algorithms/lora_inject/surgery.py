@@ -170,7 +170,11 @@ def inject_adapters(model: nn.Module, optimizers: Optional[Optimizers], config: 
             add_params(optimizer, additions, order)
 
     enable_input_require_grads = getattr(root, 'enable_input_require_grads', None)
-    if getattr(root, 'is_gradient_checkpointing', False) and enable_input_require_grads is not None:
+    # Transformers 5 names it is_activation_checkpointing (is_gradient_checkpointing warns, deprecated).
+    checkpointing = getattr(root, 'is_activation_checkpointing', None)
+    if checkpointing is None:
+        checkpointing = getattr(root, 'is_gradient_checkpointing', False)
+    if checkpointing and enable_input_require_grads is not None:
         # Re-entrant checkpointing only back-propagates into blocks whose inputs require grad; the embeddings are
         # frozen.
         enable_input_require_grads()

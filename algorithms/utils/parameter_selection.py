@@ -277,10 +277,17 @@ def _region_times(
 
 
 def _leading_unit_name(model: nn.Module, regions: Sequence[str]) -> str:
-    """The first unit's name: its module's path if it is one module, else ``embeddings`` or (vision) ``stem``."""
+    """The first unit's name: its module's path if it is one module, else ``embeddings`` or (vision) ``stem``.
+    Modules that hold the same tied weights count as one, named by the path registered first (Transformers 5 gives
+    T5's ``shared`` and each stack's ``embed_tokens`` one weight in three modules; 4.x, one module under three
+    paths)."""
     modules = [_submodule(model, region) for region in regions]
-    if len({region if module is None else id(module) for region, module in zip(regions, modules)}) == 1:
-        return regions[0]
+    held = {
+        region if module is None else tuple(map(id, module.parameters())) for region, module in zip(regions, modules)
+    }
+    if len(held) == 1:  # the path registered first, as the one module's
+        registered = [path for path, _ in model.named_modules(remove_duplicate=False)]
+        return min(regions, key=lambda region: registered.index(region) if region in registered else len(registered))
     embedding_like = any(
         'embed' in region.lower() or 'token' in region.lower() or isinstance(module, nn.Embedding)
         for region, module in zip(regions, modules)

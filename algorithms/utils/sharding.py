@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,10 +150,20 @@ def average_gradients_on_gloo() -> None:
     original = collectives._get_gradient_divide_factors
     if getattr(original, 'averages_on_gloo', False):
         return
+    # torch 2.7 returns (predivide, postdivide), (None, None) meaning ReduceOp.AVG; newer torch returns
+    # (predivide, postdivide, reduce_scatter_op, all_reduce_op) and can be asked for sums and one division.
+    asks_for_sums = 'force_sum_reduction_for_comms' in inspect.signature(original).parameters
 
     def divide_factors(reduce_scatter_group: Any, all_reduce_group: Any, *args: Any, **kwargs: Any) -> Any:
+        group = reduce_scatter_group if reduce_scatter_group is not None else all_reduce_group
+        if group is None or torch_dist.get_backend(group) != 'gloo':
+            return original(reduce_scatter_group, all_reduce_group, *args, **kwargs)
+        if asks_for_sums:
+            call = inspect.signature(original).bind(reduce_scatter_group, all_reduce_group, *args, **kwargs)
+            call.arguments['force_sum_reduction_for_comms'] = True
+            return original(*call.args, **call.kwargs)
         factors = original(reduce_scatter_group, all_reduce_group, *args, **kwargs)
-        if factors[0] is not None or torch_dist.get_backend(reduce_scatter_group) != 'gloo':
+        if factors[0] is not None:
             return factors
         size = reduce_scatter_group.size() * (all_reduce_group.size() if all_reduce_group is not None else 1)
         return 1.0, float(size)  # a predivide factor makes FSDP2 sum; the postdivide factor averages once

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 
 import pytest
 import torch
 from torch import nn
 
 from composer_thaw.lora_inject import DEFAULT_TARGET_MODULES, LoRAConfig, apply_lora, lora_config_of, save_adapter
-from composer_thaw.lora_inject.injection import adapter_layers, saved_module_names
+from composer_thaw.lora_inject.injection import adapter_layers, default_target_modules, saved_module_names
 from composer_thaw.lora_inject.matching import block_index, is_target
 from composer_thaw.lora_inject.peft_format import config_from_peft
 from composer_thaw.models.builtin import tiny_decoder
@@ -51,12 +52,33 @@ def _peft_selection(peft_model: nn.Module) -> tuple[list[str], list[str]]:
     return adapted, saved
 
 
+# Model types PEFT's mapping gained after 0.16 (the pinned stack's PEFT): ours has them with either PEFT.
+ADDED_AFTER_PEFT_0_16 = {'gemma4', 'nemotron_h', 'rwkv', 'rwkv7'}
+
+
 def test_default_targets_equal_peft_mapping_entry_by_entry():
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_mapping
 
-    assert sorted(DEFAULT_TARGET_MODULES) == sorted(peft_mapping)
+    assert set(peft_mapping) <= set(DEFAULT_TARGET_MODULES), sorted(set(peft_mapping) - set(DEFAULT_TARGET_MODULES))
+    assert set(DEFAULT_TARGET_MODULES) - set(peft_mapping) <= ADDED_AFTER_PEFT_0_16
     for model_type, targets in peft_mapping.items():
-        assert list(DEFAULT_TARGET_MODULES[model_type]) == list(targets), model_type
+        ours = DEFAULT_TARGET_MODULES[model_type]
+        assert (ours if isinstance(ours, str) else list(ours)) == (
+            targets if isinstance(targets, str) else list(targets)
+        ), model_type
+
+
+def test_a_regex_default_stands_for_the_model_type_as_a_target_modules_string():
+    model = _base('llama')
+    model.config.model_type = 'gemma4'  # PEFT's default there: the language model's q_proj and v_proj, as a regex
+    try:
+        assert default_target_modules(model) == DEFAULT_TARGET_MODULES['gemma4']
+        assert is_target('model.language_model.layers.0.self_attn.q_proj', target_modules=default_target_modules(model))
+        assert not is_target(
+            'model.vision_tower.layers.0.self_attn.q_proj', target_modules=default_target_modules(model)
+        )
+    finally:
+        model.config.model_type = 'llama'
 
 
 NAMES = (
@@ -92,23 +114,38 @@ RULES = (
 )
 
 
+def _peft_reads_the_first_index() -> bool:
+    """PEFT 0.21 reads a name's first block index for layers_to_transform (the block's); 0.16 read the last (in an
+    MoE model, the expert's)."""
+    import peft
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = peft.LoraConfig(target_modules=['up_proj'], layers_to_transform=[10])
+    return bool(check_target_module_exists(config, 'model.layers.10.mlp.experts.2.up_proj'))
+
+
 @pytest.mark.parametrize('rule', RULES, ids=[str(i) for i in range(len(RULES))])
 def test_the_target_rule_is_peft_check_target_module_exists(rule):
     import peft
     from peft.tuners.tuners_utils import check_target_module_exists
 
+    names = NAMES
+    if not _peft_reads_the_first_index():  # names with one index mean the same in every PEFT
+        names = tuple(name for name in NAMES if len(re.findall(r'\.\d+\.', name)) < 2)
     config = peft.LoraConfig(**rule)
-    ours = {name for name in NAMES if is_target(name, **rule)}
-    theirs = {name for name in NAMES if check_target_module_exists(config, name)}
+    ours = {name for name in names if is_target(name, **rule)}
+    theirs = {name for name in names if check_target_module_exists(config, name)}
     assert ours == theirs
 
 
-def test_block_index_reads_the_last_container_index_as_peft():
-    assert block_index('model.layers.10.mlp.experts.2.up_proj') == 2
+def test_block_index_reads_the_first_container_index_the_block_not_an_expert():
+    assert block_index('model.layers.10.mlp.experts.2.up_proj') == 10
     assert block_index('model.layers.10.mlp.experts.2.up_proj', 'layers') == 10
-    assert block_index('transformer.h.2.experts.0.up_proj', ['h', 'experts']) == 2
-    assert block_index('transformer.h.2.experts.0.up_proj', '(h|experts)') == 0  # a group in the pattern is fine
-    assert block_index('layers.0.q_proj') is None  # PEFT needs a dot before the container
+    assert block_index('model.layers.10.mlp.experts.2.up_proj', 'experts') == 2
+    assert block_index('transformer.h.2.experts.0.up_proj', ['experts', 'h']) == 0  # the first pattern that matches
+    assert block_index('transformer.h.2.experts.0.up_proj', '(h|experts)') == 2  # a group in the pattern is fine
+    assert block_index('layers.0.q_proj') is None  # without a pattern, PEFT needs a dot before the container
+    assert block_index('layers.0.q_proj', 'layers') == 0  # a pattern may start the name
 
 
 CASES = {
