@@ -81,9 +81,10 @@ def run_thaw(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     )
 
 
-def start_launch(script: Path, *args: str, folder: Path, nproc: int = 2) -> subprocess.Popen:
-    """Start ``script`` in ``nproc`` processes through Composer's launcher (gloo on CPU), in the background; when it
-    ends, ``folder/launch.log`` holds its output and ``folder/returncode`` its exit status (see :func:`wait_launch`)."""
+def start_launch(root: Path, plain_checkpoint: Path) -> subprocess.Popen:
+    """Start every multi-process launch of the session (tests/launches.py) into ``root``, in the background, one
+    after another (gloo on CPU, one thread a process); each writes ``root/<launch>/returncode`` when it ends (see
+    :func:`wait_launch`)."""
     env = dict(
         os.environ,
         OMP_NUM_THREADS='1',
@@ -92,11 +93,9 @@ def start_launch(script: Path, *args: str, folder: Path, nproc: int = 2) -> subp
         TRANSFORMERS_OFFLINE='1',
         PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / 'tests'), os.environ.get('PYTHONPATH', '')]),
     )
-    command = [sys.executable, '-m', 'composer.cli.launcher', '-n', str(nproc), str(script), *map(str, args)]
-    record = '"$@" > "$LOG" 2>&1; echo $? > "$DONE.tmp" && mv "$DONE.tmp" "$DONE"'
-    env.update(LOG=str(folder / 'launch.log'), DONE=str(folder / 'returncode'))
-    # its own process group: stop_launch ends the launcher and its ranks with it
-    return subprocess.Popen(['sh', '-c', record, 'launch', *command], cwd=REPO, env=env, start_new_session=True)
+    command = [sys.executable, str(REPO / 'tests' / 'launches.py'), str(root), str(plain_checkpoint)]
+    # its own process group: stop_launch ends the launches and their ranks with it
+    return subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
 
 
 def stop_launch(launch: subprocess.Popen) -> None:
@@ -107,9 +106,9 @@ def stop_launch(launch: subprocess.Popen) -> None:
         os.killpg(launch.pid, signal.SIGKILL)
 
 
-def wait_launch(folder: Path, timeout: int = 1500) -> None:
-    """Wait for the launch :func:`start_launch` started into ``folder`` (from any process); fail with its output
-    unless it exited 0."""
+def wait_launch(folder: Path, timeout: int = 1800) -> None:
+    """Wait for the launch of tests/launches.py that writes into ``folder`` (from any process); fail with its
+    launchers' output unless it exited 0."""
     import time
 
     import pytest
@@ -117,20 +116,20 @@ def wait_launch(folder: Path, timeout: int = 1500) -> None:
     done, started = folder / 'returncode', time.monotonic()
     while not done.exists():
         if time.monotonic() - started > timeout:
-            pytest.fail(f'the 2-process launch did not end within {timeout} s', pytrace=False)
+            pytest.fail(f'the launch {folder.name} did not end within {timeout} s', pytrace=False)
         time.sleep(1)
     code = done.read_text().strip()
     if code != '0':
-        log = (folder / 'launch.log').read_text()
-        pytest.fail(f'the 2-process launch exited {code}:\n{log[-8000:]}', pytrace=False)
+        logs = '\n'.join(log.read_text()[-8000:] for log in sorted(folder.glob('launch*.log')))
+        pytest.fail(f'the launch {folder.name} exited {code}:\n{logs}', pytrace=False)
 
 
 def two_process_part(out: Path, name: str) -> Path:
-    """The folder of the part ``name`` of the 2-process launch (tests/two_processes.py); fails the calling test
-    with the part's traceback if it raised."""
+    """The folder of the part ``name`` of a multi-process launch (``out``: tests/two_processes.py's folder, or
+    another of tests/launches.py); fails the calling test with the part's traceback if it raised."""
     import pytest
 
     errors = sorted((out / name).glob('error-rank*.txt'))
     if errors:
-        pytest.fail(f'the 2-process part {name!r} raised:\n' + errors[0].read_text(), pytrace=False)
+        pytest.fail(f'the part {name!r} of {out.name} raised:\n' + errors[0].read_text(), pytrace=False)
     return out / name

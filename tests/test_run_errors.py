@@ -53,6 +53,15 @@ def _truncated_checkpoint(tmp_path: Path, folders: dict[str, Path]) -> list[str]
     return [f'load_path={path}']
 
 
+def _whole_checkpoint_in_a_sharded_run(tmp_path: Path, folders: dict[str, Path]) -> list[str]:
+    """A whole-model checkpoint file given to a run that reads sharded checkpoints (state_dict_type: sharded)."""
+    import torch
+
+    path = tmp_path / 'ep1-ba4-rank0.pt'
+    torch.save({'state': {'model': {'w': torch.zeros(4)}}}, path)
+    return ['parallelism={fsdp: {}}', f'load_path={path}']
+
+
 def _resumed_with_another_rank(tmp_path: Path, folders: dict[str, Path]) -> list[str]:
     """A checkpoint written with LoRA r=8 (thaw run reads its recorded state before building), resumed with r=16."""
     import torch
@@ -126,6 +135,7 @@ CASES: dict[str, tuple[Case, str]] = {
     'text file as load_path': (_file(b'not a checkpoint\n'), 'load_path'),
     'truncated load_path': (_truncated_checkpoint, 'load_path'),
     'folder as load_path': (lambda tmp_path, folders: [f'load_path={tmp_path}'], 'load_path'),
+    'whole checkpoint file in a sharded run': (_whole_checkpoint_in_a_sharded_run, 'load_path'),
     'resume with another LoRA r': (_resumed_with_another_rank, 'algorithms.lora_inject.r'),
     'LoRA checkpoint on other frozen weights': (_lora_resumed_on_other_frozen_weights, 'load_path'),
     'JSON lines with a wrongly typed row': (_json_lines_with_a_number_for_a_text, 'data.train'),

@@ -1,4 +1,5 @@
-"""Run by ``composer -n 2`` once per test session: every 2-process check of the suite in one launch.
+"""Run by ``composer -n 2`` once per test session (the first of tests/launches.py): every 2-process check of the suite
+in one launch.
 
 Starting two processes that import torch, Composer and transformers costs more than most of the checks, so the
 ``two_processes`` fixture (tests/conftest.py) launches this script once and the tests read what each part wrote:
@@ -71,8 +72,10 @@ def sharded_recipe(folder: Path) -> None:
         raise RuntimeError(f'thaw run exited {code}')
 
 
-def main(out: Path, plain_checkpoint: str) -> None:
-    for name, run in parts(out, plain_checkpoint).items():
+def run_parts(out: Path, runs: dict[str, Callable[[Path], None]]) -> None:
+    """Run each part into ``out/<name>``; a part that raises writes its traceback to ``error-rank<r>.txt`` there and
+    the next part runs (every rank waits for the others between parts)."""
+    for name, run in runs.items():
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         try:
@@ -83,4 +86,4 @@ def main(out: Path, plain_checkpoint: str) -> None:
 
 
 if __name__ == '__main__':
-    main(Path(sys.argv[1]), sys.argv[2])
+    run_parts(Path(sys.argv[1]), parts(Path(sys.argv[1]), sys.argv[2]))

@@ -50,6 +50,7 @@ from composer_thaw.recipes.schema import (
     SchedulerConfig,
     model_task,
 )
+from composer_thaw.utils.hybrid_sharding import HSDPConfig
 from composer_thaw.utils.sharding import average_gradients_on_gloo
 
 __all__ = [
@@ -347,13 +348,18 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Op
 
 
 def build_parallelism(config: ParallelismConfig) -> Optional[dict[str, Any]]:
-    """Composer's ``parallelism_config`` for the recipe: FSDP2 with the recipe's options, or ``None`` (DDP)."""
+    """Composer's ``parallelism_config`` for the recipe: FSDP2 with the recipe's options (HSDP when it sets
+    ``data_parallel_replicate_degree``), or ``None`` (DDP)."""
     if config.fsdp is None:
         return None
     from composer.utils.parallelism import FSDP2Config
 
     average_gradients_on_gloo()  # FSDP2 on CPU sums gradients across processes without it
-    return {'fsdp': FSDP2Config(**asdict(config.fsdp))}
+    options = asdict(config.fsdp)
+    if options['data_parallel_replicate_degree'] is not None:
+        return {'fsdp': HSDPConfig(**options)}
+    del options['data_parallel_replicate_degree'], options['data_parallel_shard_degree']
+    return {'fsdp': FSDP2Config(**options)}
 
 
 def build_scheduler(config: SchedulerConfig):

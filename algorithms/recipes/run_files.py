@@ -73,6 +73,14 @@ def check_checkpoint_path(key: str, checkpoint: str, *, sharded: bool) -> None:
             'parallelism.fsdp.state_dict_type: sharded)'
         )
         raise ConfigError(key, checkpoint, f'a folder; expected {expected}.')
+    if sharded:  # torch.distributed.checkpoint reads only folders; a whole checkpoint reshards through 'full'
+        raise ConfigError(
+            key,
+            checkpoint,
+            'a whole-model checkpoint file, which a run with parallelism.fsdp.state_dict_type: sharded cannot read; '
+            'set state_dict_type: full to load it sharded (at any number of processes), or give a sharded '
+            "checkpoint folder (one holding '.metadata').",
+        )
     if path.stat().st_size == 0:
         raise ConfigError(key, checkpoint, 'the file is empty (a save that was interrupted?).')
     problem = _unreadable_torch_file(path)

@@ -134,7 +134,11 @@ class SchedulerConfig:
 @dataclass
 class FSDPOptions:
     """Composer's FSDP2: every parameter sharded on dim 0 across the processes (``thaw run --nproc N``). The fields
-    are those of :class:`composer.utils.parallelism.FSDP2Config`; ``state_dict_type`` is the checkpoint format."""
+    are those of :class:`composer.utils.parallelism.FSDP2Config`; ``state_dict_type`` is the checkpoint format.
+
+    Hybrid sharding (HSDP): ``data_parallel_replicate_degree`` copies of the model (typically one per node), each
+    sharded over ``data_parallel_shard_degree`` processes (``-1``: the processes divided by the copies), gradients
+    all-reduced across the copies (:class:`composer_thaw.utils.hybrid_sharding.HSDPConfig`)."""
 
     state_dict_type: Literal['sharded', 'full'] = 'sharded'
     reshard_after_forward: bool = True
@@ -142,6 +146,8 @@ class FSDPOptions:
     activation_cpu_offload: bool = False
     load_monolith_rank0_only: bool = False
     mixed_precision: Literal['DEFAULT', 'PURE', 'FULL'] = 'DEFAULT'
+    data_parallel_replicate_degree: Optional[int] = None
+    data_parallel_shard_degree: int = -1
 
 
 @dataclass
@@ -231,6 +237,7 @@ def validate_recipe(recipe: Recipe) -> None:
     _check_time('scheduler.t_warmup', recipe.scheduler.t_warmup)
     for key in ('global_train_batch_size', 'device_train_microbatch_size', 'eval_batch_size'):
         _check_positive(key, getattr(recipe, key))
+    _check_parallelism(recipe.parallelism.fsdp)
     for key in ('lr', 'eps'):
         _check_positive(f'optimizer.{key}', getattr(recipe.optimizer, key))
     for key in ('max_seq_len', 'max_per_class', 'max_train_samples', 'max_eval_samples'):
@@ -447,12 +454,53 @@ def _check_task(model: ModelConfig, data: DataConfig) -> None:
 
 
 def check_processes(recipe: Recipe, processes: int, described_as: str) -> None:
-    """Raise unless ``global_train_batch_size`` splits evenly across ``processes`` (named ``described_as``)."""
+    """Raise unless ``global_train_batch_size`` splits evenly across ``processes`` (named ``described_as``) and a
+    hybrid-sharding layout fits them."""
     if recipe.global_train_batch_size % processes:
         raise ConfigError(
             'global_train_batch_size',
             recipe.global_train_batch_size,
             f'must be divisible by the number of processes ({described_as}).',
+        )
+    fsdp = recipe.parallelism.fsdp
+    if fsdp is None or fsdp.data_parallel_replicate_degree is None:
+        return
+    replicas, shards = fsdp.data_parallel_replicate_degree, fsdp.data_parallel_shard_degree
+    if shards == -1 and processes % replicas:
+        raise ConfigError(
+            'parallelism.fsdp.data_parallel_replicate_degree',
+            replicas,
+            f'must divide the number of processes ({described_as}): each copy of the model gets as many of them.',
+        )
+    if shards != -1 and replicas * shards != processes:
+        raise ConfigError(
+            'parallelism.fsdp.data_parallel_shard_degree',
+            shards,
+            f'times data_parallel_replicate_degree ({replicas}) must equal the number of processes ({described_as}), '
+            'or use -1 for the processes divided by the replicas.',
+        )
+
+
+def _check_parallelism(fsdp: Optional[FSDPOptions]) -> None:
+    if fsdp is None:
+        return
+    replicas, shards = fsdp.data_parallel_replicate_degree, fsdp.data_parallel_shard_degree
+    if replicas is not None and replicas < 1:
+        raise ConfigError(
+            'parallelism.fsdp.data_parallel_replicate_degree', replicas, 'expected a positive number of model copies.'
+        )
+    if shards != -1 and shards < 1:
+        raise ConfigError(
+            'parallelism.fsdp.data_parallel_shard_degree',
+            shards,
+            'expected a positive number of processes per copy, or -1 for the processes divided by the copies.',
+        )
+    if replicas is None and shards != -1:
+        raise ConfigError(
+            'parallelism.fsdp.data_parallel_shard_degree',
+            shards,
+            'applies to hybrid sharding: set data_parallel_replicate_degree too, or leave both out to shard over '
+            'every process.',
         )
 
 

@@ -14,6 +14,7 @@ sharded model, and LoRAInject's exports from one (``<out>/lora-export``). Writes
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for `conformance.harness`
@@ -46,8 +47,18 @@ from conformance.harness import (
 
 PREVIEW_PATTERNS = ['model.embed_tokens.weight[0:100]', 'lm_head']
 
+# FSDP2Config, or HSDPConfig with its degrees bound (tests/conformance/hsdp_script.py)
+Sharding = Callable[..., FSDP2Config]
 
-def _trainer(algorithms, state_dict_type: str = 'sharded', model=None, max_duration: str = '2ep', **kwargs):
+
+def _trainer(
+    algorithms,
+    state_dict_type: str = 'sharded',
+    model=None,
+    max_duration: str = '2ep',
+    sharding: Sharding = FSDP2Config,
+    **kwargs,
+):
     """A Trainer of the tiny task sharded by FSDP2 (AdamW at ``SHARDED_LR``, no evaluation)."""
     model = model if model is not None else tiny_model()
     return make_trainer(
@@ -56,7 +67,7 @@ def _trainer(algorithms, state_dict_type: str = 'sharded', model=None, max_durat
         model=model,
         optimizers=adamw(model, SHARDED_LR),
         eval_dataloader=None,
-        parallelism_config={'fsdp': FSDP2Config(state_dict_type=state_dict_type)},
+        parallelism_config={'fsdp': sharding(state_dict_type=state_dict_type)},
         **kwargs,
     )
 
@@ -81,10 +92,19 @@ def _optimizer_record(trainer, params: dict[str, torch.Tensor]) -> dict:
         'names': sorted(names[id(p)] for p in state),
         'local_bytes': dist.all_gather_object(local_bytes),
         'sharded_state': sharded_state,
+        'mesh_shape': mesh_shape(params.values()),
     }
 
 
-def _fit(case, state_dict_type: str, **kwargs):
+def mesh_shape(tensors) -> list[int]:
+    """The device mesh the sharded ``tensors`` share: ``[shards]`` for FSDP2, ``[replicas, shards]`` for HSDP."""
+    (shape,) = {tuple(p.device_mesh.shape) for p in tensors if is_sharded(p)}
+    return list(shape)
+
+
+def fit(case, state_dict_type: str = 'sharded', **kwargs):
+    """2 epochs of ``case`` sharded (``kwargs`` to :func:`_trainer`): the whole parameters at the end, whether all
+    were sharded, and the optimizer's record."""
     trainer = _trainer([case.build()], state_dict_type, **kwargs)
     # The sharded parameters, named before training: between steps FSDP2 may leave a module holding its unsharded
     # parameters, while the optimizer (and these names) keep the sharded ones.
@@ -99,7 +119,7 @@ def _fit(case, state_dict_type: str, **kwargs):
 
 def _resume_is_exact(case, state_dict_type: str, folder: Path, straight: dict[str, torch.Tensor]) -> bool:
     checkpoint = folder / ('ep1-ba4' if state_dict_type == 'sharded' else 'ep1-ba4-rank0.pt')
-    resumed, _, _ = _fit(case, state_dict_type, load_path=str(checkpoint))
+    resumed, _, _ = fit(case, state_dict_type, load_path=str(checkpoint))
     return all(torch.equal(resumed[name], value) for name, value in straight.items())
 
 
@@ -128,12 +148,12 @@ def main(out: Path, plain_checkpoint: str) -> None:
         result: dict = {}
         folders = {state_dict_type: shared / state_dict_type / case.id for state_dict_type in ('sharded', 'full')}
         saving = {'save_folder': str(folders['sharded']), 'save_interval': '1ep'} if case.id in checkpointed else {}
-        params, all_sharded, record = _fit(case, 'sharded', **saving)  # the straight run
+        params, all_sharded, record = fit(case, 'sharded', **saving)  # the straight run
         result.update(all_parameters_sharded=all_sharded, optimizer=record)
         if dist.get_global_rank() == 0:
             torch.save(params, out / f'{case.id}.pt')
         if case.id in checkpointed:
-            _fit(case, 'full', save_folder=str(folders['full']), save_interval='1ep')
+            fit(case, 'full', save_folder=str(folders['full']), save_interval='1ep')
             for state_dict_type, folder in folders.items():
                 result[f'resume_exact_{state_dict_type}'] = _resume_is_exact(case, state_dict_type, folder, params)
             result['parameters_with_state_in_checkpoint'] = _parameters_with_state(folders['sharded'] / 'ep1-ba4')
@@ -142,7 +162,7 @@ def main(out: Path, plain_checkpoint: str) -> None:
             result['weights_only_load_max_diff'] = _weights_only_load(case, plain_checkpoint)
         results[case.id] = result
     results['master_weights'] = {
-        case.id: _masters_case(case, shared / 'master-weights' / case.id) for case in master_weights_cases()
+        case.id: masters_case(case, shared / 'master-weights' / case.id) for case in master_weights_cases()
     }
     results['previews'] = _previews()
     results['sgd_averaged'] = _sgd_run(out / 'sgd.pt')
@@ -192,7 +212,7 @@ def export_lora(out: Path, **trainer_options) -> None:
     trainer.close()
 
 
-def _fit_bf16_with_masters(
+def fit_bf16_with_masters(
     case, callbacks=(), **kwargs
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, MasterCheck]:
     """8 steps of ``case`` on a bf16 model under FSDP2 (HiFT visits its groups twice): at the end, the whole
@@ -219,17 +239,24 @@ def _exported(saved: dict[str, torch.Tensor], name: str, master: torch.Tensor) -
     )
 
 
-def _masters_case(case, folder: Path) -> dict:
+def masters_case(case, folder: Path, sharding: Sharding = FSDP2Config) -> dict:
+    """``case`` on a bf16 model with fp32 masters, checked at each of 8 steps and against the fp32 reference, saved at
+    step 2 into ``folder`` and resumed from there; rank 0 saves the straight run's whole weights and masters to
+    ``folder/straight.pt`` (the runs that resume ``folder`` at other world sizes compare with them)."""
     exporting = case.name == 'lora_inject'  # the adapter written at the end, from the sharded fp32 masters
     if exporting:
         case_saving = Case(case.name, case.index, {**case.kwargs, 'save_adapter_to': str(folder / 'adapter')})
     else:
         case_saving = case
     reference = MasterReference()
-    straight, masters, local_bytes, check = _fit_bf16_with_masters(
-        case_saving, callbacks=[reference], save_folder=str(folder), save_interval='2ba'
+    straight, masters, local_bytes, check = fit_bf16_with_masters(
+        case_saving, callbacks=[reference], save_folder=str(folder), save_interval='2ba', sharding=sharding
     )
-    resumed, resumed_masters, _, resumed_check = _fit_bf16_with_masters(case, load_path=str(folder / 'ep0-ba2'))
+    if dist.get_global_rank() == 0:
+        torch.save({'weights': straight, 'masters': masters}, folder / 'straight.pt')
+    resumed, resumed_masters, _, resumed_check = fit_bf16_with_masters(
+        case, load_path=str(folder / 'ep0-ba2'), sharding=sharding
+    )
     result = {
         'steps': [check.steps, resumed_check.steps],
         'failures': check.failures + resumed_check.failures,

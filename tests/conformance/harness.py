@@ -242,6 +242,67 @@ def assert_same_state(actual: RunResult, expected: RunResult, atol: Optional[flo
                 torch.testing.assert_close(actual.optimizer_state[name][key], value, atol=atol, rtol=1e-4)
 
 
+# ---- sharded runs against one process ----
+# With gradients averaged on gloo (utils.sharding.average_gradients_on_gloo) FSDP2 and HSDP differ from one process
+# only in the order a gradient's parts are summed. After the sharded cases' 8 AdamW steps at SHARDED_LR, measured:
+# at most 1.4e-5 apart per element (HiFT under HSDP; 6e-6 for the others), 4e-10 on average, for straight runs at 2
+# and 4 processes and for resumes across world sizes alike. (While gloo summed instead, runs ended up to 2e-3 apart.)
+SHARDED_MAX_DIFF = 1e-4
+SHARDED_MEAN_DIFF = 1e-8
+
+
+def one_process_run(case: Case) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """The sharded cases' training (2 epochs, AdamW at ``SHARDED_LR``) in one unsharded process: the parameters and
+    the optimizer state at the end; computed once per process."""
+    if case.id not in _ONE_PROCESS:
+        model = tiny_model()
+        trainer = make_trainer(
+            [case.build()], max_duration='2ep', model=model, optimizers=adamw(model, SHARDED_LR), eval_dataloader=None
+        )
+        trainer.fit()
+        _ONE_PROCESS[case.id] = parameters(trainer), optimizer_state(trainer)
+        trainer.close()
+    return _ONE_PROCESS[case.id]
+
+
+_ONE_PROCESS: dict[str, tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]] = {}
+
+
+def assert_like_one_process(whole: dict[str, torch.Tensor], case: Case, what: str = 'sharded run') -> None:
+    """``whole`` (a sharded run's parameters, gathered) ends where one process ends (within the sharded tolerance),
+    and every element that one process left at its initial value (frozen tensors and rows) is bit-identical."""
+    single, _ = one_process_run(case)
+    assert whole.keys() == single.keys(), f'{what} has other parameters than one process'
+    differences = torch.cat([(whole[name] - value).abs().flatten() for name, value in single.items()])
+    assert differences.max() <= SHARDED_MAX_DIFF and differences.mean() <= SHARDED_MEAN_DIFF, (
+        f'{what} differs from one process by up to {differences.max():.2e}, {differences.mean():.2e} on average'
+    )
+    initial = dict(user_module(tiny_model()).named_parameters())
+    for name, value in single.items():
+        before = initial.get(name.replace('.base_layer', ''))
+        if before is not None and before.shape == value.shape:
+            unchanged = value == before  # frozen tensors and rows in the unsharded run
+            assert torch.equal(whole[name][unchanged], before[unchanged]), f'{what}: frozen elements of {name} moved'
+
+
+def assert_optimizer_state_sharded(record: dict[str, Any], case: Case) -> None:
+    """A sharded run's optimizer record (tests/conformance/fsdp2_script.py) holds state for the parameters one
+    process's optimizer does, sharded like them: each of the mesh's replicas holds all of it, split over its shards."""
+    _, single_state = one_process_run(case)
+    assert record['names'] == sorted(single_state), 'optimizer state covers other parameters than one process'
+    assert record['sharded_state'], 'optimizer state is not sharded like the parameters'
+    *replicas, shards = record['mesh_shape']
+    copies = replicas[0] if replicas else 1
+    tensors = [v for state in single_state.values() for v in state.values() if v.ndim]
+    single_bytes = sum(v.numel() * v.element_size() for v in tensors)
+    # FSDP2 gives each shard torch.chunk's rows of dim 0: the first ones ceil(rows / shards) each
+    largest_share = sum(-(-v.shape[0] // shards) * (v.numel() // v.shape[0]) * v.element_size() for v in tensors)
+    local = record['local_bytes']
+    assert len(local) == shards * copies
+    assert sum(local) == single_bytes * copies, 'a copy of the model holds other optimizer state than one process'
+    assert max(local) <= largest_share, 'a rank holds more than its share of the optimizer state'
+
+
 # ---- the low-precision mode (master_weights='fp32') ----
 def master_weights_cases() -> list[Case]:
     """Each algorithm's last example with ``master_weights='fp32'``, for those that take the option."""
@@ -254,6 +315,24 @@ def master_weights_cases() -> list[Case]:
 
 def bf16_model():
     return tiny_model().to(torch.bfloat16)
+
+
+def assert_masters_case_passed(result: dict[str, Any], case: Case, shards: int, replicas: int = 1) -> None:
+    """A sharded master-weights case (``fsdp2_script.masters_case``) passed: ``MasterCheck`` and the fp32 reference at
+    each of 8 steps, bf16 weights, masters sharded like their weights over ``shards`` processes (and held whole by
+    each of ``replicas``), and a bit-identical resume from its checkpoint at step 2."""
+    assert result['steps'] == [8, 6]
+    assert result['failures'] == []
+    assert result['reference_steps'] == 8 and result['reference_failures'] == []
+    assert result['weights_bf16'], 'a weight left bf16 (a LoRA adapter keeps its base dtype under FSDP2)'
+    assert result['masters_sharded'], 'a master is not sharded like its weight'
+    local, whole = result['local_master_bytes'], result['whole_master_bytes']
+    assert len(local) == shards * replicas and sum(local) == whole * replicas > 0
+    assert max(local) <= whole // shards + 4096, 'a rank holds more than its share of masters'
+    assert result['resume_exact'], 'resuming from the sharded checkpoint changed the bf16 weights'
+    assert result['masters_resume_exact'], 'resuming from the sharded checkpoint changed the fp32 masters'
+    if case.name == 'lora_inject':  # its PEFT export gathers the sharded masters: fp32 adapters, as PEFT writes
+        assert result['adapters_exported_from_masters']
 
 
 class MasterCheck(Callback):

@@ -77,6 +77,8 @@ N_A_TO_A_PLUGIN_WITHOUT_ANNOTATED_CHOICES = {
     'test_trains_in_bf16_with_masters_and_resumes_bit_identical',  # only algorithms with a master_weights option
     'test_weights_equal_a_reference_that_keeps_every_master',  # the same
     'test_bf16_weights_with_sharded_fp32_masters_train_and_resume_exactly',  # the same, under FSDP2
+    'test_hsdp_bf16_weights_with_fp32_masters_train_and_resume_exactly',  # the same, under HSDP
+    'test_fp32_masters_resume_at_another_world_size',  # the same, resumed at another world size
 }
 
 
