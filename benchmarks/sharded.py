@@ -2,8 +2,8 @@
 (Composer's FSDP2).
 
 Run with ``make bench-sharded`` (``composer -n 2 -m benchmarks.sharded``), or at another world size with ``make
-bench-sharded NPROC=4``. Every method trains the 20.9M-parameter decoder of ``make bench-quick`` for 2 epochs of 2
-batches (the global batch split over the processes); the recorder counts this process's parameters, gradients and
+bench-sharded NPROC=4``. Every method trains the 20.9M-parameter decoder of ``make bench-quick`` for 2 epochs of one
+batch of 4 per process; the recorder counts this process's parameters, gradients and
 optimizer state after every batch (only the local shards under FSDP2), reported at the last batch (HiFT: at the
 batch with the most state, the embeddings' turn). Next to it is
 :func:`composer_thaw.recipes.memory_estimate.estimate_training_state` with ``world_size`` the launch's (FSDP2) or 1
@@ -118,7 +118,8 @@ def _title(task_title: str, world_size: int) -> str:
 
 
 def main(only: Optional[list[str]] = None) -> None:
-    task = build_tasks(quick=True, only=['decoder-m'], batches=4)[0]
+    # one batch of 4 per process and epoch at any world size (the samples are split over the processes)
+    task = build_tasks(quick=True, only=['decoder-m'], batches=2 * dist.get_world_size())[0]
     rows = [
         _measure(method, task, layout) for method in METHODS if method.key in (only or MEASURED) for layout in LAYOUTS
     ]
