@@ -221,14 +221,14 @@ def interrupted_nodes(tmp_path_factory) -> dict:
     command = [str(THAW), 'run', DEMO, *set_args([*NODES_RUN, f'save_folder={runs}']), *options]
     nodes = _start_nodes([[*command, '--node-rank', str(rank)] for rank in (0, 1)], folder, 'interrupted')
     try:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 900  # the suite's launches share the machine meanwhile
         while not (runs / 'ep0-ba3-rank0.pt').exists():
             assert all(node.poll() is None for node in nodes), 'a node ended before the first checkpoint'
-            assert time.monotonic() < deadline, 'no checkpoint within 400 s'
+            assert time.monotonic() < deadline, 'no checkpoint within 900 s'
             time.sleep(0.2)
         family = [p.pid for node in nodes for p in psutil.Process(node.pid).children(recursive=True)]
         nodes[1].send_signal(signal.SIGTERM)
-        codes = [node.wait(timeout=300) for node in nodes]
+        codes = [node.wait(timeout=600) for node in nodes]
     finally:
         _stop_all(nodes)
     logs = [(folder / f'interrupted{rank}.log').read_text() for rank in (0, 1)]
@@ -270,7 +270,7 @@ def test_the_printed_commands_resume_the_run_on_both_nodes(interrupted_nodes):
     commands = [[str(THAW), *shlex.split(line)[1:], '--set', f'max_duration={batch + 2}ba'] for line in lines]
     nodes = _start_nodes(commands, folder, 'resumed')
     try:
-        codes = [node.wait(timeout=400) for node in nodes]
+        codes = [node.wait(timeout=900) for node in nodes]
     finally:
         _stop_all(nodes)
     logs = [(folder / f'resumed{rank}.log').read_text() for rank in (0, 1)]
