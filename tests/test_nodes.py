@@ -73,6 +73,12 @@ REFUSED = {
         "WORLD_SIZE = '3': expected a multiple of LOCAL_WORLD_SIZE 2",
     ),
     'BASE_RANK inside a node': (['--nproc', '2', *NODE], {'WORLD_SIZE': '4', 'BASE_RANK': '1'}, "BASE_RANK = '1'"),
+    'HSDP copies that do not divide the world size': (
+        ['--nnodes', '2', '--nproc', '2', *NODE, '--set', 'parallelism={fsdp: {data_parallel_replicate_degree: 3}}'],
+        {},
+        'data_parallel_replicate_degree = 3: must divide the number of processes (world size 4: --nnodes 2 x '
+        '--nproc 2)',
+    ),
     'batch not divisible by the world size': (
         ['--nnodes', '3', '--node-rank', '1', *NODE],
         {},
