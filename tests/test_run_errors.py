@@ -210,6 +210,7 @@ def checkpoint_folders(tmp_path_factory) -> dict[str, Path]:
 
     weights = 'model.safetensors'
     return {
+        'good': good,
         'bad config': broken('bad config', lambda f: (f / 'config.json').write_text('{"model_type": "bert", ')),
         'no weights': broken('no weights', lambda f: (f / weights).unlink()),
         'no tokenizer': broken(
@@ -284,23 +285,109 @@ def test_previews_refuse_what_the_run_refuses_in_the_same_line(command, name, tm
     assert 'Traceback' not in captured.err + captured.out
 
 
-def test_a_bad_data_file_is_refused_before_composer_is_imported(tmp_path):
+def _jsonl(tmp_path: Path, text: str, *overrides: str) -> list[str]:
+    path = tmp_path / 'train.jsonl'
+    path.write_text(text)
+    return ['data.name=files', f'data.train={path}', 'data.eval_fraction=0.5', *overrides]
+
+
+def _in_folder(name: str, *overrides: str) -> Case:
+    return lambda tmp_path, folders: [*FROM_FOLDER, f'model.path={folders[name]}', *overrides]
+
+
+# Problems in the files a recipe names, each refused from the files alone (issue #25).
+FILE_CASES: dict[str, tuple[Case, str, str]] = {
+    'a wrongly typed JSON row': (
+        lambda tmp_path, folders: _jsonl(tmp_path, '{"text": "hello world"}\n{"text": 5}\n', 'data.task=causal_lm'),
+        'data.train',
+        'JSON parse error',
+    ),
+    'a missing text column': (
+        lambda tmp_path, folders: _jsonl(
+            tmp_path, '{"txt": "a", "label": 0}\n{"txt": "b", "label": 1}\n', 'data.task=classification'
+        ),
+        'data.text_column',
+        'its columns: txt, label',
+    ),
+    'a single label': (
+        lambda tmp_path, folders: _jsonl(
+            tmp_path, '{"text": "a", "label": 0}\n{"text": "b", "label": 0}\n', 'data.task=classification'
+        ),
+        'data.label_column',
+        'a classifier needs two or more',
+    ),
+    'an eval label training lacks': (
+        lambda tmp_path, folders: [
+            *_jsonl(tmp_path, '{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n', 'data.task=classification'),
+            'data.eval_fraction=null',
+            'data.eval=' + str(_write(tmp_path / 'eval.jsonl', '{"text": "c", "label": 2}')),
+        ],
+        'data.label_column',
+        'which the training data does not have',
+    ),
+    'chat messages without an assistant turn': (
+        lambda tmp_path, folders: _jsonl(
+            tmp_path,
+            '{"messages": [{"role": "user", "content": "hi"}]}\n' * 2,
+            'data.task=instruction',
+            'data.messages_column=messages',
+        ),
+        'data.messages_column',
+        'no assistant message',
+    ),
+    'a tokenizer without a chat template for chat messages': (
+        lambda tmp_path, folders: [
+            *_in_folder('good')(tmp_path, folders),
+            *_jsonl(
+                tmp_path,
+                '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n' * 2,
+                'data.task=instruction',
+                'data.messages_column=messages',
+            ),
+        ],
+        'data.messages_column',
+        'need a tokenizer with a chat template',
+    ),
+    'a sequence longer than the model folder allows': (
+        _in_folder('good', 'data.max_seq_len=4096'),
+        'data.max_seq_len',
+        'the model has 512 positions',
+    ),
+    'a model folder without weights': (_in_folder('no weights'), 'model.path', 'no weights there'),
+    'a model folder with truncated weights': (_in_folder('truncated weights'), 'model.path', 'model.safetensors'),
+    'a model folder without a tokenizer': (_in_folder('no tokenizer'), 'model.path', 'no tokenizer loads from there'),
+    'a model folder with a broken config.json': (_in_folder('bad config'), 'model.path', 'config.json'),
+}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text + '\n')
+    return path
+
+
+@pytest.mark.parametrize('name', list(FILE_CASES))
+def test_a_bad_file_is_refused_before_composer_or_transformers_is_imported(name, tmp_path, checkpoint_folders):
     """Issue #25: file-level checks come first, so a bad file is refused in about a second (Composer's import alone
-    takes 10-20 s): run with Composer made unimportable, the refusal is still the one line, exit 2."""
+    takes 10-20 s, torch's and transformers' a few seconds each): run with Composer made unimportable, the refusal
+    is still the one line, exit 2, nothing is written, and neither torch nor transformers was imported."""
     import subprocess
     import sys
 
-    path = tmp_path / 'train.jsonl'
-    path.write_text('{"text": "hello world"}\n{"text": 5}\n')
-    overrides = ['data.name=files', 'data.task=causal_lm', f'data.train={path}', 'data.eval_fraction=0.5']
+    build, key, fragment = FILE_CASES[name]
+    overrides = [*TINY, f'save_folder={tmp_path / "runs"}', *build(tmp_path, checkpoint_folders)]
     script = (
         'import sys\n'
         "sys.modules['composer'] = None  # importing it now raises ImportError\n"
         'from composer_thaw.cli import main\n'
-        f'sys.exit(main({["run", str(DEMO), *set_args(overrides)]!r}))\n'
+        f'code = main({["run", str(DEMO), *set_args(overrides)]!r})\n'
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))\n"
+        'sys.exit(code)\n'
     )
+    before = sorted(tmp_path.rglob('*'))
     done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120, cwd=REPO)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == EXIT_INVALID, done.stderr[-2000:]
-    assert lines == [lines[0]] and lines[0].startswith("thaw run: invalid recipe: data.train = '"), done.stderr
-    assert 'JSON parse error' in lines[0]
+    assert lines == [lines[0]] and lines[0].startswith(f'thaw run: invalid recipe: {key} = '), done.stderr
+    assert fragment in lines[0]
+    assert done.stdout.strip() == '[]', f'imported before refusing: {done.stdout.strip()}'
+    assert sorted(tmp_path.rglob('*')) == before, 'a refused run wrote files'

@@ -49,11 +49,13 @@ if TYPE_CHECKING:
 __all__ = [
     'DATA_FORMATS',
     'DATA_TASKS',
+    'NO_CHAT_TEMPLATE',
     'DataFormat',
     'DataTask',
     'TaskData',
     'TokenizedExamples',
     'causal_lm_examples',
+    'check_task_rows',
     'classification_examples',
     'collator_for',
     'instruction_examples',
@@ -62,6 +64,11 @@ __all__ = [
     'load_task_data',
     'source_format',
 ]
+
+NO_CHAT_TEMPLATE = (
+    'chat messages need a tokenizer with a chat template (chat_template in its tokenizer_config.json); this one has '
+    'none. Give model.tokenizer one that has, or use prompt/response columns.'
+)
 
 DataTask = Literal['classification', 'causal_lm', 'instruction']
 DATA_TASKS: tuple[DataTask, ...] = ('classification', 'causal_lm', 'instruction')
@@ -243,6 +250,83 @@ def label_names_of(table: datasets.Dataset, label_column: str, source_key: str =
     return names
 
 
+def check_task_rows(
+    task: str,
+    table: datasets.Dataset,
+    *,
+    text_column: str = 'text',
+    label_column: str = 'label',
+    prompt_column: str = 'prompt',
+    response_column: str = 'response',
+    messages_column: Optional[str] = None,
+    label_names: Optional[Sequence[str]] = None,
+    source_key: str = 'data.train',
+) -> Optional[tuple[str, ...]]:
+    """Check the rows of ``table`` for ``task`` without a tokenizer: the columns exist and hold texts, labels or chat
+    messages (what ``thaw run`` checks as soon as it has read a file, before Composer or transformers load).
+
+    Returns a classification table's label names: its own, or, given ``label_names`` (the training data's), those,
+    after checking that every label is one of them. ``None`` for the other tasks.
+
+    Example:
+        >>> check_task_rows('classification', datasets.Dataset.from_dict({'text': ['a', 'b'], 'label': [0, 1]}))
+        ('0', '1')
+    """
+    if task == 'classification':
+        _require_column('data.text_column', text_column, table, source_key)
+        _strings('data.text_column', text_column, table, source_key)
+        if label_names is None:
+            return label_names_of(table, label_column, source_key)
+        _label_indices(table, label_column, label_names, source_key)
+        return tuple(label_names)
+    if task == 'causal_lm':
+        _require_column('data.text_column', text_column, table, source_key)
+        if not any(text.strip() for text in _strings('data.text_column', text_column, table, source_key)):
+            raise ConfigError('data.text_column', text_column, f'every text in {source_key} is empty.')
+        return None
+    if messages_column is not None:
+        _require_column('data.messages_column', messages_column, table, source_key)
+        for row, value in enumerate(list(table[messages_column])):
+            _conversation('data.messages_column', value, row, source_key)
+        return None
+    for key, column in (('data.prompt_column', prompt_column), ('data.response_column', response_column)):
+        if column not in table.column_names and 'messages' in table.column_names:
+            raise ConfigError(
+                key,
+                column,
+                f'no such column in {source_key}, which has chat messages: set data.messages_column: messages.',
+            )
+        _require_column(key, column, table, source_key)
+        _strings(key, column, table, source_key)
+    return None
+
+
+def _label_indices(
+    table: datasets.Dataset, label_column: str, label_names: Sequence[str], source_key: str
+) -> list[int]:
+    """Each row's label as its index in ``label_names``; an unknown label is a :class:`ConfigError`."""
+    import datasets
+
+    _require_column('data.label_column', label_column, table, source_key)
+    feature = table.features[label_column]
+    raw = list(table[label_column])
+    if isinstance(feature, datasets.ClassLabel):
+        raw = [feature.int2str(v) for v in raw]
+    index = {name: i for i, name in enumerate(label_names)}
+    labels = []
+    for row, value in enumerate(raw):
+        label = index.get(str(value))
+        if label is None:
+            raise ConfigError(
+                'data.label_column',
+                label_column,
+                f'{source_key} row {row} has the label {value!r}, which the training data does not have; '
+                f'known labels: {", ".join(label_names)}.',
+            )
+        labels.append(label)
+    return labels
+
+
 @dataclass
 class TokenizedExamples:
     """A map-style data set of tokenized rows (dicts of ``input_ids``, ``attention_mask``, ``labels``)."""
@@ -276,27 +360,16 @@ def classification_examples(
         >>> rows[0]['labels']
         1
     """
-    import datasets
-
-    _require_column('data.text_column', text_column, table, source_key)
-    _require_column('data.label_column', label_column, table, source_key)
-    texts = _strings('data.text_column', text_column, table, source_key)
-    feature = table.features[label_column]
-    raw = list(table[label_column])
-    if isinstance(feature, datasets.ClassLabel):
-        raw = [feature.int2str(v) for v in raw]
-    index = {name: i for i, name in enumerate(label_names)}
-    labels = []
-    for row, value in enumerate(raw):
-        label = index.get(str(value))
-        if label is None:
-            raise ConfigError(
-                'data.label_column',
-                label_column,
-                f'{source_key} row {row} has the label {value!r}, which the training data does not have; '
-                f'known labels: {", ".join(label_names)}.',
-            )
-        labels.append(label)
+    check_task_rows(
+        'classification',
+        table,
+        text_column=text_column,
+        label_column=label_column,
+        label_names=label_names,
+        source_key=source_key,
+    )
+    texts = list(table[text_column])
+    labels = _label_indices(table, label_column, label_names, source_key)
     encoded = tokenizer(texts, truncation=True, max_length=max_seq_len)
     return TokenizedExamples(
         [
@@ -331,10 +404,8 @@ def causal_lm_examples(
         >>> len(blocks[0]['input_ids'])
         128
     """
-    _require_column('data.text_column', text_column, table, source_key)
-    texts = [t for t in _strings('data.text_column', text_column, table, source_key) if t.strip()]
-    if not texts:
-        raise ConfigError('data.text_column', text_column, f'every text in {source_key} is empty.')
+    check_task_rows('causal_lm', table, text_column=text_column, source_key=source_key)
+    texts = [text for text in table[text_column] if text.strip()]
     end = _end_of_text(tokenizer)
     ids = [row + end for row in tokenizer(texts, add_special_tokens=False, verbose=False)['input_ids']]
     if packing:
@@ -421,30 +492,23 @@ def instruction_examples(
         >>> sum(label != -100 for label in rows[0]['labels'])  # the response's tokens
         12
     """
+    check_task_rows(
+        'instruction',
+        table,
+        prompt_column=prompt_column,
+        response_column=response_column,
+        messages_column=messages_column,
+        source_key=source_key,
+    )
     if messages_column is not None:
-        _require_column('data.messages_column', messages_column, table, source_key)
         conversations = [
             _conversation('data.messages_column', value, row, source_key)
             for row, value in enumerate(list(table[messages_column]))
         ]
         if getattr(tokenizer, 'chat_template', None) is None:
-            raise ConfigError(
-                'data.messages_column',
-                messages_column,
-                'chat messages need a tokenizer with a chat template (chat_template in its tokenizer_config.json); '
-                'this one has none. Give model.tokenizer one that has, or use prompt/response columns.',
-            )
+            raise ConfigError('data.messages_column', messages_column, NO_CHAT_TEMPLATE)
     else:
-        for key, column in (('data.prompt_column', prompt_column), ('data.response_column', response_column)):
-            if column not in table.column_names and 'messages' in table.column_names:
-                raise ConfigError(
-                    key,
-                    column,
-                    f'no such column in {source_key}, which has chat messages: set data.messages_column: messages.',
-                )
-            _require_column(key, column, table, source_key)
-        prompts = _strings('data.prompt_column', prompt_column, table, source_key)
-        responses = _strings('data.response_column', response_column, table, source_key)
+        prompts, responses = list(table[prompt_column]), list(table[response_column])
         conversations = [
             [{'role': 'user', 'content': p}, {'role': 'assistant', 'content': r}] for p, r in zip(prompts, responses)
         ]
@@ -607,8 +671,9 @@ def load_task_data(
 
     label_names = None
     if task == 'classification':
-        _require_column('data.text_column', text_column, train_table, 'data.train')
-        label_names = label_names_of(train_table, label_column, train_key)
+        label_names = check_task_rows(
+            task, train_table, text_column=text_column, label_column=label_column, source_key=train_key
+        )
 
         def tokenize(table: datasets.Dataset, key: str) -> TokenizedExamples:
             assert label_names is not None

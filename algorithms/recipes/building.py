@@ -48,6 +48,7 @@ from composer_thaw.recipes.schema import (
     ParallelismConfig,
     Recipe,
     SchedulerConfig,
+    check_sequence_length,
     model_task,
 )
 from composer_thaw.utils.hybrid_sharding import HSDPConfig
@@ -412,11 +413,7 @@ def _model_folder_errors(recipe: Recipe, problem: str, key: str = 'model.path') 
 
 
 def _check_sequence_length(recipe: Recipe, model: nn.Module) -> None:
+    """The built model's positions (a built-in model's too; a local folder's were read from its config.json)."""
     config = getattr(getattr(model, 'model', model), 'config', None)
     positions = getattr(config, 'max_position_embeddings', None) or getattr(config, 'n_positions', None)
-    if isinstance(positions, int) and recipe.data.max_seq_len > positions:
-        raise ConfigError(
-            'data.max_seq_len',
-            recipe.data.max_seq_len,
-            f'the model has {positions} positions; use at most {positions}.',
-        )
+    check_sequence_length(recipe.data.max_seq_len, positions if isinstance(positions, int) else None)

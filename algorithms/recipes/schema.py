@@ -33,7 +33,13 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from composer_thaw.core.validation import ConfigError, from_mapping
-from composer_thaw.datasets.local_files import load_table, source_format
+from composer_thaw.datasets.local_files import NO_CHAT_TEMPLATE, check_task_rows, load_table, source_format
+from composer_thaw.recipes.model_folders import (
+    check_checkpoint_folder,
+    check_tokenizer_folder,
+    has_chat_template,
+    positions_of,
+)
 from composer_thaw.recipes.run_files import (
     LATEST_LINK,
     check_checkpoint_path,
@@ -231,6 +237,7 @@ def validate_recipe(recipe: Recipe) -> None:
     about a second."""
     _check_model(recipe.model)
     _check_data(recipe.data)
+    _check_model_folder_against_data(recipe.model, recipe.data)
     _check_time('max_duration', recipe.max_duration, positive=True, fraction=False)
     _check_time('eval_interval', recipe.eval_interval, positive=True)
     _check_time('save_interval', recipe.save_interval, positive=True)
@@ -353,6 +360,8 @@ def _check_model(model: ModelConfig) -> None:
             raise ConfigError(
                 'model.tokenizer', model.tokenizer, 'expected a local folder holding a tokenizer (or null: model.path).'
             )
+        check_checkpoint_folder('model.path', model.path)
+        check_tokenizer_folder('model.tokenizer' if model.tokenizer else 'model.path', model.tokenizer or model.path)
         return
     for key in ('path', 'tokenizer', 'task'):
         if getattr(model, key) is not None:
@@ -361,6 +370,23 @@ def _check_model(model: ModelConfig) -> None:
                 getattr(model, key),
                 f"only model.name 'hf' takes a {key}; model.name is {model.name!r}.",
             )
+
+
+def check_sequence_length(max_seq_len: int, positions: Optional[int]) -> None:
+    """Raise unless examples of ``max_seq_len`` tokens fit a model of ``positions`` positions (``None``: unknown)."""
+    if positions is not None and max_seq_len > positions:
+        raise ConfigError(
+            'data.max_seq_len', max_seq_len, f'the model has {positions} positions; use at most {positions}.'
+        )
+
+
+def _check_model_folder_against_data(model: ModelConfig, data: DataConfig) -> None:
+    """A local model's positions and its tokenizer's chat template, read from its files, against the data."""
+    if model.name != 'hf' or model.path is None:
+        return
+    check_sequence_length(data.max_seq_len, positions_of(check_checkpoint_folder('model.path', model.path)))
+    if data.messages_column is not None and not has_chat_template(model.tokenizer or model.path):
+        raise ConfigError('data.messages_column', data.messages_column, NO_CHAT_TEMPLATE)
 
 
 def _check_data(data: DataConfig) -> None:
@@ -397,11 +423,17 @@ def _check_data(data: DataConfig) -> None:
     source_format('data.train', data.train, data.format)
     if data.eval is not None:
         source_format('data.eval', data.eval, data.format)
-    # Read now (datasets caches what it parsed for the run): an unreadable, empty or malformed file is refused before
-    # Composer loads. Columns, labels and tokens are checked as the run reads the rows.
-    load_table('data.train', data.train, data.format)
+    # Read now (datasets caches what it parsed for the run): an unreadable, empty or malformed file, a missing
+    # column, a row of the wrong kind or a missing label is refused before Composer or transformers load. What needs
+    # the tokenizer (tokens, the chat template's rendering) is checked as the run tokenizes.
+    columns = {
+        key: getattr(data, key)
+        for key in ('text_column', 'label_column', 'prompt_column', 'response_column', 'messages_column')
+    }
+    label_names = check_task_rows(data.task, load_table('data.train', data.train, data.format), **columns)
     if data.eval is not None:
-        load_table('data.eval', data.eval, data.format)
+        eval_table = load_table('data.eval', data.eval, data.format)
+        check_task_rows(data.task, eval_table, label_names=label_names, source_key='data.eval', **columns)
 
 
 def data_task(data: DataConfig) -> str:
