@@ -158,6 +158,7 @@ def _wait_ready(launcher: subprocess.Popen, folder: Path) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.multiprocess  # Composer's launcher, 2 processes
 @pytest.mark.parametrize('part', ['signalled', 'stopped elsewhere'])
 def test_the_node_launcher_is_quiet_when_its_ranks_stop_on_an_interruption(part, tmp_path):
     launcher = _launch_stand_ins(part, tmp_path)
@@ -169,6 +170,7 @@ def test_the_node_launcher_is_quiet_when_its_ranks_stop_on_an_interruption(part,
     assert sorted(path.name for path in (tmp_path / 'reports').iterdir()) == ['rank0.json', 'rank1.json']
 
 
+@pytest.mark.multiprocess  # Composer's launcher, 2 processes
 def test_a_second_signal_kills_the_ranks_that_have_not_stopped(tmp_path):
     launcher = _launch_stand_ins('stubborn', tmp_path)
     _wait_ready(launcher, tmp_path)
@@ -179,6 +181,7 @@ def test_a_second_signal_kills_the_ranks_that_have_not_stopped(tmp_path):
     assert launcher.returncode == 128 + signal.SIGKILL and output == ''
 
 
+@pytest.mark.multiprocess  # Composer's launcher, 2 processes
 def test_a_failed_rank_gets_composers_own_error_output(tmp_path):
     launcher = _launch_stand_ins('crash', tmp_path)
     output, _ = launcher.communicate(timeout=180)
