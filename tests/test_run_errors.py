@@ -217,6 +217,7 @@ def checkpoint_folders(tmp_path_factory) -> dict[str, Path]:
             'no tokenizer', lambda f: [p.unlink() for p in f.iterdir() if 'token' in p.name or p.name == 'vocab.txt']
         ),
         'truncated weights': broken('truncated weights', lambda f: (f / weights).write_bytes(b'\x08' * 64)),
+        'broken tokenizer': broken('broken tokenizer', lambda f: (f / 'tokenizer.json').write_text('{"broken": ')),
     }
 
 
@@ -229,7 +230,8 @@ def test_refused_before_training_in_one_line(name, tmp_path, checkpoint_folders,
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == EXIT_INVALID, captured.err[-2000:]
-    assert len(lines) == 1 and lines[0].startswith(f'thaw run: invalid recipe: {key} = '), captured.err[-2000:]
+    what = 'option' if key.startswith('--') else 'recipe'  # a command-line option (--set), or the recipe's key
+    assert len(lines) == 1 and lines[0].startswith(f'thaw run: invalid {what}: {key} = '), captured.err[-2000:]
     assert 'Traceback' not in captured.err + captured.out
     assert sorted(tmp_path.rglob('*')) == before, 'a refused run wrote files'
 
@@ -357,6 +359,11 @@ FILE_CASES: dict[str, tuple[Case, str, str]] = {
     'a model folder with truncated weights': (_in_folder('truncated weights'), 'model.path', 'model.safetensors'),
     'a model folder without a tokenizer': (_in_folder('no tokenizer'), 'model.path', 'no tokenizer loads from there'),
     'a model folder with a broken config.json': (_in_folder('bad config'), 'model.path', 'config.json'),
+    'a model folder with a broken tokenizer.json': (
+        _in_folder('broken tokenizer'),
+        'model.path',
+        'tokenizer.json is not readable JSON',
+    ),
 }
 
 

@@ -19,6 +19,7 @@ from composer_thaw.core.validation import ConfigError
 
 __all__ = [
     'TOKENIZER_FILES',
+    'TOKENIZER_JSON_FILES',
     'WEIGHT_FILES',
     'check_checkpoint_folder',
     'check_tokenizer_folder',
@@ -43,6 +44,9 @@ TOKENIZER_FILES = (
     'tokenizer.model',
     'sentencepiece.bpe.model',
 )
+
+# The tokenizer's settings that are JSON (each read when present).
+TOKENIZER_JSON_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json')
 
 NOT_LOADABLE = 'not a loadable Hugging Face checkpoint'
 
@@ -100,12 +104,23 @@ def check_checkpoint_folder(key: str, folder: Union[str, Path]) -> dict[str, Any
 
 
 def check_tokenizer_folder(key: str, folder: Union[str, Path]) -> None:
-    """Raise :class:`ConfigError` naming ``key`` unless ``folder`` holds a tokenizer's files."""
+    """Raise :class:`ConfigError` naming ``key`` unless ``folder`` holds a tokenizer's files, its JSON ones readable
+    (the ``tokenizers`` library reports a broken ``tokenizer.json`` with a bare ``Exception``)."""
     folder = Path(folder)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(
             key, str(folder), f'no tokenizer loads from there: none of {", ".join(TOKENIZER_FILES)} is in it.'
         )
+    for name in TOKENIZER_JSON_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(
+                key, str(folder), f'no tokenizer loads from there: {name} is not readable JSON ({error}).'
+            ) from error
 
 
 def positions_of(config: dict[str, Any]) -> Optional[int]:
