@@ -47,8 +47,6 @@ class HSDPConfig(FSDP2Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        record_cpu_stream_events()
-        average_gradients_on_gloo()
         replicas, shards = self.data_parallel_replicate_degree, self.data_parallel_shard_degree
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
             raise ValueError(f'data_parallel_replicate_degree={replicas!r}: expected a positive number of replicas.')
@@ -57,6 +55,8 @@ class HSDPConfig(FSDP2Config):
                 f'data_parallel_shard_degree={shards!r}: expected a positive number of processes per replica, or -1 '
                 'for the world size divided by the replicas.'
             )
+        record_cpu_stream_events()
+        average_gradients_on_gloo()
 
 
 def record_cpu_stream_events() -> None:
