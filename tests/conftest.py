@@ -15,7 +15,8 @@ os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
 
-LAUNCH_FIXTURES = ('two_processes', 'four_processes', 'elastic_resumes')
+# Each fixture that reads the launches, and the last launch it needs (tests/launches.py runs them in this order).
+LAUNCH_FIXTURES = {'two_processes': 'two-processes', 'four_processes': 'four-processes', 'elastic_resumes': 'elastic-1'}
 
 
 def _launches_folder(config: pytest.Config) -> Path:
@@ -31,9 +32,10 @@ def _launches_folder(config: pytest.Config) -> Path:
 
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """When tests read the multi-process launches: they run last (in the launches' order), and the launches start
-    now, in the background, so they overlap the rest of the suite. The first process (or xdist worker) to get here
-    starts them, once per session."""
+    """When tests read the multi-process launches: they run last (in the launches' order), and the launches they
+    need start now, in the background, so they overlap the rest of the suite (a selection that reads only the
+    2-process launch starts only that one). The first process (or xdist worker) to get here starts them, once per
+    session."""
     reading = {
         fixture: [item for item in items if fixture in getattr(item, 'fixturenames', ())] for fixture in LAUNCH_FIXTURES
     }
@@ -52,7 +54,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         plain = make_trainer([], max_duration='1ep', save_folder=str(root / 'plain'), save_interval='1ep')
         plain.fit()  # the unsharded single-process checkpoint the FSDP2 part loads
         plain.close()
-        launch = start_launch(root, root / 'plain' / 'ep1-ba4-rank0.pt')
+        last = [LAUNCH_FIXTURES[fixture] for fixture, read in reading.items() if read][-1]
+        launch = start_launch(root, root / 'plain' / 'ep1-ba4-rank0.pt', until=last)
         atexit.register(stop_launch, launch)  # a session that ends early does not leave them running
 
 

@@ -1,6 +1,7 @@
 """Every multi-process launch of a test session, one after another, started once in the background by
-tests/conftest.py (``python tests/launches.py ROOT PLAIN_CHECKPOINT``). Each writes into ``ROOT/<launch>``: its
-launchers' output (``launch.log``, ``launch-node1.log``) and, when every launcher has ended, ``returncode``.
+tests/conftest.py (``python tests/launches.py ROOT PLAIN_CHECKPOINT UNTIL``: the launches up to the one named
+``UNTIL``, the last one the session's tests read). Each writes into ``ROOT/<launch>``: its launchers' output
+(``launch.log``, ``launch-node1.log``) and, when every launcher has ended, ``returncode``.
 
 1. ``two-processes``: ``composer -n 2 tests/two_processes.py`` (every 2-process check; FSDP2 checkpoints at 2).
 2. ``four-processes``: two launchers of 2 processes on localhost as two nodes of a world of 4
@@ -67,10 +68,15 @@ def run(folder: Path, commands: list[list[str]]) -> None:
     (folder / 'returncode.tmp').rename(folder / 'returncode')
 
 
-def main(root: Path, plain_checkpoint: str) -> None:
-    for name, commands in launches(root, plain_checkpoint).items():
+def main(root: Path, plain_checkpoint: str, until: str) -> None:
+    every = launches(root, plain_checkpoint)
+    if until not in every:
+        raise SystemExit(f'launches.py: no launch named {until!r}; the launches: {", ".join(every)}')
+    for name, commands in every.items():
         run(root / name, commands)
+        if name == until:
+            return
 
 
 if __name__ == '__main__':
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])

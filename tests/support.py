@@ -81,10 +81,10 @@ def run_thaw(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     )
 
 
-def start_launch(root: Path, plain_checkpoint: Path) -> subprocess.Popen:
-    """Start every multi-process launch of the session (tests/launches.py) into ``root``, in the background, one
-    after another (gloo on CPU, one thread a process); each writes ``root/<launch>/returncode`` when it ends (see
-    :func:`wait_launch`)."""
+def start_launch(root: Path, plain_checkpoint: Path, until: str) -> subprocess.Popen:
+    """Start the multi-process launches of the session (tests/launches.py) up to the one named ``until`` into
+    ``root``, in the background, one after another (gloo on CPU, one thread a process); each writes
+    ``root/<launch>/returncode`` when it ends (see :func:`wait_launch`)."""
     env = dict(
         os.environ,
         OMP_NUM_THREADS='1',
@@ -93,7 +93,7 @@ def start_launch(root: Path, plain_checkpoint: Path) -> subprocess.Popen:
         TRANSFORMERS_OFFLINE='1',
         PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / 'tests'), os.environ.get('PYTHONPATH', '')]),
     )
-    command = [sys.executable, str(REPO / 'tests' / 'launches.py'), str(root), str(plain_checkpoint)]
+    command = [sys.executable, str(REPO / 'tests' / 'launches.py'), str(root), str(plain_checkpoint), until]
     # its own process group: stop_launch ends the launches and their ranks with it
     return subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
 
