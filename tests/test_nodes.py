@@ -92,6 +92,7 @@ REFUSED = {
 def test_bad_multi_node_values_are_refused_in_one_line_before_anything_launches(
     options, environ, error, monkeypatch, capsys
 ):
+    # as in a fresh shell: an earlier test's single-process Trainer may have had Composer set RANK=0, LOCAL_RANK=0
     for variable in ('WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'BASE_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         monkeypatch.delenv(variable, raising=False)
     for variable, value in environ.items():
@@ -140,11 +141,20 @@ time.sleep(120)
 """
 
 
+LAUNCH_VARIABLES = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+
+
+def _shell_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the launcher's variables, as a fresh shell on a node has it: an earlier
+    test's single-process Trainer may have had Composer fill in RANK=0, WORLD_SIZE=1, ... here."""
+    return {name: value for name, value in os.environ.items() if name not in LAUNCH_VARIABLES} | extra
+
+
 def _launch_stand_ins(part: str, folder: Path) -> subprocess.Popen:
     """The node launcher with 2 stand-in ranks, in a session of its own (as ``thaw run`` starts it)."""
     (folder / 'rank.py').write_text(STAND_IN_RANK)
     (folder / 'reports').mkdir()
-    env = dict(os.environ, PYTHONPATH=str(REPO), **{launching.STOP_REPORTS: str(folder / 'reports')})
+    env = _shell_env(PYTHONPATH=str(REPO), **{launching.STOP_REPORTS: str(folder / 'reports')})
     command = [sys.executable, '-m', launching.NODE_LAUNCHER, '-n', '2', str(folder / 'rank.py'), part, str(folder)]
     return subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -203,7 +213,7 @@ def _free_port() -> int:
 def _start_nodes(commands: list[list[str]], folder: Path, name: str) -> list[subprocess.Popen]:
     """Each command (one node's ``thaw run``) in the background, in a session of its own; output in
     ``folder/<name><node>.log``."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore', HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
+    env = _shell_env(OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore', HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
     nodes = []
     for rank, command in enumerate(commands):
         with (folder / f'{name}{rank}.log').open('w') as log:

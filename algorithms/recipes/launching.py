@@ -205,9 +205,11 @@ def _node_rank(option: Union[int, str, None], nproc: int, nnodes: int, environ: 
 
 
 def launched_rank(environ: Mapping[str, str]) -> bool:
-    """Whether this process is one rank of a launched run (Composer's launcher or torchrun set ``RANK`` and
-    ``LOCAL_RANK``): it trains itself and starts no launcher."""
-    return 'RANK' in environ and 'LOCAL_RANK' in environ
+    """Whether this process is one rank of a launched run (Composer's launcher or torchrun set ``RANK``,
+    ``LOCAL_RANK`` and ``MASTER_ADDR``): it trains itself and starts no launcher. Composer fills in ``RANK=0`` and
+    ``LOCAL_RANK=0`` (but no address) when a single process initializes torch.distributed, which does not make
+    that process a launched rank."""
+    return all(name in environ for name in ('RANK', 'LOCAL_RANK', 'MASTER_ADDR'))
 
 
 def rank_layout(environ: Mapping[str, str]) -> NodeLayout:
@@ -286,8 +288,11 @@ def run_launcher(command: Sequence[str], env: Mapping[str, str], passed: Optiona
     the launcher and its ranks get no signal from the terminal directly, so a Ctrl-C reaches them once, through here.
 
     Example:
-        >>> run_launcher([sys.executable, '-m', 'composer_thaw.recipes.node_launcher', '-n', '2', 'train.py'], env)
-        0
+        >>> import os, sys
+        >>> run_launcher([sys.executable, '-c', 'raise SystemExit(3)'], os.environ)  # thaw's: the node launcher's
+        3
+        >>> run_launcher([sys.executable, '-c', 'import os, signal; os.kill(os.getpid(), signal.SIGTERM)'], os.environ)
+        143
     """
     launcher = subprocess.Popen(list(command), env=dict(env), start_new_session=True)
 
