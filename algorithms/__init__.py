@@ -3,8 +3,14 @@
 Example:
     >>> from composer import Trainer
     >>> from composer_thaw import RegexFreeze
-    >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep',
-    ...                   algorithms=[RegexFreeze(trainable=['lm_head', 'model.layers.3'])])
+    >>> from composer_thaw.datasets.builtin import python_topics_loader
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> model = tiny_decoder(num_layers=4)  # a LLaMA-style decoder of 4.1M parameters, randomly initialized
+    >>> trainer = Trainer(model=model, train_dataloader=python_topics_loader(model.tokenizer), max_duration='2ba',
+    ...                   algorithms=[RegexFreeze(trainable=['lm_head', 'model.layers.3'])], progress_bar=False)
+    >>> trainer.fit()
+    >>> f'{sum(p.numel() for p in model.parameters() if p.requires_grad):,}'  # lm_head and the last block
+    '1,994,496'
 """
 
 from __future__ import annotations

@@ -20,8 +20,22 @@ one node stops the ranks of every node at the same batch: the ranks of the other
 and ``thaw`` end the same way.
 
 Example:
-    >>> with checkpoint_on_interrupt(trainer):
-    ...     trainer.fit()  # kill -TERM <pid>: raises TrainingInterrupted once the batch's checkpoint is written
+    >>> from composer import Callback, Trainer
+    >>> from composer_thaw.datasets.builtin import python_topics_loader
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> class KillDuringBatch2(Callback):  # as `kill -TERM <pid>` would, in the middle of the second batch
+    ...     def after_forward(self, state, logger):
+    ...         if state.timestamp.batch == 1:
+    ...             os.kill(os.getpid(), signal.SIGTERM)
+    >>> model = tiny_decoder(num_layers=1)
+    >>> trainer = Trainer(model=model, train_dataloader=python_topics_loader(model.tokenizer), max_duration='4ba',
+    ...                   save_folder='runs/a', callbacks=[KillDuringBatch2()], progress_bar=False)
+    >>> try:
+    ...     with checkpoint_on_interrupt(trainer):
+    ...         trainer.fit()
+    ... except TrainingInterrupted as stop:
+    ...     print(stop, stop.checkpoint)
+    SIGTERM at batch 2 runs/a/ep0-ba2-rank0.pt
 """
 
 from __future__ import annotations

@@ -7,8 +7,17 @@ backward pass and the optimizer step of that batch never run (the last checkpoin
 ``thaw run`` adds it to every run and reports the error in one line with a non-zero exit.
 
 Example:
-    >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep',
-    ...                   callbacks=[StopOnNonFiniteLoss()])
+    >>> from composer import Trainer
+    >>> from composer_thaw.datasets.builtin import python_topics_loader
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> model = tiny_decoder(num_layers=1)
+    >>> with torch.no_grad():
+    ...     model.model.lm_head.weight[0, 0] = float('nan')  # as an overflow would leave it
+    >>> trainer = Trainer(model=model, train_dataloader=python_topics_loader(model.tokenizer), max_duration='2ba',
+    ...                   callbacks=[StopOnNonFiniteLoss()], progress_bar=False)
+    >>> trainer.fit()
+    Traceback (most recent call last):
+    NonFiniteLossError: the loss of training batch 1 is nan; training stopped before that batch changed any weight. ...
 """
 
 from __future__ import annotations

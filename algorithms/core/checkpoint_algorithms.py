@@ -6,7 +6,17 @@ runner refuses it, naming the missing algorithms; Python users can call :func:`c
 themselves, or rebuild the algorithms with :func:`algorithms_in_checkpoint`.
 
 Example:
-    >>> check_checkpoint_algorithms('runs/ep1-ba100-rank0.pt', [RegexFreeze(trainable=['lm_head'])])
+    >>> from composer_thaw import RegexFreeze
+    >>> freeze = RegexFreeze(trainable=['lm_head'])
+    >>> state = {'algorithms': [('RegexFreeze', freeze.state_dict())]}  # what Composer records of the algorithms
+    >>> torch.save({'state': state}, 'ep1-ba100-rank0.pt')
+    >>> algorithms_in_checkpoint('ep1-ba100-rank0.pt')
+    [RegexFreeze(trainable=['lm_head'])]
+    >>> check_checkpoint_algorithms('ep1-ba100-rank0.pt', [freeze])
+    >>> check_checkpoint_algorithms('ep1-ba100-rank0.pt', [])
+    Traceback (most recent call last):
+    ValueError: checkpoint 'ep1-ba100-rank0.pt' was trained with RegexFreeze(trainable=['lm_head']), which this run
+    does not use. ...
 """
 
 from __future__ import annotations

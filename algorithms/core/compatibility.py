@@ -26,14 +26,20 @@ decides what trains (Composer's ``LayerFreezing``, which only freezes). Any othe
 nothing and is never refused here.
 
 Example:
+    >>> from composer.core import Algorithm, Event
+    >>> from composer_thaw import HiFTRotation, LoRAInject
+    >>> from composer_thaw.core.state import ConfigRepr
     >>> class FreezeEmbeddings(ConfigRepr, Algorithm):
     ...     def owns(self) -> tuple[Claim, ...]:
     ...         return (Claim(BASE_PARAMETERS, 'narrows'),)  # only ever freezes: composes with LoRA, not with HiFT
+    ...     def match(self, event, state):
+    ...         return event == Event.INIT
     ...     def apply(self, event, state, logger):
-    ...         if event == Event.INIT:
-    ...             check_compatibility(self, state.algorithms, 'give one FreezeEmbeddings.')
-    >>> conflict(HiFTRotation(), FreezeEmbeddings())
-    'FreezeEmbeddings cannot be combined with HiFTRotation: ...'
+    ...         check_compatibility(self, state.algorithms, 'give one FreezeEmbeddings.')
+    >>> conflict(LoRAInject(), FreezeEmbeddings()) is None
+    True
+    >>> print(conflict(HiFTRotation(), FreezeEmbeddings()))
+    FreezeEmbeddings cannot be combined with HiFTRotation: ...
 """
 
 from __future__ import annotations

@@ -9,7 +9,12 @@ algorithms with an entry point in the group ``composer_thaw.algorithms``::
         my_algorithm = my_package.algorithms:MyAlgorithm
 
 Example:
-    >>> algorithm = build_algorithm('gradient_clipping', {'clipping_type': 'norm', 'clipping_threshold': 1.0})
+    >>> build_algorithm('gradient_clipping', {'clipping_type': 'norm', 'clipping_threshold': 1.0})
+    <composer.algorithms.gradient_clipping.gradient_clipping.GradientClipping object at ...>
+    >>> build_algorithm('lora_inject', {'r': 4, 'lora_alhpa': 8})
+    Traceback (most recent call last):
+    ConfigTypeError: algorithms.lora_inject.lora_alhpa = 8: LoRAInject has no option 'lora_alhpa' (did you mean
+    'lora_alpha'?); ...
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ def registered_name(cls: type) -> Optional[str]:
     """The name ``cls`` is registered under, or ``None``; only classes named like ``cls`` are imported.
 
     Example:
+        >>> from composer_thaw import LoRAInject
         >>> registered_name(LoRAInject)
         'lora_inject'
     """

@@ -10,12 +10,13 @@ weights
 (``load_weights_only``) reads no algorithm state, so nothing is compared.
 
 Example:
-    >>> class MyFreeze(ConfigRepr, Algorithm):
+    >>> from composer_thaw.core.state import ConfigRepr
+    >>> class MyFreeze(ConfigRepr):  # an Algorithm's state_dict adds resume_state(self) to its own
     ...     resume_fields = ('patterns',)
     ...     def __init__(self, patterns: list[str]):
     ...         self.patterns = patterns
     ...     def state_dict(self):
-    ...         return {**super().state_dict(), **resume_state(self)}
+    ...         return resume_state(self)
     ...     def load_state_dict(self, state):
     ...         check_resume_config(self, state)
     >>> MyFreeze(['lm_head']).load_state_dict(MyFreeze(['embed']).state_dict())

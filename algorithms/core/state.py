@@ -2,7 +2,7 @@
 evals back, versioned checkpoint state.
 
 Example:
-    >>> class MyFreeze(ConfigRepr, Algorithm):
+    >>> class MyFreeze(ConfigRepr):  # an Algorithm subclass too, in practice
     ...     def __init__(self, patterns: list[str], lr_scale: float = 1.0):
     ...         self.patterns, self.lr_scale = patterns, lr_scale
     >>> repr(MyFreeze(['lm_head']))
@@ -54,8 +54,11 @@ def config_key(cls: type) -> str:
     """Where ``cls``'s options sit in a recipe: ``'algorithms.<registered name>'``, or the class name if unregistered.
 
     Example:
+        >>> from composer_thaw import LoRAInject
         >>> config_key(LoRAInject)
         'algorithms.lora_inject'
+        >>> config_key(ConfigRepr)
+        'ConfigRepr'
     """
     name = registered_name(cls)
     return f'algorithms.{name}' if name is not None else cls.__name__
@@ -71,7 +74,7 @@ def checked_init(cls: type, init: Callable[..., None]) -> Callable[..., None]:
     ``typing.get_type_hints(cls.__init__)`` see the original.
 
     Example:
-        >>> class Scale(ConfigRepr, Algorithm):  # ConfigRepr wraps __init__ with checked_init
+        >>> class Scale(ConfigRepr):  # ConfigRepr wraps __init__ with checked_init
         ...     def __init__(self, factor: float = 1.0):
         ...         self.factor = factor
         >>> Scale(factor='big')

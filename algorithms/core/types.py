@@ -2,7 +2,15 @@
 algorithms work with.
 
 Example:
-    >>> optimizer = single_optimizer(state.optimizers)  # None without one; more than one is refused
+    >>> import torch
+    >>> optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    >>> single_optimizer([optimizer]) is single_optimizer(optimizer) is optimizer  # state.optimizers: either form
+    True
+    >>> single_optimizer(None) is None
+    True
+    >>> single_optimizer([optimizer, optimizer])
+    Traceback (most recent call last):
+    NotImplementedError: Only one optimizer is supported, got 2.
 """
 
 from __future__ import annotations

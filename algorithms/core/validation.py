@@ -223,6 +223,7 @@ def check_call_kwargs(where: str, cls: type[Any], kwargs: Mapping[str, Any]) -> 
     name gets the closest valid ones and the full list. A constructor with ``**kwargs`` accepts any name.
 
     Example:
+        >>> from composer_thaw import LoRAInject
         >>> check_call_kwargs('algorithms.lora_inject', LoRAInject, {'lora_alhpa': 16})
         Traceback (most recent call last):
         ConfigTypeError: algorithms.lora_inject.lora_alhpa = 16: LoRAInject has no option 'lora_alhpa' (did you mean

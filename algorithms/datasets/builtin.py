@@ -13,6 +13,10 @@ Example:
     >>> train, eval_ = stdlib_docs_examples()
     >>> train[0].label in range(len(STDLIB_DOCS_CLASSES))
     True
+    >>> from composer_thaw.models.builtin import load_tokenizer
+    >>> loader = python_topics_loader(load_tokenizer(), batch_size=4, max_seq_len=32, max_blocks=8)
+    >>> len(loader), next(iter(loader))['input_ids'].shape
+    (2, torch.Size([4, 32]))
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ __all__ = [
     'TextExample',
     'build_dataloader',
     'python_topics_corpus',
+    'python_topics_loader',
     'stdlib_docs_examples',
 ]
 
@@ -190,3 +195,13 @@ def build_dataloader(
         collate_fn=collate_fn or DataCollatorWithPadding(tokenizer),
         drop_last=drop_last,
     )
+
+
+def python_topics_loader(
+    tokenizer, batch_size: int = 4, max_seq_len: int = 32, max_blocks: Optional[int] = 64, train: bool = True
+) -> DataLoader:
+    """A loader of :class:`LanguageModelingDataset` blocks of :func:`python_topics_corpus` (its training texts, or
+    its evaluation texts when ``train`` is false) tokenized by ``tokenizer``: a few batches for a causal LM, such as
+    the built-in :func:`~composer_thaw.models.builtin.tiny_decoder` (``python_topics_loader(model.tokenizer)``)."""
+    dataset = LanguageModelingDataset(python_topics_corpus()[0 if train else 1], tokenizer, max_seq_len, max_blocks)
+    return build_dataloader(dataset, tokenizer, batch_size, shuffle=train, drop_last=train)

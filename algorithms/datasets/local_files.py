@@ -18,12 +18,17 @@ recipe key, its value and what would be valid, raised before any model is built.
 ``thaw run`` uses; call them from Python to train your own data with your own ``Trainer``.
 
 Example:
+    >>> import json, pathlib
     >>> from composer_thaw.datasets.local_files import load_task_data
     >>> from composer_thaw.models.builtin import load_tokenizer
-    >>> data = load_task_data(
-    ...     'instruction', load_tokenizer('my-model'), train='train.jsonl', eval_fraction=0.1, max_seq_len=256
-    ... )
-    >>> loader = data.train_loader(batch_size=8)
+    >>> rows = [{'prompt': f'What is {i} + {i}?', 'response': f'{i} + {i} is {2 * i}.'} for i in range(10)]
+    >>> _ = pathlib.Path('train.jsonl').write_text(''.join(json.dumps(row) + '\\n' for row in rows))
+    >>> data = load_task_data('instruction', load_tokenizer(), train='train.jsonl', eval_fraction=0.2, max_seq_len=64)
+    >>> len(data.train), len(data.eval)
+    (8, 2)
+    >>> batch = next(iter(data.train_loader(batch_size=4)))  # padded: labels -100 outside the responses
+    >>> sorted(batch)
+    ['attention_mask', 'input_ids', 'labels']
     >>> data.label_names is None  # only classification has labels
     True
 
@@ -119,8 +124,12 @@ def source_format(key: str, source: Source, data_format: Optional[str] = None) -
     ``save_to_disk`` did not write, an unknown extension or files of mixed formats.
 
     Example:
+        >>> _ = open('train.jsonl', 'w').write('{"text": "a row"}\\n')
         >>> source_format('data.train', 'train.jsonl')
         'json'
+        >>> source_format('data.train', 'missing.jsonl')
+        Traceback (most recent call last):
+        ConfigError: data.train = 'missing.jsonl': ...
     """
     paths = _files(key, source)
     if any(p.is_dir() for p in paths):
@@ -164,9 +173,10 @@ def load_table(key: str, source: Source, data_format: Optional[str] = None) -> d
     naming ``key`` when it is missing, empty or unreadable.
 
     Example:
+        >>> _ = open('reviews.csv', 'w').write('text,label\\ngreat,pos\\nawful,neg\\n')
         >>> table = load_table('data.train', 'reviews.csv')
-        >>> table.column_names
-        ['text', 'label']
+        >>> table.column_names, len(table)
+        (['text', 'label'], 2)
     """
     import datasets
 
@@ -221,6 +231,7 @@ def label_names_of(table: datasets.Dataset, label_column: str, source_key: str =
     than two classes.
 
     Example:
+        >>> import datasets
         >>> label_names_of(datasets.Dataset.from_dict({'label': ['pos', 'neg', 'pos']}), 'label')
         ('neg', 'pos')
     """
@@ -269,8 +280,12 @@ def check_task_rows(
     after checking that every label is one of them. ``None`` for the other tasks.
 
     Example:
+        >>> import datasets
         >>> check_task_rows('classification', datasets.Dataset.from_dict({'text': ['a', 'b'], 'label': [0, 1]}))
         ('0', '1')
+        >>> check_task_rows('classification', datasets.Dataset.from_dict({'text': ['a', 'b']}))
+        Traceback (most recent call last):
+        ConfigError: data.label_column = 'label': ...
     """
     if task == 'classification':
         _require_column('data.text_column', text_column, table, source_key)
@@ -356,9 +371,12 @@ def classification_examples(
     label the training data never had).
 
     Example:
-        >>> rows = classification_examples(table, tokenizer, ('neg', 'pos'), max_seq_len=64)
-        >>> rows[0]['labels']
-        1
+        >>> import datasets
+        >>> from composer_thaw.models.builtin import load_tokenizer
+        >>> table = datasets.Dataset.from_dict({'text': ['great', 'awful'], 'label': ['pos', 'neg']})
+        >>> rows = classification_examples(table, load_tokenizer(), ('neg', 'pos'), max_seq_len=64)
+        >>> rows[0]
+        {'input_ids': [101, 2307, 102], 'attention_mask': [1, 1, 1], 'labels': 1}
     """
     check_task_rows(
         'classification',
@@ -400,9 +418,13 @@ def causal_lm_examples(
     padding.
 
     Example:
-        >>> blocks = causal_lm_examples(table, tokenizer, max_seq_len=128, packing=True)
-        >>> len(blocks[0]['input_ids'])
-        128
+        >>> import datasets
+        >>> from composer_thaw.models.builtin import load_tokenizer
+        >>> table = datasets.Dataset.from_dict({'text': ['one two three', 'four five', 'six']})
+        >>> [len(row['input_ids']) for row in causal_lm_examples(table, load_tokenizer())]  # each + end of text
+        [4, 3, 2]
+        >>> [len(row['input_ids']) for row in causal_lm_examples(table, load_tokenizer(), max_seq_len=4, packing=True)]
+        [4, 4]
     """
     check_task_rows('causal_lm', table, text_column=text_column, source_key=source_key)
     texts = [text for text in table[text_column] if text.strip()]
@@ -488,9 +510,12 @@ def instruction_examples(
     one left with no response token is dropped (with a warning).
 
     Example:
-        >>> rows = instruction_examples(table, tokenizer, max_seq_len=256)
-        >>> sum(label != -100 for label in rows[0]['labels'])  # the response's tokens
-        12
+        >>> import datasets
+        >>> from composer_thaw.models.builtin import load_tokenizer
+        >>> table = datasets.Dataset.from_dict({'prompt': ['Two plus two?'], 'response': ['Four.']})
+        >>> rows = instruction_examples(table, load_tokenizer(), max_seq_len=256)
+        >>> sum(label != -100 for label in rows[0]['labels'])  # the response's tokens: 'four', '.', end of text
+        3
     """
     check_task_rows(
         'instruction',
@@ -639,9 +664,14 @@ def load_task_data(
         ConfigError: a missing, empty or unreadable source, a missing column, a bad row, an unknown eval label.
 
     Example:
-        >>> data = load_task_data('classification', tokenizer, 'train.csv', 'eval.csv', label_column='sentiment')
+        >>> from composer_thaw.models.builtin import load_tokenizer
+        >>> _ = open('train.csv', 'w').write('text,sentiment\\ngood,positive\\nbad,negative\\nfine,neutral\\n')
+        >>> _ = open('eval.csv', 'w').write('text,sentiment\\nnice,positive\\n')
+        >>> data = load_task_data('classification', load_tokenizer(), 'train.csv', 'eval.csv', label_column='sentiment')
         >>> data.label_names
         ('negative', 'neutral', 'positive')
+        >>> data.eval[0]['labels']
+        2
     """
     if task not in DATA_TASKS:
         raise ConfigError('data.task', task, f'choose one of {", ".join(DATA_TASKS)}.')

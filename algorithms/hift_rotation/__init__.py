@@ -2,8 +2,11 @@
 
 Example:
     >>> from composer_thaw.hift_rotation import HiFTRotation, rotation_preview
-    >>> print(rotation_preview(model, group_size=2))
-    >>> trainer = Trainer(..., algorithms=[HiFTRotation(group_size=2, strategy='random')])
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> print(rotation_preview(tiny_decoder(num_layers=2), group_size=2))
+    index  unit ...
+    >>> HiFTRotation(group_size=2, strategy='random')  # for Trainer(algorithms=[...])
+    HiFTRotation(group_size=2, strategy='random')
 """
 
 from composer_thaw.hift_rotation.hift_rotation import (

@@ -4,16 +4,30 @@
 Composer algorithm around it.
 
 Example (any loop):
+    >>> from composer_thaw.datasets.builtin import python_topics_loader
+    >>> from composer_thaw.models.builtin import load_tokenizer, tiny_decoder
+    >>> model = tiny_decoder(num_layers=2).model  # a plain Hugging Face LlamaForCausalLM
+    >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     >>> rotation = GroupRotation(model, optimizer, group_size=2, strategy='down2up')
-    >>> for batch in loader:
+    >>> for batch in python_topics_loader(load_tokenizer(), max_blocks=12):
     ...     rotation.before_step()          # switches groups at optimizer-step boundaries
+    ...     print(rotation.active_names)
     ...     model(**batch).loss.backward()
     ...     optimizer.step()
     ...     optimizer.zero_grad(set_to_none=True)
+    ['model.embed_tokens', 'model.layers.0']
+    ['model.layers.1', 'model.norm']
+    ['lm_head', 'model.embed_tokens']
 
 Example (Composer):
-    >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep',
-    ...                   algorithms=[HiFTRotation(group_size=1, strategy='random', always_trainable=['classifier'])])
+    >>> from composer import Trainer
+    >>> model = tiny_decoder(num_layers=2)
+    >>> rotation = HiFTRotation(group_size=1, strategy='random', always_trainable=['lm_head'])
+    >>> trainer = Trainer(model=model, train_dataloader=python_topics_loader(model.tokenizer, max_blocks=8),
+    ...                   max_duration='2ba', algorithms=[rotation], progress_bar=False)
+    >>> trainer.fit()
+    >>> trainer.state.timestamp.batch.value
+    2
 
 Why one module: the functional core (:class:`GroupRotation`) and the Composer algorithm around it share the
 option checks and the checkpoint layout, as Composer's own algorithm modules keep both in one file.
@@ -397,11 +411,17 @@ def apply_hift_rotation(
     backward of all microbatches of that step come after it). ``options`` are :class:`GroupRotation`'s.
 
     Example:
+        >>> from composer_thaw.datasets.builtin import python_topics_loader
+        >>> from composer_thaw.models.builtin import tiny_decoder
+        >>> model = tiny_decoder(num_layers=2)  # a Composer model here; a plain module works too
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         >>> rotation = apply_hift_rotation(model, optimizer, group_size=2, strategy='up2down')
-        >>> for batch in loader:
+        >>> for batch in python_topics_loader(model.tokenizer, max_blocks=8):
         ...     rotation.before_step()
-        ...     loss_fn(model(batch)).backward()
+        ...     model.loss(model(batch), batch).backward()
         ...     optimizer.step(); optimizer.zero_grad()
+        >>> rotation.active_names
+        [...]
     """
     return GroupRotation(model, optimizers, **options)
 

@@ -2,8 +2,16 @@
 moves per step (found next to :class:`~composer_thaw.hift_rotation.HiFTRotation` as its ``EXAMPLES`` are).
 
 Example:
-    >>> plan = estimate_memory(meta_model, optimizer, HiFTRotation(group_size=1), EstimateSettings(fp32_state=True))
-    >>> plan.offloaded_state_bytes  # the other groups' fp32 optimizer state and masters, on the host
+    >>> from composer_thaw.hift_rotation import HiFTRotation
+    >>> from composer_thaw.models.specs import load_model_config, meta_model
+    >>> from composer_thaw.utils.memory import EstimateSettings
+    >>> model = meta_model(load_model_config('llama-7b', {'num_hidden_layers': 4}), torch.bfloat16)  # no memory
+    >>> optimizer = torch.optim.AdamW(model.parameters())
+    >>> plan = estimate_memory(model, optimizer, HiFTRotation(group_size=1), EstimateSettings(fp32_state=True))
+    >>> round(plan.optimizer_state_bytes / 2**30, 2)  # GiB: the largest unit's fp32 optimizer state, on the device
+    1.51
+    >>> round(plan.offloaded_state_bytes / 2**30, 2)  # the other units' fp32 optimizer state and masters, on the host
+    9.72
 """
 
 from __future__ import annotations

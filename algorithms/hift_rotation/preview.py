@@ -1,10 +1,19 @@
 """A dry-run table of HiFT's units and groups for a model, without changing it.
 
 Example:
+    >>> from composer_thaw.models.builtin import tiny_decoder
     >>> print(rotation_preview(tiny_decoder('llama', num_layers=2), group_size=2))
-    index  unit                 params   share  role
-        0  model.embed_tokens  1,953,408  ...   group 1 of pass 1
+    index  unit                      params   share   Adam state  role
+        0  model.embed_tokens     1,953,408   49.0%     14.90 MiB  rotates
+        1  model.layers.0            41,088    1.0%      0.31 MiB  rotates
     ...
+    pass 1:
+      group 1: model.embed_tokens, model.layers.0  (50.0% of the parameters train)
+      group 2: model.layers.1, model.norm  (1.0% of the parameters train)
+    pass 2:
+      group 1: lm_head, model.embed_tokens  (97.9% of the parameters train)
+      group 2: model.layers.0, model.layers.1  (2.1% of the parameters train)
+    largest trainable share: 97.9% (optimizer state resident at most this share)
 """
 
 from __future__ import annotations

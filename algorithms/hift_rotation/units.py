@@ -12,7 +12,10 @@ Only parameters that train when the rotation starts take part (``requires_grad``
 dropped before indices are counted, as the package does.
 
 Example:
-    >>> plan = plan_rotation(user_module(model), optimizer, group_size=2, freeze=[0])
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> model = tiny_decoder(num_layers=4).model  # the Hugging Face module inside the Composer model
+    >>> optimizer = torch.optim.AdamW(model.parameters())
+    >>> plan = plan_rotation(model, optimizer, group_size=2, freeze=[0])
     >>> [plan.units[i].name for i in plan.rotating]
     ['model.layers.0', 'model.layers.1', 'model.layers.2', 'model.layers.3', 'model.norm', 'lm_head']
 """

@@ -6,10 +6,18 @@ every module using them is frozen; freezing can be re-evaluated every N batches;
 checkpointed, so a resumed run is bit-identical to an uninterrupted one.
 
 Example:
+    >>> from composer import Trainer
+    >>> from composer_thaw.datasets.builtin import python_topics_loader
     >>> from composer_thaw.layer_freezing import LayerFreezing
-    >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep',
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> model = tiny_decoder(num_layers=4)
+    >>> trainer = Trainer(model=model, train_dataloader=python_topics_loader(model.tokenizer), max_duration='4ba',
     ...                   algorithms=[LayerFreezing(freeze_start=0.0, freeze_level=0.5,
-    ...                                             granularity='block', interval=10)])
+    ...                                             granularity='block', interval=1)], progress_bar=False)
+    >>> trainer.fit()
+    >>> decoder = model.model.model  # the embeddings froze first; the head never freezes
+    >>> [p.requires_grad for p in (decoder.embed_tokens.weight, decoder.layers[3].mlp.up_proj.weight)]
+    [False, True]
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ parameter is frozen only when **every** name it has lies in a frozen unit. An in
 output head therefore stays trainable while the head does.
 
 Example:
-    >>> units = freezable_units(user_module(model), 'block')
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> units = freezable_units(tiny_decoder(num_layers=4).model, 'block')
     >>> [u.name for u in units]
     ['model.embed_tokens', 'model.layers.0', 'model.layers.1', 'model.layers.2', 'model.layers.3']
 """

@@ -4,6 +4,8 @@
 Example:
     >>> from composer_thaw.models import tiny_decoder
     >>> model = tiny_decoder('llama', num_layers=2)
+    >>> type(model).__name__, type(model.model).__name__
+    ('HuggingFaceModel', 'LlamaForCausalLM')
 """
 
 from composer_thaw.models.builtin import *  # noqa: F403

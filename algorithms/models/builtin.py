@@ -9,7 +9,11 @@ and a decoder used as a classifier finds each sequence's last token.
 Example:
     >>> model = minilm_classifier(num_labels=6)
     >>> lm = tiny_decoder(arch='llama', num_layers=4)
+    >>> lm.model.save_pretrained('my-llama'); lm.tokenizer.save_pretrained('my-llama')  # a local checkpoint
+    ('my-llama/tokenizer_config.json', ...)
     >>> classifier = hf_model('my-llama', 'classification', label_names=('negative', 'positive'))
+    >>> type(model.model).__name__, type(lm.model).__name__, type(classifier.model).__name__
+    ('BertForSequenceClassification', 'LlamaForCausalLM', 'LlamaForSequenceClassification')
 """
 
 from __future__ import annotations
@@ -88,9 +92,11 @@ def ensure_pad_token(tokenizer):
     ``<pad>`` token (the model's embeddings then need one more row: :func:`hf_model` adds it). Returns it.
 
     Example:
-        >>> tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained('my-gpt2'))
-        >>> tokenizer.pad_token == tokenizer.eos_token
-        True
+        >>> from transformers import AutoTokenizer
+        >>> tokenizer = AutoTokenizer.from_pretrained(embedded_minilm_path())
+        >>> tokenizer.pad_token = None  # as GPT-2's and LLaMA's tokenizers ship
+        >>> ensure_pad_token(tokenizer).pad_token  # no end-of-text token either: the unknown token
+        '[UNK]'
     """
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
@@ -145,8 +151,12 @@ def hf_model_config(
     ``dropout`` as every dropout probability BERT-style configs have.
 
     Example:
-        >>> hf_model_config('my-gpt2', 'classification', label_names=('no', 'yes')).pad_token_id
-        50256
+        >>> lm = tiny_decoder(num_layers=1)
+        >>> lm.model.save_pretrained('my-decoder'); lm.tokenizer.save_pretrained('my-decoder')  # a local checkpoint
+        ('my-decoder/tokenizer_config.json', ...)
+        >>> config = hf_model_config('my-decoder', 'classification', label_names=('no', 'yes'))
+        >>> config.num_labels, config.label2id, config.pad_token_id
+        (2, {'no': 0, 'yes': 1}, 0)
     """
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
     config = _checkpoint_config(path, task, label_names, dropout)
@@ -177,6 +187,9 @@ def hf_model(
     loading, so an end-of-text token used for padding keeps training as an ordinary token).
 
     Example:
+        >>> lm = tiny_decoder(num_layers=1)
+        >>> lm.model.save_pretrained('runs/my-decoder'); lm.tokenizer.save_pretrained('runs/my-decoder')
+        ('runs/my-decoder/tokenizer_config.json', ...)
         >>> model = hf_model('runs/my-decoder', 'classification', label_names=('no', 'yes'))
         >>> model.model.config.id2label
         {0: 'no', 1: 'yes'}

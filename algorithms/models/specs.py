@@ -5,7 +5,11 @@ its bytes.
 
 Example:
     >>> spec = load_model_config('llama-7b', {'num_hidden_layers': 8})
+    >>> spec.task, spec.config.hidden_size
+    ('causal-lm', 4096)
     >>> model = meta_model(spec)  # every tensor on the meta device
+    >>> next(model.parameters()).device, f'{sum(p.numel() for p in model.parameters()):,}'
+    (device(type='meta'), '...')
 """
 
 from __future__ import annotations

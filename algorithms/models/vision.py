@@ -7,10 +7,15 @@ tried on vision models in Composer's Trainer, and ``thaw run`` train a vision re
 ``data: {name: synthetic-images}``).
 
 Example:
+    >>> from composer import Trainer
+    >>> from composer_thaw import LoRAInject
     >>> model = vision_classifier('vit', num_classes=4, image_size=32)
     >>> loader = synthetic_image_loader(64, batch_size=8, num_classes=4, image_size=32)
-    >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='2ba',
+    >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='2ba', progress_bar=False,
     ...                   algorithms=[LoRAInject(r=4, target_modules=['conv_proj', 'mlp.0', 'mlp.3', 'head'])])
+    >>> trainer.fit()
+    >>> sorted({name.rpartition('.')[2] for name, p in model.named_parameters() if p.requires_grad})
+    ['lora_A', 'lora_B']
 """
 
 from __future__ import annotations

@@ -5,8 +5,11 @@ estimate``). :mod:`~composer_thaw.recipes.running` puts them into a Composer ``T
 Each ``model.name`` and ``data.name`` has one builder (:data:`MODEL_BUILDERS`, :data:`DATA_BUILDERS`).
 
 Example:
-    >>> recipe = load_recipe('yamls/demo.yaml')
+    >>> from composer_thaw.recipes.schema import load_recipe
+    >>> recipe = load_recipe('yamls/demo.yaml', overrides=['data.max_train_samples=64', 'data.max_eval_samples=8'])
     >>> built = build_recipe_model(recipe)  # the model, its data (read first, for the classes) and its task
+    >>> type(built.model.model).__name__, built.data.label_names
+    ('BertForSequenceClassification', ('asyncio', 'email', 'http', 'logging', 'unittest', 'xml'))
 """
 
 from __future__ import annotations
@@ -254,8 +257,10 @@ def build_recipe_model(recipe: Recipe, train_batch_size: Optional[int] = None) -
     see the same model. The data is checked and tokenized before the model is built.
 
     Example:
-        >>> built = build_recipe_model(load_recipe('yamls/lora_decoder.yaml'))
-        >>> sum(p.numel() for p in built.model.parameters())
+        >>> from composer_thaw.recipes.schema import load_recipe
+        >>> built = build_recipe_model(load_recipe('yamls/lora_decoder.yaml', overrides=['data.max_seq_len=16']))
+        >>> f'{sum(p.numel() for p in built.model.parameters()):,}'  # the recipe's tiny decoder
+        '8,470,144'
     """
     per_process = train_batch_size or recipe.global_train_batch_size // dist.get_world_size()
     tokenizer_path = recipe.model.tokenizer or recipe.model.path if recipe.model.name == 'hf' else None

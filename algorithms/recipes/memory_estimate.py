@@ -6,9 +6,14 @@ plan) then decides what trains, exactly as in a real run. Only the bytes are cou
 framework and the allocator come on top (the benchmark measures those).
 
 Example:
+    >>> from composer_thaw.models.specs import load_model_config
     >>> config = load_model_config('llama-7b')
     >>> rows = [estimate_training_state(config, 'full'), estimate_training_state(config, 'lora_inject', {'r': 16})]
-    >>> print(format_estimates(rows))
+    >>> print(format_estimates(rows))  # a Markdown table; its last columns (offload, notes) are left out here
+    | algorithm | trainable params | params | grads | optimizer state | fp32 masters + step grads | training state | ...
+    |---|---|---|---|---|---|---|---|---|---|---|
+    | full | 6,738,415,616 (100.00%) | 25.10 GiB | 25.10 GiB | 50.21 GiB | - | 100.41 GiB | 1.000x | ...
+    | lora_inject(r=16) | 8,388,608 (0.12%) | 25.13 GiB | 32.00 MiB | 64.00 MiB | - | 25.23 GiB | 0.251x | ...
 
 From the command line: ``thaw estimate --model-config llama-7b --algorithm full --algorithm 'lora_inject={r: 16}'
 --algorithm 'hift_rotation={group_size: 4}'``.

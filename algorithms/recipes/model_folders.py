@@ -3,9 +3,14 @@ checks ``thaw run`` makes on ``model.path`` and ``model.tokenizer`` before anyth
 is refused in about a second with one line naming it.
 
 Example:
-    >>> check_checkpoint_folder('model.path', 'runs/export')   # raises ConfigError naming what is missing
-    >>> positions_of('runs/export')
-    512
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> lm = tiny_decoder(num_layers=1)
+    >>> lm.model.save_pretrained('runs/export')
+    >>> positions_of(check_checkpoint_folder('model.path', 'runs/export'))  # its config's max_position_embeddings
+    128
+    >>> check_tokenizer_folder('model.tokenizer', 'runs/export')  # ConfigError naming what is missing
+    Traceback (most recent call last):
+    ConfigError: model.tokenizer = 'runs/export': no tokenizer loads from there: none of ... is in it.
 """
 
 from __future__ import annotations

@@ -6,8 +6,18 @@ Each check raises :class:`~composer_thaw.core.validation.ConfigError` naming the
 behind: the probe file and any folders made for it are removed.
 
 Example:
-    >>> check_writable_folder('save_folder', 'runs/my-run')
+    >>> import os, torch
+    >>> check_writable_folder('save_folder', 'runs/my-run')  # made, written, and removed again
+    >>> os.path.exists('runs')
+    False
+    >>> os.makedirs('runs/my-run')
+    >>> torch.save({'state': {}}, 'runs/my-run/ep1-ba100-rank0.pt')
     >>> check_checkpoint_path('load_path', 'runs/my-run/ep1-ba100-rank0.pt', sharded=False)
+    >>> _ = open('runs/my-run/ep1-ba200-rank0.pt', 'wb').write(b'PK')  # a save cut short
+    >>> check_checkpoint_path('load_path', 'runs/my-run/ep1-ba200-rank0.pt', sharded=False)
+    Traceback (most recent call last):
+    ConfigError: load_path = 'runs/my-run/ep1-ba200-rank0.pt': not a readable Composer checkpoint: the archive is
+    truncated (a save that was interrupted?).
 """
 
 from __future__ import annotations

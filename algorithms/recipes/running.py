@@ -1,9 +1,13 @@
 """Turn a validated :class:`~composer_thaw.recipes.schema.Recipe` into a Composer ``Trainer``, run it, and summarize it.
 
 Example:
-    >>> recipe = load_recipe('yamls/demo.yaml', overrides=['max_duration=10ba'])
+    >>> from composer_thaw.recipes.schema import load_recipe
+    >>> recipe = load_recipe('yamls/lora_decoder.yaml', overrides=[  # shrunk to a run of seconds
+    ...     'model.hidden_size=16', 'data.max_seq_len=16', 'global_train_batch_size=4', 'max_duration=2ba',
+    ...     'data.max_eval_samples=4', 'progress_bar=false'])
     >>> summary = run_recipe(recipe)
     >>> print(format_summary(summary))
+    | metric ...
 """
 
 from __future__ import annotations

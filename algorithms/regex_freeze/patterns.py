@@ -16,6 +16,8 @@ whole tensor trainable only when no pattern with a range matches that tensor. Pa
 after those in ``trainable``: without a range they freeze the whole tensor, with a range they freeze those rows.
 
 Example:
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> hf_model = tiny_decoder(num_layers=2).model
     >>> selection = select_parameters(hf_model, trainable=['model.embed_tokens.weight[0:100]', 'lm_head'])
     >>> selection['model.embed_tokens.weight'].trainable_rows
     ((0, 100),)

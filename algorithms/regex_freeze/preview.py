@@ -1,6 +1,7 @@
 """Show what RegexFreeze patterns would train, as a text table, without changing the model.
 
 Example:
+    >>> from composer_thaw.models.builtin import tiny_decoder
     >>> model = tiny_decoder('llama', num_layers=2)
     >>> print(freeze_preview(model, trainable=['lm_head', 'model.embed_tokens.weight[0:10]']))
     module                            trainable      total  rows

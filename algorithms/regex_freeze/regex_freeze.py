@@ -1,9 +1,19 @@
 """RegexFreeze: train exactly the parameters, and the rows of parameters, that patterns name.
 
 Example:
+    >>> from composer import Trainer
+    >>> from composer_thaw.datasets.builtin import python_topics_loader
+    >>> from composer_thaw.models.builtin import tiny_decoder
     >>> from composer_thaw.regex_freeze import RegexFreeze
-    >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep',
-    ...                   algorithms=[RegexFreeze(trainable=['lm_head', 'model.layers.3'])])
+    >>> model = tiny_decoder(num_layers=4)
+    >>> embeddings = model.model.model.embed_tokens.weight
+    >>> before = embeddings.detach().clone()
+    >>> freeze = RegexFreeze(trainable=['lm_head', 'model.layers.3', 'model.embed_tokens.weight[:1000]'])
+    >>> trainer = Trainer(model=model, train_dataloader=python_topics_loader(model.tokenizer), max_duration='2ba',
+    ...                   algorithms=[freeze], progress_bar=False)
+    >>> trainer.fit()
+    >>> embeddings[:1000].equal(before[:1000]), embeddings[1000:].equal(before[1000:])  # rows 1000... stay
+    (False, True)
 """
 
 from __future__ import annotations

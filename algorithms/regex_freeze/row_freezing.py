@@ -19,8 +19,13 @@ averaged weights into the model for evaluation and checkpoints; :func:`sync_ema_
 values back into both copies.
 
 Example:
-    >>> freezer = RowFreezer(optimizer, {embedding.weight: ((100, 30522),)})
-    >>> freezer.install()
+    >>> embedding = nn.Embedding(8, 2)
+    >>> optimizer = torch.optim.AdamW(embedding.parameters(), lr=0.1, weight_decay=0.1)
+    >>> before = embedding.weight.detach().clone()
+    >>> RowFreezer(optimizer, {embedding.weight: ((4, 8),)}).install()  # rows 4..7 stay as they are
+    >>> embedding(torch.arange(8)).sum().backward(); optimizer.step()
+    >>> embedding.weight[4:].equal(before[4:]), embedding.weight[:4].equal(before[:4])
+    (True, False)
 """
 
 from __future__ import annotations

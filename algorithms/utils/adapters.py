@@ -5,7 +5,11 @@ its adapters; any other algorithm asks :func:`adapter_config_of` (``HiFTRotation
 adapters and needs to know that there are some) without importing the adapter algorithm.
 
 Example:
-    >>> record_adapter_config(model, LoRAConfig(r=8))
+    >>> from composer_thaw.lora_inject.config import LoRAConfig
+    >>> model = nn.Sequential(nn.Linear(4, 4))
+    >>> has_adapters(model)
+    False
+    >>> record_adapter_config(model, LoRAConfig(r=8))  # what LoRAInject does once it has injected its adapters
     >>> has_adapters(model), adapter_config_of(model).r
     (True, 8)
 """

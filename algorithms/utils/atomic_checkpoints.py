@@ -3,7 +3,15 @@ temporary name renamed into place (:func:`~composer_thaw.utils.atomic_files.rena
 ``latest`` link in one step, so a kill during a save leaves the previous checkpoints and a link to the newest.
 
 Example:
-    >>> trainer = Trainer(..., callbacks=[checkpoint_saver('runs/a', save_interval='100ba')])
+    >>> from composer import Trainer
+    >>> from composer_thaw.datasets.builtin import python_topics_loader
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> model = tiny_decoder(num_layers=1)
+    >>> trainer = Trainer(model=model, train_dataloader=python_topics_loader(model.tokenizer), max_duration='2ba',
+    ...                   callbacks=[checkpoint_saver('runs/a', save_interval='1ba')], progress_bar=False)
+    >>> trainer.fit()
+    >>> sorted(os.listdir('runs/a')), os.readlink('runs/a/latest-rank0.pt')
+    (['ep0-ba1-rank0.pt', 'ep0-ba2-rank0.pt', 'latest-rank0.pt'], 'ep0-ba2-rank0.pt')
 """
 
 from __future__ import annotations

@@ -8,9 +8,13 @@ Used for Composer checkpoints and their ``latest`` links
 Composer loads.
 
 Example:
-    >>> atomic_write_text('results/run.json', json.dumps(summary))
-    >>> with atomic_directory('exports/adapter') as staging:
-    ...     save_pretrained(staging)  # appears in exports/adapter only once every file is written
+    >>> atomic_write_text('results/run.json', '{"loss": 1.25}')
+    >>> with atomic_directory('exports/adapter') as staging:  # a save_pretrained(staging) would write here
+    ...     _ = (staging / 'adapter_config.json').write_text('{"r": 8}')
+    ...     os.path.exists('exports/adapter')  # it appears only once every file is written
+    False
+    >>> sorted(os.listdir('exports/adapter')), os.listdir('results')
+    (['adapter_config.json'], ['run.json'])
 """
 
 from __future__ import annotations

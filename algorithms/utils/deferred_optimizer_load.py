@@ -13,11 +13,17 @@ of the optimizer as it is now, from the same checkpoint. Several algorithms may 
 Full checkpoints, weights-only loads and runs without a checkpoint are left to Composer unchanged.
 
 Example:
-    >>> def apply(self, event, state, logger):
-    ...     if event == Event.BEFORE_LOAD:
-    ...         defer_optimizer_load(state)
-    ...     elif event == Event.AFTER_LOAD:
-    ...         load_deferred_optimizer(state)
+    >>> from composer.core import Algorithm, Event
+    >>> class FreezeSome(Algorithm):  # its optimizer ends up holding state for fewer parameters than at the start
+    ...     def match(self, event, state):
+    ...         return event in (Event.BEFORE_LOAD, Event.AFTER_LOAD)
+    ...     def apply(self, event, state, logger):
+    ...         if event == Event.BEFORE_LOAD:
+    ...             defer_optimizer_load(state)
+    ...         else:  # its load_state_dict has frozen the model as the checkpoint had it
+    ...             load_deferred_optimizer(state)
+    >>> FreezeSome().match(Event.AFTER_LOAD, None)
+    True
 """
 
 from __future__ import annotations

@@ -11,9 +11,16 @@ the CPU), forward hooks (FSDP2's all-gathers, user hooks) are suspended, the mod
 in ``eval`` mode under ``no_grad``, and the random number generators are restored afterwards.
 
 Example:
-    >>> trace = trace_forward(hf_model)
-    >>> sorted(trace.parameter_use, key=trace.parameter_use.get)[:2]
-    ['model.decoder.embed_tokens.weight', 'model.decoder.embed_positions.weight']
+    >>> from transformers import OPTConfig, OPTForCausalLM
+    >>> opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, word_embed_proj_dim=16, ffn_dim=32,
+    ...                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=32))
+    >>> [name for name, _ in opt.named_parameters()][2:4]  # registered before the layers
+    ['model.decoder.final_layer_norm.weight', 'model.decoder.final_layer_norm.bias']
+    >>> trace = trace_forward(opt)
+    >>> used = sorted(trace.parameter_use, key=trace.parameter_use.get)
+    >>> used[:2], used[-2:]  # run after them
+    (['model.decoder.embed_tokens.weight', 'model.decoder.embed_positions.weight'],
+     ['model.decoder.final_layer_norm.weight', 'model.decoder.final_layer_norm.bias'])
 """
 
 from __future__ import annotations

@@ -14,8 +14,19 @@ sums where FSDP2 asks for an average (:func:`~composer_thaw.utils.sharding.avera
 
 Example:
     >>> from composer_thaw.utils.hybrid_sharding import HSDPConfig
-    >>> trainer = Trainer(..., parallelism_config={'fsdp': HSDPConfig(data_parallel_replicate_degree=2)})
-    >>> # composer --world_size 4 --nproc 2 --node_rank {0,1} ...: each node a replica, shards within the node
+    >>> config = HSDPConfig(data_parallel_replicate_degree=2)  # 2 replicas, each sharded over half the processes
+    >>> config.data_parallel_replicate_degree, config.data_parallel_shard_degree
+    (2, -1)
+    >>> HSDPConfig(data_parallel_shard_degree=0)
+    Traceback (most recent call last):
+    ValueError: data_parallel_shard_degree=0: expected a positive number of processes per replica, or -1 for the world
+    size divided by the replicas.
+
+    The Trainer takes it as its FSDP2 config. That needs the run's processes (four here, two on each of two nodes:
+    ``composer --world_size 4 --nproc 2 --node_rank {0,1} ...``, each node a replica, shards within the node), so
+    this line is not run as a test:
+
+    >>> trainer = Trainer(model=model, ..., parallelism_config={'fsdp': config})  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -32,13 +43,13 @@ __all__ = ['HSDPConfig', 'record_cpu_stream_events']
 
 @dataclass
 class HSDPConfig(FSDP2Config):
-    """FSDP2 over ``data_parallel_replicate_degree`` replicas of ``data_parallel_shard_degree`` shards each.
+    """FSDP2 over ``data_parallel_replicate_degree`` replicas of ``data_parallel_shard_degree`` shards each; every
+    other field is :class:`~composer.utils.parallelism.FSDP2Config`'s.
 
     Args:
         data_parallel_replicate_degree: how many copies of the sharded model (typically the number of nodes).
         data_parallel_shard_degree: over how many processes each copy is sharded (typically the processes of a
             node); ``-1`` for the world size divided by the replicas.
-        Every other field is :class:`~composer.utils.parallelism.FSDP2Config`'s.
     """
 
     # These shadow FSDP2Config's read-only properties of the same names, which Composer's State reads.

@@ -32,11 +32,17 @@ so algorithms combined on one optimizer (``LoRAInject`` + ``HiFTRotation(lora=Tr
 of this package takes the option ``master_weights='fp32'`` and calls :func:`enable_master_weights`.
 
 Example:
-    >>> model = model.to(torch.bfloat16)
+    >>> from composer_thaw.datasets.builtin import python_topics_loader
+    >>> from composer_thaw.models.builtin import load_tokenizer, tiny_decoder
+    >>> model = tiny_decoder(num_layers=1).model.to(torch.bfloat16)
     >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     >>> masters = enable_master_weights(model, optimizer, 'fp32')
+    >>> batch = next(iter(python_topics_loader(load_tokenizer())))
     >>> model(**batch).loss.backward(); optimizer.step()  # steps the fp32 masters, then casts back
-    >>> masters.master_bytes()  # 4 bytes per trainable element
+    >>> model.lm_head.weight.dtype, masters.master_of(model.lm_head.weight).dtype
+    (torch.bfloat16, torch.float32)
+    >>> masters.master_bytes() == 4 * sum(p.numel() for p in model.parameters())  # 4 bytes per trainable element
+    True
 
 Why one module: the masters' lifetime (made, parked, dropped), their swap around the optimizer step and their
 checkpoint state are one mechanism.
@@ -493,10 +499,14 @@ class MasterWeightsOption:
     """An algorithm's ``master_weights`` option: enables the masters, saves and loads them with the algorithm.
 
     Example:
-        >>> self._masters = MasterWeightsOption(master_weights)           # in __init__
-        >>> self._masters.enable(state.model, state.optimizers)           # once what trains is decided
-        >>> state_dict.update(self._masters.state_dict())                 # in state_dict
-        >>> self._masters.load_state_dict(checkpoint_state)               # in load_state_dict
+        >>> model = nn.Linear(2, 2).to(torch.bfloat16)
+        >>> optimizer = torch.optim.AdamW(model.parameters())
+        >>> option = MasterWeightsOption('fp32')  # in the algorithm's __init__ (master_weights='fp32')
+        >>> option.enable(model, optimizer)  # once what trains is decided
+        >>> saved = option.state_dict()  # in its state_dict
+        >>> {name: master.dtype for name, master in saved['master_weights'].items()}
+        {'weight': torch.float32, 'bias': torch.float32}
+        >>> option.load_state_dict(saved)  # in its load_state_dict
     """
 
     KEY = 'master_weights'

@@ -8,9 +8,13 @@ checkpoint needs) the second node to remove it fails with ``FileNotFoundError`` 
 time and on every resume. :func:`per_node_signal_files` keeps the random part rank 0 chose and puts this node's rank
 back into the name.
 
+Build the Trainer (``Trainer(..., autoresume=True)``) inside the block, on each node.
+
 Example:
-    >>> with per_node_signal_files():
-    ...     trainer = Trainer(..., autoresume=True)  # on each of several nodes
+    >>> from unittest import mock
+    >>> with per_node_signal_files(), mock.patch.object(dist, 'get_node_rank', return_value=1):  # as on node 1
+    ...     dist.get_node_signal_file_name()  # Composer's own gives rank 0's name, with node0, on every node
+    '._signal_file_node1_...'
 """
 
 from __future__ import annotations

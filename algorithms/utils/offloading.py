@@ -4,8 +4,16 @@ On CUDA the copies go to pinned memory without blocking; a sharded (DTensor) ten
 back laid out as before.
 
 Example:
-    >>> parked = offload_tensor(master, 'cpu')   # an OffloadedTensor (or the tensor itself if already there)
-    >>> master = parked.restore()                # back on its device
+    >>> master = torch.ones(3)
+    >>> offload_tensor(master, 'cpu') is master  # already on the host: nothing moves
+    True
+
+    From a GPU it is an :class:`OffloadedTensor` in pinned host memory, and back (these lines need a GPU, so they are
+    not run as a test):
+
+    >>> parked = offload_tensor(master.cuda(), 'cpu')  # doctest: +SKIP
+    >>> parked.tensor.is_pinned(), parked.restore().device  # doctest: +SKIP
+    (True, device(type='cuda', index=0))
 """
 
 from __future__ import annotations

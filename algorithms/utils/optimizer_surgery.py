@@ -8,8 +8,14 @@ return to its original param group so weight-decay groups and schedulers keep wo
 Param groups are never deleted, only emptied, so scheduler and checkpoint group indices stay valid.
 
 Example:
-    >>> removed = remove_params(optimizer, frozen_params)
-    >>> training_state_bytes(model, optimizer).optimizer_state  # frozen params hold no state any more
+    >>> model = nn.Sequential(nn.Linear(100, 100), nn.Linear(100, 2))
+    >>> optimizer = torch.optim.AdamW(model.parameters())
+    >>> model(torch.randn(4, 100)).sum().backward(); optimizer.step()
+    >>> training_state_bytes(model, optimizer).optimizer_state  # AdamW: 2 fp32 values per element, and a step each
+    82432
+    >>> removed = remove_params(optimizer, model[0].parameters())  # id(param) -> its group, for add_params
+    >>> training_state_bytes(model, optimizer).optimizer_state  # the removed layer holds no state any more
+    1624
 """
 
 from __future__ import annotations

@@ -6,10 +6,13 @@ under ``.model`` and DDP adds ``module.``; patterns such as ``lm_head`` or ``mod
 matched against the names the user sees in ``hf_model.named_parameters()``.
 
 Example:
-    >>> root = user_module(composer_model)
-    >>> units = split_into_units(root)
-    >>> [u.name for u in units][:2]
-    ['bert.embeddings', 'bert.encoder.layer.0']
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> composer_model = tiny_decoder(num_layers=2)
+    >>> root = user_module(composer_model)  # the Hugging Face model inside Composer's wrapper
+    >>> type(root).__name__, list(named_parameters(root))[:2]
+    ('LlamaForCausalLM', ['model.embed_tokens.weight', 'model.layers.0.self_attn.q_proj.weight'])
+    >>> [u.name for u in split_into_units(root)]
+    ['model.embed_tokens', 'model.layers.0', 'model.layers.1', 'model.norm', 'lm_head']
 """
 
 from __future__ import annotations
@@ -201,8 +204,12 @@ def units_in_registration_order() -> Iterator[None]:
     to run even on stand-in weights (the memory estimator's multi-billion-parameter meta models).
 
     Example:
+        >>> from composer_thaw.models.specs import load_model_config, meta_model
+        >>> meta_llama_8b = meta_model(load_model_config('llama-3-8b'))
         >>> with units_in_registration_order():
         ...     units = split_into_units(meta_llama_8b)
+        >>> len(units), units[1].name
+        (35, 'model.layers.0')
     """
     token = _TRACE_FORWARD.set(False)
     try:

@@ -11,8 +11,15 @@ FSDP1 (Composer's ``FSDPConfig``) flattens parameters into ``FlatParameter``\\ s
 through; :func:`refuse_fsdp1` stops an algorithm there, before it changes anything, and names FSDP2 as the way.
 
 Example:
-    >>> local_rows(param, ((0, 100),))   # rows 0..99 of the whole tensor, as rows of this rank's shard
-    ((0, 64),)                           # on rank 0 of 2, for a tensor of 128 rows
+    >>> param = torch.zeros(128, 4)
+    >>> local_rows(param, ((0, 100),))  # rows 0..99 of the whole tensor, as rows of what this process holds: all
+    ((0, 100),)
+
+    The same parameter sharded by FSDP2 over 2 processes (which a unit test does not start, so this line is not run
+    as one): rank 0 holds rows 0..63, rank 1 rows 64..127.
+
+    >>> local_rows(sharded_param, ((0, 100),))  # doctest: +SKIP
+    ((0, 64),)
 """
 
 from __future__ import annotations

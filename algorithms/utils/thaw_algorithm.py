@@ -12,15 +12,23 @@ constructor call (:class:`~composer_thaw.core.state.ConfigRepr`). Around that it
   (:meth:`~ThawAlgorithm.load_own_state`), then the masters.
 
 Example:
+    >>> from composer.core import Event
     >>> class FreezeHead(ThawAlgorithm):
     ...     duplicate_advice = 'give one FreezeHead.'
-    ...     def __init__(self, master_weights=None):
-    ...         self.master_weights = master_weights
+    ...     resume_fields = ('head',)
+    ...     def __init__(self, head: str = 'lm_head', master_weights=None):
+    ...         self.head, self.master_weights = head, master_weights
     ...         self.master_copies = MasterWeightsOption(master_weights)
     ...     def match(self, event, state):
     ...         return event == Event.INIT
     ...     def apply(self, event, state, logger):
     ...         self.check_trainer(state)
+    ...         state.model.model.get_submodule(self.head).requires_grad_(False)
+    >>> FreezeHead().state_dict()
+    {'repr': 'FreezeHead()', 'thaw_state_version': 1, ...}
+    >>> FreezeHead(head='score').load_state_dict(FreezeHead().state_dict())
+    Traceback (most recent call last):
+    ResumeConfigError: FreezeHead.head = 'score': the checkpoint was trained with head = 'lm_head'; ...
 """
 
 from __future__ import annotations

@@ -25,9 +25,20 @@ Sharded (FSDP2) models are refused: a fingerprint of a sharded tensor would need
 every rank at each save; the algorithms write full checkpoints there (see their ``checkpoint_trainable_only``).
 
 Example:
-    >>> checkpoint_trainable_only(composer_model, owner='LoRAInject')
-    >>> state = composer_model.state_dict()  # adapters, buffers and FINGERPRINT_KEY; no frozen base weights
-    >>> fresh_model.load_state_dict(state)   # fresh_model built the same way and adapted: checked, then loaded
+    >>> def build(seed):  # the run's model: a frozen base layer, a trainable head
+    ...     torch.manual_seed(seed)
+    ...     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).requires_grad_(False)
+    ...     model[1].requires_grad_(True)
+    ...     checkpoint_trainable_only(model, owner='MyFreeze')
+    ...     return model
+    >>> state = build(0).state_dict()
+    >>> sorted(state)  # the head and FINGERPRINT_KEY; no frozen base weights
+    ['1.bias', '1.weight', 'thaw_frozen_fingerprint']
+    >>> build(0).load_state_dict(state)  # a model built the same way: checked, then loaded
+    <All keys matched successfully>
+    >>> build(1).load_state_dict(state)  # other frozen weights
+    Traceback (most recent call last):
+    FrozenWeightsMismatch: ...
 """
 
 from __future__ import annotations
