@@ -3,7 +3,9 @@
 :class:`GroupRotation` is the functional core and works in any training loop; :class:`HiFTRotation` is the
 Composer algorithm around it.
 
-Example (any loop):
+Example:
+    In any loop:
+
     >>> from composer_thaw.datasets.builtin import python_topics_loader
     >>> from composer_thaw.models.builtin import load_tokenizer, tiny_decoder
     >>> model = tiny_decoder(num_layers=2).model  # a plain Hugging Face LlamaForCausalLM
@@ -19,7 +21,8 @@ Example (any loop):
     ['model.layers.1', 'model.norm']
     ['lm_head', 'model.embed_tokens']
 
-Example (Composer):
+    With Composer:
+
     >>> from composer import Trainer
     >>> model = tiny_decoder(num_layers=2)
     >>> rotation = HiFTRotation(group_size=1, strategy='random', always_trainable=['lm_head'])
