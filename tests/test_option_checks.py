@@ -87,7 +87,7 @@ def test_a_wrong_type_names_the_argument_and_reads_as_from_build_algorithm(name)
 
 def test_an_option_that_is_no_misspelling_gets_no_suggestion():
     error = _direct_error('lora_inject', {'zzz': 1})
-    assert 'did you mean' not in str(error) and 'valid options: r, lora_alpha' in str(error)
+    assert 'did you mean' not in str(error) and 'valid options: config, r, lora_alpha' in str(error)
 
 
 def test_lora_rank_as_peft_users_misspell_it():

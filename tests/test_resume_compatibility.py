@@ -48,7 +48,7 @@ CHANGES: dict[str, tuple[type, dict[str, Any], dict[str, Any], str, Any]] = {
         'rank_pattern',
         {'q_proj': 4},
     ),
-    'LoRA alpha_pattern': (LoRAInject, {}, {'alpha_pattern': {'v_proj': 2.0}}, 'alpha_pattern', None),
+    'LoRA alpha_pattern': (LoRAInject, {}, {'alpha_pattern': {'v_proj': 2.0}}, 'alpha_pattern', {}),
     'LoRA use_rslora': (LoRAInject, {}, {'use_rslora': True}, 'use_rslora', False),
     'LoRA use_dora': (LoRAInject, {'use_dora': True}, {}, 'use_dora', True),
     'LoRA init': (LoRAInject, {'init': 'pissa'}, {}, 'init', 'pissa'),

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from composer_thaw.core.options import config_options_of
 from composer_thaw.core.state import config_key, eval_repr
 from composer_thaw.core.validation import ConfigError
 
@@ -66,11 +67,26 @@ def resume_state(algorithm: Any) -> dict[str, Any]:
     return {RESUME_CONFIG_KEY: resume_config(algorithm)}
 
 
+def _read_as_now(cls: type, saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the fields of a configuration object (:mod:`~composer_thaw.core.options`) read through it, as
+    the algorithm reads them now: a release that recorded them as given (``rank_pattern=None``, a set of names)
+    wrote what its configuration object holds (``{}``, a sorted list)."""
+    options = config_options_of(cls)
+    if options is None:
+        return saved
+    fields = {name: saved[name] for name in options.names if name in saved}
+    try:
+        config = options.build(None, fields)
+    except (TypeError, ValueError):  # values no release accepted: compared as they are
+        return saved
+    return {**saved, **{name: _plain(getattr(config, name)) for name in fields}}
+
+
 def _saved_config(algorithm: Any, state: Mapping[str, Any]) -> Optional[dict[str, Any]]:
     """The configuration recorded in ``state``; for state saved before it was recorded, the one its ``repr`` gives
     (``None`` if that cannot be rebuilt, e.g. a schedule given as a function)."""
     if RESUME_CONFIG_KEY in state:
-        return dict(state[RESUME_CONFIG_KEY])
+        return _read_as_now(type(algorithm), dict(state[RESUME_CONFIG_KEY]))
     text = state.get('repr')
     if not isinstance(text, str) or not text.startswith(f'{type(algorithm).__name__}('):
         return None

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 from collections.abc import Callable
 from typing import Any
 
 import composer_thaw
+from composer_thaw.core.options import config_options_of
 from composer_thaw.core.registry import algorithm_registry, registered_name
 from composer_thaw.core.validation import ConfigError, check_call_kwargs
 
@@ -39,10 +41,14 @@ STATE_VERSION_KEY = 'thaw_state_version'
 
 
 def init_arguments(obj: Any) -> dict[str, Any]:
-    """The constructor arguments of ``obj`` that differ from their defaults, read from same-named attributes."""
+    """The constructor arguments of ``obj`` that differ from their defaults, read from same-named attributes; a
+    configuration object given as one argument appears as its fields (:mod:`~composer_thaw.core.options`)."""
+    options = config_options_of(type(obj))
     arguments = {}
     for name, parameter in inspect.signature(type(obj).__init__).parameters.items():
         if name == 'self' or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if options is not None and name == options.parameter:
             continue
         value = getattr(obj, name)
         if parameter.default is parameter.empty or value != parameter.default:
@@ -86,11 +92,15 @@ def checked_init(cls: type, init: Callable[..., None]) -> Callable[..., None]:
         for p in list(inspect.signature(init).parameters.values())[1:]
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
+    options = config_options_of(cls)  # a configuration object, or its fields (composer_thaw.core.options)
 
     @functools.wraps(init)
     def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        arguments = {**dict(zip(positional, args)), **kwargs}
         try:
-            check_call_kwargs('', cls, {**dict(zip(positional, args)), **kwargs})
+            check_call_kwargs('', cls, arguments)
+            if options is not None:
+                options.check_call(arguments)
         except ConfigError as error:
             raise error.under(config_key(cls)) from None
         init(self, *args, **kwargs)
@@ -103,13 +113,21 @@ class ConfigRepr:
     ``__init__``); ``repr`` is the constructor call (keyword arguments that differ from defaults), so
     ``eval(repr(algorithm))`` rebuilds an equal algorithm, and ``==`` compares configurations.
 
-    The constructor must store each argument under an attribute of the same name.
+    The constructor must store each argument under an attribute of the same name. One that takes a configuration
+    object or its fields (:class:`~composer_thaw.core.options.ConfigOptions`) stores the object, whose fields read
+    through as attributes (``algorithm.r`` is ``algorithm.config.r``).
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if '__init__' in cls.__dict__:
-            cls.__init__ = checked_init(cls, cls.__dict__['__init__'])  # type: ignore[method-assign]
+        if '__init__' not in cls.__dict__:
+            return
+        options = config_options_of(cls)
+        if options is not None:  # the fields read from the object, read-only: one value, whichever way it was given
+            for name in options.names:
+                if name not in cls.__dict__:
+                    setattr(cls, name, property(operator.attrgetter(f'{options.parameter}.{name}')))
+        cls.__init__ = checked_init(cls, cls.__dict__['__init__'])  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         arguments = ', '.join(f'{name}={value!r}' for name, value in init_arguments(self).items())

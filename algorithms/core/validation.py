@@ -125,8 +125,8 @@ def _matches(value: Any, annotation: Any) -> bool:
         return isinstance(value, Mapping) and (
             not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
         )
-    if dataclasses.is_dataclass(annotation):
-        return isinstance(value, Mapping)
+    if dataclasses.is_dataclass(annotation):  # a mapping of its fields (a recipe's), or one built in Python
+        return isinstance(value, Mapping) or (isinstance(annotation, type) and isinstance(value, annotation))
     if isinstance(annotation, type):
         return isinstance(value, annotation)
     return True  # annotations we cannot check (callables, protocols) are left to the consumer
@@ -227,7 +227,7 @@ def check_call_kwargs(where: str, cls: type[Any], kwargs: Mapping[str, Any]) -> 
         >>> check_call_kwargs('algorithms.lora_inject', LoRAInject, {'lora_alhpa': 16})
         Traceback (most recent call last):
         ConfigTypeError: algorithms.lora_inject.lora_alhpa = 16: LoRAInject has no option 'lora_alhpa' (did you mean
-        'lora_alpha'?); valid options: r, lora_alpha, ...
+        'lora_alpha'?); valid options: config, r, lora_alpha, ...
     """
     signature = inspect.signature(cls.__init__)
     takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())

@@ -28,9 +28,12 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Optional, Union, get_args
 
+from composer_thaw.core.options import ConfigOptions
+
 __all__ = [
     'ALL_LINEAR',
     'DEFAULT_TARGET_MODULES',
+    'OPTIONS',
     'TASK_MODULES_TO_SAVE',
     'BiasMode',
     'InitMethod',
@@ -145,15 +148,21 @@ def _check_regex(key: str, pattern: str) -> None:
         raise ValueError(f'{key}={pattern!r} is not a valid regular expression: {error}.') from error
 
 
+def _as_list(names: Union[set[str], tuple[str, ...]]) -> list[str]:
+    """A tuple of names in its order, a set (which has none) sorted."""
+    return sorted(names) if isinstance(names, set) else list(names)
+
+
 def _checked_names(key: str, value: Any) -> Optional[Union[list[str], str]]:
-    """A list of module names / name suffixes (a set or tuple becomes a sorted list), a regex string, or ``None``."""
+    """A list of module names / name suffixes (a tuple becomes a list, a set a sorted one), a regex string, or
+    ``None``."""
     if value is None:
         return None
     if isinstance(value, str):
         _check_regex(key, value)
         return value
     if isinstance(value, (set, tuple)):
-        value = sorted(value)
+        value = _as_list(value)
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise TypeError(f'{key}={value!r} is invalid: give a list of module names or name suffixes, a regex, or None.')
     return value
@@ -251,7 +260,7 @@ class LoRAConfig:
                 _check_regex('target_modules', targets)
         elif targets is not None:
             if isinstance(targets, (set, tuple)):
-                self.target_modules = targets = sorted(targets)
+                self.target_modules = targets = _as_list(targets)
             if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
                 raise ValueError(
                     f'target_modules={targets!r} is invalid: give a non-empty list of module names, a regex string, '
@@ -342,3 +351,7 @@ class LoRAConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+OPTIONS = ConfigOptions(LoRAConfig)
+"""A :class:`LoRAConfig` given as one object or as its fields (``LoRAInject``, :func:`apply_lora`)."""

@@ -2,9 +2,11 @@
 
 Example:
     >>> from composer import Trainer
-    >>> from composer_thaw.lora_inject import LoRAInject
+    >>> from composer_thaw.lora_inject import LoRAConfig, LoRAInject
     >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep',
     ...                   algorithms=[LoRAInject(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])])
+    >>> LoRAInject(LoRAConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj']))  # PEFT's way, the same
+    LoRAInject(lora_alpha=16, target_modules=['q_proj', 'v_proj'])
 
 Resuming: Composer only re-applies its own surgery algorithms on checkpoint load, so pass the same
 ``LoRAInject(...)`` to the Trainer that loads a checkpoint written with it.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from composer.core import Event, State
 from composer.loggers import Logger
@@ -24,7 +26,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from composer_thaw.core.compatibility import ADAPTERS, BASE_PARAMETERS, Claim
-from composer_thaw.lora_inject.config import LoRAConfig, TaskType
+from composer_thaw.lora_inject.config import OPTIONS, LoRAConfig
 from composer_thaw.lora_inject.injection import adapter_layers
 from composer_thaw.lora_inject.layers import adapter_class_for
 from composer_thaw.lora_inject.peft_format import export_merged, save_adapter
@@ -140,19 +142,18 @@ def _modules_to_save_advice(config: LoRAConfig) -> Any:
     return advice
 
 
-def _copy_of_mapping(value: Any) -> Any:
-    """A copy of a ``{pattern: value}`` argument (``{}`` for ``None``); LoRAConfig refuses other types."""
-    if value is None:
-        return {}
-    return dict(value) if isinstance(value, dict) else value
-
-
 class LoRAInject(ThawAlgorithm):
     """Low-rank adapters (LoRA, DoRA, rsLoRA, PiSSA) injected at ``Event.INIT``.
 
-    The arguments are those of :class:`~composer_thaw.lora_inject.config.LoRAConfig`, plus:
+    Give the adapters' configuration as a :class:`~composer_thaw.lora_inject.config.LoRAConfig`, as PEFT takes its
+    ``LoraConfig`` (``LoRAInject(LoRAConfig(r=16, target_modules=['q_proj']))``), or its fields as options of their
+    own (``LoRAInject(r=16, target_modules=['q_proj'])``, a recipe's ``lora_inject: {r: 16, ...}``), not both: the
+    same algorithm either way, with the same ``repr`` (the fields that differ from their defaults). The fields read
+    through as attributes (``algorithm.r`` is ``algorithm.config.r``). The options of the algorithm alone:
 
     Args:
+        config: the adapters' :class:`~composer_thaw.lora_inject.config.LoRAConfig` (copied); ``None``: built from
+            the fields given as options.
         save_adapter_to: at ``Event.FIT_END``, write the adapter in PEFT's format (``adapter_config.json`` +
             ``adapter_model.safetensors``) to this directory.
         save_merged_to: at ``Event.FIT_END``, write the merged model as a plain Hugging Face checkpoint
@@ -192,83 +193,31 @@ class LoRAInject(ThawAlgorithm):
     # frozen parameters out of the optimizer; FIT_END: only with save_adapter_to / save_merged_to.
     events: tuple[Event, ...] = (Event.INIT, Event.BEFORE_LOAD, Event.FIT_END)
     # What shapes the adapters and what they compute; a checkpoint's adapters resume only under the same values.
-    resume_fields = (
-        'r',
-        'lora_alpha',
-        'target_modules',
-        'exclude_modules',
-        'layers_to_transform',
-        'layers_pattern',
-        'rank_pattern',
-        'alpha_pattern',
-        'use_rslora',
-        'use_dora',
-        'init',
-        'bias',
-        'modules_to_save',
-        'enable_slices',
-        'task_type',  # adds the task's head to modules_to_save
-        'master_weights',  # fp32 masters and their optimizer state in the checkpoint
-    )
+    # Every field but the dropout (task_type adds the task's head to modules_to_save), and master_weights: fp32
+    # masters and their optimizer state in the checkpoint.
+    resume_fields = (*(name for name in OPTIONS.names if name != 'lora_dropout'), 'master_weights')
     master_copies: MasterWeightsOption
     duplicate_advice = 'give one LoRAInject (rank_pattern and alpha_pattern set per-target ranks).'
 
+    @OPTIONS.accept_fields
     def __init__(
         self,
-        r: int = 8,
-        lora_alpha: float = 8,
-        target_modules: Optional[Union[list[str], str]] = None,
-        exclude_modules: Optional[Union[list[str], str]] = None,
-        layers_to_transform: Optional[Union[list[int], int]] = None,
-        layers_pattern: Optional[Union[list[str], str]] = None,
-        rank_pattern: Optional[dict[str, int]] = None,
-        alpha_pattern: Optional[dict[str, float]] = None,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        init: Literal['kaiming', 'gaussian', 'pissa'] = 'kaiming',
-        bias: Literal['none', 'all', 'lora_only'] = 'none',
-        modules_to_save: Optional[list[str]] = None,
-        enable_slices: Optional[dict[str, list[bool]]] = None,
-        task_type: Optional[TaskType] = None,
+        config: Optional[LoRAConfig] = None,
+        *,
         save_adapter_to: Optional[str] = None,
         save_merged_to: Optional[str] = None,
         checkpoint_trainable_only: Optional[bool] = None,
         master_weights: Optional[Literal['fp32']] = None,
-    ):
-        self.r, self.lora_alpha, self.target_modules = r, lora_alpha, target_modules
-        self.exclude_modules = exclude_modules
-        self.layers_to_transform, self.layers_pattern = layers_to_transform, layers_pattern
-        self.rank_pattern, self.alpha_pattern = rank_pattern, alpha_pattern
-        self.lora_dropout, self.use_rslora, self.use_dora = lora_dropout, use_rslora, use_dora
-        self.init, self.bias, self.modules_to_save, self.enable_slices = init, bias, modules_to_save, enable_slices
-        self.task_type = task_type
+        **options: Any,
+    ) -> None:
+        for key, value in (('save_adapter_to', save_adapter_to), ('save_merged_to', save_merged_to)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f'{key}={value!r} is invalid: give a directory path (string) or None.')
+        self.config: LoRAConfig = OPTIONS.build(config, options)
         self.save_adapter_to, self.save_merged_to = save_adapter_to, save_merged_to
         self.checkpoint_trainable_only = checkpoint_trainable_only
         self.master_weights = master_weights
         self.master_copies = MasterWeightsOption(master_weights)
-        for key in ('save_adapter_to', 'save_merged_to'):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f'{key}={value!r} is invalid: give a directory path (string) or None.')
-        self.config = LoRAConfig(
-            r=r,
-            lora_alpha=lora_alpha,
-            target_modules=target_modules,
-            exclude_modules=exclude_modules,
-            layers_to_transform=layers_to_transform,
-            layers_pattern=layers_pattern,
-            rank_pattern=_copy_of_mapping(rank_pattern),
-            alpha_pattern=_copy_of_mapping(alpha_pattern),
-            lora_dropout=lora_dropout,
-            use_rslora=use_rslora,
-            use_dora=use_dora,
-            init=init,
-            bias=bias,
-            modules_to_save=modules_to_save,
-            enable_slices=_copy_of_mapping(enable_slices),
-            task_type=task_type,
-        )
 
     @staticmethod
     def required_on_load() -> bool:

@@ -48,10 +48,10 @@ def _check_rank(layer: nn.Module, state_dict: dict[str, Any], prefix: str, *args
     assert isinstance(layer, LoRALayer)
     rows, rank = current.shape[0], layer.r  # enabled slices stack their ranks: rows = rank * slices
     saved_rank = incoming.shape[0] * rank // rows if incoming.shape[0] * rank % rows == 0 else incoming.shape[0]
-    field = 'r' if rank == algorithm.r else 'rank_pattern'
+    field = 'r' if rank == algorithm.config.r else 'rank_pattern'
     raise ResumeConfigError(
         f'{config_key(type(algorithm))}.{field}',
-        getattr(algorithm, field),
+        getattr(algorithm.config, field),
         f"the checkpoint's adapter of {prefix.rstrip('.')} has rank {saved_rank} (lora_A of shape "
         f'{tuple(incoming.shape)}), this LoRAInject gives it rank {rank} (shape {tuple(current.shape)}). Adapters load '
         'only into adapters of the same rank, also with load_weights_only: resume with the rank it was trained with, '

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from composer_thaw.core.types import Optimizers, single_optimizer
-from composer_thaw.lora_inject.config import TASK_MODULES_TO_SAVE, LoRAConfig
+from composer_thaw.lora_inject.config import OPTIONS, TASK_MODULES_TO_SAVE, LoRAConfig
 from composer_thaw.lora_inject.injection import (
     adapter_layers,
     check_not_peft,
@@ -105,7 +105,7 @@ def apply_lora(
         model: a Hugging Face model, a Composer ``HuggingFaceModel``, or any ``nn.Module`` (DDP-wrapped or not). Module
             names in the configuration are relative to the user's model (``user_module(model)``).
         optimizers: the optimizer (at most one) to update; ``None`` when there is none yet.
-        config: a :class:`LoRAConfig`; or pass its fields as keyword arguments.
+        config: a :class:`LoRAConfig`; or pass its fields as keyword arguments (not both).
 
     Returns:
         A :class:`LoRASummary`.
@@ -113,11 +113,9 @@ def apply_lora(
     Raises:
         ValueError: on an invalid configuration, a target that matches nothing or has an unsupported type, a model
             already adapted with another configuration, or a PEFT model.
+        ConfigTypeError: (a ``TypeError`` and a ``ValueError``) for a field given both in ``config`` and as a keyword.
     """
-    if config is None:
-        config = LoRAConfig(**config_kwargs)
-    elif config_kwargs:
-        raise TypeError('Pass either config or its fields as keyword arguments, not both.')
+    config = OPTIONS.build(config, config_kwargs)
     summary = inject_adapters(model, optimizers, config)
     freeze_outside_adapters(model, optimizers)
     return summary

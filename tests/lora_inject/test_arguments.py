@@ -14,6 +14,7 @@ from composer_thaw.core.validation import ConfigTypeError
 from composer_thaw.lora_inject import LoRAConfig, LoRAInject
 
 WRONG = {
+    'config': 8,  # LoRAInject(8): the rank is r=8 (the config's fields are keyword options)
     'r': '8',
     'lora_alpha': 'sixteen',
     'target_modules': {'q_proj': True},
