@@ -10,7 +10,8 @@ exception is written under its own name (``ConfigTypeError: ...``): the package 
 An example that cannot run in a unit test (several processes, a GPU, a full training run) carries
 ``# doctest: +SKIP`` and says why in its docstring; the API reference leaves the directive out
 (``docs/griffe_examples.py``). Each module's test also checks that every ``>>>`` line of its file was collected, so
-an example cannot hide where doctest does not look (a nested function's docstring, a comment).
+an example cannot hide where doctest does not look (a nested function's docstring, a comment), and that no
+docstring's examples are all skipped.
 """
 
 from __future__ import annotations
@@ -32,10 +33,6 @@ PROMPT = re.compile(r'^\s*>>>', re.MULTILINE)
 PACKAGE_PATH = re.compile(rf'^{ROOT}(?:\.\w+)*\.(?=\w+:)', re.MULTILINE)
 
 
-# Examples still to make runnable (LoRAInject's constructor is changing under them); the next commit empties it.
-PENDING = ('lora_inject',)
-
-
 def modules_with_examples() -> dict[str, Path]:
     """``composer_thaw.<dotted name>`` -> file, for each module whose source has a ``>>>`` line."""
     found = {}
@@ -43,8 +40,6 @@ def modules_with_examples() -> dict[str, Path]:
         if path.name == '__main__.py' or not PROMPT.search(path.read_text()):
             continue
         parts = list(path.relative_to(PACKAGE).with_suffix('').parts)
-        if parts[0] in PENDING:
-            continue
         if parts[-1] == '__init__':
             parts = parts[:-1]
         found['.'.join([ROOT, *parts])] = path
@@ -73,6 +68,8 @@ def test_docstring_examples(name: str, tmp_path: Path, monkeypatch: pytest.Monke
     collected = sum(len(test.examples) for test in tests)
     written = len(PROMPT.findall(MODULES[name].read_text()))
     assert collected == written, f'{name}: {written} >>> lines, but doctest collects {collected}'
+    skipped = [test.name for test in tests if test.examples and all(e.options.get(doctest.SKIP) for e in test.examples)]
+    assert not skipped, f'examples that never run (every line has "doctest: +SKIP"): {skipped}'
 
     report: list[str] = []
     runner = doctest.DocTestRunner(checker=_Checker(), optionflags=FLAGS)

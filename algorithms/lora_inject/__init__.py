@@ -3,7 +3,13 @@ with PEFT's adapter files.
 
 Example:
     >>> from composer_thaw.lora_inject import LoRAInject, apply_lora
-    >>> summary = apply_lora(model, optimizer, r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> model = tiny_decoder(num_layers=2)
+    >>> summary = apply_lora(model, r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])  # without a Trainer
+    >>> len(summary.adapted), summary.trainable_params
+    (4, 4096)
+    >>> LoRAInject(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])  # with one: Trainer(algorithms=[...])
+    LoRAInject(lora_alpha=16, target_modules=['q_proj', 'v_proj'])
 """
 
 from composer_thaw.lora_inject.config import DEFAULT_TARGET_MODULES, LoRAConfig

@@ -164,7 +164,8 @@ def default_target_modules(root: nn.Module) -> Union[str, list[str]]:
     """``target_modules=None``: the entry of :data:`DEFAULT_TARGET_MODULES` for ``root.config.model_type``.
 
     Example:
-        >>> default_target_modules(tiny_llama)
+        >>> from composer_thaw.models.builtin import tiny_decoder
+        >>> default_target_modules(tiny_decoder(num_layers=1).model)  # a LLaMA
         ['q_proj', 'v_proj']
     """
     model_type = getattr(getattr(root, 'config', None), 'model_type', None)
@@ -185,7 +186,9 @@ def saved_module_names(root: nn.Module, config: LoRAConfig) -> list[str]:
     only), in model order.
 
     Example:
-        >>> saved_module_names(distilbert_classifier, LoRAConfig(modules_to_save=['classifier']))
+        >>> from transformers import DistilBertConfig, DistilBertForSequenceClassification
+        >>> config = DistilBertConfig(vocab_size=64, dim=16, hidden_dim=32, n_layers=1, n_heads=2)
+        >>> saved_module_names(DistilBertForSequenceClassification(config), LoRAConfig(modules_to_save=['classifier']))
         ['pre_classifier', 'classifier']
     """
     return saved_modules(selectable_modules(root), config.saved_entries())

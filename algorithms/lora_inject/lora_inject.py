@@ -2,9 +2,16 @@
 
 Example:
     >>> from composer import Trainer
+    >>> from composer_thaw.datasets.builtin import python_topics_loader
     >>> from composer_thaw.lora_inject import LoRAConfig, LoRAInject
-    >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep',
-    ...                   algorithms=[LoRAInject(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])])
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> model = tiny_decoder(num_layers=2)
+    >>> trainer = Trainer(model=model, train_dataloader=python_topics_loader(model.tokenizer), max_duration='2ba',
+    ...                   algorithms=[LoRAInject(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])],
+    ...                   progress_bar=False)
+    >>> trainer.fit()
+    >>> sorted({name.rpartition('.')[2] for name, p in model.named_parameters() if p.requires_grad})
+    ['lora_A', 'lora_B']
     >>> LoRAInject(LoRAConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj']))  # PEFT's way, the same
     LoRAInject(lora_alpha=16, target_modules=['q_proj', 'v_proj'])
 

@@ -170,7 +170,8 @@ def exported_target_modules(root: nn.Module, adapted: list[str]) -> Union[list[s
     pick another module (``'fc'`` adapted at the top level, ``'block.fc'`` not), a regex matching just these names.
 
     Example:
-        >>> exported_target_modules(model, ['model.layers.0.self_attn.q_proj'])
+        >>> from composer_thaw.models.builtin import tiny_decoder
+        >>> exported_target_modules(tiny_decoder(num_layers=2).model, ['model.layers.0.self_attn.q_proj'])
         ['model.layers.0.self_attn.q_proj']
     """
     picked = [name for name in selectable_modules(root) if matches_target_modules(name, adapted)]
@@ -417,9 +418,13 @@ def merge_into_state_dict(root: nn.Module, state: dict[str, Any], prefix: str = 
     plain are left alone, so applying it twice changes nothing.
 
     Example:
-        >>> state = model.state_dict()  # model adapted by apply_lora
+        >>> from composer_thaw.models.builtin import tiny_decoder
+        >>> model = tiny_decoder(num_layers=1).model
+        >>> _ = apply_lora(model, r=8, target_modules=['q_proj'])
+        >>> state = model.state_dict()
         >>> merge_into_state_dict(model, state)
         >>> type(model)(model.config).load_state_dict(state)  # a plain model of the same class: strict
+        <All keys matched successfully>
     """
     layers = adapter_layers(root)
     renamed: dict[str, Any] = {}
@@ -491,11 +496,19 @@ def expose_merged_state_dict(model: nn.Module) -> RemovableHandle:
     while it is exposed (the merged weights would become the base, under the trained adapters).
 
     Example:
-        >>> apply_lora(hf_model, r=8, target_modules=['q_proj', 'v_proj'])
+        >>> from composer_thaw.models.builtin import tiny_decoder
+        >>> hf_model = tiny_decoder(num_layers=1).model
+        >>> _ = apply_lora(hf_model, r=8, target_modules=['q_proj', 'v_proj'])
         >>> handle = expose_merged_state_dict(hf_model)
         >>> plain = type(hf_model)(hf_model.config)
-        >>> plain.load_state_dict(hf_model.state_dict())  # strict; plain computes what hf_model computes
+        >>> plain.load_state_dict(hf_model.state_dict())  # strict
+        <All keys matched successfully>
+        >>> ids = torch.tensor([[101, 2023, 102]])
+        >>> torch.allclose(plain(ids).logits, hf_model(ids).logits)  # plain computes what hf_model computes
+        True
         >>> handle.remove()  # hf_model.state_dict() holds the adapters again
+        >>> sum('lora_A' in key for key in hf_model.state_dict())
+        2
     """
     root, _, _ = _adapted_root(model)
     if any(hook is _merged_view_hook for hook in root._state_dict_hooks.values()):
@@ -511,8 +524,14 @@ def merged_state_dict_view(model: nn.Module) -> Iterator[nn.Module]:
     (:func:`expose_merged_state_dict`); afterwards it holds the adapters again. Yields that Hugging Face model.
 
     Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> from composer_thaw.models.builtin import tiny_decoder
+        >>> model = tiny_decoder(num_layers=1)  # Composer's model, or the Hugging Face one
+        >>> _ = apply_lora(model, r=8, target_modules=['q_proj'])
         >>> with merged_state_dict_view(model) as hf_model:
         ...     hf_model.save_pretrained('out/merged')  # a plain Hugging Face folder
+        >>> type(AutoModelForCausalLM.from_pretrained('out/merged')).__name__
+        'LlamaForCausalLM'
     """
     handle = expose_merged_state_dict(model)
     try:

@@ -8,11 +8,18 @@ one. The other options are compared with the algorithm's saved state
 (:func:`~composer_thaw.core.resume_checks.check_resume_config`).
 
 Example:
-    >>> refuse_adapters_of_another_rank(model, LoRAInject(r=16))
+    >>> from composer_thaw.lora_inject import LoRAInject, apply_lora
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> trained = tiny_decoder(num_layers=1).model
+    >>> _ = apply_lora(trained, r=8, target_modules=['q_proj'])
+    >>> checkpoint_trained_with_r_8 = trained.state_dict()
+    >>> model = tiny_decoder(num_layers=1).model
+    >>> _ = apply_lora(model, r=16, target_modules=['q_proj'])
+    >>> refuse_adapters_of_another_rank(model, LoRAInject(r=16, target_modules=['q_proj']))
     >>> model.load_state_dict(checkpoint_trained_with_r_8)
     Traceback (most recent call last):
     ResumeConfigError: algorithms.lora_inject.r = 16: the checkpoint's adapter of model.layers.0.self_attn.q_proj has
-    rank 8, ...
+    rank 8 (lora_A of shape (8, 64)), this LoRAInject gives it rank 16 (shape (16, 64)). ...
 """
 
 from __future__ import annotations

@@ -5,9 +5,15 @@ The algorithm (:class:`~composer_thaw.lora_inject.lora_inject.LoRAInject`) and t
 (:mod:`~composer_thaw.lora_inject.peft_format`) build on this module; it imports neither.
 
 Example:
+    >>> from composer_thaw.models.builtin import tiny_decoder
+    >>> model = tiny_decoder(num_layers=2)
+    >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # moved onto the adapters
     >>> summary = apply_lora(model, optimizer, r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])
-    >>> summary.trainable_fraction < 0.05
-    True
+    >>> summary.adapted
+    ('model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj', 'model.layers.1.self_attn.q_proj',
+     'model.layers.1.self_attn.v_proj')
+    >>> summary.trainable_params, f'{summary.trainable_fraction:.2%}'
+    (4096, '0.10%')
 """
 
 from __future__ import annotations
@@ -269,8 +275,16 @@ def adapters_in_base_dtype(model: nn.Module) -> list[str]:
     the same objects (optimizers keep them).
 
     Example:
-        >>> apply_lora(bf16_model, optimizer, r=8, target_modules=['q_proj'])  # lora_A/B are fp32
-        >>> adapters_in_base_dtype(bf16_model)                                    # now bf16, ready for fully_shard
+        >>> from composer_thaw.models.builtin import tiny_decoder
+        >>> bf16_model = tiny_decoder(num_layers=1).model.to(torch.bfloat16)
+        >>> _ = apply_lora(bf16_model, r=8, target_modules=['q_proj'])
+        >>> q_proj = bf16_model.model.layers[0].self_attn.q_proj
+        >>> q_proj.lora_A.dtype, q_proj.lora_B.dtype
+        (torch.float32, torch.float32)
+        >>> adapters_in_base_dtype(bf16_model)
+        ['model.layers.0.self_attn.q_proj']
+        >>> q_proj.lora_A.dtype, q_proj.lora_B.dtype  # now bf16, ready for fully_shard
+        (torch.bfloat16, torch.bfloat16)
     """
     cast = []
     for name, layer in adapter_layers(user_module(model)).items():
