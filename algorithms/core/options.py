@@ -35,6 +35,7 @@ import copy
 import dataclasses
 import inspect
 import typing
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Optional, TypeVar
 
@@ -55,6 +56,9 @@ class ConfigOptions:
 
     config_class: type
     parameter: str = 'config'
+    # The field that a plain value in the configuration's place stood for before the constructor took a configuration
+    # (``LoRAInject(8)`` was ``r=8``): still accepted, with a DeprecationWarning (:meth:`positional_field_value`).
+    former_first_field: Optional[str] = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -99,6 +103,22 @@ class ConfigOptions:
         function.__annotations__ = {**annotations, **{p.name: p.annotation for p in fields}}
         setattr(function, _ATTRIBUTE, self)
         return init
+
+    def positional_field_value(self, kwargs: dict[str, Any], owner: str) -> dict[str, Any]:
+        """``kwargs`` with a plain value in the configuration's place moved to :attr:`former_first_field` (with a
+        ``DeprecationWarning``); unchanged otherwise."""
+        config, field = kwargs.get(self.parameter), self.former_first_field
+        if field is None or config is None or isinstance(config, (self.config_class, Mapping)):
+            return kwargs
+        if field in kwargs:
+            raise ConfigTypeError(field, kwargs[field], f'given twice: by position ({config!r}) and by name; give one.')
+        warnings.warn(
+            f'{owner}({config!r}): the {field} by position is deprecated (the first argument is a '
+            f'{self.config_class.__name__}); write {owner}({field}={config!r}).',
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        return {**{k: v for k, v in kwargs.items() if k != self.parameter}, field: config}
 
     def check_call(self, kwargs: Mapping[str, Any]) -> None:
         """Raise :class:`~composer_thaw.core.validation.ConfigTypeError` (keys relative to the call) for a field given

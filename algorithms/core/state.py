@@ -98,12 +98,14 @@ def checked_init(cls: type, init: Callable[..., None]) -> Callable[..., None]:
     def checked(self: Any, *args: Any, **kwargs: Any) -> None:
         arguments = {**dict(zip(positional, args)), **kwargs}
         try:
+            if options is not None and args and positional[:1] == [options.parameter]:  # a value by position
+                arguments = options.positional_field_value(arguments, cls.__name__)
             check_call_kwargs('', cls, arguments)
             if options is not None:
                 options.check_call(arguments)
         except ConfigError as error:
             raise error.under(config_key(cls)) from None
-        init(self, *args, **kwargs)
+        init(self, **arguments)
 
     return checked
 

@@ -353,5 +353,5 @@ class LoRAConfig:
         return [f.name for f in fields(cls)]
 
 
-OPTIONS = ConfigOptions(LoRAConfig)
+OPTIONS = ConfigOptions(LoRAConfig, former_first_field='r')
 """A :class:`LoRAConfig` given as one object or as its fields (``LoRAInject``, :func:`apply_lora`)."""

@@ -187,3 +187,12 @@ def test_a_checkpoint_written_before_is_still_refused_for_a_changed_field():
     )
     with pytest.raises(ResumeConfigError, match=r"lora_inject.rank_pattern = \{'q_proj': 2\}: .* rank_pattern = \{\}"):
         algorithm.load_state_dict(copy.deepcopy(OLD_STATE))
+
+
+def test_the_rank_by_position_still_works_with_a_deprecation_warning():
+    """``LoRAInject(8)`` worked before the config object; it builds the same algorithm, with notice."""
+    with pytest.warns(DeprecationWarning, match=r'write LoRAInject\(r=8\)'):
+        positional = LoRAInject(8, target_modules=['q_proj'])
+    assert repr(positional) == repr(LoRAInject(r=8, target_modules=['q_proj']))
+    with pytest.raises(ValueError, match='given twice: by position'):
+        LoRAInject(8, r=4)
