@@ -133,3 +133,12 @@ def two_process_part(out: Path, name: str) -> Path:
     if errors:
         pytest.fail(f'the part {name!r} of {out.name} raised:\n' + errors[0].read_text(), pytrace=False)
     return out / name
+
+
+def part_results(out: Path, name: str) -> tuple[Path, dict]:
+    """The folder of the part ``name`` of a multi-process launch and the ``results.json`` it wrote (see
+    :func:`two_process_part`)."""
+    import json
+
+    folder = two_process_part(out, name)
+    return folder, json.loads((folder / 'results.json').read_text())

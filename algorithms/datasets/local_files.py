@@ -378,16 +378,9 @@ def classification_examples(
         >>> rows[0]
         {'input_ids': [101, 2307, 102], 'attention_mask': [1, 1, 1], 'labels': 1}
     """
-    check_task_rows(
-        'classification',
-        table,
-        text_column=text_column,
-        label_column=label_column,
-        label_names=label_names,
-        source_key=source_key,
-    )
-    texts = list(table[text_column])
-    labels = _label_indices(table, label_column, label_names, source_key)
+    _require_column('data.text_column', text_column, table, source_key)
+    texts = _strings('data.text_column', text_column, table, source_key)
+    labels = _label_indices(table, label_column, label_names, source_key)  # an unknown label is refused here
     encoded = tokenizer(texts, truncation=True, max_length=max_seq_len)
     return TokenizedExamples(
         [

@@ -235,9 +235,10 @@ def validate_recipe(recipe: Recipe) -> None:
 
     The model's and the data's files come first, before Composer and torch are imported: a bad file is refused in
     about a second."""
-    _check_model(recipe.model)
+    folder_config = _check_model(recipe.model)
     _check_data(recipe.data)
-    _check_model_folder_against_data(recipe.model, recipe.data)
+    if folder_config is not None:
+        _check_model_folder_against_data(recipe.model, folder_config, recipe.data)
     _check_time('max_duration', recipe.max_duration, positive=True, fraction=False)
     _check_time('eval_interval', recipe.eval_interval, positive=True)
     _check_time('save_interval', recipe.save_interval, positive=True)
@@ -343,7 +344,9 @@ BUILTIN_DATA_TASKS = {
 _FILE_DATA_KEYS = ('task', 'train', 'eval', 'eval_fraction', 'format', 'messages_column')
 
 
-def _check_model(model: ModelConfig) -> None:
+def _check_model(model: ModelConfig) -> Optional[dict[str, Any]]:
+    """Check the model's keys, and a local folder's files: its ``config.json`` settings are returned (``None`` for a
+    built-in model)."""
     if model.name == 'hf':
         if model.path is None:
             raise ConfigError(
@@ -360,9 +363,9 @@ def _check_model(model: ModelConfig) -> None:
             raise ConfigError(
                 'model.tokenizer', model.tokenizer, 'expected a local folder holding a tokenizer (or null: model.path).'
             )
-        check_checkpoint_folder('model.path', model.path)
+        config = check_checkpoint_folder('model.path', model.path)
         check_tokenizer_folder('model.tokenizer' if model.tokenizer else 'model.path', model.tokenizer or model.path)
-        return
+        return config
     for key in ('path', 'tokenizer', 'task'):
         if getattr(model, key) is not None:
             raise ConfigError(
@@ -370,6 +373,7 @@ def _check_model(model: ModelConfig) -> None:
                 getattr(model, key),
                 f"only model.name 'hf' takes a {key}; model.name is {model.name!r}.",
             )
+    return None
 
 
 def check_sequence_length(max_seq_len: int, positions: Optional[int]) -> None:
@@ -380,11 +384,11 @@ def check_sequence_length(max_seq_len: int, positions: Optional[int]) -> None:
         )
 
 
-def _check_model_folder_against_data(model: ModelConfig, data: DataConfig) -> None:
-    """A local model's positions and its tokenizer's chat template, read from its files, against the data."""
-    if model.name != 'hf' or model.path is None:
-        return
-    check_sequence_length(data.max_seq_len, positions_of(check_checkpoint_folder('model.path', model.path)))
+def _check_model_folder_against_data(model: ModelConfig, config: dict[str, Any], data: DataConfig) -> None:
+    """A local model's positions (from its ``config.json`` settings) and its tokenizer's chat template, read from
+    its files, against the data."""
+    check_sequence_length(data.max_seq_len, positions_of(config))
+    assert model.path is not None  # a local model (_check_model)
     if data.messages_column is not None and not has_chat_template(model.tokenizer or model.path):
         raise ConfigError('data.messages_column', data.messages_column, NO_CHAT_TEMPLATE)
 

@@ -4,11 +4,9 @@ nodes of 2 on localhost, 2 replicas x 2 shards (tests/four_processes.py). Each a
 within each replica; in the low-precision mode the fp32 masters are sharded like their weights, match an fp32
 reference at every step, and a resume from an HSDP checkpoint is bit-identical."""
 
-import json
-
 import pytest
 import torch
-from support import two_process_part
+from support import part_results
 
 from conformance.harness import (
     assert_like_one_process,
@@ -25,8 +23,7 @@ MASTER_CASES = master_weights_cases()
 
 @pytest.fixture(scope='module')
 def hsdp_results(four_processes):
-    out = two_process_part(four_processes, 'hsdp')
-    return out, json.loads((out / 'results.json').read_text())
+    return part_results(four_processes, 'hsdp')
 
 
 @pytest.mark.multiprocess

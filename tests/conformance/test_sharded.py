@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from support import two_process_part
+from support import part_results
 
 from conformance.harness import (
     SHARDED_MAX_DIFF,
@@ -34,8 +34,7 @@ CASES = first_and_last_cases()  # every example under DDP; the ends here, where 
 
 @pytest.fixture(scope='module')
 def sharded_results(two_processes):
-    out = two_process_part(two_processes, 'fsdp2')
-    return out, json.loads((out / 'results.json').read_text())
+    return part_results(two_processes, 'fsdp2')
 
 
 @pytest.mark.multiprocess
