@@ -1,7 +1,7 @@
 """The methods at scale: LLaMA-style decoders of 4M, 50M, 300M and 1B parameters, bytes and step time against
 the estimator and each algorithm's peer.
 
-    python -m benchmarks.scale                   # the sweep (make bench-scale): about 40 minutes on 2 CPU cores
+    python -m benchmarks.scale                   # the sweep (make bench-scale): about 35 minutes on 2 idle CPU cores
     python -m benchmarks.scale --sizes 4M 50M    # a part of it
     python -m benchmarks.scale --report-only     # rewrite the table, JSON and plots from the saved runs
 
@@ -31,8 +31,9 @@ state is host memory in the same process: its RSS is compared with the tensors p
 
 Each size runs in a child process that appends every run to ``benchmarks/results/scale-runs/<size>.jsonl`` as it
 finishes; a run that kills its process (out of memory) is recorded as failed and the child starts again after it.
-At 1B the rows are limited to what fits 24 GiB and the time budget (:data:`ROWS_AT`): our four algorithms in fp32
-and, where they fit, with masters; full fine-tuning in pure bf16; PEFT's LoRA.
+At 1B every row runs, those that hold full fine-tuning's state (15 GiB of the 24 in fp32) last (:data:`ROWS_AT`).
+Each run records the machine's load average, which the report shows beside the step times: they mean little on a
+machine that other work shares.
 """
 
 from __future__ import annotations
@@ -68,11 +69,11 @@ SEQ_LEN = 128
 BATCHES = 4  # two epochs of two batches; the first batch is the warm-up
 TOLERANCE, SLACK = 0.03, 8 * MIB  # the estimator against the tensors and the RSS growth
 
-# name -> (hidden size, layers, rounds)
+# name -> (hidden size, layers, rounds): more rounds where steps are short (and noisier)
 SIZES: dict[str, tuple[int, int, int]] = {
-    '4M': (64, 4, 3),
-    '50M': (512, 8, 2),
-    '300M': (1024, 24, 1),
+    '4M': (64, 4, 5),
+    '50M': (512, 8, 3),
+    '300M': (1024, 24, 2),
     '1B': (2048, 21, 1),
 }
 MASTERS, BF16 = 'bf16 + masters', 'bf16'
@@ -211,30 +212,18 @@ def all_rows() -> list[Row]:
     return rows
 
 
-# What runs at each size: everything up to 300M. At 1B (4 GiB of fp32 weights) full fine-tuning in fp32 (15 GiB of
-# training state) and with masters (17 GiB), LayerFreezing with masters (its first epoch is full fine-tuning), and
-# the peers that hold the full state (Composer's LayerFreezing) or add minutes of fp32 steps are left out.
+# What runs at each size, in order: every row. At 1B those that hold full fine-tuning's state (fp32: 15 GiB of
+# weights, gradients and AdamW state; with masters, 17 GiB at the step) run last, so that a run the 24 GiB cannot hold
+# (recorded as failed) leaves the others measured.
+HEAVY_AT_1B = ('composer_lf', 'full', 'layer_freezing', 'full+masters', 'layer_freezing+masters')
 ROWS_AT: dict[str, Optional[tuple[str, ...]]] = {
-    '1B': (  # in this order: LayerFreezing, which holds full fine-tuning's 15 GiB in its first epoch, last
-        'regex_freeze',
-        'lora_inject',
-        'peft_lora',
-        'hift_rotation',
-        'regex_freeze+masters',
-        'lora_inject+masters',
-        'hift_rotation+masters',
-        'peft_lora+bf16',
-        'hift_package+bf16',
-        'manual_freeze',
-        'hift_package',
-        'full+bf16',
-        'layer_freezing',
+    '1B': tuple(
+        [r.key for r in all_rows() if r.key not in HEAVY_AT_1B] + list(HEAVY_AT_1B),
     ),
 }
 
-
-# At 300M, loralib (a second LoRA peer, not any algorithm's closest) is left out for time.
-LEFT_OUT_AT: dict[str, tuple[str, ...]] = {'300M': ('loralib',)}
+# Rows left out at a size (none today: each was measured at every size on an idle 2-core machine).
+LEFT_OUT_AT: dict[str, tuple[str, ...]] = {}
 
 
 def rows_for(size: str, device: str = 'cpu', only: Optional[list[str]] = None) -> list[Row]:
@@ -409,7 +398,7 @@ def run_size(
             result = measure(task, row, device)
             session = os.environ.get('SCALE_SESSION', 'sweep')  # which invocation: its runs ran side by side
             _append(path, {'event': 'done', 'row': row.key, 'round': round_index, 'size': size, 'session': session,
-                           **result})  # fmt: skip
+                           'load_average': os.getloadavg()[0], **result})  # fmt: skip
             median = statistics.median(result['step_seconds'])
             log(f'[{time.perf_counter() - started:6.0f}s] {size} round {round_index} {row.key}: step {median:.3f} s')
             trim()
@@ -529,7 +518,9 @@ def aggregate(size: str, records: list[dict[str, Any]]) -> dict[str, Any]:
             item['vs_fp32'] = _ratios(item['step_times'], base['step_times'], (item['sessions'], base['sessions']))
     hidden, layers, _ = SIZES[size]
     params = next((i['estimate']['total_params'] for i in out if i.get('estimate')), None)
-    return {'size': size, 'hidden': hidden, 'layers': layers, 'params': params, 'rows': out}
+    loads = [r['load_average'] for r in records if r['event'] == 'done' and 'load_average' in r]
+    load = median_spread(loads) if loads else None
+    return {'size': size, 'hidden': hidden, 'layers': layers, 'params': params, 'rows': out, 'load_average': load}
 
 
 def _within(error: Optional[float], prediction: int) -> bool:
@@ -547,9 +538,16 @@ def _cell_ratio(stats: Optional[dict[str, float]]) -> str:
 
 
 def size_table(size: dict[str, Any], memory: str = 'RSS') -> str:
+    load = size.get('load_average')
+    machine = (
+        f'; 1-minute load average after each run {load["median"]:.1f} ({load["min"]:.1f}-{load["max"]:.1f}), its '
+        'own 2 threads included'
+        if load
+        else ''
+    )
     lines = [
         f'**{size["size"]}: hidden {size["hidden"]}, {size["layers"]} layers, {size["params"]:,} parameters**, '
-        f'batch 1 x {SEQ_LEN} tokens, {BATCHES} batches per run:',
+        f'batch 1 x {SEQ_LEN} tokens, {BATCHES} batches per run{machine}:',
         '',
         '| method | precision | trainable | step s, median (min-max) | step vs peer | vs own fp32 | CPU s per step '
         '| CPU vs peer | tensors MiB '
@@ -595,8 +593,7 @@ def markdown(result: dict[str, Any]) -> str:
     where = (
         f'GPU {env["gpu"]}'
         if env['device'] == 'gpu'
-        else f'CPU ({env["cpu"]}, {env["cpu_count"]} cores, {env["torch_threads"]} torch threads, shared with other '
-        'work at nice 19)'
+        else f'CPU ({env["cpu"]}, {env["cpu_count"]} cores, {env["torch_threads"]} torch threads)'
     )
     parts = [
         f'Measured {env["date"]} on {where}; Composer Trainer, AdamW, batch 1 x {SEQ_LEN} tokens, '

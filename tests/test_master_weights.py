@@ -70,6 +70,43 @@ def test_an_update_below_bf16_resolution_reaches_the_weight_through_the_master()
     assert torch.equal(mastered.detach(), torch.full((8,), 1 - 8 * 2**-10, dtype=BF16))  # 0.9921875, exact in bf16
 
 
+def test_a_weight_written_in_place_between_steps_goes_into_its_master_and_an_unwritten_one_is_not_compared(monkeypatch):
+    # Masters hold 1 - 2**-10 (the weight still reads 1.0 in bf16). A weight written in place between steps
+    # (load_state_dict, copy_) is taken into its master before the next step; the master of one nobody wrote keeps
+    # the update below bf16's resolution, and no step compares it (the weight's version counter says it is unwritten).
+    written, untouched, through_data = (nn.Parameter(torch.ones(8, dtype=BF16)) for _ in range(3))
+    model = nn.ParameterList([written, untouched, through_data])
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    masters = enable_master_weights(model, sgd, 'fp32')
+    assert masters is not None
+
+    def step() -> None:
+        for param in model:
+            param.grad = torch.full_like(param, 2**-10)
+        sgd.step()
+
+    step()
+    with torch.no_grad():
+        written.copy_(torch.full((8,), 4.0))  # as load_state_dict writes
+        through_data.data.copy_(torch.full((8,), 4.0))  # bypasses the version counter
+    step()
+    assert torch.equal(masters.master_of(written), torch.full((8,), 4 - 2**-10)), 'the written weight was lost'
+    assert torch.equal(masters.master_of(untouched), torch.full((8,), 1 - 2 * 2**-10)), 'an update was lost'
+    # ``.data`` writes are not seen: the master stepped on and its cast overwrote the write ...
+    assert torch.equal(through_data.detach(), torch.full((8,), 1 - 2 * 2**-10, dtype=BF16))
+    with torch.no_grad():
+        through_data.data.copy_(torch.full((8,), 4.0))
+    masters.refresh()  # ... unless refresh() is called after them
+    assert torch.equal(masters.master_of(through_data), torch.full((8,), 4.0))
+    compared: list[torch.Tensor] = []
+    not_equal = torch.Tensor.__ne__
+    monkeypatch.setattr(torch.Tensor, '__ne__', lambda a, b: (compared.append(a), not_equal(a, b))[-1])
+    step()
+    assert compared == [], 'a step with no outside write compared weights with their masters'
+    monkeypatch.undo()
+    assert_masters_are_the_weights(sgd)
+
+
 def test_optimizer_state_is_fp32_and_survives_a_state_dict_round_trip():
     model = bf16_decoder()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -136,7 +136,11 @@ class MasterWeights:
     floating dtype (bf16, fp16); parameters already in fp32 (e.g. LoRA adapters on a bf16 base) are their own
     masters. :meth:`sync` makes the masters follow that set; it runs before every step, and algorithms call it when
     they change what trains. A master whose weight was overwritten from outside (a checkpoint's weights loaded,
-    another algorithm's copy) is refreshed from the weight before the next step.
+    another algorithm's copy) is refreshed from the weight before the next step. Such a write is seen through the
+    weight's version counter, as autograd sees in-place changes: any in-place write through the parameter or a view of
+    it (``copy_``, ``load_state_dict``, torch's distributed checkpoint, Composer's EMA swap) counts, and costs an
+    element-wise comparison once; a step with no such write compares nothing. A write through ``.data``, which
+    bypasses the counter, is not seen: call :meth:`refresh` after one.
 
     :attr:`masters` holds the masters of the parameters that train now; :attr:`parked` those of parameters still in
     the optimizer that do not train now, kept at :attr:`park_device` (``None``: where they are; HiFT with ``offload``
@@ -157,6 +161,8 @@ class MasterWeights:
         self._stepped: list[nn.Parameter] = []
         self._loading: Optional[dict[str, Any]] = None
         self._names: dict[int, str] = {}
+        # id(param) -> the weight's version at the masters' last cast into it (or last comparison with it)
+        self._versions: dict[int, tuple[int, int, int]] = {}
 
     @property
     def optimizer(self) -> Optimizer:
@@ -217,6 +223,7 @@ class MasterWeights:
             if entry is None:
                 self.masters[id(param)] = (param, param.detach().to(self.dtype, copy=True))
                 self._names[id(param)] = names.get(id(param), '')
+                self._versions[id(param)] = self._version_of(param)
             else:
                 self._take_back(param, entry[1])
 
@@ -225,13 +232,32 @@ class MasterWeights:
             return ParkedMaster(param, master, offloaded=False)
         return ParkedMaster(param, offload_tensor(master, self.park_device), offloaded=True)
 
+    @staticmethod
+    def _version_of(param: torch.Tensor) -> tuple[int, int, int]:
+        """What changes when the weight is written in place: its version counter (and its local shard's, under
+        FSDP2), and the shard's storage."""
+        local = local_tensor(param)
+        return param._version, local._version, local.data_ptr()
+
     def _take_back(self, param: torch.Tensor, master: torch.Tensor) -> None:
         """Elements of the weight that are not the master's cast (written from outside) go into the master (this
-        rank's part of them, when sharded: no communication)."""
+        rank's part of them, when sharded: no communication). Only a weight written since the masters' last cast is
+        compared."""
+        version = self._version_of(param)
+        if self._versions.get(id(param)) == version:
+            return
         weight, master = local_tensor(param.detach()), local_tensor(master)
         changed = master.to(weight.dtype) != weight
         if changed.any():
             master[changed] = weight[changed].to(self.dtype)
+        self._versions[id(param)] = version
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Take into the masters every weight element that differs from its master's cast, written or not since:
+        after a write the version counter does not see (through ``.data``)."""
+        self._versions.clear()
+        self.sync()
 
     def release(self, params: Iterable[torch.Tensor]) -> None:
         """Drop the masters of ``params``, parked ones included (their weights already hold the masters' last cast):
@@ -240,6 +266,7 @@ class MasterWeights:
             self.masters.pop(id(param), None)
             self.parked.pop(id(param), None)
             self._names.pop(id(param), None)
+            self._versions.pop(id(param), None)
 
     def master_bytes(self) -> int:
         """Bytes of the masters this process holds where the weights are (its shards of them, under FSDP2): those
@@ -290,6 +317,7 @@ class MasterWeights:
         self.masters.clear()
         self.parked.clear()
         self._names.clear()
+        self._versions.clear()
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> Optional[tuple[Any, Any]]:
         """Swap the masters in; when the step gets a closure (Composer's Trainer runs forward and backward in it),
@@ -347,6 +375,7 @@ class MasterWeights:
                 optimizer.state[param] = state
             master.grad = None
             local_tensor(param.detach()).copy_(local_tensor(master))
+            self._versions[id(param)] = self._version_of(param)
 
     @torch.no_grad()
     def _take_back_changes(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -422,6 +451,7 @@ class MasterWeights:
         self.masters.clear()
         self.parked.clear()
         self._names.clear()
+        self._versions.clear()  # the next sync compares each weight with its loaded master once
         for name, saved in state.items():
             param = params[name]
             # Saved whole; under FSDP2 each rank keeps its own rows, laid out as the parameter is.
