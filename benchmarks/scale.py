@@ -222,6 +222,12 @@ ROWS_AT: dict[str, Optional[tuple[str, ...]]] = {
     ),
 }
 
+# Rows that start in a process of their own on a CPU (the child exits with FRESH_PROCESS before them; the sweep starts
+# the next): after a dozen runs of 1B the heap keeps pages a 17 GiB run cannot reuse, and the kernel killed Composer's
+# LayerFreezing (17.5 GiB at its peak) in a process that had run 16 others, where it fits in a fresh one.
+FRESH_PROCESS_AT: dict[str, tuple[str, ...]] = {'1B': HEAVY_AT_1B}
+FRESH_PROCESS = 75  # a child's exit code: go on in a fresh process
+
 # Rows left out at a size (none today: each was measured at every size on an idle 2-core machine).
 LEFT_OUT_AT: dict[str, tuple[str, ...]] = {}
 
@@ -369,9 +375,10 @@ def run_size(
     rounds: Optional[int] = None,
     log=print,
     only: Optional[list[str]] = None,
-) -> None:
+) -> bool:
     """Every round of ``size`` in this process, skipping runs already in ``path``; one that started and never
-    finished (its process died) is recorded as failed."""
+    finished (its process died) is recorded as failed. Returns ``True`` when it stopped before a row that starts in a
+    fresh process (:data:`FRESH_PROCESS_AT`), with runs left to do."""
     import warnings
 
     warnings.filterwarnings('ignore')
@@ -390,10 +397,16 @@ def run_size(
     run_once(scale_task(smallest), METHODS[0], device, 2, evaluate=False)  # one-time allocations land in no row
     trim()
     started = time.perf_counter()
+    fresh = FRESH_PROCESS_AT.get(size, ()) if device == 'cpu' else ()
+    ran = False
     for round_index in range(rounds):
         for row in rows[round_index % len(rows) :] + rows[: round_index % len(rows)]:
             if (row.key, round_index) in finished:
                 continue
+            if ran and row.key in fresh:
+                log(f'{size}: {row.key} starts in a fresh process')
+                return True
+            ran = True
             _append(path, {'event': 'start', 'row': row.key, 'round': round_index, 'size': size})
             result = measure(task, row, device)
             session = os.environ.get('SCALE_SESSION', 'sweep')  # which invocation: its runs ran side by side
@@ -402,6 +415,7 @@ def run_size(
             median = statistics.median(result['step_seconds'])
             log(f'[{time.perf_counter() - started:6.0f}s] {size} round {round_index} {row.key}: step {median:.3f} s')
             trim()
+    return False
 
 
 def sweep(
@@ -415,7 +429,7 @@ def sweep(
     """Each size in a child process, started again after a run that killed it."""
     (directory / 'scale-runs').mkdir(parents=True, exist_ok=True)
     for size in sizes:
-        for attempt in range(len(rows_for(size, device)) * SIZES[size][2] + 1):
+        for attempt in range(len(rows_for(size, device, only)) * (rounds or SIZES[size][2]) + 1):
             log(f'{size}: child process, attempt {attempt + 1}')
             command = ['-m', 'benchmarks.scale', '--child', size, '--device', device, '--output-dir', str(directory)]
             command += ['--rounds', str(rounds)] if rounds else []
@@ -423,6 +437,8 @@ def sweep(
             code = subprocess.call([sys.executable, *command], cwd=Path(__file__).resolve().parents[1])
             if code == 0:
                 break
+            if code == FRESH_PROCESS:
+                continue
             log(f'{size}: child exited with {code}; the run it was in is recorded as failed')
 
 
@@ -620,6 +636,12 @@ def markdown(result: dict[str, Any]) -> str:
     missing = result.get('missing')
     if missing:
         parts += ['', f'Not measured: {missing}']
+    parts += [
+        '',
+        "Each of ours against its peer, step by step (ours / peer's, median and min-max):",
+        '',
+        ratio_table(result),
+    ]
     for size in result['sizes']:
         parts += ['', size_table(size, 'RSS' if env['device'] == 'cpu' else 'CUDA allocated')]
         left_out = [r.key for r in all_rows() if r.key not in {i['row'] for i in size['rows']}]
@@ -675,6 +697,28 @@ def plot(result: dict[str, Any], directory: Path) -> list[Path]:
 
 
 README_START, README_END = '<!-- scale:start -->', '<!-- scale:end -->'
+
+
+def ratio_table(result: dict[str, Any]) -> str:
+    """Each of our rows' step against its peer's at every size, one column a size: median (min-max) of the paired
+    steps."""
+    sizes = result['sizes']
+    ours: dict[str, dict[str, Any]] = {}
+    for size in sizes:
+        for item in size['rows']:
+            if item['family'] == 'ours':
+                ours.setdefault(item['row'], {})[size['size']] = item
+    lines = [
+        '| ours | peer | ' + ' | '.join(size['size'] for size in sizes) + ' |',
+        '|---|---|' + '---|' * len(sizes),
+    ]
+    for at in ours.values():
+        first = next(iter(at.values()))
+        peers = sorted({item['peer_row'] for item in at.values() if item.get('peer_row')})
+        cells = [_cell_ratio(at[size['size']].get('vs_peer')) if size['size'] in at else '' for size in sizes]
+        label = first['label'].replace('ours: ', '')
+        lines.append(f'| {label} | {", ".join(peers)} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
 
 
 def summary(result: dict[str, Any], sizes: tuple[str, ...] = ('300M', '1B')) -> str:
@@ -747,7 +791,7 @@ def write(
         _, tail = rest.split(README_END, 1)
         images = '![bytes against size](benchmarks/results/scale_bytes.png)\n'
         images += '![step time against size](benchmarks/results/scale_step_time.png)'
-        body = f'{summary(result)}\n\n{images}'
+        body = f'{ratio_table(result)}\n\n{summary(result)}\n\n{images}'
         atomic_write_text(README, f'{head}{README_START}\n{body}\n{README_END}{tail}')
     return result
 
@@ -769,7 +813,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.child:
         torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())))
         log = lambda m: print(m, flush=True)  # noqa: E731
-        run_size(args.child, runs / f'{args.child}.jsonl', args.device, args.rounds, log=log, only=args.rows)
+        path = runs / f'{args.child}.jsonl'
+        if run_size(args.child, path, args.device, args.rounds, log=log, only=args.rows):
+            sys.exit(FRESH_PROCESS)
         return
     started = time.perf_counter()
     os.environ.setdefault('SCALE_SESSION', time.strftime('%Y-%m-%d %H:%M:%S'))

@@ -4,6 +4,7 @@ every pytest-xdist worker of a session (``make test`` runs ``pytest -n 2``)."""
 
 import atexit
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,14 @@ def elastic_resumes(pytestconfig: pytest.Config) -> dict[int, Path]:
     for name in ('elastic-2', 'elastic-1'):
         wait_launch(root / name)
     return {2: root / 'elastic-2', 1: root / 'elastic-1'}
+
+
+@pytest.fixture(autouse=True)
+def _let_trainers_go():
+    """After each test, let its Trainers be freed: Composer registers every Trainer's engine with ``atexit``
+    (``Engine._close(state, logger)``), which keeps each one's model, optimizer and dataloaders alive until the process
+    exits, so an xdist worker grew by every Trainer it had run (about 7 GB by the end of the suite)."""
+    yield
+    engine = sys.modules.get('composer.core.engine')
+    if engine is not None:
+        atexit.unregister(engine.Engine._close)

@@ -23,7 +23,11 @@ def test_a_toy_size_measures_bytes_against_the_estimate_and_steps_against_the_pe
     # a run whose process died: recorded as failed, not run again
     path.write_text(json.dumps({'event': 'start', 'row': 'regex_freeze+masters', 'round': 0, 'size': 'toy'}) + '\n')
 
-    scale.run_size('toy', path, log=lambda *_: None)
+    monkeypatch.setattr(scale, 'FRESH_PROCESS_AT', {'toy': ('peft_lora',)})  # as the heavy rows at 1B
+    assert scale.run_size('toy', path, log=lambda *_: None), 'PEFT ran in the process LoRAInject had run in'
+    assert not scale.run_size('toy', path, log=lambda *_: None)  # a fresh process: PEFT first, then the rest
+    started = [json.loads(line)['row'] for line in path.read_text().splitlines() if '"start"' in line]
+    assert started == ['regex_freeze+masters', 'lora_inject', 'peft_lora', 'lora_inject+masters', 'peft_lora+bf16']
     result = scale.write(['toy'], 1.0, tmp_path)
 
     measured = {row['row']: row for row in result['sizes'][0]['rows']}

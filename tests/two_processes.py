@@ -18,6 +18,8 @@ A part that raises writes its traceback to ``<out>/<part>/error-rank<r>.txt`` an
 fails only its own tests.
 """
 
+import atexit
+import gc
 import sys
 import traceback
 from collections.abc import Callable
@@ -82,7 +84,17 @@ def run_parts(out: Path, runs: dict[str, Callable[[Path], None]]) -> None:
             run(folder)
         except Exception:
             (folder / f'error-rank{dist.get_global_rank()}.txt').write_text(traceback.format_exc())
+        release_trainers()
         dist.barrier()
+
+
+def release_trainers() -> None:
+    """Free the part's Trainers: Composer registers each Trainer's engine with ``atexit``, which would keep every
+    part's models and optimizers alive until the launch ends."""
+    from composer.core.engine import Engine
+
+    atexit.unregister(Engine._close)
+    gc.collect()
 
 
 if __name__ == '__main__':
