@@ -85,7 +85,7 @@ bench-master-weights-quality: $(STAMP)
 
 # Every method on decoders of 4M, 50M, 300M and 1B parameters: bytes against `thaw estimate`, step time against each
 # peer; tables, JSON and log-log plots in benchmarks/results/scale*, and the README's scale section. Not in CI: about
-# 40 minutes on 2 CPU cores and up to 17 GiB of RAM. Each run is saved as it finishes; RESUME=1 runs only the others.
+# 25 minutes on 2 idle CPU cores and up to 20 GiB of RAM. Each run is saved as it finishes; RESUME=1 runs only the others.
 bench-scale: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.scale --update-readme $(if $(RESUME),,--fresh)
 

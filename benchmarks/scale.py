@@ -1,7 +1,7 @@
 """The methods at scale: LLaMA-style decoders of 4M, 50M, 300M and 1B parameters, bytes and step time against
 the estimator and each algorithm's peer.
 
-    python -m benchmarks.scale                   # the sweep (make bench-scale): about 35 minutes on 2 idle CPU cores
+    python -m benchmarks.scale                   # the sweep (make bench-scale): about 25 minutes on 2 idle CPU cores
     python -m benchmarks.scale --sizes 4M 50M    # a part of it
     python -m benchmarks.scale --report-only     # rewrite the table, JSON and plots from the saved runs
 
@@ -654,8 +654,26 @@ def markdown(result: dict[str, Any]) -> str:
     return '\n'.join(parts)
 
 
+# Lines of the plots: one colour per algorithm and its peers, solid for ours, dashed and dotted for the peers; the
+# marker says the precision.
+PLOT_GROUPS: dict[str, tuple[str, str]] = {
+    'full': ('black', '-'),
+    'layer_freezing': ('tab:blue', '-'),
+    'composer_lf': ('tab:blue', '--'),
+    'regex_freeze': ('tab:orange', '-'),
+    'manual_freeze': ('tab:orange', '--'),
+    'lora_inject': ('tab:green', '-'),
+    'peft_lora': ('tab:green', '--'),
+    'loralib': ('tab:green', ':'),
+    'hift_rotation': ('tab:red', '-'),
+    'hift_package': ('tab:red', '--'),
+    'badam': ('tab:red', ':'),
+}
+PLOT_MARKERS = {'fp32': 'o', MASTERS: 's', BF16: '^'}
+
+
 def plot(result: dict[str, Any], directory: Path) -> list[Path]:
-    """Log-log: training-state bytes and step time against parameters, one line per row."""
+    """Log-log: training-state bytes and step time against parameters, one line per row (:data:`PLOT_GROUPS`)."""
     import matplotlib
 
     matplotlib.use('Agg')
@@ -666,29 +684,30 @@ def plot(result: dict[str, Any], directory: Path) -> list[Path]:
         ('scale_bytes.png', lambda i: i['tensors'] + i['offloaded'], 'training-state bytes after a step (GiB)'),
         ('scale_step_time.png', lambda i: i['step_seconds']['median'], 'step time, median (s)'),
     ):
-        fig, ax = plt.subplots(figsize=(9, 6))
+        fig, ax = plt.subplots(figsize=(10, 7))
         lines: dict[str, list[tuple[float, float]]] = {}
-        labels, families = {}, {}
+        items: dict[str, dict[str, Any]] = {}
         for size in result['sizes']:
             for item in size['rows']:
                 if 'step_seconds' in item and size['params']:
                     y = value(item) / (GIB if name == 'scale_bytes.png' else 1)
                     lines.setdefault(item['row'], []).append((size['params'], y))
-                    labels[item['row']] = f'{item["label"].replace("ours: ", "*")}'
-                    families[item['row']] = item['family']
+                    items[item['row']] = item
         for key, points in lines.items():
             xs, ys = zip(*sorted(points))
-            style = '--' if families[key] == 'peer' else '-'
-            ax.plot(xs, ys, style, marker='o', markersize=3, linewidth=1.2, label=labels[key])
-            if name == 'scale_bytes.png' and key == 'full':
-                pass
+            item = items[key]
+            colour, style = PLOT_GROUPS.get(key.split('+')[0], ('grey', '-.'))
+            label = item['label'].replace('ours: ', '*')
+            ax.plot(xs, ys, style, color=colour, marker=PLOT_MARKERS.get(item['precision'], 'o'), markersize=4,
+                    linewidth=1.2, label=label)  # fmt: skip
         ax.set_xscale('log')
         ax.set_yscale('log')
         ax.set_xlabel('parameters')
         ax.set_ylabel(ylabel)
         ax.grid(True, which='both', alpha=0.3)
         ax.legend(fontsize=7, loc='upper left', ncol=2)
-        ax.set_title(('Bytes' if name == 'scale_bytes.png' else 'Step time') + ' against model size (* = ours)')
+        what = 'Bytes' if name == 'scale_bytes.png' else 'Step time'
+        ax.set_title(f'{what} against model size (* = ours; o fp32, s bf16 + fp32 masters, ^ pure bf16)')
         fig.tight_layout()
         fig.savefig(directory / name, dpi=90)
         plt.close(fig)
