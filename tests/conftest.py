@@ -4,12 +4,11 @@ every pytest-xdist worker of a session (``make test`` runs ``pytest -n 2``)."""
 
 import atexit
 import os
-import sys
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
-from support import start_launch, stop_launch, wait_launch
+from support import release_trainers, start_launch, stop_launch, wait_launch
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
@@ -88,10 +87,7 @@ def elastic_resumes(pytestconfig: pytest.Config) -> dict[int, Path]:
 
 @pytest.fixture(autouse=True)
 def _let_trainers_go():
-    """After each test, let its Trainers be freed: Composer registers every Trainer's engine with ``atexit``
-    (``Engine._close(state, logger)``), which keeps each one's model, optimizer and dataloaders alive until the process
-    exits, so an xdist worker grew by every Trainer it had run (about 7 GB by the end of the suite)."""
+    """After each test, let its Trainers be freed (:func:`support.release_trainers`): an xdist worker grew by every
+    Trainer it had run (about 7 GB by the end of the suite)."""
     yield
-    engine = sys.modules.get('composer.core.engine')
-    if engine is not None:
-        atexit.unregister(engine.Engine._close)
+    release_trainers()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 from composer import Trainer
+from composer.core.engine import Engine
 from composer.utils import reproducibility
 
 from composer_thaw.datasets.builtin import LanguageModelingDataset, build_dataloader, python_topics_corpus
@@ -61,6 +63,13 @@ def cpu_trainer(model, algorithms: Sequence = (), optimizer=None, max_duration: 
     )
     options.update(kwargs)
     return Trainer(model=model, optimizers=optimizer, algorithms=list(algorithms), **options)
+
+
+def release_trainers() -> None:
+    """Let finished Trainers be freed: Composer registers every Trainer's engine with ``atexit``
+    (``Engine._close(state, logger)``), which keeps each one's model, optimizer and dataloaders alive until the process
+    exits."""
+    atexit.unregister(Engine._close)
 
 
 def set_args(overrides: Sequence[str]) -> list[str]:

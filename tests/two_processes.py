@@ -18,7 +18,6 @@ A part that raises writes its traceback to ``<out>/<part>/error-rank<r>.txt`` an
 fails only its own tests.
 """
 
-import atexit
 import gc
 import sys
 import traceback
@@ -28,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tests folder
 
 from composer.utils import dist
+from support import release_trainers
 
 ALGORITHM_CHECKS = ('layer_freezing', 'regex_freeze', 'lora_inject', 'hift_rotation')
 
@@ -84,17 +84,9 @@ def run_parts(out: Path, runs: dict[str, Callable[[Path], None]]) -> None:
             run(folder)
         except Exception:
             (folder / f'error-rank{dist.get_global_rank()}.txt').write_text(traceback.format_exc())
-        release_trainers()
+        release_trainers()  # the part's models and optimizers are freed before the next part
+        gc.collect()
         dist.barrier()
-
-
-def release_trainers() -> None:
-    """Free the part's Trainers: Composer registers each Trainer's engine with ``atexit``, which would keep every
-    part's models and optimizers alive until the launch ends."""
-    from composer.core.engine import Engine
-
-    atexit.unregister(Engine._close)
-    gc.collect()
 
 
 if __name__ == '__main__':

@@ -252,7 +252,6 @@ class MasterWeights:
             master[changed] = weight[changed].to(self.dtype)
         self._versions[id(param)] = version
 
-    @torch.no_grad()
     def refresh(self) -> None:
         """Take into the masters every weight element that differs from its master's cast, written or not since:
         after a write the version counter does not see (through ``.data``)."""
